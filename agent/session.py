@@ -1,0 +1,110 @@
+"""One client session inside the agent: HELLO, data plane, packets, teardown."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from typing import TYPE_CHECKING
+
+from mirrord_tun import protocol
+from mirrord_tun.agent.dataplane import SessionPlane
+from mirrord_tun.agent.target import read_resolv_conf
+from mirrord_tun.channel import FrameSession
+from mirrord_tun.protocol import AgentMsg, ClientMsg
+from mirrord_tun.pump import Counters, TunPump, source_is
+
+if TYPE_CHECKING:
+    from mirrord_tun.agent.server import Agent
+
+log = logging.getLogger("mirrord-ns.agent")
+
+
+class AgentSession:
+    def __init__(self, agent: "Agent", chan: FrameSession, peer: str) -> None:
+        self.agent = agent
+        self.chan = chan
+        self.peer = peer
+        self.sid = secrets.token_hex(4)
+        self.counters: Counters = Counters()
+        self.plane: SessionPlane | None = None
+        self.pump: TunPump | None = None
+        self._starting: asyncio.Task[None] | None = None
+        self._closed = False
+        agent.sessions.add(self)
+
+    def close(self) -> None:
+        if self.chan.chan:
+            self.chan.chan.close()
+        else:
+            self.on_closed(None)
+
+    # Endpoint
+    def on_frame(self, kind: int, body: bytes) -> None:
+        if kind == ClientMsg.PACKETS and self.pump:
+            self.pump.deliver(body)
+        elif kind == ClientMsg.HELLO and self._starting is None:
+            self._starting = asyncio.create_task(self._start(body))
+        elif kind == ClientMsg.STATS:
+            stats = dict(self.counters)
+            stats["dropped_frames_oversized"] = self.chan.reader.oversized
+            self.chan.write(protocol.control(AgentMsg.STATS, stats))
+        else:
+            self.counters["dropped_frames_unexpected"] += 1
+            log.debug("session %s: unexpected %s frame, %d bytes", self.sid, protocol.kind_name(kind), len(body))
+
+    def on_pause(self) -> None:
+        if self.pump:
+            self.pump.pause()
+
+    def on_resume(self) -> None:
+        if self.pump:
+            self.pump.resume()
+
+    def on_closed(self, exc: Exception | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.pump:
+            self.pump.stop()
+        asyncio.create_task(self._teardown())
+
+    async def _start(self, body: bytes) -> None:
+        try:
+            hello = protocol.parse_control(body)
+            version = min(int(hello.get("version", 0)), protocol.VERSION)
+            if version < protocol.MIN_VERSION:
+                raise ValueError(f"client protocol {hello.get('version')} is older than {protocol.MIN_VERSION}")
+            plane = SessionPlane(self.sid)
+            await self.agent.ns.acall(plane.open)
+        except Exception as e:  # noqa: BLE001 - every failure is reported to the client
+            log.warning("session %s from %s refused: %s", self.sid, self.peer, e)
+            self.chan.write(protocol.control(AgentMsg.ERROR, {"error": str(e)}))
+            if self.chan.chan:
+                self.chan.chan.close()
+            return
+        self.plane = plane
+        if self._closed:  # the client left while we were setting up
+            await self._teardown()
+            return
+        assert plane.tun is not None
+        self.pump = TunPump(plane.tun.fd, self.chan.write, AgentMsg.PACKETS,
+                            admit_out=lambda _p: None, admit_in=source_is(plane.client_addr),
+                            counters=self.counters)
+        welcome = protocol.Welcome(version, self.sid, plane.client_addr, plane.agent_addr, plane.mtu,
+                                   plane.pod_addrs, read_resolv_conf(self.agent.target))
+        self.chan.write(protocol.control(AgentMsg.WELCOME, welcome.to_json()))
+        self.pump.start()
+        log.info("session %s from %s: tunnel %s via %s, pod %s", self.sid, self.peer,
+                 plane.client_addr, plane.tun.name if plane.tun else "?", ",".join(plane.pod_addrs))
+
+    async def _teardown(self) -> None:
+        plane, self.plane = self.plane, None
+        if plane is None:
+            self.agent.sessions.discard(self)
+            return
+        await self.agent.ns.acall(plane.close)
+        c = self.counters
+        log.info("session %s closed: %d packets / %d bytes in, %d packets / %d bytes out, "
+                 "dropped: %s", self.sid, c["packets_in"], c["bytes_in"], c["packets_out"],
+                 c["bytes_out"], {k: v for k, v in c.items() if k.startswith("dropped_")} or "none")
+        self.agent.sessions.discard(self)

@@ -1,0 +1,3 @@
+from mirrord_tun.cli import main
+
+main()

@@ -1,0 +1,55 @@
+"""One SSH channel carrying protocol frames, for either end.
+
+asyncssh calls the session object; this one splits the byte stream into frames
+and hands each to an `Endpoint`, and passes flow-control callbacks through so
+the endpoint can stop reading its TUN while the channel is full.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import asyncssh
+
+from mirrord_tun.protocol import FrameReader
+
+
+class Endpoint(Protocol):
+    def on_frame(self, kind: int, body: bytes) -> None: ...
+    def on_pause(self) -> None: ...
+    def on_resume(self) -> None: ...
+    def on_closed(self, exc: Exception | None) -> None: ...
+
+
+class FrameSession(asyncssh.SSHClientSession[bytes], asyncssh.SSHServerSession[bytes]):
+    def __init__(self, endpoint: Endpoint | None = None) -> None:
+        self.endpoint = endpoint
+        self.reader = FrameReader()
+        self.chan: asyncssh.SSHChannel[bytes] | None = None
+
+    def connection_made(self, chan: asyncssh.SSHChannel[bytes]) -> None:  # type: ignore[override]
+        self.chan = chan
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self.endpoint is None:
+            return
+        for kind, body in self.reader.feed(data):
+            self.endpoint.on_frame(kind, body)
+
+    def pause_writing(self) -> None:
+        if self.endpoint:
+            self.endpoint.on_pause()
+
+    def resume_writing(self) -> None:
+        if self.endpoint:
+            self.endpoint.on_resume()
+
+    def eof_received(self) -> bool:
+        return False  # close the channel; the endpoint sees connection_lost
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.endpoint:
+            self.endpoint.on_closed(exc)
+
+    def write(self, data: bytes) -> None:
+        if self.chan is not None:
+            self.chan.write(data)

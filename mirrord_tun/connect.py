@@ -1,0 +1,69 @@
+"""Open the SSH connection and the protocol channel to an agent.
+
+The agent's host key is pinned (never trust-on-first-use), our identity is a
+single key, and every way this can fail becomes one `SetupError` line.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import asyncssh
+
+from mirrord_tun import protocol, sshopts
+from mirrord_tun.channel import FrameSession
+
+CONNECT_TIMEOUT = 10
+
+
+class SetupError(Exception):
+    """Anything that stops a session before the command starts (exit 2)."""
+
+
+def parse_hostport(value: str, default_port: int = 2222) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        return value, default_port
+    if not port.isdigit():
+        raise SetupError(f"bad address {value!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def load_keys(identity: str, host_key: str) -> tuple[asyncssh.SSHKey, asyncssh.SSHKey]:
+    try:
+        key = asyncssh.read_private_key(identity)
+    except (OSError, asyncssh.KeyImportError) as e:
+        raise SetupError(f"cannot read identity {identity}: {e}") from None
+    try:
+        pinned = asyncssh.read_public_key(host_key)
+    except (OSError, asyncssh.KeyImportError) as e:
+        raise SetupError(f"cannot read agent host key {host_key}: {e}") from None
+    return key, pinned
+
+
+async def open_channel(address: str, key: asyncssh.SSHKey, pinned: asyncssh.SSHKey,
+                       session: FrameSession, sock: socket.socket | None = None
+                       ) -> asyncssh.SSHClientConnection:
+    """Connect (or run SSH over `sock`) and open the subsystem channel into `session`."""
+    host, port = parse_hostport(address)
+    try:
+        conn = await asyncio.wait_for(asyncssh.connect(
+            host if sock is None else None, port, sock=sock, username="mirrord",
+            client_keys=[key], known_hosts=([pinned], [], []), agent_path=None,
+            config=None, preferred_auth="publickey", **sshopts.common(),
+        ), CONNECT_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise SetupError(f"agent {address}: no answer within {CONNECT_TIMEOUT} s") from None
+    except asyncssh.HostKeyNotVerifiable:
+        raise SetupError(f"agent {address}: its host key is not the pinned one; refusing to connect") from None
+    except asyncssh.PermissionDenied:
+        raise SetupError(f"agent {address}: our identity key was refused") from None
+    except (OSError, asyncssh.Error) as e:
+        raise SetupError(f"agent {address}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        await conn.create_session(lambda: session, subsystem=protocol.SUBSYSTEM, encoding=None,
+                                  window=sshopts.WINDOW, max_pktsize=sshopts.MAX_PKTSIZE)
+    except asyncssh.Error as e:
+        conn.close()
+        raise SetupError(f"agent {address}: cannot open the mirrord-ns channel: {e}") from None
+    return conn

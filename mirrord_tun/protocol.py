@@ -1,0 +1,147 @@
+"""The wire between `mirrord-ns run` and the agent: one SSH subsystem channel.
+
+Every message is a frame: a 4-byte big-endian body length, a 1-byte kind, the
+body. Kinds are typed by direction (`ClientMsg` flows client→agent, `AgentMsg`
+agent→client). Control bodies are JSON; `PACKETS` bodies are a batch of
+length-prefixed packets, each a virtio-net header plus an IPv4 packet (see
+netns/tun.py), so one SSH write carries every packet that was ready at once.
+
+The client opens with HELLO carrying its protocol version; the agent answers
+WELCOME with min(client, agent). New kinds are only ever appended, and used
+only when the negotiated version has them.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from typing import Any, Iterator
+
+VERSION = 1
+MIN_VERSION = 1
+SUBSYSTEM = "mirrord-ns"
+MAX_BODY = 1 << 20  # bigger frames are skipped whole and counted, never buffered
+
+_HEADER = struct.Struct("!IB")
+_LEN = struct.Struct("!I")
+
+
+class ClientMsg(enum.IntEnum):
+    HELLO = 0x01  # {"version": int}
+    PACKETS = 0x02  # packet batch from the local TUN
+    STATS = 0x03  # {} -> agent answers AgentMsg.STATS
+
+
+class AgentMsg(enum.IntEnum):
+    WELCOME = 0x81  # Welcome.to_json()
+    PACKETS = 0x82  # packet batch for the local TUN
+    STATS = 0x83  # {counter: int}
+    ERROR = 0x8F  # {"error": str}; the agent closes the channel after it
+
+
+def kind_name(kind: int) -> str:
+    for enum_type in (ClientMsg, AgentMsg):
+        try:
+            return enum_type(kind).name
+        except ValueError:
+            pass
+    return f"0x{kind:02x}"
+
+
+class Malformed(ValueError):
+    """A frame whose body does not parse; the caller drops and counts it."""
+
+
+def frame(kind: int, body: bytes) -> bytes:
+    return _HEADER.pack(len(body), kind) + body
+
+
+def control(kind: int, payload: dict[str, Any]) -> bytes:
+    return frame(kind, json.dumps(payload, separators=(",", ":")).encode())
+
+
+def parse_control(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise Malformed(f"bad control body: {e}") from None
+    if not isinstance(value, dict):
+        raise Malformed("control body is not an object")
+    return value
+
+
+def pack_packets(packets: list[bytes]) -> bytes:
+    return b"".join(_LEN.pack(len(p)) + p for p in packets)
+
+
+def unpack_packets(body: bytes) -> list[bytes]:
+    """Split a PACKETS body; a truncated batch is Malformed as a whole."""
+    out: list[bytes] = []
+    pos, end = 0, len(body)
+    while pos < end:
+        if end - pos < 4:
+            raise Malformed("truncated packet length")
+        (n,) = _LEN.unpack_from(body, pos)
+        pos += 4
+        if n == 0 or pos + n > end:
+            raise Malformed("packet length out of range")
+        out.append(body[pos : pos + n])
+        pos += n
+    return out
+
+
+class FrameReader:
+    """Turns a byte stream into frames, skipping oversized ones without buffering them."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._skip = 0
+        self.oversized = 0
+
+    def feed(self, data: bytes) -> Iterator[tuple[int, bytes]]:
+        if self._skip:
+            n = min(self._skip, len(data))
+            self._skip -= n
+            data = data[n:]
+        self._buf += data
+        buf = self._buf
+        while len(buf) >= _HEADER.size:
+            length, kind = _HEADER.unpack_from(buf)
+            if length > MAX_BODY:
+                self.oversized += 1
+                drop = min(len(buf), _HEADER.size + length)
+                self._skip = _HEADER.size + length - drop
+                del buf[:drop]
+                continue
+            end = _HEADER.size + length
+            if len(buf) < end:
+                break
+            body = bytes(buf[_HEADER.size : end])
+            del buf[:end]
+            yield kind, body
+
+
+class Welcome:
+    """What the agent tells the client once its side of the tunnel exists."""
+
+    def __init__(self, version: int, session: str, client_addr: str, agent_addr: str,
+                 mtu: int, pod_addrs: list[str], resolv_conf: str) -> None:
+        self.version = version
+        self.session = session
+        self.client_addr = client_addr
+        self.agent_addr = agent_addr
+        self.mtu = mtu
+        self.pod_addrs = pod_addrs
+        self.resolv_conf = resolv_conf
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Welcome":
+        try:
+            return cls(int(d["version"]), str(d["session"]), str(d["client_addr"]),
+                       str(d["agent_addr"]), int(d["mtu"]), [str(a) for a in d["pod_addrs"]],
+                       str(d["resolv_conf"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise Malformed(f"bad WELCOME: {e!r}") from None

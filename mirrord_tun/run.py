@@ -1,0 +1,226 @@
+"""`mirrord-ns run`: the local end of a session.
+
+Connect to the agent, get a tunnel address, make a fresh network namespace whose
+default route is a TUN, start the command in it as the invoking user, pump
+packets until the command exits, then take everything down.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import tempfile
+from typing import Any
+
+from mirrord_tun import protocol
+from mirrord_tun.channel import FrameSession
+from mirrord_tun.connect import SetupError, load_keys, open_channel
+from mirrord_tun.netns import exec as nsexec
+from mirrord_tun.netns import links
+from mirrord_tun.netns.namespace import NetNs, pids_in
+from mirrord_tun.netns.tun import Tun
+from mirrord_tun.protocol import AgentMsg, ClientMsg
+from mirrord_tun.pump import Counters, TunPump, destination_is, source_is
+
+log = logging.getLogger("mirrord-ns")
+TUN_NAME = "mrd0"
+WELCOME_TIMEOUT = 15
+KILL_GRACE = 3.0
+LINK_LOST = 2  # exit status when the tunnel dies under the command
+
+
+class LocalSession:
+    def __init__(self, argv: list[str], agent: str, identity: str, host_key: str) -> None:
+        self.argv = argv
+        self.agent = agent
+        self.key, self.pinned = load_keys(identity, host_key)
+        self.counters: Counters = Counters()
+        self.chan = FrameSession(self)
+        self.pump: TunPump | None = None
+        loop = asyncio.get_running_loop()
+        self._welcome: asyncio.Future[protocol.Welcome] = loop.create_future()
+        self._stats: asyncio.Future[dict[str, Any]] | None = None
+        self._lost: asyncio.Future[str] = loop.create_future()
+
+    # Endpoint
+    def on_frame(self, kind: int, body: bytes) -> None:
+        if kind == AgentMsg.PACKETS and self.pump:
+            self.pump.deliver(body)
+            return
+        try:
+            if kind == AgentMsg.WELCOME and not self._welcome.done():
+                self._welcome.set_result(protocol.Welcome.from_json(protocol.parse_control(body)))
+            elif kind == AgentMsg.ERROR:
+                msg = protocol.parse_control(body).get("error", "unknown error")
+                if not self._welcome.done():
+                    self._welcome.set_exception(SetupError(f"agent refused the session: {msg}"))
+                log.error("agent: %s", msg)
+            elif kind == AgentMsg.STATS and self._stats and not self._stats.done():
+                self._stats.set_result(protocol.parse_control(body))
+            else:
+                self.counters["dropped_frames_unexpected"] += 1
+        except protocol.Malformed as e:
+            self.counters["dropped_frames_malformed"] += 1
+            if not self._welcome.done():
+                self._welcome.set_exception(SetupError(f"agent sent a bad {protocol.kind_name(kind)}: {e}"))
+
+    def on_pause(self) -> None:
+        if self.pump:
+            self.pump.pause()
+
+    def on_resume(self) -> None:
+        if self.pump:
+            self.pump.resume()
+
+    def on_closed(self, exc: Exception | None) -> None:
+        reason = str(exc) if exc else "the agent closed the session"
+        if not self._welcome.done():
+            self._welcome.set_exception(SetupError(f"agent {self.agent}: {reason}"))
+        if not self._lost.done():
+            self._lost.set_result(reason)
+
+    async def agent_stats(self) -> dict[str, Any]:
+        self._stats = asyncio.get_running_loop().create_future()
+        self.chan.write(protocol.control(ClientMsg.STATS, {}))
+        return await asyncio.wait_for(self._stats, 5)
+
+    async def run(self) -> int:
+        conn = await open_channel(self.agent, self.key, self.pinned, self.chan)
+        ns: NetNs | None = None
+        tun: Tun | None = None
+        resolv: str | None = None
+        try:
+            self.chan.write(protocol.control(ClientMsg.HELLO, {"version": protocol.VERSION}))
+            try:
+                welcome = await asyncio.wait_for(self._welcome, WELCOME_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise SetupError(f"agent {self.agent}: no WELCOME within {WELCOME_TIMEOUT} s") from None
+            log.info("session %s: tunnel address %s, pod %s, mtu %d", welcome.session,
+                     welcome.client_addr, ",".join(welcome.pod_addrs) or "?", welcome.mtu)
+            ns = NetNs.new()
+            tun = ns.call(Tun, TUN_NAME)
+            ns.call(links.bring_up_tun, tun.name, [welcome.client_addr], welcome.mtu)
+            ns.call(links.make_default_via, tun.name)
+            self.pump = TunPump(tun.fd, self.chan.write, ClientMsg.PACKETS,
+                                admit_out=source_is(welcome.client_addr),
+                                admit_in=destination_is(welcome.client_addr), counters=self.counters)
+            self.pump.start()
+            resolv = _write_resolv_conf(welcome.resolv_conf)
+            return await self._run_command(ns, resolv)
+        finally:
+            if self.pump:
+                self.pump.stop()
+            if ns is not None:
+                await _reap_namespace(ns)
+            if tun is not None:
+                tun.close()
+            if ns is not None:
+                ns.close()
+            if resolv:
+                os.unlink(resolv)
+            if log.isEnabledFor(logging.INFO) and not self._lost.done():
+                await self._log_counters()
+            conn.close()
+            try:
+                await asyncio.wait_for(conn.wait_closed(), 2)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _run_command(self, ns: NetNs, resolv: str | None) -> int:
+        try:
+            proc = nsexec.spawn(self.argv, ns.fd, resolv, nsexec.invoking_user())
+        except FileNotFoundError:
+            print(f"mirrord-ns: {self.argv[0]}: command not found", file=sys.stderr)
+            return 127
+        except PermissionError:
+            print(f"mirrord-ns: {self.argv[0]}: permission denied", file=sys.stderr)
+            return 126
+        loop = asyncio.get_running_loop()
+        exited = loop.create_future()
+        pidfd = os.pidfd_open(proc.pid)
+        loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+        _forward_signals(loop, proc.pid)
+        try:
+            await asyncio.wait([exited, self._lost], return_when=asyncio.FIRST_COMPLETED)
+            if not exited.done():
+                print(f"mirrord-ns: lost the tunnel: {self._lost.result()}; stopping the command",
+                      file=sys.stderr)
+                proc.terminate()
+                try:
+                    await asyncio.wait_for(exited, KILL_GRACE)
+                except asyncio.TimeoutError:
+                    proc.kill()
+                proc.wait()
+                return LINK_LOST
+            rc = proc.wait()
+            return 128 - rc if rc < 0 else rc
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            for sig in _SIGNALS:
+                loop.remove_signal_handler(sig)
+
+    async def _log_counters(self) -> None:
+        c = self.counters
+        log.info("local: %d packets / %d bytes sent, %d packets / %d bytes received, dropped: %s",
+                 c["packets_out"], c["bytes_out"], c["packets_in"], c["bytes_in"],
+                 {k: v for k, v in c.items() if k.startswith("dropped_")} or "none")
+        try:
+            stats = await self.agent_stats()
+            log.info("agent: %s", ", ".join(f"{k} {v}" for k, v in sorted(stats.items())))
+        except (asyncio.TimeoutError, protocol.Malformed):
+            pass
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _forward_signals(loop: asyncio.AbstractEventLoop, pid: int) -> None:
+    """Pass signals on to the command, except keyboard ones it already got from the terminal."""
+    def forward(sig: signal.Signals) -> None:
+        if sig in (signal.SIGINT, signal.SIGQUIT) and _terminal_foreground():
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    for sig in _SIGNALS:
+        loop.add_signal_handler(sig, forward, sig)
+
+
+def _terminal_foreground() -> bool:
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except OSError:
+        return False
+
+
+def _write_resolv_conf(text: str) -> str | None:
+    if not text.strip():
+        log.warning("the agent sent no resolver configuration; keeping this host's /etc/resolv.conf")
+        return None
+    fd, path = tempfile.mkstemp(prefix="mirrord-ns-resolv.", dir="/run" if os.access("/run", os.W_OK) else None)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o644)
+    return path
+
+
+async def _reap_namespace(ns: NetNs) -> None:
+    """Stop whatever the command left running in the namespace (daemons, stray children)."""
+    pids = [p for p in pids_in(ns.ident) if p != os.getpid()]
+    for sig, wait in ((signal.SIGTERM, 1.0), (signal.SIGKILL, 0.0)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = asyncio.get_running_loop().time() + wait
+        while pids and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+            pids = [p for p in pids_in(ns.ident) if p != os.getpid()]
+        if not pids:
+            return

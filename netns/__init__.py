@@ -1,0 +1,1 @@
+"""OS plumbing shared by both ends: namespaces, TUN devices, links, nft, exec."""
