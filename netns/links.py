@@ -5,6 +5,7 @@ them through `NetNs.call`.
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 
 from pyroute2 import IPRoute
@@ -19,7 +20,7 @@ def bring_up_tun(name: str, addresses: list[str], mtu: int, peers: list[str] = [
     with IPRoute() as ipr:
         idx = _index(ipr, name)
         # IPv4 only: no link-local address, router solicitations or MLD noise on the tunnel.
-        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+        with contextlib.suppress(OSError), open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
             f.write("1")
         ipr.link("set", index=idx, mtu=mtu, state="up")
         for addr in addresses:
