@@ -80,8 +80,9 @@ class Agent:
         )
         bound = server.sockets[0].getsockname()
         # The one line a launcher reads from the log to pin this agent's host key.
-        print(f"mirrord-ns agent listening on {bound[0]}:{bound[1]} host-key "
-              f"{key.get_fingerprint('sha256')} netns {self.target.netns_path}", flush=True)
+        print(f"mirrord-ns agent listening on {bound[0]}:{bound[1]} netns {self.target.netns_path} "
+              f"host-key {key.export_public_key('openssh').decode().strip()} "
+              f"({key.get_fingerprint('sha256')})", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -44,11 +44,12 @@ def run(agent: str, identity: str, agent_host_key: str, verbose: int, command: t
     """Run COMMAND with the pod's network: sudo mirrord-ns run --agent H:P ... -- CMD ARGS..."""
     _need_root()
     _logging(verbose, "mirrord-ns")
-    from mirrord_tun.connect import SetupError
+    from mirrord_tun.connect import SetupError, load_keys
     from mirrord_tun.run import LocalSession
 
     async def go() -> int:
-        return await LocalSession(list(command), agent, identity, agent_host_key).run()
+        key, pinned = load_keys(identity, agent_host_key)
+        return await LocalSession(list(command), agent, key, pinned).run()
 
     try:
         code = asyncio.run(go())

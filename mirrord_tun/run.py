@@ -14,9 +14,11 @@ import sys
 import tempfile
 from typing import Any
 
+import asyncssh
+
 from mirrord_tun import protocol
 from mirrord_tun.channel import FrameSession
-from mirrord_tun.connect import SetupError, load_keys, open_channel
+from mirrord_tun.connect import SetupError, open_channel
 from mirrord_tun.netns import exec as nsexec
 from mirrord_tun.netns import links
 from mirrord_tun.netns.namespace import NetNs, pids_in
@@ -32,10 +34,10 @@ LINK_LOST = 2  # exit status when the tunnel dies under the command
 
 
 class LocalSession:
-    def __init__(self, argv: list[str], agent: str, identity: str, host_key: str) -> None:
+    def __init__(self, argv: list[str], agent: str, key: asyncssh.SSHKey, pinned: asyncssh.SSHKey) -> None:
         self.argv = argv
         self.agent = agent
-        self.key, self.pinned = load_keys(identity, host_key)
+        self.key, self.pinned = key, pinned
         self.counters: Counters = Counters()
         self.chan = FrameSession(self)
         self.pump: TunPump | None = None
