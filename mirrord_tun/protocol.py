@@ -8,7 +8,8 @@ netns/tun.py), so one SSH write carries every packet that was ready at once.
 
 The client opens with HELLO carrying its protocol version; the agent answers
 WELCOME with min(client, agent). New kinds are only ever appended, and used
-only when the negotiated version has them.
+only when the negotiated version has them: version 2 adds the inbound mirror
+(SUBSCRIBE, MIRROR; see docs/mirror.md).
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import json
 import struct
 from typing import Any, Iterator
 
-VERSION = 1
+VERSION = 2
 MIN_VERSION = 1
+MIRROR_VERSION = 2  # first version with SUBSCRIBE and MIRROR
 SUBSYSTEM = "mirrord-ns"
 MAX_BODY = 1 << 20  # bigger frames are skipped whole and counted, never buffered
 
@@ -30,12 +32,14 @@ class ClientMsg(enum.IntEnum):
     HELLO = 0x01  # {"version": int}
     PACKETS = 0x02  # packet batch from the local TUN
     STATS = 0x03  # {} -> agent answers AgentMsg.STATS
+    SUBSCRIBE = 0x04  # {"ports": [int]}: the pod ports to mirror, replacing the previous set (v2)
 
 
 class AgentMsg(enum.IntEnum):
     WELCOME = 0x81  # Welcome.to_json()
     PACKETS = 0x82  # packet batch for the local TUN
     STATS = 0x83  # {counter: int}
+    MIRROR = 0x84  # batch like PACKETS, but bare IPv4 packets copied from the pod's inbound traffic (v2)
     ERROR = 0x8F  # {"error": str}; the agent closes the channel after it
 
 

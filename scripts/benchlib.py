@@ -1,0 +1,457 @@
+"""Reusable pieces of scripts/bench: tools it starts inside a Sandbox and how it measures.
+
+Importing this module needs only the standard library, so the latency client can
+run anywhere (`python benchlib.py latency HOST PORT N`), also under `mirrord-ns
+run`. The pieces that drive a `mirrord_tun.sandbox.Sandbox` take it as an
+argument and start every process through `sb.start(...)`, so `sb.close()` stops
+them by PID.
+
+    SshServer(sb, ...).start()    OpenSSH sshd in a namespace, own keys and config
+    iperf3_server / iperf3_argv / iperf3_gbits
+    latency_argv / latency_stats  HTTP GET latency, a new TCP connection per request
+    ProcWatch                     peak RSS (VmHWM) and CPU seconds of processes
+    wait_until / child_pids / median / percentile / profile_raw / summarize_raw
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+IPERF_PORT = 5201
+
+
+# --------------------------------------------------------------------------- small helpers
+def median(values: Iterable[float]) -> float:
+    v = list(values)
+    return statistics.median(v) if v else float("nan")
+
+
+def percentile(values: Iterable[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100)."""
+    v = sorted(values)
+    if not v:
+        return float("nan")
+    k = max(0, min(len(v) - 1, int(round(p / 100 * len(v) + 0.5)) - 1))
+    return v[k]
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if check():
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def child_pids(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+
+def port_open_in(sb: Any, role: str, host: str, port: int) -> bool:
+    """Can a TCP connection to host:port be opened from namespace `role`? (bash /dev/tcp)"""
+    p = sb.exec(role, "bash", "-c", f"exec 3<>/dev/tcp/{host}/{port}", timeout=5)
+    return p.returncode == 0
+
+
+def stop_process(p: subprocess.Popen, sig: int = signal.SIGTERM, wait: float = 5) -> None:
+    if p.poll() is None:
+        try:
+            p.send_signal(sig)
+            p.wait(wait)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        except ProcessLookupError:
+            pass
+
+
+# --------------------------------------------------------------------------- OpenSSH server
+class SshServer:
+    """An OpenSSH sshd started in one namespace of a Sandbox, with its own keys and config.
+
+    Only the generated client key (`self.key`) logs in (as root). Everything lives
+    in a temporary directory removed by `close()`; the process is stopped by PID
+    (and by `sb.close()` in any case).
+    """
+
+    def __init__(self, sb: Any, role: str = "node", listen: str = "198.19.0.2", port: int = 22,
+                 client_role: str = "laptop") -> None:
+        self.sb, self.role, self.listen, self.port, self.client_role = sb, role, listen, port, client_role
+        self.dir = tempfile.mkdtemp(prefix="bench-sshd.")
+        self.key = os.path.join(self.dir, "client_key")
+        self.log = os.path.join(self.dir, "sshd.log")
+        self.proc: subprocess.Popen | None = None
+        self._made_privsep_dir = False
+
+    def ssh_command(self, *extra: str) -> list[str]:
+        """`ssh` argv (without the destination) that logs in with the generated key."""
+        return ["ssh", "-F", "/dev/null", "-i", self.key, "-o", "IdentitiesOnly=yes",
+                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", *extra]
+
+    @property
+    def destination(self) -> str:
+        return f"root@{self.listen}"
+
+    def start(self, timeout: float = 15) -> "SshServer":
+        host_key = os.path.join(self.dir, "host_key")
+        for path in (host_key, self.key):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "mirrord-ns-bench",
+                            "-f", path], check=True, capture_output=True)
+        authorized = os.path.join(self.dir, "authorized_keys")
+        shutil.copy(self.key + ".pub", authorized)
+        os.chmod(authorized, 0o600)
+        config = os.path.join(self.dir, "sshd_config")
+        with open(config, "w") as f:
+            f.write(f"""\
+ListenAddress {self.listen}
+Port {self.port}
+HostKey {host_key}
+AuthorizedKeysFile {authorized}
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+UseDNS no
+AllowTcpForwarding yes
+X11Forwarding no
+PrintMotd no
+PidFile none
+LogLevel ERROR
+""")
+        if not os.path.isdir("/run/sshd"):  # privilege separation directory (systemd makes it normally)
+            os.makedirs("/run/sshd", mode=0o755)
+            self._made_privsep_dir = True
+        test = subprocess.run(["/usr/sbin/sshd", "-t", "-f", config], capture_output=True, text=True)
+        if test.returncode != 0:
+            raise RuntimeError(f"sshd -t: {test.stderr.strip()}")
+        with open(self.log, "wb") as log:
+            self.proc = self.sb.start(self.role, ["/usr/sbin/sshd", "-D", "-e", "-f", config],
+                                      stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+
+        def logged_in() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"sshd exited: {open(self.log).read().strip()}")
+            p = self.sb.exec(self.client_role, *self.ssh_command("-o", "ConnectTimeout=2"),
+                             self.destination, "true", timeout=10)
+            return p.returncode == 0
+
+        wait_until(logged_in, timeout, f"sshd on {self.listen}:{self.port}", interval=0.2)
+        return self
+
+    def close(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if self._made_privsep_dir:
+            try:
+                os.rmdir("/run/sshd")
+            except OSError:
+                pass
+            self._made_privsep_dir = False
+
+
+class SshForward:
+    """`ssh -N -L 127.0.0.1:LOCAL:HOST:PORT ...` from `role` through an SshServer."""
+
+    def __init__(self, server: SshServer, forwards: dict[int, tuple[str, int]], role: str = "laptop",
+                 cipher: str = "aes128-gcm@openssh.com") -> None:
+        self.server, self.forwards, self.role, self.cipher = server, forwards, role, cipher
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 15) -> "SshForward":
+        spec: list[str] = []
+        for local, (host, port) in self.forwards.items():
+            spec += ["-L", f"127.0.0.1:{local}:{host}:{port}"]
+        argv = self.server.ssh_command("-N", "-c", self.cipher, "-o", "ExitOnForwardFailure=yes",
+                                       "-o", "ServerAliveInterval=0", *spec, self.server.destination)
+        self.proc = self.server.sb.start(self.role, argv, stdin=subprocess.DEVNULL)
+        for local in self.forwards:
+            def ready(local: int = local) -> bool:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"ssh -L exited with {self.proc.returncode}")
+                return port_open_in(self.server.sb, self.role, "127.0.0.1", local)
+            wait_until(ready, timeout, f"ssh -L 127.0.0.1:{local}", interval=0.2)
+        return self
+
+    def close(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+
+class Sshuttle:
+    """sshuttle from `role` (its firewall rules go into that namespace only) via an SshServer.
+
+    The client namespace needs a route to `subnet` for connect() to reach the
+    firewall's redirect at all; `route_via` adds one (and `close()` removes it).
+    `method` is tried in order ("auto" means sshuttle's default, nat via iptables).
+    """
+
+    def __init__(self, server: SshServer, subnet: str, probe: tuple[str, int], role: str = "laptop",
+                 methods: tuple[str, ...] = ("auto", "nft"), route_via: str | None = None,
+                 cipher: str | None = "aes128-gcm@openssh.com") -> None:
+        self.server, self.subnet, self.probe, self.role = server, subnet, probe, role
+        self.methods, self.route_via, self.cipher = methods, route_via, cipher
+        self.proc: subprocess.Popen | None = None
+        self.method = ""
+        self.log = os.path.join(server.dir, "sshuttle.log")
+        self._route = False
+
+    def start(self, timeout: float = 20) -> "Sshuttle":
+        sb = self.server.sb
+        if self.route_via:
+            p = sb.exec(self.role, "ip", "route", "replace", self.subnet, "via", self.route_via)
+            if p.returncode != 0:
+                raise RuntimeError(f"route {self.subnet} via {self.route_via}: {p.stderr.strip()}")
+            self._route = True
+        ssh = " ".join(self.server.ssh_command(*(["-c", self.cipher] if self.cipher else [])))
+        errors = []
+        for method in self.methods:
+            argv = ["sshuttle", "--method", method, "--python", "python3", "-e", ssh,
+                    "-r", self.server.destination, self.subnet]
+            with open(self.log, "ab") as log:
+                self.proc = sb.start(self.role, argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+
+            def ready() -> bool:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"sshuttle --method {method} exited with {self.proc.returncode}")
+                return port_open_in(sb, self.role, *self.probe) and b"Connected to server" in _read(self.log)
+            try:
+                wait_until(ready, timeout, f"sshuttle --method {method}", interval=0.3)
+                self.method = method
+                return self
+            except RuntimeError as e:
+                errors.append(f"{e}: {_read(self.log).decode(errors='replace')[-400:].strip()}")
+                self.stop_client()
+        raise RuntimeError("sshuttle did not start: " + " | ".join(errors))
+
+    def stop_client(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, wait=8)
+            self.proc = None
+
+    def close(self) -> None:
+        self.stop_client()
+        if self._route:
+            self.server.sb.exec(self.role, "ip", "route", "del", self.subnet)
+            self._route = False
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
+# --------------------------------------------------------------------------- iperf3
+def iperf3_server(sb: Any, role: str, bind: str, port: int = IPERF_PORT) -> subprocess.Popen:
+    p = sb.start(role, ["iperf3", "-s", "-B", bind, "-p", str(port)],
+                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: port_open_in(sb, role, bind, port), 10, f"iperf3 -s on {bind}:{port}")
+    return p
+
+
+def iperf3_argv(host: str, port: int = IPERF_PORT, seconds: float = 5, reverse: bool = False) -> list[str]:
+    return ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-J",
+            "--connect-timeout", "5000", *(["-R"] if reverse else [])]
+
+
+def iperf3_gbits(output: str) -> float:
+    """Receiver-side throughput of one iperf3 -J run, in Gbit/s."""
+    data = json.loads(output)
+    if "error" in data:
+        raise RuntimeError(f"iperf3: {data['error']}")
+    return data["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+# --------------------------------------------------------------------------- HTTP latency
+def latency_argv(host: str, port: int, requests: int, warmup: int = 20, python: str | None = None) -> list[str]:
+    return [python or sys.executable, os.path.join(HERE, "benchlib.py"), "latency", host, str(port),
+            str(requests), str(warmup)]
+
+
+def measure_latency(host: str, port: int, requests: int, warmup: int = 20) -> list[float]:
+    """Sequential GET / requests, each on a new TCP connection; seconds per request
+    (connect + request + full response + close), measured in this process."""
+    samples: list[float] = []
+    for i in range(warmup + requests):
+        t0 = time.perf_counter()
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        resp.read()
+        conn.close()
+        dt = time.perf_counter() - t0
+        if resp.status != 200:
+            raise RuntimeError(f"GET / -> {resp.status}")
+        if i >= warmup:
+            samples.append(dt)
+    return samples
+
+
+def latency_stats(output: str) -> dict[str, float]:
+    data = json.loads(output)
+    ms = [s * 1000 for s in data["samples"]]
+    return {"p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "mean_ms": statistics.fmean(ms),
+            "min_ms": min(ms), "max_ms": max(ms), "n": len(ms)}
+
+
+# --------------------------------------------------------------------------- process watching
+def _proc_status(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                k, v = line.split(":", 1)
+                out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class ProcWatch:
+    """Samples VmRSS/VmHWM and CPU time of named processes in a background thread.
+
+    `targets` maps a name to a callable returning the PID (or None while it is
+    not known yet). `peak_rss[name]` is the largest VmHWM/VmRSS seen; `cpu[name]`
+    the CPU seconds it used while watched; `wall` the watched time.
+    """
+
+    def __init__(self, targets: dict[str, Callable[[], int | None]], interval: float = 0.1) -> None:
+        self.targets = targets
+        self.interval = interval
+        self.peak_rss: dict[str, int] = {}
+        self.cpu: dict[str, float] = {}
+        self._cpu0: dict[str, tuple[int, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.wall = 0.0
+
+    def __enter__(self) -> "ProcWatch":
+        self._t0 = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.wall = time.monotonic() - self._t0
+
+    def _sample(self) -> None:
+        for name, get in self.targets.items():
+            pid = get()
+            if not pid:
+                continue
+            try:
+                st = _proc_status(pid)
+                cpu = _cpu_seconds(pid)
+            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                continue
+            self.peak_rss[name] = max(self.peak_rss.get(name, 0), st.get("VmHWM", 0), st.get("VmRSS", 0))
+            if name not in self._cpu0 or self._cpu0[name][0] != pid:
+                self._cpu0[name] = (pid, cpu)
+            self.cpu[name] = cpu - self._cpu0[name][1]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+        self._sample()
+
+
+# --------------------------------------------------------------------------- profiling (py-spy)
+def py_spy() -> str | None:
+    cand = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    return cand if os.access(cand, os.X_OK) else shutil.which("py-spy")
+
+
+def profile_raw(pid: int, seconds: float, out: str, rate: int = 250) -> subprocess.Popen | None:
+    """Start `py-spy record` (collapsed stacks, non-blocking) on `pid`; None without py-spy."""
+    exe = py_spy()
+    if not exe:
+        return None
+    return subprocess.Popen([exe, "record", "--nonblocking", "-r", str(rate), "-d", str(max(1, int(seconds))),
+                             "-f", "raw", "-o", out, "--pid", str(pid)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def summarize_raw(path: str, top: int = 12) -> dict[str, Any]:
+    """Self and inclusive sample shares per function from py-spy's collapsed output."""
+    total = 0
+    self_: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    try:
+        lines = open(path).read().splitlines()
+    except FileNotFoundError:
+        return {"samples": 0, "self": [], "inclusive": []}
+    for line in lines:
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        count = int(n)
+        total += count
+        frames = [_short(f) for f in stack.split(";")]
+        if frames:
+            self_[frames[-1]] = self_.get(frames[-1], 0) + count
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + count
+
+    def best(d: dict[str, int]) -> list[tuple[str, float]]:
+        return [(k, 100.0 * v / total) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+    return {"samples": total, "self": best(self_), "inclusive": best(incl)}
+
+
+def _short(frame: str) -> str:
+    # "func (path/to/file.py:123)" -> "func (file.py:123)"
+    name, _, where = frame.partition(" (")
+    if where:
+        where = os.path.basename(where.rstrip(")"))
+        return f"{name} ({where})"
+    return name
+
+
+# --------------------------------------------------------------------------- CLI for the helpers
+def _main(argv: list[str]) -> int:
+    if len(argv) >= 3 and argv[0] == "latency":
+        host, port = argv[1], int(argv[2])
+        n = int(argv[3]) if len(argv) > 3 else 300
+        warmup = int(argv[4]) if len(argv) > 4 else 20
+        print(json.dumps({"samples": measure_latency(host, port, n, warmup)}))
+        return 0
+    print("usage: benchlib.py latency HOST PORT [N [WARMUP]]", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,204 @@
+"""Fixtures and helpers: throwaway namespace "clusters" with the real agent in them.
+
+Every test that touches the network builds its topology with `mirrord_tun.sandbox.Sandbox`
+(namespaces + veth on 198.18.0.0/15, tunnel addresses from 100.64.0.0/10) and talks
+to it through the real `mirrord-ns run` and real clients; nothing on the packet path is
+mocked. Whatever a test starts is registered with its Sandbox, and `Sandbox.close()`
+removes it even when the test fails. Processes are only ever signalled by PID.
+
+Test modules import the helpers below with `from conftest import ...` (pytest puts
+tests/ on sys.path because it has no __init__.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import pytest
+
+from mirrord_tun.sandbox import ADDRS, Sandbox
+
+POD, SVC = ADDRS["pod"], ADDRS["svc"]
+UDP_ECHO_PORT = 7
+# Liveness bounds, not speed checks: long enough for a loaded 2-core machine.
+RUN_TIMEOUT = 60
+CLEAN_TIMEOUT = 20
+
+# A UDP echo service for the svc namespace (the sandbox itself only serves HTTP and DNS).
+_UDP_ECHO = f"""
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", {UDP_ECHO_PORT}))
+print("ready", flush=True)
+while True:
+    data, peer = s.recvfrom(65535)
+    s.sendto(data, peer)
+"""
+
+
+@dataclass
+class Cluster:
+    """A built sandbox plus the agent process started in it (the guard; the worker is its child)."""
+
+    sb: Sandbox
+    agent: subprocess.Popen[bytes] | None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Namespaces, TUNs and nft need root; the pure protocol tests do not.
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="needs root (network namespaces, TUN, nft)")
+    for item in items:
+        if "cluster" in getattr(item, "fixturenames", ()) or "fresh_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(skip)
+
+
+def _cluster(agent: bool = True) -> Iterator[Cluster]:
+    sb = Sandbox()
+    try:
+        sb.build()
+        sb.start_services()
+        sb.start_ready("svc", [sys.executable, "-c", _UDP_ECHO])
+        yield Cluster(sb, sb.start_agent() if agent else None)
+    finally:
+        sb.close()
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    """One shared cluster for every test that leaves the agent running and the pod clean."""
+    yield from _cluster()
+
+
+@pytest.fixture
+def fresh_cluster() -> Iterator[Cluster]:
+    """A cluster of its own, for tests that kill or replace the agent."""
+    yield from _cluster()
+
+
+# --- running `mirrord-ns run`
+
+def run_env(**extra: str) -> dict[str, str]:
+    """Our environment without sudo's variables (the suite may itself run under sudo)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUDO_")}
+    env.update(extra)
+    return env
+
+
+def run_argv(sb: Sandbox, *command: str, verbose: bool = False, agent: str | None = None,
+             identity: str | None = None, host_key: str | None = None) -> list[str]:
+    """`sb.run_args(...)` with the connection options optionally replaced (error tests)."""
+    argv = sb.run_args(*command, verbose=verbose)
+    for flag, value in (("--agent", agent), ("--identity", identity), ("--agent-host-key", host_key)):
+        if value is not None:
+            argv[argv.index(flag) + 1] = value
+    return argv
+
+
+def mrd_run(sb: Sandbox, *command: str, verbose: bool = False, env: dict[str, str] | None = None,
+            input: str | None = None, timeout: float = RUN_TIMEOUT, **opts: str) -> subprocess.CompletedProcess[str]:
+    """Run `mirrord-ns run -- command` from the laptop namespace and wait for it."""
+    return subprocess.run(run_argv(sb, *command, verbose=verbose, **opts), capture_output=True, text=True,
+                          input=input, env=env or run_env(), timeout=timeout)
+
+
+def start_run(sb: Sandbox, *command: str, env: dict[str, str] | None = None, **popen: object) -> subprocess.Popen[bytes]:
+    """Start `mirrord-ns run` in the background; the sandbox stops it (by PID) on close."""
+    kw: dict[str, object] = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    kw.update(popen)
+    p = subprocess.Popen(sb.run_args(*command), env=env or run_env(), **kw)  # type: ignore[call-overload]
+    sb.procs.append(p)
+    return p
+
+
+def read_line(p: subprocess.Popen[bytes], timeout: float = RUN_TIMEOUT) -> str:
+    """The next stdout line of `p`, failing (not hanging) if none comes in time."""
+    assert p.stdout is not None
+    ready, _, _ = select.select([p.stdout], [], [], timeout)
+    assert ready, f"no output from {p.args[-1]!r} within {timeout} s"
+    return p.stdout.readline().decode()
+
+
+def finish(p: subprocess.Popen[bytes], timeout: float = RUN_TIMEOUT) -> tuple[int, str, str]:
+    """Wait for a started run; returns (exit code, rest of stdout, stderr)."""
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, out.decode(), err.decode()
+
+
+# --- what a session may leave behind
+
+def leftovers(sb: Sandbox) -> list[str]:
+    """Session state still in the pod namespace: mrd* links, mirrord_ns_ tables, ip_forward=1."""
+    pod = sb.ns("pod")
+    found: list[str] = []
+    links = subprocess.run(["ip", "-n", pod, "-j", "link", "show"], capture_output=True, text=True, check=True)
+    found += [f"link {l['ifname']}" for l in json.loads(links.stdout) if l["ifname"].startswith("mrd")]
+    tables = sb.exec("pod", "nft", "list", "tables")
+    assert tables.returncode == 0, tables.stderr
+    found += [line for line in tables.stdout.splitlines() if "mirrord_ns_" in line]
+    fwd = sb.exec("pod", "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip()
+    if fwd != "0":  # a fresh namespace starts with 0; the agent must put that back
+        found.append(f"ip_forward={fwd}")
+    return found
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if pred():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+
+
+def assert_clean(sb: Sandbox, timeout: float = CLEAN_TIMEOUT) -> None:
+    """The agent tears a session down asynchronously after the client leaves: poll for it."""
+    wait_until(lambda: not leftovers(sb), timeout)
+    assert leftovers(sb) == []
+
+
+def pid_alive(pid: int) -> bool:
+    """True for a running process (a zombie nobody reaped yet counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def pids_in_netns(inode: int) -> list[int]:
+    """Processes whose network namespace has this inode number."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}/ns/net").st_ino == inode:
+                    out.append(int(entry))
+            except OSError:
+                pass
+    return out
+
+
+def kill_pids(pids: list[int], sig: int = signal.SIGKILL) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass

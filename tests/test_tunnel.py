@@ -1,0 +1,255 @@
+"""`mirrord-ns run` end to end: real namespaces, the real agent, real clients.
+
+All tests here share one cluster (session fixture) and leave the agent running.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import ipaddress
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from conftest import (POD, RUN_TIMEOUT, SVC, UDP_ECHO_PORT, Cluster, assert_clean, finish, mrd_run,
+                      read_line, run_env, start_run)
+from mirrord_tun.sandbox import DOMAIN
+
+TUNNEL_NET = ipaddress.ip_network("100.64.0.0/10")
+
+
+def ok(r: subprocess.CompletedProcess[str]) -> str:
+    assert r.returncode == 0, f"exit {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}"
+    return r.stdout
+
+
+# --- what must work through the tunnel
+
+def test_curl_sees_the_pod_address(cluster: Cluster) -> None:
+    out = ok(mrd_run(cluster.sb, "curl", "-sS", "--max-time", "10", f"http://{SVC}/"))
+    assert out == f"hello from svc, you are {POD}\n"
+
+
+def test_getent_resolves_through_the_pods_resolver_and_search_domains(cluster: Cluster) -> None:
+    # "svc" is only known to the sandbox's DNS server, and only as svc.<search domain>.
+    out = ok(mrd_run(cluster.sb, "getent", "hosts", "svc"))
+    assert out.split() == [SVC, f"svc.{DOMAIN}"]
+
+
+def test_resolv_conf_inside_the_command_is_the_pods(cluster: Cluster) -> None:
+    pods = Path(f"/etc/netns/{cluster.sb.ns('pod')}/resolv.conf").read_text()
+    assert ok(mrd_run(cluster.sb, "cat", "/etc/resolv.conf")) == pods
+
+
+def test_busybox_ping(cluster: Cluster) -> None:
+    out = ok(mrd_run(cluster.sb, "busybox", "ping", "-c", "2", "-W", "5", "svc"))
+    assert "2 packets transmitted, 2 packets received" in out
+
+
+def test_static_busybox_wget(cluster: Cluster) -> None:
+    # Proves nothing depends on LD_PRELOAD: a static binary has no dynamic loader to hook.
+    ldd = subprocess.run(["ldd", "/bin/busybox"], capture_output=True, text=True)
+    assert "not a dynamic executable" in ldd.stdout + ldd.stderr
+    out = ok(mrd_run(cluster.sb, "/bin/busybox", "wget", "-q", "-T", "10", "-O", "-", "http://svc/"))
+    assert out == f"hello from svc, you are {POD}\n"
+
+
+def test_udp_echo(cluster: Cluster) -> None:
+    client = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "s.settimeout(2)\n"
+        "for i in range(5):\n"  # a datagram may be lost; retry a few times
+        "    s.sendto(b'mirrord-ns-udp', (sys.argv[1], int(sys.argv[2])))\n"
+        "    try:\n"
+        "        print(s.recv(100).decode()); break\n"
+        "    except socket.timeout:\n"
+        "        pass\n"
+    )
+    out = ok(mrd_run(cluster.sb, sys.executable, "-c", client, SVC, str(UDP_ECHO_PORT)))
+    assert out == "mirrord-ns-udp\n"
+
+
+def test_dns_over_udp_with_dig(cluster: Cluster) -> None:
+    out = ok(mrd_run(cluster.sb, "dig", "+search", "+short", "+time=2", "+tries=3", "svc"))
+    assert out == f"{SVC}\n"
+
+
+def test_bulk_tcp_both_ways_is_byte_exact(cluster: Cluster, tmp_path: Path) -> None:
+    # Big transfers go through the TUN offloads (64 KiB super-packets, virtio headers).
+    body = tmp_path / "body"
+    body.write_bytes(os.urandom(8 << 20))
+    digest = hashlib.sha256(body.read_bytes()).hexdigest()
+    script = (f"curl -sS --max-time 30 --data-binary @{body} http://{SVC}/ && "
+              f"curl -sS --max-time 30 -o /dev/null -w '%{{size_download}}\\n' http://{SVC}/bytes/{20 << 20}")
+    out = ok(mrd_run(cluster.sb, "sh", "-c", script))
+    assert out.splitlines() == [f"{digest} from {POD}", str(20 << 20)]
+
+
+def test_two_sessions_at_once(cluster: Cluster, tmp_path: Path) -> None:
+    # Each command announces itself, then waits until both are up, so the sessions overlap.
+    script = ("ip -4 -o addr show dev mrd0 | awk '{print $4}'; touch {dir}/$0; n=0; "
+              "while [ ! -e {dir}/a ] || [ ! -e {dir}/b ]; do sleep 0.1; n=$((n+1)); "
+              "[ $n -gt 400 ] && exit 9; done; curl -sS --max-time 10 http://svc/").replace("{dir}", str(tmp_path))
+    runs = [start_run(cluster.sb, "sh", "-c", script, name) for name in ("a", "b")]
+    results = [finish(p) for p in runs]
+    addrs = []
+    for code, out, err in results:
+        assert code == 0, err
+        addr, reply = out.splitlines()
+        assert reply == f"hello from svc, you are {POD}"
+        addrs.append(ipaddress.ip_interface(addr).ip)
+    assert addrs[0] != addrs[1]
+    assert all(a in TUNNEL_NET for a in addrs)
+    assert_clean(cluster.sb)
+
+
+# --- the command's process: status, output, user, signals
+
+@pytest.mark.parametrize("script, code", [
+    ("exit 0", 0),
+    ("exit 7", 7),
+    ("kill -KILL $$", 128 + signal.SIGKILL),
+    ("kill -TERM $$", 128 + signal.SIGTERM),
+])
+def test_exit_status_is_the_commands(cluster: Cluster, script: str, code: int) -> None:
+    r = mrd_run(cluster.sb, "sh", "-c", script)
+    assert r.returncode == code, r.stderr
+
+
+@pytest.mark.parametrize("command, code", [
+    ("no-such-command-mirrord-ns", 127),
+    ("/nonexistent/mirrord-ns", 127),
+    ("/etc/hostname", 126),  # exists but is not executable, as a shell reports it
+])
+def test_command_that_cannot_start(cluster: Cluster, command: str, code: int) -> None:
+    r = mrd_run(cluster.sb, command)
+    assert r.returncode == code
+    assert r.stdout == ""
+    assert command in r.stderr and len(r.stderr.splitlines()) == 1
+    assert_clean(cluster.sb)
+
+
+def test_stdout_is_only_the_commands(cluster: Cluster) -> None:
+    quiet = mrd_run(cluster.sb, "echo", "hi")
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "hi\n", "")  # quiet by default
+    verbose = mrd_run(cluster.sb, "echo", "hi", verbose=True)
+    assert (verbose.returncode, verbose.stdout) == (0, "hi\n")
+    assert "tunnel address" in verbose.stderr  # -v talks, but only on stderr
+
+
+def test_stdin_is_passed_through(cluster: Cluster) -> None:
+    data = "line one\nline two\n" * 1000
+    r = mrd_run(cluster.sb, "cat", input=data)
+    assert (r.returncode, r.stdout) == (0, data)
+
+
+def test_runs_as_the_sudo_user(cluster: Cluster) -> None:
+    env = run_env(SUDO_UID="65534", SUDO_GID="65534", SUDO_USER="nobody")
+    out = ok(mrd_run(cluster.sb, "sh", "-c", f"id -u; id -g; curl -sS --max-time 10 http://{SVC}/", env=env))
+    assert out.splitlines() == ["65534", "65534", f"hello from svc, you are {POD}"]
+
+
+def test_sigterm_is_forwarded_and_its_status_returned(cluster: Cluster) -> None:
+    # `sleep & wait`: a shell runs traps during `wait`, not while a foreground child runs.
+    p = start_run(cluster.sb, "sh", "-c", 'trap "echo got-term; exit 5" TERM; echo ready; sleep 30 & wait')
+    assert read_line(p) == "ready\n"
+    p.send_signal(signal.SIGTERM)
+    code, out, err = finish(p, timeout=20)
+    assert (code, out) == (5, "got-term\n"), err
+    assert_clean(cluster.sb)
+
+
+def test_ctrl_c_in_a_terminal(cluster: Cluster) -> None:
+    """^C typed into a terminal reaches the command once (from the tty), and run returns its status."""
+    master, slave = pty.openpty()
+
+    def take_terminal() -> None:  # in the child, after setsid: make the pty its controlling tty
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    p = subprocess.Popen(cluster.sb.run_args("sh", "-c", 'trap "echo got-int; exit 3" INT; echo ready; sleep 30'),
+                         stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                         preexec_fn=take_terminal, env=run_env())
+    cluster.sb.procs.append(p)
+    os.close(slave)
+    try:
+        out = _read_pty_until(master, b"ready", RUN_TIMEOUT)
+        os.write(master, b"\x03")
+        code = p.wait(20)
+        out += _read_pty_until(master, None, 5)
+    finally:
+        os.close(master)
+    assert code == 3, out
+    assert b"got-int" in out
+    assert_clean(cluster.sb)
+
+
+def _read_pty_until(fd: int, marker: bytes | None, timeout: float) -> bytes:
+    """Read a pty master until `marker` shows up (or EOF/EIO when marker is None)."""
+    out = b""
+    deadline = time.monotonic() + timeout
+    while marker is None or marker not in out:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            assert marker is None, f"no {marker!r} on the terminal within {timeout} s: {out!r}"
+            break
+        if not select.select([fd], [], [], left)[0]:
+            continue
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: every process holding the slave side has exited
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+# --- errors before the command starts: exit 2, one line on stderr, nothing runs
+
+def _new_key(path: Path) -> Path:
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    key.write_private_key(str(path))
+    key.write_public_key(str(path) + ".pub")
+    return path
+
+
+def _assert_refused(r: subprocess.CompletedProcess[str], marker: Path, words: str) -> None:
+    assert r.returncode == 2
+    assert r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mirrord-ns: "), r.stderr
+    assert words in lines[0], r.stderr
+    assert not marker.exists(), "the command ran"
+
+
+def test_wrong_client_key(cluster: Cluster, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    r = mrd_run(cluster.sb, "touch", str(marker), identity=str(_new_key(tmp_path / "other")))
+    _assert_refused(r, marker, "identity key was refused")
+
+
+def test_wrong_pinned_host_key(cluster: Cluster, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    other = _new_key(tmp_path / "other")
+    r = mrd_run(cluster.sb, "touch", str(marker), host_key=f"{other}.pub")
+    _assert_refused(r, marker, "host key is not the pinned one")
+
+
+@pytest.mark.parametrize("address", [
+    "198.19.0.2:2299",  # the node, a port nobody listens on
+    "198.18.0.99:2222",  # the cluster network, which the laptop has no route to
+])
+def test_agent_unreachable(cluster: Cluster, tmp_path: Path, address: str) -> None:
+    marker = tmp_path / "ran"
+    r = mrd_run(cluster.sb, "touch", str(marker), agent=address)
+    _assert_refused(r, marker, address)
