@@ -2,17 +2,21 @@
 
 Per session: a TUN `mrd<sid>` carrying a /30 from 100.64.0.0/10 (agent .1, client
 .2), an nft table `mirrord_ns_<sid>` that masquerades the client address as the
-pod, and net.ipv4.ip_forward=1. The table's comment records the owning agent
-process and the forwarding value found before any session touched it, so that
-whoever removes the last table (the session, the agent's guard, or the next
-agent start) can put forwarding back. The TUN needs no cleanup: it vanishes with
+pod, and net.ipv4.ip_forward=1 — or, where /proc/sys is read-only (an
+unprivileged container), forwarding set per device over rtnetlink on the TUN and
+the links replies come in on. The table's comment records the owning agent
+process and the forwarding found before any session touched it (the sysctl, and
+the links that had it off), so that whoever removes the last table (the session,
+the agent's guard, or the next agent start) can put forwarding back. The TUN needs no cleanup: it vanishes with
 the fd. Every function runs in the target namespace's thread.
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import random
 import re
+from typing import NamedTuple
 
 from mirrord_tun.agent import owner
 from mirrord_tun.netns import links, nft
@@ -21,7 +25,7 @@ from mirrord_tun.netns.tun import Tun
 TABLE_PREFIX = "mirrord_ns_"
 TUN_PREFIX = "mrd"
 TUNNEL_NET = ipaddress.IPv4Network("100.64.0.0/10")
-_COMMENT = re.compile(r"owner=(\S+) fwd=([01])")
+_COMMENT = re.compile(r"owner=(\S+) fwd=([01])(?: dev=(\S*))?")
 
 
 class SessionPlane:
@@ -43,17 +47,17 @@ class SessionPlane:
         try:
             self.tun = Tun(TUN_PREFIX + self.sid)
             links.bring_up_tun(self.tun.name, [self.agent_addr], self.mtu, peers=[self.client_addr])
-            fwd_before = _forwarding_before_us()
+            fwd_before, links_off = _forwarding_before_us()
             nft.run(
                 f"table ip {self.table}\ndelete table ip {self.table}\n"
                 f"table ip {self.table} {{\n"
-                f'  comment "owner={owner.me()} fwd={int(fwd_before)}"\n'
+                f'  comment "owner={owner.me()} fwd={int(fwd_before)} dev={",".join(links_off)}"\n'
                 "  chain postrouting {\n"
                 "    type nat hook postrouting priority srcnat; policy accept;\n"
                 f'    ip saddr {self.client_addr} oifname != "{self.tun.name}" masquerade\n'
                 "  }\n}\n"
             )
-            links.write_ip_forward(True)
+            _enable_forwarding(self.tun.name, links_off)
         except BaseException:
             self.close()
             raise
@@ -75,20 +79,36 @@ def _free_block() -> ipaddress.IPv4Network:
     raise RuntimeError("no free /30 left in 100.64.0.0/10 in the target namespace")
 
 
-def _ours() -> dict[str, tuple[str, bool]]:
-    """Our tables in this namespace: name -> (owner, forwarding before us)."""
+class _Record(NamedTuple):
+    owner: str
+    forwarding: bool  # net.ipv4.ip_forward before the first session
+    links_off: list[str]  # links whose forwarding was off before the first session
+
+
+def _ours() -> dict[str, _Record]:
+    """Our tables in this namespace and what their comments record."""
     out = {}
     for name, comment in nft.tables("ip", TABLE_PREFIX).items():
         m = _COMMENT.search(comment)
-        out[name] = (m[1], m[2] == "1") if m else ("", True)
+        # Without a record, assume forwarding was on: never switch off what we cannot prove we switched on.
+        out[name] = _Record(m[1], m[2] == "1", [d for d in (m[3] or "").split(",") if d]) if m \
+            else _Record("", True, [])
     return out
 
 
-def _forwarding_before_us() -> bool:
-    existing = _ours()
+def _forwarding_before_us() -> tuple[bool, list[str]]:
+    existing = list(_ours().values())
     if existing:
-        return all(fwd for _, fwd in existing.values())
-    return links.read_ip_forward()
+        return all(r.forwarding for r in existing), sorted({d for r in existing for d in r.links_off})
+    return links.read_ip_forward(), [d for d in links.links_except(TUN_PREFIX) if not links.device_forwarding(d)]
+
+
+def _enable_forwarding(tun: str, links_off: list[str]) -> None:
+    try:
+        links.write_ip_forward(True)
+    except OSError:  # read-only /proc/sys: the same effect per device
+        for name in [tun, *links_off]:
+            links.set_device_forwarding(name, True)
 
 
 def _remove_tables(names: list[str]) -> None:
@@ -97,11 +117,15 @@ def _remove_tables(names: list[str]) -> None:
     for name in doomed:
         nft.delete_table("ip", name)
     if doomed and not set(tables) - set(doomed):
-        links.write_ip_forward(all(tables[n][1] for n in doomed))
+        with contextlib.suppress(OSError):
+            links.write_ip_forward(all(tables[n].forwarding for n in doomed))
+        present = set(links.links_except(TUN_PREFIX))
+        for name in sorted({d for n in doomed for d in tables[n].links_off} & present):
+            links.set_device_forwarding(name, False)
 
 
 def remove_leftovers() -> list[str]:
     """Remove tables whose owning agent is gone (crash, OOM, SIGKILL); idempotent."""
-    dead = [name for name, (who, _) in _ours().items() if not owner.alive(who)]
+    dead = [name for name, record in _ours().items() if not owner.alive(record.owner)]
     _remove_tables(dead)
     return dead

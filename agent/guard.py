@@ -39,11 +39,16 @@ def run_guarded(netns_path: str, worker: Callable[[], int]) -> int:
             break
         except InterruptedError:
             continue
-    ns = NetNs.open(netns_path)
-    try:
-        removed = ns.call(dataplane.remove_leftovers)
-    finally:
-        ns.close()
+    removed = sweep(netns_path)
     if removed:
         print(f"mirrord-ns agent: removed leftover {' '.join(removed)}", file=sys.stderr)
     return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+def sweep(netns_path: str) -> list[str]:
+    """Remove what dead agents left in that namespace (also used by `mirrord-ns cleanup`)."""
+    ns = NetNs.open(netns_path)
+    try:
+        return ns.call(dataplane.remove_leftovers)
+    finally:
+        ns.close()

@@ -65,12 +65,11 @@ class Agent:
         self.ns = NetNs.open(target.netns_path)
         self.sessions: set[AgentSession] = set()
 
-    async def serve(self, host: str, port: int, host_key: str, authorized_key: str) -> None:
+    async def serve(self, host: str, port: int, key: asyncssh.SSHKey, authorized: asyncssh.SSHAuthorizedKeys,
+                    idle_exit: float | None = None) -> None:
         removed = await self.ns.acall(dataplane.remove_leftovers)
         if removed:
             log.warning("removed leftovers of a crashed agent: %s", " ".join(removed))
-        key = asyncssh.read_private_key(host_key)
-        authorized = asyncssh.import_authorized_keys(open(authorized_key).read())
         server = await asyncssh.create_server(
             lambda: _Server(self), host, port,
             server_host_keys=[key], authorized_client_keys=authorized,
@@ -87,9 +86,12 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
+        idle = asyncio.create_task(self._exit_when_idle(idle_exit, stop)) if idle_exit else None
         try:
             await stop.wait()
         finally:
+            if idle:
+                idle.cancel()
             server.close()
             for session in list(self.sessions):
                 session.close()
@@ -98,3 +100,16 @@ class Agent:
                     break
                 await asyncio.sleep(0.1)
             self.ns.close()
+
+    async def _exit_when_idle(self, seconds: float, stop: asyncio.Event) -> None:
+        """A launched agent must not outlive its client: stop after `seconds` without a session (or never one)."""
+        loop = asyncio.get_running_loop()
+        idle_since = loop.time()
+        while True:
+            await asyncio.sleep(min(1.0, seconds))
+            if self.sessions:
+                idle_since = loop.time()
+            elif loop.time() - idle_since >= seconds:
+                log.info("no session for %g s; exiting", seconds)
+                stop.set()
+                return

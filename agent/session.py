@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from mirrord_tun import protocol
 from mirrord_tun.agent.dataplane import SessionPlane
+from mirrord_tun.agent.sniffer import Sniffer
 from mirrord_tun.agent.target import read_resolv_conf
 from mirrord_tun.channel import FrameSession
 from mirrord_tun.protocol import AgentMsg, ClientMsg
@@ -28,6 +29,8 @@ class AgentSession:
         self.counters: Counters = Counters()
         self.plane: SessionPlane | None = None
         self.pump: TunPump | None = None
+        self.sniffer: Sniffer | None = None  # opened by the first SUBSCRIBE
+        self.version = 0
         self._starting: asyncio.Task[None] | None = None
         self._closed = False
         agent.sessions.add(self)
@@ -44,7 +47,11 @@ class AgentSession:
             self.pump.deliver(body)
         elif kind == ClientMsg.HELLO and self._starting is None:
             self._starting = asyncio.create_task(self._start(body))
+        elif kind == ClientMsg.SUBSCRIBE and self.plane and self.version >= protocol.MIRROR_VERSION:
+            self._subscribe(body)
         elif kind == ClientMsg.STATS:
+            if self.sniffer:
+                self.counters.update(self.sniffer.kernel_stats())
             stats = dict(self.counters)
             stats["dropped_frames_oversized"] = self.chan.reader.oversized
             self.chan.write(protocol.control(AgentMsg.STATS, stats))
@@ -55,10 +62,14 @@ class AgentSession:
     def on_pause(self) -> None:
         if self.pump:
             self.pump.pause()
+        if self.sniffer:
+            self.sniffer.pause()
 
     def on_resume(self) -> None:
         if self.pump:
             self.pump.resume()
+        if self.sniffer:
+            self.sniffer.resume()
 
     def on_closed(self, exc: Exception | None) -> None:
         if self._closed:
@@ -83,6 +94,7 @@ class AgentSession:
                 self.chan.chan.close()
             return
         self.plane = plane
+        self.version = version
         if self._closed:  # the client left while we were setting up
             await self._teardown()
             return
@@ -97,7 +109,21 @@ class AgentSession:
         log.info("session %s from %s: tunnel %s via %s, pod %s", self.sid, self.peer,
                  plane.client_addr, plane.tun.name if plane.tun else "?", ",".join(plane.pod_addrs))
 
+    def _subscribe(self, body: bytes) -> None:
+        assert self.plane is not None
+        try:
+            ports = protocol.parse_subscribe(body)
+        except protocol.Malformed:
+            self.counters["dropped_frames_malformed"] += 1
+            return
+        if self.sniffer is None:
+            self.sniffer = Sniffer(self.agent.ns, self.plane.pod_addrs, self.chan.write, self.counters)
+        self.sniffer.subscribe(ports)
+        log.info("session %s: mirroring ports %s", self.sid, ",".join(map(str, sorted(ports))) or "none")
+
     async def _teardown(self) -> None:
+        if self.sniffer:
+            await self.sniffer.aclose()
         plane, self.plane = self.plane, None
         if plane is None:
             self.agent.sessions.discard(self)

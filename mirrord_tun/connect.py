@@ -48,7 +48,8 @@ async def open_channel(address: str, key: asyncssh.SSHKey, pinned: asyncssh.SSHK
     host, port = parse_hostport(address)
     try:
         conn = await asyncio.wait_for(asyncssh.connect(
-            host if sock is None else None, port, sock=sock, username="mirrord",
+            # With sock, host only names the peer: a port-forward's socketpair has no peername.
+            host, port, sock=sock, username="mirrord",
             client_keys=[key], known_hosts=([pinned], [], []), agent_path=None,
             config=None, preferred_auth="publickey", **sshopts.common(),
         ), CONNECT_TIMEOUT)

@@ -13,6 +13,7 @@ only when the negotiated version has them: version 2 adds the inbound mirror
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import struct
@@ -78,6 +79,15 @@ def pack_packets(packets: list[bytes]) -> bytes:
     return b"".join(_LEN.pack(len(p)) + p for p in packets)
 
 
+def frame_packets(kind: int, packets: list[bytes]) -> bytes:
+    """frame(kind, pack_packets(packets)) in one copy instead of two."""
+    parts = [b""]
+    for p in packets:
+        parts += (_LEN.pack(len(p)), p)
+    parts[0] = _HEADER.pack(sum(map(len, parts)), kind)
+    return b"".join(parts)
+
+
 def unpack_packets(body: bytes) -> list[bytes]:
     """Split a PACKETS body; a truncated batch is Malformed as a whole."""
     out: list[bytes] = []
@@ -92,6 +102,22 @@ def unpack_packets(body: bytes) -> list[bytes]:
         out.append(body[pos : pos + n])
         pos += n
     return out
+
+
+MAX_PORTS = 1024  # per SUBSCRIBE; the agent's capture filter holds no more
+
+
+def subscribe(ports: set[int]) -> bytes:
+    return control(ClientMsg.SUBSCRIBE, {"ports": sorted(ports)})
+
+
+def parse_subscribe(body: bytes) -> set[int]:
+    ports = parse_control(body).get("ports")
+    if not isinstance(ports, list) or len(ports) > MAX_PORTS:
+        raise Malformed(f"SUBSCRIBE needs a list of at most {MAX_PORTS} ports")
+    if not all(type(p) is int and 0 < p < 65536 for p in ports):  # bool is an int subclass
+        raise Malformed("SUBSCRIBE ports must be integers 1-65535")
+    return set(ports)
 
 
 class FrameReader:
@@ -125,21 +151,20 @@ class FrameReader:
             yield kind, body
 
 
+@dataclasses.dataclass
 class Welcome:
     """What the agent tells the client once its side of the tunnel exists."""
 
-    def __init__(self, version: int, session: str, client_addr: str, agent_addr: str,
-                 mtu: int, pod_addrs: list[str], resolv_conf: str) -> None:
-        self.version = version
-        self.session = session
-        self.client_addr = client_addr
-        self.agent_addr = agent_addr
-        self.mtu = mtu
-        self.pod_addrs = pod_addrs
-        self.resolv_conf = resolv_conf
+    version: int
+    session: str
+    client_addr: str
+    agent_addr: str
+    mtu: int
+    pod_addrs: list[str]
+    resolv_conf: str
 
     def to_json(self) -> dict[str, Any]:
-        return dict(vars(self))
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Welcome":

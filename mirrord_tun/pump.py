@@ -19,7 +19,7 @@ import os
 from typing import Callable
 
 from mirrord_tun.netns.tun import MAX_PACKET, VNET_HDR_LEN
-from mirrord_tun.protocol import Malformed, frame, pack_packets, unpack_packets
+from mirrord_tun.protocol import Malformed, frame_packets, unpack_packets
 
 BATCH_BYTES = 256 * 1024
 _IP = VNET_HDR_LEN  # where the IP header starts in a TUN packet
@@ -38,29 +38,25 @@ def ipv4_only(pkt: bytes) -> str | None:
     return "dropped_ipv6" if version == 6 else "dropped_malformed"
 
 
-def source_is(*addrs: str) -> Check:
-    """Anti-spoofing: an IPv4 packet whose source is one of `addrs`."""
+def _address_is(offset: int, addrs: tuple[str, ...], reason: str) -> Check:
     allowed = {ipaddress.IPv4Address(a).packed for a in addrs}
 
     def check(pkt: bytes) -> str | None:
         bad = ipv4_only(pkt)
         if bad:
             return bad
-        return None if pkt[_IP + 12 : _IP + 16] in allowed else "dropped_spoofed"
+        return None if pkt[offset : offset + 4] in allowed else reason
 
     return check
+
+
+def source_is(*addrs: str) -> Check:
+    """Anti-spoofing: an IPv4 packet whose source is one of `addrs`."""
+    return _address_is(_IP + 12, addrs, "dropped_spoofed")
 
 
 def destination_is(*addrs: str) -> Check:
-    allowed = {ipaddress.IPv4Address(a).packed for a in addrs}
-
-    def check(pkt: bytes) -> str | None:
-        bad = ipv4_only(pkt)
-        if bad:
-            return bad
-        return None if pkt[_IP + 16 : _IP + 20] in allowed else "dropped_misaddressed"
-
-    return check
+    return _address_is(_IP + 16, addrs, "dropped_misaddressed")
 
 
 class TunPump:
@@ -116,7 +112,7 @@ class TunPump:
             c["packets_out"] += len(batch)
             c["bytes_out"] += size
             c["frames_out"] += 1
-            self._send(frame(self._kind, pack_packets(batch)))
+            self._send(frame_packets(self._kind, batch))
 
     def deliver(self, body: bytes) -> None:
         """Write a PACKETS body from the peer into the TUN."""

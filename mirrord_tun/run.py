@@ -7,18 +7,22 @@ packets until the command exits, then take everything down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import socket
+import subprocess
 import sys
 import tempfile
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import asyncssh
 
 from mirrord_tun import protocol
 from mirrord_tun.channel import FrameSession
 from mirrord_tun.connect import SetupError, open_channel
+from mirrord_tun.mirror import Mirror
 from mirrord_tun.netns import exec as nsexec
 from mirrord_tun.netns import links
 from mirrord_tun.netns.namespace import NetNs, pids_in
@@ -31,12 +35,24 @@ TUN_NAME = "mrd0"
 WELCOME_TIMEOUT = 15
 KILL_GRACE = 3.0
 LINK_LOST = 2  # exit status when the tunnel dies under the command
+# Routes traffic into the named TUN, inside the namespace; returns an undo or None.
+Steer = Callable[[str], "Callable[[], None] | None"]
 
 
 class LocalSession:
-    def __init__(self, argv: list[str], agent: str, key: asyncssh.SSHKey, pinned: asyncssh.SSHKey) -> None:
+    def __init__(self, argv: list[str], agent: str, key: asyncssh.SSHKey, pinned: asyncssh.SSHKey,
+                 sock: socket.socket | None = None, env: dict[str, str] | None = None,
+                 mirror_ports: dict[int, int] | None = None) -> None:
         self.argv = argv
+        # Inbound mirror: pod port -> local port given with --port (learned ports come on top);
+        # None turns the mirror off. Only for `run`'s own namespace: the routing the mirror
+        # installs there (mirror/delivery.py) is not undone, it dies with the namespace.
+        self.mirror_ports = mirror_ports
+        self.mirror: Mirror | None = None
+        self.sock = sock  # SSH runs over this (a Kubernetes port-forward) instead of dialing `agent`
+        self.env = env or {}  # on top of ours for the command: the target container's environment
         self.agent = agent
+        self.agent_ip: str | None = None  # the agent's IP as connected (None over a port-forward socket)
         self.key, self.pinned = key, pinned
         self.counters: Counters = Counters()
         self.chan = FrameSession(self)
@@ -50,6 +66,9 @@ class LocalSession:
     def on_frame(self, kind: int, body: bytes) -> None:
         if kind == AgentMsg.PACKETS and self.pump:
             self.pump.deliver(body)
+            return
+        if kind == AgentMsg.MIRROR and self.mirror:
+            self.mirror.deliver(body)
             return
         try:
             if kind == AgentMsg.WELCOME and not self._welcome.done():
@@ -83,16 +102,36 @@ class LocalSession:
         if not self._lost.done():
             self._lost.set_result(reason)
 
+    @property
+    def lost(self) -> asyncio.Future[str]:
+        """Resolves with the reason when the tunnel goes down."""
+        return self._lost
+
     async def agent_stats(self) -> dict[str, Any]:
         self._stats = asyncio.get_running_loop().create_future()
         self.chan.write(protocol.control(ClientMsg.STATS, {}))
         return await asyncio.wait_for(self._stats, 5)
 
     async def run(self) -> int:
-        conn = await open_channel(self.agent, self.key, self.pinned, self.chan)
+        """`run`: a fresh namespace whose default route is the tunnel, CMD in it."""
+        return await self.serve(NetNs.new, links.make_default_via, self._run_in)
+
+    async def serve(self, open_ns: Callable[[], NetNs], steer: Steer,
+                    use: Callable[[NetNs, protocol.Welcome], Awaitable[int]]) -> int:
+        """Connect, bring the tunnel into the namespace `open_ns` gives, `use` it, take it all down.
+
+        `steer(tun_name)` runs inside the namespace once the TUN has its address and
+        routes traffic into it; it may return an undo (also run there, after the TUN
+        is gone) for what does not vanish with the TUN. `run` and `attach` differ
+        only in these three.
+        """
+        conn = await open_channel(self.agent, self.key, self.pinned, self.chan, sock=self.sock)
+        peer = conn.get_extra_info("peername")
+        # Where our SSH packets go: `attach` keeps this address off the tunnel.
+        self.agent_ip = peer[0] if isinstance(peer, tuple) and peer else None
         ns: NetNs | None = None
         tun: Tun | None = None
-        resolv: str | None = None
+        undo: Callable[[], None] | None = None
         try:
             self.chan.write(protocol.control(ClientMsg.HELLO, {"version": protocol.VERSION}))
             try:
@@ -101,27 +140,33 @@ class LocalSession:
                 raise SetupError(f"agent {self.agent}: no WELCOME within {WELCOME_TIMEOUT} s") from None
             log.info("session %s: tunnel address %s, pod %s, mtu %d", welcome.session,
                      welcome.client_addr, ",".join(welcome.pod_addrs) or "?", welcome.mtu)
-            ns = NetNs.new()
+            ns = open_ns()
             tun = ns.call(Tun, TUN_NAME)
             ns.call(links.bring_up_tun, tun.name, [welcome.client_addr], welcome.mtu)
-            ns.call(links.make_default_via, tun.name)
+            undo = ns.call(steer, tun.name)
             self.pump = TunPump(tun.fd, self.chan.write, ClientMsg.PACKETS,
                                 admit_out=source_is(welcome.client_addr),
                                 admit_in=destination_is(welcome.client_addr), counters=self.counters)
             self.pump.start()
-            resolv = _write_resolv_conf(welcome.resolv_conf)
-            return await self._run_command(ns, resolv)
+            if self.mirror_ports is not None and welcome.version < protocol.MIRROR_VERSION:
+                log.warning("the agent speaks protocol %d, too old to mirror inbound traffic", welcome.version)
+            elif self.mirror_ports is not None and welcome.pod_addrs:
+                self.mirror = Mirror(ns, welcome.pod_addrs, self.mirror_ports, self.chan.write, self.counters)
+                await self.mirror.start()
+            return await use(ns, welcome)
         finally:
+            if self.mirror:
+                await self.mirror.stop()
             if self.pump:
                 self.pump.stop()
-            if ns is not None:
-                await _reap_namespace(ns)
             if tun is not None:
                 tun.close()
             if ns is not None:
-                ns.close()
-            if resolv:
-                os.unlink(resolv)
+                try:
+                    if undo is not None:
+                        ns.call(undo)
+                finally:
+                    ns.close()
             if log.isEnabledFor(logging.INFO) and not self._lost.done():
                 await self._log_counters()
             conn.close()
@@ -130,20 +175,51 @@ class LocalSession:
             except asyncio.TimeoutError:
                 pass
 
-    async def _run_command(self, ns: NetNs, resolv: str | None) -> int:
+    async def _run_in(self, ns: NetNs, welcome: protocol.Welcome) -> int:
+        resolv = _write_resolv_conf(welcome.resolv_conf)
         try:
-            proc = nsexec.spawn(self.argv, ns.fd, resolv, nsexec.invoking_user())
+            return await self._run_command(ns, resolv)
+        finally:
+            await _reap_namespace(ns)
+            if resolv:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(resolv)
+
+    async def _run_command(self, ns: NetNs, resolv: str | None) -> int:
+        # Handlers go in before the command exists: a signal that lands while spawn() runs (the
+        # command may already have the terminal) then waits in the loop and is forwarded, instead
+        # of meeting asyncio's SIGINT handler (cancel, exit 130) or killing `run` unclean (SIGTERM).
+        loop = asyncio.get_running_loop()
+        pid: list[int] = []  # the command's, once spawned
+        _forward_signals(loop, pid)
+        try:
+            return await self._spawn_and_wait(ns, resolv, pid)
+        finally:
+            for sig in _SIGNALS:
+                loop.remove_signal_handler(sig)
+
+    async def _spawn_and_wait(self, ns: NetNs, resolv: str | None, pid: list[int]) -> int:
+        try:
+            proc = nsexec.spawn(self.argv, ns.fd, resolv, nsexec.invoking_user(), self.env)
         except FileNotFoundError:
             print(f"mirrord-ns: {self.argv[0]}: command not found", file=sys.stderr)
             return 127
         except PermissionError:
             print(f"mirrord-ns: {self.argv[0]}: permission denied", file=sys.stderr)
             return 126
+        except OSError as e:  # ENOEXEC, ENOTDIR, ELOOP...: a shell also says 126, in one line
+            print(f"mirrord-ns: {self.argv[0]}: cannot execute: {e.strerror}", file=sys.stderr)
+            return 126
+        except subprocess.SubprocessError as e:  # the namespace, mount or user switch failed
+            raise SetupError(f"cannot start {self.argv[0]} in the namespace: {e}") from None
+        if resolv:
+            # The bind mount holds the file now; unlinked, it cannot outlive a killed `run`.
+            os.unlink(resolv)
         loop = asyncio.get_running_loop()
         exited = loop.create_future()
         pidfd = os.pidfd_open(proc.pid)
         loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
-        _forward_signals(loop, proc.pid)
+        pid.append(proc.pid)
         try:
             await asyncio.wait([exited, self._lost], return_when=asyncio.FIRST_COMPLETED)
             if not exited.done():
@@ -161,8 +237,6 @@ class LocalSession:
         finally:
             loop.remove_reader(pidfd)
             os.close(pidfd)
-            for sig in _SIGNALS:
-                loop.remove_signal_handler(sig)
 
     async def _log_counters(self) -> None:
         c = self.counters
@@ -179,15 +253,16 @@ class LocalSession:
 _SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
 
 
-def _forward_signals(loop: asyncio.AbstractEventLoop, pid: int) -> None:
+def _forward_signals(loop: asyncio.AbstractEventLoop, pid: list[int]) -> None:
     """Pass signals on to the command, except keyboard ones it already got from the terminal."""
     def forward(sig: signal.Signals) -> None:
         if sig in (signal.SIGINT, signal.SIGQUIT) and _terminal_foreground():
             return
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
+        for p in pid:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
 
     for sig in _SIGNALS:
         loop.add_signal_handler(sig, forward, sig)
@@ -213,16 +288,20 @@ def _write_resolv_conf(text: str) -> str | None:
 
 async def _reap_namespace(ns: NetNs) -> None:
     """Stop whatever the command left running in the namespace (daemons, stray children)."""
-    pids = [p for p in pids_in(ns.ident) if p != os.getpid()]
-    for sig, wait in ((signal.SIGTERM, 1.0), (signal.SIGKILL, 0.0)):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = asyncio.get_running_loop().time() + wait
-        while pids and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
-            pids = [p for p in pids_in(ns.ident) if p != os.getpid()]
+    loop = asyncio.get_running_loop()
+
+    def left() -> list[int]:
+        return [p for p in pids_in(ns.ident) if p != os.getpid()]
+
+    for sig, wait in ((signal.SIGTERM, 1.0), (signal.SIGKILL, 2.0)):
+        pids = left()
         if not pids:
             return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = loop.time() + wait
+        while loop.time() < deadline:
+            await asyncio.sleep(0.02)
+            if not left():
+                return

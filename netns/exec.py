@@ -47,9 +47,10 @@ def invoking_user() -> User | None:
     return User(uid_i, gid, groups, name, home)
 
 
-def spawn(argv: list[str], netns_fd: int, resolv_conf: str | None, user: User | None) -> subprocess.Popen[bytes]:
+def spawn(argv: list[str], netns_fd: int, resolv_conf: str | None, user: User | None,
+          extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start argv in the namespace; raises FileNotFoundError/PermissionError like Popen."""
-    env = dict(os.environ)
+    env = dict(os.environ, **(extra_env or {}))
     if user:
         env.update(HOME=user.home, USER=user.name, LOGNAME=user.name)
 

@@ -7,8 +7,18 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
+import socket
+import struct
 
 from pyroute2 import IPRoute
+
+_RTM_SETLINK = 19
+_NLM_F_REQUEST, _NLM_F_ACK = 0x1, 0x4
+_NLA_F_NESTED = 0x8000
+_IFLA_AF_SPEC = 26
+_IFLA_INET_CONF = 1
+_IPV4_DEVCONF_FORWARDING = 1
 
 
 def _index(ipr: IPRoute, name: str) -> int:
@@ -83,5 +93,54 @@ def read_ip_forward() -> bool:
 
 
 def write_ip_forward(on: bool) -> None:
+    """net.ipv4.ip_forward; OSError where /proc/sys is read-only (unprivileged containers)."""
+    # Already so: no write, so a container whose /proc/sys is read-only works when
+    # forwarding was set up front (compose `sysctls:`, a pod's securityContext.sysctls).
+    if read_ip_forward() == on:
+        return
     with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
         f.write("1" if on else "0")
+
+
+def device_forwarding(name: str) -> bool:
+    with open(f"/proc/sys/net/ipv4/conf/{name}/forwarding") as f:
+        return f.read().strip() == "1"
+
+
+def set_device_forwarding(name: str, on: bool) -> None:
+    """IPv4 forwarding of one device over rtnetlink, which needs no writable /proc/sys.
+
+    The kernel checks forwarding on the device a packet comes in through, so this on
+    the tunnel's TUN and on the links replies arrive on is what ip_forward=1 would do
+    for them. RTM_SETLINK with IFLA_AF_SPEC/AF_INET/IFLA_INET_CONF takes a nested
+    u32 per devconf entry; pyroute2 only knows the flat form the kernel reports.
+    """
+    with IPRoute() as ipr:
+        index = _index(ipr, name)
+
+    def nla(kind: int, payload: bytes) -> bytes:
+        return struct.pack("HH", 4 + len(payload), kind) + payload + bytes(-len(payload) % 4)
+
+    conf = nla(_IPV4_DEVCONF_FORWARDING, struct.pack("I", int(on)))
+    spec = nla(_IFLA_AF_SPEC | _NLA_F_NESTED, nla(socket.AF_INET | _NLA_F_NESTED, nla(_IFLA_INET_CONF | _NLA_F_NESTED, conf)))
+    body = struct.pack("BxHiII", socket.AF_UNSPEC, 0, index, 0, 0) + spec
+    header = struct.pack("IHHII", 16 + len(body), _RTM_SETLINK, _NLM_F_REQUEST | _NLM_F_ACK, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.send(header + body)
+        reply = sock.recv(4096)
+    (error,) = struct.unpack_from("i", reply, 16)  # NLMSG_ERROR: 0 is the ACK
+    if error:
+        raise OSError(-error, f"forwarding on {name}: {os.strerror(-error)}")
+
+
+def links_except(*prefixes: str) -> list[str]:
+    """Names of the namespace's links other than lo and those starting with `prefixes`."""
+    with IPRoute() as ipr:
+        names = [l.get_attr("IFLA_IFNAME") for l in ipr.get_links()]
+    return [n for n in names if n != "lo" and not n.startswith(prefixes)]
+
+
+def has_link(name: str) -> bool:
+    """Whether the namespace has a link of that name (sysfs would show the mounter's namespace)."""
+    with IPRoute() as ipr:
+        return bool(ipr.link_lookup(ifname=name))

@@ -72,7 +72,10 @@ class NetNs:
         else:
             fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                setns(fd, CLONE_NEWNET)
+                # Already there (an agent or sidecar working in its own namespace): setns
+                # would need CAP_SYS_ADMIN for nothing.
+                if netns_id(fd) != os.stat("/proc/thread-self/ns/net").st_ino:
+                    setns(fd, CLONE_NEWNET)
             finally:
                 os.close(fd)
         return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)

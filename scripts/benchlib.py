@@ -7,10 +7,13 @@ argument and start every process through `sb.start(...)`, so `sb.close()` stops
 them by PID.
 
     SshServer(sb, ...).start()    OpenSSH sshd in a namespace, own keys and config
+    SshForward / Sshuttle         `ssh -L` and sshuttle clients through that sshd
     iperf3_server / iperf3_argv / iperf3_gbits
     latency_argv / latency_stats  HTTP GET latency, a new TCP connection per request
-    ProcWatch                     peak RSS (VmHWM) and CPU seconds of processes
-    wait_until / child_pids / median / percentile / profile_raw / summarize_raw
+    ProcWatch                     peak RSS, CPU (per wall-clock span), minor faults
+    profile_raw / summarize_raw   py-spy record (non-blocking) and its summary
+    perf_record / perf_summary    system-wide perf, per-process hottest symbols
+    wait_until / port_open_in / child_pids / median / percentile / stop_process
 """
 from __future__ import annotations
 
@@ -19,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -68,9 +70,13 @@ def child_pids(pid: int) -> list[int]:
     return out
 
 
-def port_open_in(sb: Any, role: str, host: str, port: int) -> bool:
-    """Can a TCP connection to host:port be opened from namespace `role`? (bash /dev/tcp)"""
-    p = sb.exec(role, "bash", "-c", f"exec 3<>/dev/tcp/{host}/{port}", timeout=5)
+def port_open_in(sb: Any, role: str, host: str, port: int, timeout: float = 2) -> bool:
+    """Can a TCP connection to host:port be opened from namespace `role` within `timeout`?"""
+    try:
+        p = sb.exec(role, "timeout", str(timeout), "bash", "-c", f"exec 3<>/dev/tcp/{host}/{port}",
+                    timeout=timeout + 5)
+    except subprocess.TimeoutExpired:
+        return False
     return p.returncode == 0
 
 
@@ -176,20 +182,31 @@ LogLevel ERROR
 
 
 class SshForward:
-    """`ssh -N -L 127.0.0.1:LOCAL:HOST:PORT ...` from `role` through an SshServer."""
+    """`ssh -L 127.0.0.1:LOCAL:HOST:PORT ...` from `role` through an SshServer.
+
+    interactive=True holds a session with a pty open (`ssh -tt ... sleep`), as a user
+    with a shell open has it: OpenSSH then sets TCP_NODELAY on its connection (both
+    ends). With interactive=False (`ssh -N`) it does not, and small request/response
+    exchanges through the forward stall on Nagle + delayed ACK (~40 ms).
+    """
 
     def __init__(self, server: SshServer, forwards: dict[int, tuple[str, int]], role: str = "laptop",
-                 cipher: str = "aes128-gcm@openssh.com") -> None:
+                 cipher: str = "aes128-gcm@openssh.com", interactive: bool = True) -> None:
         self.server, self.forwards, self.role, self.cipher = server, forwards, role, cipher
+        self.interactive = interactive
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 15) -> "SshForward":
         spec: list[str] = []
         for local, (host, port) in self.forwards.items():
             spec += ["-L", f"127.0.0.1:{local}:{host}:{port}"]
-        argv = self.server.ssh_command("-N", "-c", self.cipher, "-o", "ExitOnForwardFailure=yes",
-                                       "-o", "ServerAliveInterval=0", *spec, self.server.destination)
-        self.proc = self.server.sb.start(self.role, argv, stdin=subprocess.DEVNULL)
+        mode = ["-tt"] if self.interactive else ["-N"]
+        argv = self.server.ssh_command(*mode, "-c", self.cipher, "-o", "ExitOnForwardFailure=yes",
+                                       *spec, self.server.destination,
+                                       *(["sleep", "86400"] if self.interactive else []))
+        # -tt wants a stdin to read; a pipe we never write keeps the session open.
+        self.proc = self.server.sb.start(self.role, argv, stdin=subprocess.PIPE if self.interactive else
+                                         subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         for local in self.forwards:
             def ready(local: int = local) -> bool:
                 if self.proc is not None and self.proc.poll() is not None:
@@ -201,6 +218,8 @@ class SshForward:
     def close(self) -> None:
         if self.proc is not None:
             stop_process(self.proc)
+            if self.proc.stdin:
+                self.proc.stdin.close()
             self.proc = None
 
 
@@ -229,6 +248,9 @@ class Sshuttle:
             if p.returncode != 0:
                 raise RuntimeError(f"route {self.subnet} via {self.route_via}: {p.stderr.strip()}")
             self._route = True
+        if port_open_in(sb, self.role, *self.probe, timeout=1):
+            raise RuntimeError(f"{self.role} reaches {self.probe[0]}:{self.probe[1]} without sshuttle; "
+                               "its numbers would not measure sshuttle")
         ssh = " ".join(self.server.ssh_command(*(["-c", self.cipher] if self.cipher else [])))
         errors = []
         for method in self.methods:
@@ -240,7 +262,7 @@ class Sshuttle:
             def ready() -> bool:
                 if self.proc is not None and self.proc.poll() is not None:
                     raise RuntimeError(f"sshuttle --method {method} exited with {self.proc.returncode}")
-                return port_open_in(sb, self.role, *self.probe) and b"Connected to server" in _read(self.log)
+                return b"Connected to server" in _read(self.log) and port_open_in(sb, self.role, *self.probe)
             try:
                 wait_until(ready, timeout, f"sshuttle --method {method}", interval=0.3)
                 self.method = method
@@ -297,11 +319,15 @@ def latency_argv(host: str, port: int, requests: int, warmup: int = 20, python: 
             str(requests), str(warmup)]
 
 
-def measure_latency(host: str, port: int, requests: int, warmup: int = 20) -> list[float]:
+def measure_latency(host: str, port: int, requests: int, warmup: int = 20,
+                    span: list[float] | None = None) -> list[float]:
     """Sequential GET / requests, each on a new TCP connection; seconds per request
-    (connect + request + full response + close), measured in this process."""
+    (connect + request + full response + close), measured in this process.
+    `span` receives the wall-clock (time.time()) start and end of the counted requests."""
     samples: list[float] = []
     for i in range(warmup + requests):
+        if i == warmup and span is not None:
+            span.append(time.time())
         t0 = time.perf_counter()
         conn = http.client.HTTPConnection(host, port, timeout=10)
         conn.request("GET", "/")
@@ -313,6 +339,8 @@ def measure_latency(host: str, port: int, requests: int, warmup: int = 20) -> li
             raise RuntimeError(f"GET / -> {resp.status}")
         if i >= warmup:
             samples.append(dt)
+    if span is not None:
+        span.append(time.time())
     return samples
 
 
@@ -320,7 +348,7 @@ def latency_stats(output: str) -> dict[str, float]:
     data = json.loads(output)
     ms = [s * 1000 for s in data["samples"]]
     return {"p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "mean_ms": statistics.fmean(ms),
-            "min_ms": min(ms), "max_ms": max(ms), "n": len(ms)}
+            "min_ms": min(ms), "max_ms": max(ms), "n": len(ms), "span": data.get("span")}
 
 
 # --------------------------------------------------------------------------- process watching
@@ -334,10 +362,27 @@ def _proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-def _cpu_seconds(pid: int) -> float:
+def _cpu_and_faults(pid: int) -> tuple[float, int, float]:
+    """CPU seconds (user+system), minor page faults and system CPU seconds of a process so far."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    hz = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / hz, int(fields[7]), int(fields[12]) / hz
+
+
+def _system_cpu() -> list[int]:
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:]]
+
+
+def _cpu_shares(a: list[int], b: list[int]) -> dict[str, float]:
+    """Machine-wide CPU use between two /proc/stat samples, % of all cores."""
+    d = [y - x for x, y in zip(a, b)]
+    total = sum(d[:8]) or 1  # user nice system idle iowait irq softirq steal
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    shares = {n: 100.0 * v / total for n, v in zip(names, d)}
+    shares["busy"] = 100.0 - shares["idle"] - shares["iowait"]
+    return shares
 
 
 class ProcWatch:
@@ -345,7 +390,10 @@ class ProcWatch:
 
     `targets` maps a name to a callable returning the PID (or None while it is
     not known yet). `peak_rss[name]` is the largest VmHWM/VmRSS seen; `cpu[name]`
-    the CPU seconds it used while watched; `wall` the watched time.
+    the CPU seconds it used while watched, `minflt[name]` its minor page faults
+    (fresh pages touched: a sign of malloc giving memory back to the kernel and
+    taking it again); `wall` the watched time; `system`
+    the machine-wide CPU shares (% of all cores) over the watched time.
     """
 
     def __init__(self, targets: dict[str, Callable[[], int | None]], interval: float = 0.1) -> None:
@@ -353,13 +401,18 @@ class ProcWatch:
         self.interval = interval
         self.peak_rss: dict[str, int] = {}
         self.cpu: dict[str, float] = {}
-        self._cpu0: dict[str, tuple[int, float]] = {}
+        self.minflt: dict[str, int] = {}
+        # name -> [(time.time(), cpu seconds, system cpu seconds)] since watched
+        self.series: dict[str, list[tuple[float, float, float]]] = {}
+        self._cpu0: dict[str, tuple[int, float, int, float]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.wall = 0.0
+        self.system: dict[str, float] = {}
 
     def __enter__(self) -> "ProcWatch":
         self._t0 = time.monotonic()
+        self._stat0 = _system_cpu()
         self._thread.start()
         return self
 
@@ -367,6 +420,7 @@ class ProcWatch:
         self._stop.set()
         self._thread.join()
         self.wall = time.monotonic() - self._t0
+        self.system = _cpu_shares(self._stat0, _system_cpu())
 
     def _sample(self) -> None:
         for name, get in self.targets.items():
@@ -375,13 +429,30 @@ class ProcWatch:
                 continue
             try:
                 st = _proc_status(pid)
-                cpu = _cpu_seconds(pid)
+                cpu, faults, sys_cpu = _cpu_and_faults(pid)
             except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
                 continue
             self.peak_rss[name] = max(self.peak_rss.get(name, 0), st.get("VmHWM", 0), st.get("VmRSS", 0))
             if name not in self._cpu0 or self._cpu0[name][0] != pid:
-                self._cpu0[name] = (pid, cpu)
+                self._cpu0[name] = (pid, cpu, faults, sys_cpu)
             self.cpu[name] = cpu - self._cpu0[name][1]
+            self.minflt[name] = faults - self._cpu0[name][2]
+            self.series.setdefault(name, []).append((time.time(), self.cpu[name], sys_cpu - self._cpu0[name][3]))
+
+    def cpu_between(self, name: str, t0: float, t1: float, system: bool = False) -> float | None:
+        """CPU seconds (or only system CPU seconds) `name` used between two wall-clock
+        times, interpolated between samples; None if the samples do not cover them."""
+        k = 2 if system else 1
+        pts = [(p[0], p[k]) for p in self.series.get(name) or []]
+        if len(pts) < 2 or t0 < pts[0][0] or t1 > pts[-1][0]:
+            return None
+
+        def at(t: float) -> float:
+            for (ta, ca), (tb, cb) in zip(pts, pts[1:]):
+                if ta <= t <= tb:
+                    return ca if tb == ta else ca + (cb - ca) * (t - ta) / (tb - ta)
+            return pts[-1][1]
+        return at(t1) - at(t0)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -406,7 +477,7 @@ def profile_raw(pid: int, seconds: float, out: str, rate: int = 250) -> subproce
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def summarize_raw(path: str, top: int = 12) -> dict[str, Any]:
+def summarize_raw(path: str, top: int = 30) -> dict[str, Any]:
     """Self and inclusive sample shares per function from py-spy's collapsed output."""
     total = 0
     self_: dict[str, int] = {}
@@ -441,13 +512,62 @@ def _short(frame: str) -> str:
     return name
 
 
+# --------------------------------------------------------------------------- profiling (perf)
+def perf_record(out: str, seconds: float) -> subprocess.Popen | None:
+    """System-wide `perf record` (cpu-clock, call graphs) for `seconds`; None without perf."""
+    exe = shutil.which("perf")
+    if not exe:
+        return None
+    return subprocess.Popen([exe, "record", "-q", "-F", "499", "-e", "cpu-clock", "-g", "-a", "-o", out,
+                             "--", "sleep", str(max(1, int(seconds)))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _perf_report(path: str, *args: str) -> list[tuple[float, str]]:
+    p = subprocess.run(["perf", "report", "-i", path, "-q", "-g", "none", *args],
+                       capture_output=True, text=True, timeout=120)
+    rows = []
+    for line in p.stdout.splitlines():
+        parts = line.split()
+        if parts and parts[0].endswith("%"):
+            try:
+                rows.append((float(parts[0][:-1]), " ".join(parts[1:])))
+            except ValueError:
+                pass
+    return rows
+
+
+def perf_summary(path: str, named: dict[str, int | None], top: int = 8) -> dict[str, Any]:
+    """Share of the machine per process, and for each named PID its hottest symbols
+    (self time, % of that process's samples)."""
+    if not os.path.exists(path):
+        return {}
+    names = {pid: name for name, pid in named.items() if pid}
+    procs = []
+    for pct, what in _perf_report(path, "--no-children", "--sort", "pid", "--percent-limit", "1")[:top]:
+        pid_s, _, comm = what.partition(":")
+        pid = int(pid_s) if pid_s.strip().isdigit() else 0
+        procs.append((names.get(pid, comm.strip() or what), pid, pct))
+    out: dict[str, Any] = {"machine": procs}
+    for name, pid in named.items():
+        if not pid:
+            continue
+        rel = ["--pid", str(pid), "--percentage", "relative"]
+        syms = _perf_report(path, "--no-children", *rel, "--sort", "dso,sym", "--percent-limit", "1")
+        out[name] = {"self": [(w.split()[-1] + " [" + os.path.basename(w.split()[0]).strip("[]") + "]", p)
+                              for p, w in syms[:top]]}
+    return out
+
+
 # --------------------------------------------------------------------------- CLI for the helpers
 def _main(argv: list[str]) -> int:
     if len(argv) >= 3 and argv[0] == "latency":
         host, port = argv[1], int(argv[2])
         n = int(argv[3]) if len(argv) > 3 else 300
         warmup = int(argv[4]) if len(argv) > 4 else 20
-        print(json.dumps({"samples": measure_latency(host, port, n, warmup)}))
+        span: list[float] = []
+        samples = measure_latency(host, port, n, warmup, span)
+        print(json.dumps({"samples": samples, "span": span}))
         return 0
     print("usage: benchlib.py latency HOST PORT [N [WARMUP]]", file=sys.stderr)
     return 2

@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 
 import pytest
 
+from mirrord_tun.netns.namespace import pids_in as pids_in_netns  # noqa: F401 (tests import it from here)
 from mirrord_tun.sandbox import ADDRS, Sandbox
 
 POD, SVC = ADDRS["pod"], ADDRS["svc"]
@@ -48,7 +49,7 @@ class Cluster:
     """A built sandbox plus the agent process started in it (the guard; the worker is its child)."""
 
     sb: Sandbox
-    agent: subprocess.Popen[bytes] | None
+    agent: subprocess.Popen[bytes]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -57,17 +58,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason="needs root (network namespaces, TUN, nft)")
     for item in items:
-        if "cluster" in getattr(item, "fixturenames", ()) or "fresh_cluster" in getattr(item, "fixturenames", ()):
+        if {"cluster", "fresh_cluster"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(skip)
 
 
-def _cluster(agent: bool = True) -> Iterator[Cluster]:
+def _cluster() -> Iterator[Cluster]:
     sb = Sandbox()
     try:
         sb.build()
         sb.start_services()
         sb.start_ready("svc", [sys.executable, "-c", _UDP_ECHO])
-        yield Cluster(sb, sb.start_agent() if agent else None)
+        yield Cluster(sb, sb.start_agent())
     finally:
         sb.close()
 
@@ -106,8 +107,17 @@ def run_argv(sb: Sandbox, *command: str, verbose: bool = False, agent: str | Non
 def mrd_run(sb: Sandbox, *command: str, verbose: bool = False, env: dict[str, str] | None = None,
             input: str | None = None, timeout: float = RUN_TIMEOUT, **opts: str) -> subprocess.CompletedProcess[str]:
     """Run `mirrord-ns run -- command` from the laptop namespace and wait for it."""
-    return subprocess.run(run_argv(sb, *command, verbose=verbose, **opts), capture_output=True, text=True,
-                          input=input, env=env or run_env(), timeout=timeout)
+    argv = run_argv(sb, *command, verbose=verbose, **opts)
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env or run_env())
+    try:
+        out, err = p.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM first, unlike subprocess.run's SIGKILL: run then reaps its namespace, which
+        # no sandbox cleanup could find afterwards.
+        sb.stop(p)  # type: ignore[arg-type]
+        raise
+    return subprocess.CompletedProcess(argv, p.returncode, out, err)
 
 
 def start_run(sb: Sandbox, *command: str, env: dict[str, str] | None = None, **popen: object) -> subprocess.Popen[bytes]:
@@ -144,9 +154,10 @@ def leftovers(sb: Sandbox) -> list[str]:
     tables = sb.exec("pod", "nft", "list", "tables")
     assert tables.returncode == 0, tables.stderr
     found += [line for line in tables.stdout.splitlines() if "mirrord_ns_" in line]
-    fwd = sb.exec("pod", "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip()
-    if fwd != "0":  # a fresh namespace starts with 0; the agent must put that back
-        found.append(f"ip_forward={fwd}")
+    for knob in ("ip_forward", "conf/eth0/forwarding"):
+        fwd = sb.exec("pod", "cat", f"/proc/sys/net/ipv4/{knob}").stdout.strip()
+        if fwd != "0":  # a fresh namespace starts with 0; the agent must put that back
+            found.append(f"{knob}={fwd}")
     return found
 
 
@@ -181,19 +192,6 @@ def children(pid: int) -> list[int]:
             return [int(c) for c in f.read().split()]
     except OSError:
         return []
-
-
-def pids_in_netns(inode: int) -> list[int]:
-    """Processes whose network namespace has this inode number."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}/ns/net").st_ino == inode:
-                    out.append(int(entry))
-            except OSError:
-                pass
-    return out
 
 
 def kill_pids(pids: list[int], sig: int = signal.SIGKILL) -> None:

@@ -20,8 +20,8 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from conftest import (POD, RUN_TIMEOUT, SVC, UDP_ECHO_PORT, Cluster, assert_clean, finish, mrd_run,
-                      read_line, run_env, start_run)
+from conftest import (CLEAN_TIMEOUT, POD, RUN_TIMEOUT, SVC, UDP_ECHO_PORT, Cluster, assert_clean, children,
+                      finish, leftovers, mrd_run, read_line, run_env, start_run, wait_until)
 from mirrord_tun.sandbox import DOMAIN
 
 TUNNEL_NET = ipaddress.ip_network("100.64.0.0/10")
@@ -59,24 +59,43 @@ def test_static_busybox_wget(cluster: Cluster) -> None:
     # Proves nothing depends on LD_PRELOAD: a static binary has no dynamic loader to hook.
     ldd = subprocess.run(["ldd", "/bin/busybox"], capture_output=True, text=True)
     assert "not a dynamic executable" in ldd.stdout + ldd.stderr
-    out = ok(mrd_run(cluster.sb, "/bin/busybox", "wget", "-q", "-T", "10", "-O", "-", "http://svc/"))
+    # No -T: this busybox build (1.35, Debian 12) segfaults on wget's timeout option.
+    out = ok(mrd_run(cluster.sb, "/bin/busybox", "wget", "-q", "-O", "-", "http://svc/"))
     assert out == f"hello from svc, you are {POD}\n"
 
 
-def test_udp_echo(cluster: Cluster) -> None:
+@pytest.mark.parametrize("size", [14, 1400, 8000])  # 8000: fragmented on the way and reassembled
+def test_udp_echo(cluster: Cluster, size: int) -> None:
     client = (
         "import socket, sys\n"
         "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
         "s.settimeout(2)\n"
+        "data = bytes(range(256)) * (int(sys.argv[3]) // 256) + b'x' * (int(sys.argv[3]) % 256)\n"
         "for i in range(5):\n"  # a datagram may be lost; retry a few times
-        "    s.sendto(b'mirrord-ns-udp', (sys.argv[1], int(sys.argv[2])))\n"
+        "    s.sendto(data, (sys.argv[1], int(sys.argv[2])))\n"
         "    try:\n"
-        "        print(s.recv(100).decode()); break\n"
+        "        print(s.recv(65535) == data); break\n"
         "    except socket.timeout:\n"
         "        pass\n"
     )
-    out = ok(mrd_run(cluster.sb, sys.executable, "-c", client, SVC, str(UDP_ECHO_PORT)))
-    assert out == "mirrord-ns-udp\n"
+    out = ok(mrd_run(cluster.sb, sys.executable, "-c", client, SVC, str(UDP_ECHO_PORT), str(size)))
+    assert out == "True\n"
+
+
+def test_closed_ports_are_refused_not_silent(cluster: Cluster) -> None:
+    # The TCP RST and the ICMP port-unreachable come back through the NAT and the tunnel.
+    tcp = mrd_run(cluster.sb, "curl", "-sS", "--max-time", "20", f"http://{SVC}:81/")
+    assert tcp.returncode == 7, tcp.stderr  # could not connect (a lost RST would be 28, timed out)
+    udp = ("import socket, sys\n"
+           "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+           "s.settimeout(20)\n"
+           "s.connect((sys.argv[1], 9))\n"
+           "s.send(b'anyone?')\n"
+           "try:\n"
+           "    s.recv(100)\n"
+           "except ConnectionRefusedError:\n"
+           "    print('refused')\n")
+    assert ok(mrd_run(cluster.sb, sys.executable, "-c", udp, SVC)) == "refused\n"
 
 
 def test_dns_over_udp_with_dig(cluster: Cluster) -> None:
@@ -96,20 +115,29 @@ def test_bulk_tcp_both_ways_is_byte_exact(cluster: Cluster, tmp_path: Path) -> N
 
 
 def test_two_sessions_at_once(cluster: Cluster, tmp_path: Path) -> None:
-    # Each command announces itself, then waits until both are up, so the sessions overlap.
-    script = ("ip -4 -o addr show dev mrd0 | awk '{print $4}'; touch {dir}/$0; n=0; "
-              "while [ ! -e {dir}/a ] || [ ! -e {dir}/b ]; do sleep 0.1; n=$((n+1)); "
-              "[ $n -gt 400 ] && exit 9; done; curl -sS --max-time 10 http://svc/").replace("{dir}", str(tmp_path))
-    runs = [start_run(cluster.sb, "sh", "-c", script, name) for name in ("a", "b")]
-    results = [finish(p) for p in runs]
-    addrs = []
-    for code, out, err in results:
-        assert code == 0, err
-        addr, reply = out.splitlines()
-        assert reply == f"hello from svc, you are {POD}"
-        addrs.append(ipaddress.ip_interface(addr).ip)
-    assert addrs[0] != addrs[1]
-    assert all(a in TUNNEL_NET for a in addrs)
+    """Both work at once with their own tunnel addresses, and one ending leaves the other working."""
+    # Files in tmp_path are the barriers: each command marks itself up and waits for the other;
+    # then "b" waits for "go", which the test creates once "a" has ended and been torn down.
+    wait_for = 'n=0; while [ ! -e {f} ]; do sleep 0.1; n=$((n+1)); [ $n -gt 400 ] && exit 9; done; '
+    script = ("ip -4 -o addr show dev mrd0 | awk '{print $4}'; touch D/$0; " + wait_for.format(f="D/a")
+              + wait_for.format(f="D/b") + "curl -sS --max-time 10 http://svc/; "
+              + 'if [ "$0" = b ]; then ' + wait_for.format(f="D/go") + "curl -sS --max-time 10 http://svc/; fi"
+              ).replace("D/", f"{tmp_path}/")
+    a, b = (start_run(cluster.sb, "sh", "-c", script, name) for name in ("a", "b"))
+    code_a, out_a, err_a = finish(a)
+    assert code_a == 0, err_a
+    # a's table is gone but b's stays, and forwarding stays on for b.
+    assert wait_until(lambda: len([x for x in leftovers(cluster.sb) if "mirrord_ns_" in x]) == 1, CLEAN_TIMEOUT)
+    assert "ip_forward=1" in leftovers(cluster.sb)
+    (tmp_path / "go").touch()
+    code_b, out_b, err_b = finish(b)
+    assert code_b == 0, err_b
+    reply = f"hello from svc, you are {POD}"
+    addr_a, *replies_a = out_a.splitlines()
+    addr_b, *replies_b = out_b.splitlines()
+    assert (replies_a, replies_b) == ([reply], [reply, reply])
+    addrs = [ipaddress.ip_interface(addr).ip for addr in (addr_a, addr_b)]
+    assert addrs[0] != addrs[1] and all(addr in TUNNEL_NET for addr in addrs)
     assert_clean(cluster.sb)
 
 
@@ -126,12 +154,18 @@ def test_exit_status_is_the_commands(cluster: Cluster, script: str, code: int) -
     assert r.returncode == code, r.stderr
 
 
-@pytest.mark.parametrize("command, code", [
+@pytest.mark.parametrize("name, code", [
     ("no-such-command-mirrord-ns", 127),
     ("/nonexistent/mirrord-ns", 127),
-    ("/etc/hostname", 126),  # exists but is not executable, as a shell reports it
+    ("not-executable", 126),  # as a shell reports them
+    ("garbage-binary", 126),
 ])
-def test_command_that_cannot_start(cluster: Cluster, command: str, code: int) -> None:
+def test_command_that_cannot_start(cluster: Cluster, tmp_path: Path, name: str, code: int) -> None:
+    command = name
+    if code == 126:
+        command = str(tmp_path / name)
+        Path(command).write_bytes(b"\x7fELF\x00garbage" if name == "garbage-binary" else b"#!/bin/sh\n")
+        os.chmod(command, 0o755 if name == "garbage-binary" else 0o644)
     r = mrd_run(cluster.sb, command)
     assert r.returncode == code
     assert r.stdout == ""
@@ -144,7 +178,8 @@ def test_stdout_is_only_the_commands(cluster: Cluster) -> None:
     assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "hi\n", "")  # quiet by default
     verbose = mrd_run(cluster.sb, "echo", "hi", verbose=True)
     assert (verbose.returncode, verbose.stdout) == (0, "hi\n")
-    assert "tunnel address" in verbose.stderr  # -v talks, but only on stderr
+    # -v talks, but only on stderr: progress, then the session's counters.
+    assert "tunnel address" in verbose.stderr and "packets" in verbose.stderr
 
 
 def test_stdin_is_passed_through(cluster: Cluster) -> None:
@@ -155,8 +190,12 @@ def test_stdin_is_passed_through(cluster: Cluster) -> None:
 
 def test_runs_as_the_sudo_user(cluster: Cluster) -> None:
     env = run_env(SUDO_UID="65534", SUDO_GID="65534", SUDO_USER="nobody")
-    out = ok(mrd_run(cluster.sb, "sh", "-c", f"id -u; id -g; curl -sS --max-time 10 http://{SVC}/", env=env))
-    assert out.splitlines() == ["65534", "65534", f"hello from svc, you are {POD}"]
+    # No root group may survive the switch, and the user can still resolve and connect.
+    out = ok(mrd_run(cluster.sb, "sh", "-c", "id -u; id -g; id -G; getent hosts svc; "
+                     f"curl -sS --max-time 10 http://{SVC}/", env=env))
+    assert out.splitlines()[:3] == ["65534", "65534", "65534"]
+    assert out.splitlines()[3].split() == [SVC, f"svc.{DOMAIN}"]
+    assert out.splitlines()[4:] == [f"hello from svc, you are {POD}"]
 
 
 def test_sigterm_is_forwarded_and_its_status_returned(cluster: Cluster) -> None:
@@ -176,21 +215,37 @@ def test_ctrl_c_in_a_terminal(cluster: Cluster) -> None:
     def take_terminal() -> None:  # in the child, after setsid: make the pty its controlling tty
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-    p = subprocess.Popen(cluster.sb.run_args("sh", "-c", 'trap "echo got-int; exit 3" INT; echo ready; sleep 30'),
+    p = subprocess.Popen(cluster.sb.run_args("sh", "-c", 'trap "echo got-int; exit 3" INT; tty; echo ready; sleep 30'),
                          stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
                          preexec_fn=take_terminal, env=run_env())
     cluster.sb.procs.append(p)
     os.close(slave)
     try:
         out = _read_pty_until(master, b"ready", RUN_TIMEOUT)
+        # Type ^C only once `sleep` runs in the foreground (exec'd, not merely forked): a job
+        # started after the signal never sees it, and the shell waits 30 s before its trap.
+        assert wait_until(lambda: _sleeping(p.pid), RUN_TIMEOUT)
         os.write(master, b"\x03")
         code = p.wait(20)
         out += _read_pty_until(master, None, 5)
     finally:
         os.close(master)
     assert code == 3, out
+    assert b"/dev/pts/" in out  # the command's stdin is the terminal itself
     assert b"got-int" in out
     assert_clean(cluster.sb)
+
+
+def _sleeping(run_pid: int) -> bool:
+    """Whether the command under `run` has a child that already exec'd `sleep`."""
+    for sh in children(run_pid):
+        for pid in children(sh):
+            try:
+                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep\0"):
+                    return True
+            except OSError:
+                pass
+    return False
 
 
 def _read_pty_until(fd: int, marker: bytes | None, timeout: float) -> bytes:

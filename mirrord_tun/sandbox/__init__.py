@@ -100,9 +100,10 @@ class Sandbox:
                     f.write(f"{name} {ADDRS[role]}\n")
         self.start_ready("dns", [py, "-m", "mirrord_tun.sandbox.dns_server", ADDRS["dns"], zone])
 
-    def start_agent(self, *extra: str) -> subprocess.Popen[bytes]:
+    def start_agent(self, *extra: str, wrap: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+        """Start the agent in the node namespace (`wrap`: a command prefix, e.g. to confine it)."""
         return self.start_ready("node", [
-            sys.executable, "-m", "mirrord_tun", "agent", "--listen", self.agent_address,
+            *wrap, sys.executable, "-m", "mirrord_tun", "agent", "--listen", self.agent_address,
             "--authorized-key", self.keys.identity_pub, "--host-key", self.keys.host_key,
             "--netns", self.netns_path("pod"), *extra], ready="listening", stderr=None)
 

@@ -1,0 +1,178 @@
+"""The mirror capture: copies of the packets that reach the pod on the subscribed ports.
+
+One AF_PACKET socket per session, opened in the target namespace (a packet
+socket sees the devices of the namespace it was created in), filtered in the
+kernel by agent/bpf.py. The socket only copies: the pod's kernel processes
+every packet as if we were not there. Captured packets are bare IPv4 packets
+(SOCK_DGRAM strips the link header); after GRO one may be a coalesced TCP
+segment larger than the MTU, which the client's reassembly takes as it is.
+
+Copies travel as MIRROR frames on the session channel, batched like PACKETS.
+While the channel is paused (its send buffer is full) the capture stops
+reading: copies wait in the socket's kernel buffer (RCVBUF, bounded), and once
+it is full the kernel drops further copies and counts them (PACKET_STATISTICS,
+reported as mirror_dropped_kernel). Nothing queues in Python, and the pod's
+own packets are never held back: the capture only ever gets clones.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from typing import Callable
+
+from mirrord_tun.agent import bpf
+from mirrord_tun.agent.dataplane import TUN_PREFIX
+from mirrord_tun.netns.namespace import NetNs
+from mirrord_tun.protocol import AgentMsg, frame_packets
+from mirrord_tun.pump import BATCH_BYTES, Counters
+
+ETH_P_IP = 0x0800
+SOL_PACKET, PACKET_STATISTICS = 263, 6
+SO_RCVBUFFORCE = 33  # not in Python's socket module
+log = logging.getLogger("mirrord-ns.agent")
+COALESCE = 0.002  # seconds copies may wait in the kernel before a drain
+DRAIN_BYTES = 4 * 1024 * 1024  # per drain, so one busy capture cannot hold the event loop
+RCVBUF = 64 * 1024 * 1024  # absorbs a burst while the event loop is busy elsewhere
+
+
+class Sniffer:
+    """A session's capture; `subscribe` may be called any time, `aclose` ends it."""
+
+    def __init__(self, ns: NetNs, pod_addrs: list[str], send: Callable[[bytes], None],
+                 counters: Counters) -> None:
+        self._ns = ns
+        self._pod_addrs = pod_addrs
+        self._send = send
+        self.counters = counters
+        self._sock: socket.socket | None = None
+        self._wanted: set[int] = set()
+        self._applied: set[int] = set()
+        self._applying: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._paused = False
+        self._reading = False
+        self._drain_at: asyncio.TimerHandle | None = None
+
+    def subscribe(self, ports: set[int]) -> None:
+        """Mirror exactly `ports` from now on (the socket opens on the first call)."""
+        self._wanted = ports
+        if self._applying is None or self._applying.done():
+            self._applying = asyncio.create_task(self._apply())
+
+    async def _apply(self) -> None:
+        # Loops so that subscriptions arriving while the namespace thread works are not lost.
+        try:
+            while self._wanted != self._applied or self._sock is None:
+                wanted = self._wanted
+                if self._sock is None:
+                    self._sock = await self._ns.acall(_open_socket)
+                    self._watch()
+                await self._ns.acall(_set_filter, self._sock, self._pod_addrs, wanted)
+                self._applied = wanted
+        except OSError as e:
+            log.warning("mirror capture: %s", e)
+            self.counters["mirror_capture_errors"] += 1
+
+    def pause(self) -> None:
+        if not self._paused:
+            self.counters["mirror_paused"] += 1
+        self._paused = True
+        self._watch()
+
+    def resume(self) -> None:
+        self._paused = False
+        self._watch()
+
+    def _watch(self) -> None:
+        """Wait for copies exactly when there is a socket, room on the channel, and no drain pending."""
+        if self._sock is None:
+            return
+        want = not self._paused and self._drain_at is None
+        if want and not self._reading:
+            self._loop.add_reader(self._sock.fileno(), self._on_readable)
+        elif self._reading and not want:
+            self._loop.remove_reader(self._sock.fileno())
+        self._reading = want
+
+    async def aclose(self) -> None:
+        if self._applying:
+            self._applying.cancel()
+        if self._drain_at:
+            self._drain_at.cancel()
+            self._drain_at = None
+        if self._sock is None:
+            return
+        self._paused = True
+        self._watch()
+        self.counters.update(self.kernel_stats())
+        self._sock.close()
+        self._sock = None
+
+    def kernel_stats(self) -> dict[str, int]:
+        """What the kernel passed the filter, and dropped for a full buffer, since the last call."""
+        if self._sock is None:
+            return {}
+        packets, drops = struct.unpack("II", self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+        return {"mirror_kernel_packets": packets, "mirror_dropped_kernel": drops}
+
+    def _on_readable(self) -> None:
+        # Let copies gather for a moment: fewer, fuller frames, and the agent stays off
+        # the CPU while the pod is still busy with the request that woke us.
+        self._drain_at = self._loop.call_later(COALESCE, self._drain)
+        self._watch()
+
+    def _drain(self) -> None:
+        self._drain_at = None
+        c = self.counters
+        budget = DRAIN_BYTES
+        while self._sock is not None and not self._paused and budget > 0:
+            batch: list[bytes] = []
+            size = 0
+            try:
+                while size < BATCH_BYTES:
+                    pkt, addr = self._sock.recvfrom(bpf.SNAPLEN)
+                    if addr[0].startswith(TUN_PREFIX):
+                        # A TUN made after the filter was built: the kernel could not know it.
+                        c["mirror_skipped_tun"] += 1
+                        continue
+                    batch.append(pkt)
+                    size += len(pkt)
+            except BlockingIOError:
+                budget = 0
+            if batch:
+                c["mirror_packets"] += len(batch)
+                c["mirror_bytes"] += size
+                budget -= size
+                self._send(frame_packets(AgentMsg.MIRROR, batch))  # may pause us
+        self._watch()
+
+
+def _open_socket() -> socket.socket:
+    """Runs in the target namespace: the packet socket sees that namespace's devices."""
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
+    try:
+        # Reject everything first, then drain what queued before the filter existed.
+        bpf.attach(sock, bpf.program([], set(), set()))
+        sock.setblocking(False)
+        try:
+            while True:
+                sock.recv(1)
+        except BlockingIOError:
+            pass
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _set_filter(sock: socket.socket, pod_addrs: list[str], ports: set[int]) -> None:
+    """Runs in the target namespace; the kernel swaps the old filter for the new one atomically."""
+    # TUN indexes are read at every rebuild: sessions come and go in between.
+    tuns = {i for i, name in socket.if_nameindex() if name.startswith(TUN_PREFIX)}
+    bpf.attach(sock, bpf.program(pod_addrs, ports, tuns))

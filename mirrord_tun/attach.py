@@ -1,0 +1,229 @@
+"""`mirrord-ns attach` and `mirrord-ns sidecar`: the tunnel in a namespace that already exists.
+
+`run` makes a namespace for its command; these plug one that is already in use (a
+container's) into the tunnel, and give it back as it was:
+- routes: two /1 routes through the TUN outrank the namespace's own default route
+  and vanish with the TUN (netns/routes.py); only a pin for the agent's address,
+  needed when our own SSH connection lives in that namespace, is undone by hand;
+- addresses and links: the TUN and its /32 are ours alone and vanish with the TUN;
+- DNS: the file the namespace's programs read as /etc/resolv.conf is rewritten in
+  place, keeping the original inside it (netns/resolvconf.py). Which file that is
+  depends on the target; where no such file can be told safely, DNS is left alone
+  with a warning.
+`sidecar` repeats `attach` whenever the tunnel drops, for the namespace its container
+shares with the services of a compose stack.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from mirrord_tun import protocol
+from mirrord_tun.connect import SetupError
+from mirrord_tun.netns import links, resolvconf, routes
+from mirrord_tun.netns.namespace import NetNs
+from mirrord_tun.run import LINK_LOST, TUN_NAME, LocalSession
+
+log = logging.getLogger("mirrord-ns")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+RETRY_MIN, RETRY_MAX = 1.0, 10.0  # sidecar: seconds between attempts, doubling
+STABLE = 30.0  # sidecar: a session that lasted this long resets the back-off
+
+
+@dataclass(frozen=True)
+class Target:
+    netns: str  # a file whose open fd names the namespace
+    resolv_conf: str | None  # what its programs read as /etc/resolv.conf; None: leave DNS alone
+    pid: int | None = None  # a process of the target: when it exits, so does attach
+    label: str = ""
+
+
+def say(msg: str) -> None:
+    """attach's few messages: stderr, always (it has no command output to keep clean)."""
+    print(f"mirrord-ns: {msg}", file=sys.stderr, flush=True)
+
+
+def container_pid(name: str) -> int:
+    """PID of a running container's init, from the Docker CLI (DOCKER_HOST is honoured)."""
+    try:
+        out = subprocess.run(["docker", "inspect", "--format", "{{.State.Pid}}", name],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SetupError(f"cannot ask Docker about container {name}: {e}") from None
+    pid = out.stdout.strip()
+    if out.returncode != 0 or not pid.isdigit() or pid == "0":
+        raise SetupError(f"container {name}: not running ({out.stderr.strip() or 'no PID'})")
+    return int(pid)
+
+
+def _resolv_of_pid(pid: int) -> str | None:
+    path = f"/proc/{pid}/root/etc/resolv.conf"
+    if os.path.islink(f"/proc/{pid}/root/etc"):
+        say(f"process {pid}'s /etc is a symlink; leaving its resolver alone")
+        return None
+    try:
+        ours = os.path.samefile(path, "/etc/resolv.conf")
+    except OSError:
+        ours = False
+    if ours:  # rewriting it would change this host's resolver
+        say(f"process {pid} reads this host's /etc/resolv.conf; leaving it alone")
+        return None
+    return path
+
+
+def _resolv_of_netns(path: str) -> str | None:
+    parent, name = os.path.split(os.path.abspath(path))
+    if parent == "/run/netns":
+        # What `ip netns exec NAME` bind-mounts over /etc/resolv.conf.
+        return f"/etc/netns/{name}/resolv.conf"
+    say(f"{path} is not a named namespace: its programs keep their resolver "
+        f"(use --pid or --container to give them the pod's)")
+    return None
+
+
+def resolve(netns: str | None, pid: int | None, container: str | None, dns: bool = True) -> Target:
+    """Exactly one of netns, pid and container names the namespace."""
+    if sum(x is not None for x in (netns, pid, container)) != 1:
+        raise SetupError("give exactly one of --netns, --pid and --container")
+    if container is not None:
+        pid = container_pid(container)
+    if pid is not None:
+        if not os.path.exists(f"/proc/{pid}/ns/net"):
+            raise SetupError(f"no process {pid}")
+        label = f"container {container}" if container else f"process {pid}"
+        return Target(f"/proc/{pid}/ns/net", _resolv_of_pid(pid) if dns else None, pid, label)
+    assert netns is not None
+    if not os.path.exists(netns):
+        raise SetupError(f"no namespace {netns}")
+    return Target(netns, _resolv_of_netns(netns) if dns else None, None, netns)
+
+
+def _open(target: Target) -> NetNs:
+    ns = NetNs.open(target.netns)
+    if ns.call(links.has_link, TUN_NAME):
+        ns.close()
+        raise SetupError(f"{target.label} already has {TUN_NAME}: is another attach running there?")
+    return ns
+
+
+def _steer(session: LocalSession) -> Callable[[str], Callable[[], None]]:
+    def steer(tun: str) -> Callable[[], None]:  # runs inside the target namespace
+        routes.remove_leftovers()
+        # Our SSH connection lives in our main thread's namespace; in the target's
+        # (a sidecar), its packets must not be routed into the tunnel they carry.
+        same = os.stat("/proc/thread-self/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
+        keep = [session.agent_ip] if same and session.agent_ip else []
+        return routes.steer_into(tun, keep)
+    return steer
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _exited(pid: int) -> None:
+    loop = asyncio.get_running_loop()
+    gone = loop.create_future()
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop.add_reader(fd, _settle, gone)
+    try:
+        await gone
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+def _hold(session: LocalSession, target: Target) -> Callable[[NetNs, protocol.Welcome], Awaitable[int]]:
+    async def use(ns: NetNs, welcome: protocol.Welcome) -> int:
+        conf = target.resolv_conf if welcome.resolv_conf.strip() else None
+        if conf:
+            resolvconf.install(conf, welcome.resolv_conf)
+        exited = asyncio.ensure_future(_exited(target.pid)) if target.pid is not None else None
+        try:
+            say(f"{target.label} is in the pod's network (tunnel address {welcome.client_addr}, "
+                f"pod {','.join(welcome.pod_addrs) or '?'}{', pod resolver' if conf else ''}); "
+                f"Ctrl-C or SIGTERM to detach")
+            ends: list[asyncio.Future[Any]] = [session.lost, *([exited] if exited else [])]
+            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+            if session.lost.done():
+                say(f"lost the tunnel: {session.lost.result()}")
+                return LINK_LOST
+            say(f"{target.label} exited")
+            return 1
+        finally:
+            if exited:
+                exited.cancel()
+            if conf:
+                resolvconf.restore(conf)
+    return use
+
+
+async def attach(session: LocalSession, target: Target) -> int:
+    """Plug `target` into the session's tunnel until the tunnel or the target ends
+    (or the task is cancelled: see `until_signalled`), then restore it."""
+    return await session.serve(lambda: _open(target), _steer(session), _hold(session, target))
+
+
+async def until_signalled(work: Awaitable[int]) -> int:
+    """Run `work` until it ends or a stop signal comes; cancelling it runs its cleanup. 0 on a signal."""
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, _settle, stop)
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.wait([task, stop], return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        return 0
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
+async def sidecar(new_session: Callable[[], LocalSession], target: Target) -> int:
+    """attach, and attach again each time the tunnel drops, until a stop signal."""
+    async def forever() -> int:
+        delay = RETRY_MIN
+        while True:
+            started = asyncio.get_running_loop().time()
+            try:
+                await attach(new_session(), target)
+            except SetupError as e:
+                say(str(e))
+            except Exception as e:  # noqa: BLE001 - a sidecar keeps trying, whatever failed
+                log.debug("attach failed", exc_info=True)
+                say(f"attach failed: {e!r}")
+            if asyncio.get_running_loop().time() - started > STABLE:
+                delay = RETRY_MIN
+            say(f"attaching again in {delay:.0f} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+    return await until_signalled(forever())
+
+
+def hold() -> int:
+    """`sidecar --hold`: keep a namespace alive (as a pause container does) until a stop signal."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    signal.sigwait(STOP_SIGNALS)
+    return 0
+
+
+def own_namespace(dns: bool = True) -> Target:
+    """The sidecar's target: the namespace (and resolv.conf) its container shares with the stack."""
+    return Target("/proc/self/ns/net", "/etc/resolv.conf" if dns else None, None, "this namespace")

@@ -1,0 +1,44 @@
+"""`mirrord-ns cleanup`, cluster half: the current user's leftover agent Jobs and pods.
+
+Normally `run` deletes its agent and a lost agent exits on its own and is
+collected by the Job's TTL; this is for what neither got to (e.g. an agent image
+that never started while the laptop was gone). Only objects carrying both the
+mirrord-ns labels and this user's name are touched.
+"""
+from __future__ import annotations
+
+from kubernetes import client
+
+from mirrord_tun.kube import manifest
+from mirrord_tun.kube.cluster import Cluster, KubeError, api_errors, describe
+from mirrord_tun.kube.targets import matches, selector_string
+
+
+def delete_agents(cluster: Cluster, user: str, all_namespaces: bool) -> list[str]:
+    """Delete this user's agent Jobs and pods; returns what went, as kind/namespace/name."""
+    selector = client.V1LabelSelector(match_labels={manifest.LABEL_APP: manifest.APP, manifest.LABEL_USER: user})
+    query = selector_string(selector)
+    with api_errors("cannot list agent jobs and pods"):
+        if all_namespaces:
+            jobs = cluster.batch.list_job_for_all_namespaces(label_selector=query).items
+            pods = cluster.core.list_pod_for_all_namespaces(label_selector=query).items
+        else:
+            jobs = cluster.batch.list_namespaced_job(cluster.namespace, label_selector=query).items
+            pods = cluster.core.list_namespaced_pod(cluster.namespace, label_selector=query).items
+    gone = []
+    for kind, items, delete in (
+        ("job", jobs, lambda n, ns: cluster.batch.delete_namespaced_job(n, ns, propagation_policy="Background")),
+        ("pod", pods, cluster.core.delete_namespaced_pod),
+    ):
+        for obj in items:
+            if not matches(selector, obj.metadata.labels or {}):
+                continue  # the server ignored the selector; never touch what is not ours
+            name, ns = obj.metadata.name, obj.metadata.namespace
+            try:
+                delete(name, ns)
+            except client.ApiException as e:
+                if e.status == 404:
+                    continue  # collected meanwhile: a Job's pods go with it
+                raise KubeError(f"cannot delete {kind} {ns}/{name}: {describe(e)}") from None
+            gone.append(f"{kind}/{ns}/{name}")
+    return gone

@@ -1,0 +1,120 @@
+"""The target container's environment, resolved the way the kubelet resolves it.
+
+Order as in Kubernetes: `envFrom` sources first (with their prefix), then `env`
+entries, later ones winning; `$(NAME)` in a literal value expands to a name
+defined before it and `$$` escapes a `$`. References are read now, so a value
+changed since the pod started shows its current content. A reference that cannot
+be read is reported and skipped, never fatal: the command can still run.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import re
+from typing import Callable
+
+from kubernetes import client
+
+from mirrord_tun.kube.cluster import Cluster, describe
+from mirrord_tun.kube.targets import TargetPod
+
+log = logging.getLogger("mirrord-ns")
+# The laptop's, not the workload's: the pod's PATH points into its image, HOME and the
+# rest describe the invoking user and terminal.
+KEEP_LOCAL = frozenset({"PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "HOSTNAME"})
+_REF = re.compile(r"\$(\$|\(([A-Za-z_][A-Za-z0-9_.-]*)\))")
+_KEYED_FIELD = re.compile(r"metadata\.(labels|annotations)\['([^']+)'\]$")
+
+
+def container_env(cluster: Cluster, target: TargetPod, exclude: frozenset[str] = frozenset()) -> dict[str, str]:
+    spec = next(c for c in target.pod.spec.containers if c.name == target.container)
+    reader = _Reader(cluster, target.namespace)
+    env: dict[str, str] = {}
+    for source in spec.env_from or []:
+        prefix = source.prefix or ""
+        for key, value in reader.source(source).items():
+            env[prefix + key] = value
+    for var in spec.env or []:
+        if var.value_from is None:
+            env[var.name] = _expand(var.value or "", env)
+            continue
+        value = reader.ref(var.value_from, target.pod)
+        if value is not None:
+            env[var.name] = value
+        elif not _optional(var.value_from):
+            log.warning("environment: %s not set (its reference cannot be read)", var.name)
+    return {k: v for k, v in env.items() if k not in exclude and k not in KEEP_LOCAL}
+
+
+def _optional(source: client.V1EnvVarSource) -> bool:
+    ref = source.config_map_key_ref or source.secret_key_ref
+    return bool(ref and ref.optional)
+
+
+def _expand(value: str, env: dict[str, str]) -> str:
+    def one(m: re.Match[str]) -> str:
+        if m[1] == "$":
+            return "$"
+        return env.get(m[2], m[0])  # an unknown name stays as written, as in Kubernetes
+    return _REF.sub(one, value)
+
+
+class _Reader:
+    """ConfigMaps and Secrets, each read once per session."""
+
+    def __init__(self, cluster: Cluster, namespace: str) -> None:
+        self.cluster, self.namespace = cluster, namespace
+        self._cache: dict[tuple[str, str], dict[str, str] | None] = {}
+
+    def _object(self, kind: str, name: str, optional: bool) -> dict[str, str] | None:
+        if (kind, name) not in self._cache:
+            self._cache[(kind, name)] = self._read(kind, name, optional)
+        return self._cache[(kind, name)]
+
+    def _read(self, kind: str, name: str, optional: bool) -> dict[str, str] | None:
+        read: Callable[[str, str], client.V1ConfigMap | client.V1Secret] = (
+            self.cluster.core.read_namespaced_config_map if kind == "configmap"
+            else self.cluster.core.read_namespaced_secret)
+        try:
+            obj = read(name, self.namespace)
+        except client.ApiException as e:
+            if not (optional and e.status == 404):
+                log.warning("environment: cannot read %s/%s: %s", kind, name, describe(e))
+            return None
+        if kind == "configmap":
+            return dict(obj.data or {})
+        return {k: base64.b64decode(v).decode(errors="replace") for k, v in (obj.data or {}).items()}
+
+    def source(self, source: client.V1EnvFromSource) -> dict[str, str]:
+        ref = source.config_map_ref or source.secret_ref
+        kind = "configmap" if source.config_map_ref else "secret"
+        if ref is None:
+            return {}
+        return self._object(kind, ref.name, bool(ref.optional)) or {}
+
+    def ref(self, source: client.V1EnvVarSource, pod: client.V1Pod) -> str | None:
+        ref = source.config_map_key_ref or source.secret_key_ref
+        if ref is not None:
+            kind = "configmap" if source.config_map_key_ref else "secret"
+            data = self._object(kind, ref.name, bool(ref.optional))
+            return None if data is None else data.get(ref.key)
+        if source.field_ref is not None:
+            return field(pod, source.field_ref.field_path)
+        return None  # resourceFieldRef, fileKeyRef: values only the kubelet knows
+
+
+def field(pod: client.V1Pod, path: str) -> str | None:
+    """The downward API's fieldRef paths."""
+    keyed = _KEYED_FIELD.match(path)
+    if keyed:
+        return (getattr(pod.metadata, keyed[1]) or {}).get(keyed[2])
+    status = pod.status or client.V1PodStatus()
+    values = {
+        "metadata.name": pod.metadata.name, "metadata.namespace": pod.metadata.namespace,
+        "metadata.uid": pod.metadata.uid, "spec.nodeName": pod.spec.node_name,
+        "spec.serviceAccountName": pod.spec.service_account_name,
+        "status.podIP": status.pod_ip, "status.hostIP": status.host_ip,
+        "status.podIPs": ",".join(i.ip for i in status.pod_ips or []) or None,
+        "status.hostIPs": ",".join(i.ip for i in status.host_ips or []) or None,
+    }
+    return values.get(path)

@@ -1,0 +1,133 @@
+"""Create the agent's Job, wait for its pod, pin its host key, delete it all afterwards.
+
+The agent makes its host key at start and prints the public half in one log
+line; reading that line through the API is what makes the key trustworthy (only
+the pod's own output can say it), so nothing is ever trusted on first use.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import asyncssh
+from kubernetes import client
+
+from mirrord_tun.kube import manifest
+from mirrord_tun.kube.cluster import Cluster, KubeError, api_errors, describe
+from mirrord_tun.kube.targets import matches, selector_string
+
+log = logging.getLogger("mirrord-ns")
+START_TIMEOUT = 60
+POLL = 0.5
+RUNNING = "running"
+# Container states that will not get better by waiting (the kubelet would only back off).
+FATAL_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+                 "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+                 "CrashLoopBackOff"}
+_LISTENING = re.compile(r"mirrord-ns agent listening on \S+ netns \S+ host-key (\S+ \S+)")
+
+
+@dataclass(frozen=True)
+class Started:
+    pod: str
+    host_key: asyncssh.SSHKey
+
+
+class AgentJob:
+    def __init__(self, cluster: Cluster, job: dict[str, Any]) -> None:
+        self.cluster = cluster
+        self.job = job
+        self.name: str = job["metadata"]["name"]
+        self.namespace: str = job["metadata"]["namespace"]
+        self.selector = client.V1LabelSelector(match_labels=job["spec"]["template"]["metadata"]["labels"])
+        self.pod: str | None = None
+        self.created = False
+
+    def start(self, timeout: float = START_TIMEOUT) -> Started:
+        with api_errors(f"cannot create the agent job {self.name} in namespace {self.namespace}"):
+            self.cluster.batch.create_namespaced_job(self.namespace, self.job)
+        self.created = True
+        deadline = time.monotonic() + timeout
+        state = "no pod yet (kubectl describe job shows why, e.g. a PodSecurity policy refusing hostPID)"
+        while time.monotonic() < deadline:
+            pod = self._find_pod()
+            if pod is not None:
+                self.pod = pod.metadata.name
+                state = self._check(pod)
+                if state == RUNNING:
+                    key = self._host_key()
+                    if key is not None:
+                        log.info("agent pod/%s on %s is up, host key %s", self.pod, pod.spec.node_name,
+                                 key.get_fingerprint("sha256"))
+                        return Started(self.pod, key)
+                    state = "running, its log has no listening line yet"
+            time.sleep(POLL)
+        raise KubeError(f"agent job {self.name} did not start within {timeout:g} s: {state}")
+
+    def _find_pod(self) -> client.V1Pod | None:
+        with api_errors(f"cannot list the pods of job {self.name}"):
+            pods = self.cluster.core.list_namespaced_pod(self.namespace, label_selector=selector_string(self.selector))
+        ours = [p for p in pods.items if matches(self.selector, p.metadata.labels or {})]
+        return ours[0] if ours else None
+
+    def _check(self, pod: client.V1Pod) -> str:
+        """RUNNING, or the pod's state in a few words; raises if it will never run."""
+        status = pod.status or client.V1PodStatus()
+        for cs in status.container_statuses or []:
+            waiting, terminated = cs.state and cs.state.waiting, cs.state and cs.state.terminated
+            if waiting and waiting.reason in FATAL_WAITING:
+                raise KubeError(f"agent pod/{pod.metadata.name} cannot start: {waiting.reason}: "
+                                f"{waiting.message or ''} (image {cs.image or '?'}; see --agent-image)".rstrip())
+            if terminated:
+                raise KubeError(f"agent pod/{pod.metadata.name} exited ({terminated.reason}, "
+                                f"code {terminated.exit_code}): {self._log_tail()}")
+        if status.phase in ("Failed", "Succeeded"):
+            raise KubeError(f"agent pod/{pod.metadata.name} {status.phase.lower()}: "
+                            f"{status.reason or ''} {status.message or ''}".strip())
+        running = status.phase == "Running" and any(cs.state and cs.state.running
+                                                     for cs in status.container_statuses or [])
+        return RUNNING if running else f"pod/{pod.metadata.name} {status.phase or 'Pending'}"
+
+    def _read_log(self) -> str:
+        try:
+            return self.cluster.core.read_namespaced_pod_log(self.pod, self.namespace, container=manifest.CONTAINER)
+        except client.ApiException as e:
+            if e.status == 403:
+                raise KubeError(f"cannot read the agent's log: {describe(e)}") from None
+            return ""  # not there yet
+
+    def _log_tail(self) -> str:
+        lines = self._read_log().strip().splitlines()
+        return " / ".join(lines[-3:]) or "no log"
+
+    def _host_key(self) -> asyncssh.SSHKey | None:
+        m = _LISTENING.search(self._read_log())
+        if m is None:
+            return None
+        try:
+            return asyncssh.import_public_key(m[1])
+        except (asyncssh.KeyImportError, ValueError):
+            raise KubeError(f"agent pod/{self.pod} printed an unreadable host key: {m[1]!r}") from None
+
+    def delete(self) -> None:
+        """Remove the Job and its pod now; never raises, since it runs while leaving."""
+        if not self.created:
+            return
+        # The pod is deleted by name too: the garbage collector would get to it only later,
+        # and the agent should get its SIGTERM (and clean up) now.
+        calls = [("job", lambda: self.cluster.batch.delete_namespaced_job(
+            self.name, self.namespace, propagation_policy="Background"))]
+        if self.pod:
+            calls.append(("pod", lambda: self.cluster.core.delete_namespaced_pod(self.pod, self.namespace)))
+        for what, call in calls:
+            try:
+                call()
+            except Exception as e:  # noqa: BLE001 - leaving must not fail on a flaky API server
+                api = isinstance(e, client.ApiException)
+                if not (api and e.status == 404):
+                    log.warning("could not delete the agent %s of job %s: %s; `mirrord-ns cleanup` will",
+                                what, self.name, describe(e) if api else e)
+        self.created = False

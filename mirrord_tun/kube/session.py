@@ -1,0 +1,106 @@
+"""`run --target …`: from a workload name to an SSH-ready link to an agent next to it.
+
+`prepare` does everything that only reads the cluster (so `--dry-run` can stop
+after it and still fail on a bad target); `Plan.launch` creates the agent, hands
+out the link for the session, and deletes the agent however the session ends.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import signal
+import socket
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import asyncssh
+
+from mirrord_tun.connect import SetupError
+from mirrord_tun.kube import manifest
+from mirrord_tun.kube.cluster import Cluster, connect
+from mirrord_tun.kube.env import container_env
+from mirrord_tun.kube.launcher import AgentJob
+from mirrord_tun.kube.portforward import Forward
+from mirrord_tun.kube.targets import TargetPod, resolve
+
+log = logging.getLogger("mirrord-ns")
+
+
+@dataclass(frozen=True)
+class KubeOptions:
+    target: str | None  # None: targetless, the agent's own pod is the identity
+    namespace: str | None
+    container: str | None
+    context: str | None
+    kubeconfig: str | None
+    agent_image: str
+    privileged: bool
+    agent_address: str | None  # connect here instead of port-forwarding
+    env: bool
+    env_exclude: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Link:
+    address: str
+    host_key: asyncssh.SSHKey
+    sock: socket.socket | None
+    env: dict[str, str]
+
+
+@dataclass
+class Plan:
+    opts: KubeOptions
+    cluster: Cluster
+    target: TargetPod | None
+    key: asyncssh.SSHKey  # this session's client key; the agent authorizes only its public half
+    job: dict[str, Any]
+
+    def manifests_yaml(self) -> str:
+        return manifest.to_yaml([self.job])
+
+    @contextlib.contextmanager
+    def launch(self) -> Iterator[Link]:
+        agent = AgentJob(self.cluster, self.job)
+        forward: Forward | None = None
+        previous = signal.signal(signal.SIGTERM, _interrupt)  # so `finally` runs and deletes the agent
+        try:
+            started = agent.start()
+            env = self._env()
+            if self.opts.agent_address:
+                address, sock = self.opts.agent_address, None
+            else:
+                forward = Forward(self.cluster, started.pod, agent.namespace, manifest.AGENT_PORT)
+                address, sock = f"pod/{started.pod}:{manifest.AGENT_PORT}", forward.sock
+            yield Link(address, started.host_key, sock, env)
+        except SetupError:
+            if forward is not None and forward.error():
+                log.error("port-forward: %s", forward.error())
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if forward is not None:
+                forward.close()
+            agent.delete()
+
+    def _env(self) -> dict[str, str]:
+        if self.target is None or not self.opts.env:
+            return {}
+        return container_env(self.cluster, self.target, self.opts.env_exclude)
+
+
+def prepare(opts: KubeOptions) -> Plan:
+    cluster = connect(opts.context, opts.kubeconfig, opts.namespace)
+    target = resolve(cluster, opts.target, opts.container) if opts.target else None
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    job = manifest.agent_job(
+        session=secrets.token_hex(4), user=manifest.current_user(),
+        namespace=target.namespace if target else cluster.namespace, image=opts.agent_image,
+        client_key=key.export_public_key("openssh").decode().strip(), target=target,
+        privileged=opts.privileged)
+    return Plan(opts, cluster, target, key, job)
+
+
+def _interrupt(_sig: int, _frame: object) -> None:
+    raise KeyboardInterrupt

@@ -1,0 +1,325 @@
+"""Handing the mirrored traffic to the local program, as if the real client sent it.
+
+The local namespace owns the pod's addresses (on `lo`). Each mirrored TCP
+connection becomes a kernel socket with IP_TRANSPARENT, bound to the real
+client's address and port, connected to pod-address:local-port; the
+reassembled bytes are written into it. The kernel does the TCP work toward the
+program (windows, acknowledgements). The program's answers are sent from the
+pod's address to the client's, and `install_routing` makes every such packet
+local: an nft route chain marks it, a rule sends marked packets to a table
+whose only route is `local 0.0.0.0/0`, so they come back up to our socket,
+which reads and discards them. Nothing from the pod's address can leave
+through the TUN (and the pump's source check would drop it if it tried). A UDP
+server bound to a wildcard answers from the tunnel address instead; those
+answers are recognised by their destination, a client address:port we recently
+delivered from, and kept local the same way.
+
+UDP datagrams go the same way, from a transparent UDP socket bound to the
+client's address and port (kept per client port, read and emptied, closed when
+idle): the program sees the real source, its answer is absorbed like a TCP
+answer, and no ICMP error is ever made for an answer with nowhere to go.
+
+Bounded: bytes the program does not take wait in its socket buffers, then in
+ours up to MAX_BUFFERED per connection (MAX_TOTAL_BUFFERED overall, checked
+when crossed); past that, or paused for longer than STALL_TIMEOUT, the
+connection is reset toward the program.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+from typing import Callable, cast
+
+from pyroute2 import IPRoute
+
+from mirrord_tun.mirror.reassembly import Flow
+from mirrord_tun.netns import nft
+from mirrord_tun.netns.namespace import NetNs
+from mirrord_tun.pump import Counters
+
+IP_TRANSPARENT = 19
+MARK = 0x6D726E73  # "mrns"
+LOCAL_TABLE = 100
+NFT_TABLE = "mirrord_ns_mirror"
+MAX_BUFFERED = 4 * 1024 * 1024
+MAX_TOTAL_BUFFERED = 64 * 1024 * 1024
+BACKLOG = 256 * 1024  # a connection holding more is backing up
+STALL_TIMEOUT = 10.0  # a program that takes nothing for this long gets a reset
+LINGER = 30.0  # after the client's FIN, how long the program may keep its end open
+UDP_IDLE = 30  # seconds
+MAX_UDP_SOCKETS = 256
+UDP_QUEUE = 64
+_RST_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
+
+
+def install_routing(pod_addrs: list[str]) -> None:
+    """Runs in the local namespace (fresh, so nothing to undo: it dies with the session)."""
+    with IPRoute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        for addr in pod_addrs:
+            ipr.addr("add", index=lo, address=addr, prefixlen=32)
+        ipr.rule("add", fwmark=MARK, table=LOCAL_TABLE, priority=100)
+        ipr.route("add", dst="0.0.0.0/0", type="local", scope="host", oif=lo, table=LOCAL_TABLE)
+    pods = "{ " + ", ".join(pod_addrs) + " }"
+    nft.run(
+        f"table ip {NFT_TABLE} {{\n"
+        # Mirrored UDP peers, remembered from our own deliveries to the pod's address.
+        f"  set udp_peers {{ type ipv4_addr . inet_service; flags dynamic,timeout; timeout {UDP_IDLE}s; }}\n"
+        "  chain output {\n"
+        "    type route hook output priority mangle; policy accept;\n"
+        f"    ip saddr {pods} meta mark set {MARK}\n"
+        f"    ip daddr {pods} udp dport 1-65535 update @udp_peers {{ ip saddr . udp sport }}\n"
+        # A UDP server bound to 0.0.0.0 answers from the route's source, the tunnel
+        # address, not the pod's: catch its answers by where they go instead.
+        f"    ip daddr . udp dport @udp_peers meta mark set {MARK}\n"
+        "  }\n}\n"
+    )
+
+
+def transparent_socket(kind: int) -> socket.socket:
+    """Runs in the local namespace: a socket may bind the client's (foreign) address."""
+    sock = socket.socket(socket.AF_INET, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    return sock
+
+
+class TcpDelivery(asyncio.Protocol):
+    """One mirrored connection toward the program; tells its owner once, when it is over."""
+
+    def __init__(self, owner: "Deliveries", flow: Flow, local_port: int) -> None:
+        self._owner = owner
+        self.flow = flow
+        self._port = local_port
+        self._pending = bytearray()  # bytes that arrived before the connection was up
+        self._eof = False
+        self._transport: asyncio.Transport | None = None
+        self._stalled: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
+        self.done = False
+        owner.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        owner = self._owner
+        try:
+            sock = await owner.ns.acall(transparent_socket, socket.SOCK_STREAM)
+            try:
+                sock.bind((self.flow.client, self.flow.cport))
+                await owner.loop.sock_connect(sock, (self.flow.pod, self._port))
+            except BaseException:
+                sock.close()
+                raise
+            if self.done:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST_ON_CLOSE)
+                sock.close()
+                return
+            await owner.loop.create_connection(lambda: self, sock=sock)
+        except OSError as e:
+            owner.counters["mirror_connect_failed"] += 1
+            owner.log_failure(self.flow, self._port, e)
+            self._finish()
+
+    # called by the owner with the reassembled stream
+    def feed(self, data: bytes) -> None:
+        if self.done:
+            return
+        if self._transport is None:
+            self._pending += data
+        else:
+            self._transport.write(data)
+        self._owner.counters["mirror_tcp_bytes"] += len(data)
+        if self.buffered > MAX_BUFFERED:
+            self._owner.counters["mirror_reset_slow_reader"] += 1
+            self.reset()
+
+    def finish(self) -> None:
+        """The client's FIN: everything is written, then half-close (SHUT_WR)."""
+        self._eof = True
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write_eof()
+            self._linger = self._owner.loop.call_later(LINGER, self.reset)
+
+    def reset(self) -> None:
+        """The client's RST, or we gave up: an abortive close, so the program sees a reset."""
+        if self._transport is not None and not self._transport.is_closing():
+            sock = self._transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST_ON_CLOSE)
+            self._transport.abort()
+        self._finish()
+
+    @property
+    def buffered(self) -> int:
+        if self._transport is None:
+            return len(self._pending)
+        return self._transport.get_write_buffer_size()
+
+    def _finish(self) -> None:
+        if not self.done:
+            self.done = True
+            self._pending = bytearray()
+            for timer in (self._stalled, self._linger):
+                if timer:
+                    timer.cancel()
+            self._owner.ended(self)
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = transport = cast(asyncio.Transport, transport)
+        # The protocol pauses past half the budget; the stall timer turns a long pause into a reset.
+        transport.set_write_buffer_limits(high=MAX_BUFFERED // 2)
+        if self._pending:
+            transport.write(bytes(self._pending))
+            self._pending = bytearray()
+        if self._eof:
+            self.finish()
+
+    def data_received(self, data: bytes) -> None:
+        self._owner.counters["mirror_answer_bytes"] += len(data)
+
+    def eof_received(self) -> bool:
+        return False  # the program closed its end: close ours
+
+    def pause_writing(self) -> None:
+        self._stalled = self._owner.loop.call_later(STALL_TIMEOUT, self._stall)
+
+    def resume_writing(self) -> None:
+        if self._stalled:
+            self._stalled.cancel()
+            self._stalled = None
+
+    def _stall(self) -> None:
+        self._owner.counters["mirror_reset_slow_reader"] += 1
+        self.reset()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish()
+
+
+class UdpDelivery:
+    """Datagrams from one client address:port; answers read and dropped."""
+
+    def __init__(self, owner: "Deliveries", flow: Flow, local_port: int) -> None:
+        self._owner = owner
+        self.flow = flow
+        self._port = local_port
+        self._sock: socket.socket | None = None
+        self._queue: list[bytes] = []  # while the socket is being made, up to UDP_QUEUE
+        self._closed = False
+        self.seen = time.monotonic()
+        owner.loop.create_task(self._open())
+
+    async def _open(self) -> None:
+        try:
+            sock = await self._owner.ns.acall(transparent_socket, socket.SOCK_DGRAM)
+            sock.bind((self.flow.client, self.flow.cport))
+        except OSError as e:
+            self._owner.counters["mirror_udp_failed"] += 1
+            self._owner.log_failure(self.flow, self._port, e)
+            self._queue.clear()
+            return
+        if self._closed:  # expired while the socket was being made
+            sock.close()
+            return
+        self._sock = sock
+        self._owner.loop.add_reader(sock.fileno(), self._drain)
+        for payload in self._queue:
+            self.send(payload)
+        self._queue.clear()
+
+    def send(self, payload: bytes) -> None:
+        self.seen = time.monotonic()
+        c = self._owner.counters
+        if self._sock is None:
+            if len(self._queue) < UDP_QUEUE:
+                self._queue.append(payload)
+            else:
+                c["mirror_udp_dropped"] += 1
+            return
+        try:
+            self._sock.sendto(payload, (self.flow.pod, self._port))
+            c["mirror_udp_datagrams"] += 1
+        except OSError:
+            c["mirror_udp_dropped"] += 1
+
+    def _drain(self) -> None:
+        assert self._sock is not None
+        try:
+            while True:
+                self._owner.counters["mirror_answer_bytes"] += len(self._sock.recv(65536))
+        except OSError:
+            pass  # EAGAIN, or a queued ICMP error from an earlier send
+
+    def close(self) -> None:
+        self._closed = True
+        if self._sock is not None:
+            self._owner.loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+
+
+class Deliveries:
+    """All local deliveries of one session; `local_port` maps a pod port to the program's port."""
+
+    def __init__(self, ns: NetNs, local_port: Callable[[int], int], counters: Counters,
+                 on_given_up: Callable[[Flow], None], log_failure: Callable[[Flow, int, OSError], None]) -> None:
+        self.ns = ns
+        self.loop = asyncio.get_running_loop()
+        self.counters = counters
+        self.log_failure = log_failure
+        self._local_port = local_port
+        self._on_given_up = on_given_up
+        self.tcp: dict[Flow, TcpDelivery] = {}
+        self.udp: dict[Flow, UdpDelivery] = {}
+
+    def open(self, flow: Flow) -> None:
+        old = self.tcp.pop(flow, None)  # taken out first: its end must not touch the new stream
+        if old is not None:
+            old.reset()
+        self.tcp[flow] = TcpDelivery(self, flow, self._local_port(flow.port))
+        self.counters["mirror_tcp_connections"] += 1
+
+    def data(self, flow: Flow, data: bytes) -> None:
+        conn = self.tcp.get(flow)
+        if conn is None:
+            return
+        conn.feed(data)
+        # Summing is O(connections), so only when this one is backing up at all.
+        if conn.buffered > BACKLOG and sum(c.buffered for c in self.tcp.values()) > MAX_TOTAL_BUFFERED:
+            self.counters["mirror_reset_over_budget"] += 1
+            max(self.tcp.values(), key=lambda c: c.buffered).reset()
+
+    def close(self, flow: Flow, reset: bool) -> None:
+        conn = self.tcp.get(flow)
+        if conn is None:
+            return
+        if reset:
+            conn.reset()
+        else:
+            conn.finish()
+
+    def datagram(self, flow: Flow, payload: bytes) -> None:
+        sock = self.udp.get(flow)
+        if sock is None:
+            if len(self.udp) >= MAX_UDP_SOCKETS:
+                self.udp.pop(min(self.udp, key=lambda f: self.udp[f].seen)).close()
+            sock = self.udp[flow] = UdpDelivery(self, flow, self._local_port(flow.port))
+        sock.send(payload)
+
+    def ended(self, conn: TcpDelivery) -> None:
+        if self.tcp.get(conn.flow) is conn:
+            del self.tcp[conn.flow]
+            self._on_given_up(conn.flow)
+
+    def expire_udp(self, now: float) -> None:
+        for flow in [f for f, s in self.udp.items() if now - s.seen > UDP_IDLE]:
+            self.udp.pop(flow).close()
+
+    def close_all(self) -> None:
+        for conn in list(self.tcp.values()):
+            conn.reset()
+        for sock in self.udp.values():
+            sock.close()
+        self.udp.clear()

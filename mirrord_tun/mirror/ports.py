@@ -1,0 +1,60 @@
+"""Which pod ports to mirror, and onto which local port each one goes.
+
+By default: every port the program serves in the local namespace, learned from
+the kernel (sock_diag) every POLL_INTERVAL, so a program that starts listening
+late is mirrored from then on and one that stops is dropped. `--port P` adds a
+port whether or not anything listens; `--port LOCAL:REMOTE` sends the pod's
+REMOTE port to the local LOCAL port (and LOCAL, served locally, is then not
+also mirrored from the pod's LOCAL port).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from mirrord_tun.netns import sockdiag
+from mirrord_tun.netns.namespace import NetNs
+from mirrord_tun.protocol import MAX_PORTS
+
+log = logging.getLogger("mirrord-ns")
+POLL_INTERVAL = 0.25
+
+
+def parse_port(spec: str) -> tuple[int, int]:
+    """`P` or `LOCAL:REMOTE` -> (remote, local)."""
+    local, _, remote = spec.partition(":")
+    try:
+        ports = int(remote or local), int(local)
+    except ValueError:
+        raise ValueError(f"--port {spec!r}: expected PORT or LOCAL:REMOTE") from None
+    if not all(0 < p < 65536 for p in ports):
+        raise ValueError(f"--port {spec!r}: ports are 1-65535")
+    return ports
+
+
+class PortWatcher:
+    def __init__(self, ns: NetNs, pod_addrs: list[str], mapping: dict[int, int],
+                 subscribe: Callable[[set[int]], None]) -> None:
+        self._ns = ns
+        self._pod_addrs = pod_addrs
+        self._mapping = mapping  # remote -> local, from --port
+        self._subscribe = subscribe
+        self.ports: set[int] | None = None  # what the agent was last told
+
+    def local_port(self, remote: int) -> int:
+        return self._mapping.get(remote, remote)
+
+    async def run(self) -> None:
+        mapped_locals = {local for remote, local in self._mapping.items() if local != remote}
+        while True:
+            tcp, udp = await self._ns.acall(sockdiag.serving_ports, self._pod_addrs)
+            ports = ((tcp | udp) - mapped_locals) | set(self._mapping)
+            if len(ports) > MAX_PORTS:
+                log.warning("the program serves %d ports; mirroring the lowest %d", len(ports), MAX_PORTS)
+                ports = set(sorted(ports)[:MAX_PORTS])
+            if ports != self.ports:
+                log.info("mirroring pod ports: %s", ",".join(map(str, sorted(ports))) or "none")
+                self._subscribe(ports)
+                self.ports = ports
+            await asyncio.sleep(POLL_INTERVAL)

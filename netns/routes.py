@@ -1,0 +1,69 @@
+"""Steer an existing namespace's traffic into a TUN, and give it back.
+
+An attached namespace (a container's) has routes of its own, typically a default
+route via its bridge. Instead of replacing them, two /1 routes through the TUN
+outrank the default route by prefix length and leave every more specific route
+(the container's own subnets) in force. The kernel deletes them with the TUN, so
+even a killed `attach` leaves the namespace's original routing working. Only the
+pins (below) outlive the TUN; every route made here carries RTPROT_MIRRORD so
+the next attach finds and removes what a killed one left.
+
+Every function acts on the calling thread's namespace: run them via NetNs.call.
+"""
+from __future__ import annotations
+
+import contextlib
+import socket
+from typing import Callable
+
+from pyroute2 import IPRoute, NetlinkError
+
+RTPROT_MIRRORD = 77  # a route protocol number of our own (see /etc/iproute2/rt_protos)
+HALVES = ("0.0.0.0", "128.0.0.0")  # two /1s: more specific than any default route
+RTN_LOCAL = 2
+
+
+def remove_leftovers() -> int:
+    """Delete the routes a killed earlier session left; returns how many."""
+    n = 0
+    with IPRoute() as ipr:
+        for r in ipr.get_routes(family=socket.AF_INET, table=254):
+            if r["proto"] != RTPROT_MIRRORD:
+                continue
+            with contextlib.suppress(NetlinkError):
+                ipr.route("del", dst=r.get_attr("RTA_DST"), dst_len=r["dst_len"], proto=RTPROT_MIRRORD)
+                n += 1
+    return n
+
+
+def steer_into(name: str, keep: list[str]) -> Callable[[], None]:
+    """Route all IPv4 through TUN `name`, except `keep` addresses.
+
+    `keep` holds the agent's address when our SSH connection itself lives in
+    this namespace: it is pinned (a /32) to the path it takes now, or the tunnel
+    would carry its own packets. Returns the undo, for after the TUN is gone.
+    """
+    pins: list[str] = []
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=name)[0]
+        for addr in keep:
+            now = ipr.route("get", dst=addr)[0]
+            if now["type"] == RTN_LOCAL:
+                continue  # an address of this namespace (a local port-forward): never routed
+            via = {"gateway": now.get_attr("RTA_GATEWAY")} if now.get_attr("RTA_GATEWAY") else {}
+            try:
+                ipr.route("add", dst=addr, dst_len=32, oif=now.get_attr("RTA_OIF"), proto=RTPROT_MIRRORD, **via)
+                pins.append(addr)
+            except NetlinkError as e:
+                if e.code != 17:  # EEXIST: a /32 of the namespace's own already pins it
+                    raise
+        for half in HALVES:
+            ipr.route("add", dst=half, dst_len=1, oif=idx, proto=RTPROT_MIRRORD)
+
+    def undo() -> None:
+        with IPRoute() as ipr:
+            for addr in pins:
+                with contextlib.suppress(NetlinkError):
+                    ipr.route("del", dst=addr, dst_len=32, proto=RTPROT_MIRRORD)
+
+    return undo

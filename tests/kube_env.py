@@ -1,0 +1,357 @@
+"""A Kubernetes stand-in for the kube tests: kmock's emulator, seeded, plus a kubelet.
+
+The emulator (an in-memory API server over HTTP) runs on its own event loop in a
+thread that has entered a network namespace, so its socket lives there and only
+processes in that namespace reach it: a throwaway `api` namespace for the
+cluster-only tests, the sandbox's laptop namespace for the end-to-end ones.
+`FakeKubelet` runs on the same loop and does what the cluster would: the Job
+controller makes the agent's pod, the kubelet "pulls" the image (any image
+named in `bad_images` fails with ErrImagePull), starts the agent with the pod's
+own args (through a `start_agent` callback), reports it Running and serves its
+log, and the garbage collector stops the agent when its pod is deleted.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import subprocess
+import sys
+import secrets
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import kmock
+import pytest
+from kmock._internal.k8s import KubernetesError
+
+from mirrord_tun.netns.namespace import CLONE_NEWNET, NetNs, setns
+from mirrord_tun.sandbox import NODE_UPLINK, Sandbox
+
+NODE = "node-1"
+POD_IP = "198.18.0.10"
+PODS, JOBS = kmock.resource("v1/pods"), kmock.resource("batch/v1/jobs")
+BAD_IMAGE = "registry.invalid/mirrord-ns/agent:missing"
+AgentStarter = Callable[[list[str]], tuple[subprocess.Popen[bytes], str]]
+
+
+class Emulator:
+    """KubernetesEmulator + Server on a loop in a thread inside `netns_path`."""
+
+    def __init__(self, netns_path: str) -> None:
+        self.netns_path = netns_path
+        self.loop = asyncio.new_event_loop()
+        self.km: kmock.KubernetesEmulator
+        self.port = 0
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="kmock", daemon=True)
+        self._thread.start()
+        self._ready.wait(15)
+        if self._error or not self.port:
+            raise RuntimeError(f"emulator did not start: {self._error!r}")
+
+    def _main(self) -> None:
+        fd = os.open(self.netns_path, os.O_RDONLY)
+        try:
+            setns(fd, CLONE_NEWNET)  # this thread only: the server's socket is made here
+        finally:
+            os.close(fd)
+        try:
+            self.loop.run_until_complete(self._serve())
+        except BaseException as e:  # noqa: BLE001 - reported to the constructor
+            self._error = e
+            self._ready.set()
+        finally:
+            tasks = asyncio.all_tasks(self.loop)  # the kubelet
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                self.loop.run_until_complete(asyncio.wait(tasks))
+            self.loop.close()
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        async with kmock.KubernetesEmulator() as km, kmock.Server(km) as server:
+            self.km = km
+            self.port = server.port
+            self._ready.set()
+            await self._stop.wait()
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the emulator's loop (objects are only touched there) and return its result."""
+        async def call() -> Any:
+            return fn()
+        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(10)
+
+    def spawn(self, coro: Any) -> None:
+        asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self) -> None:
+        if self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def kubeconfig(self, path: str, namespace: str = "default") -> str:
+        config = {
+            "apiVersion": "v1", "kind": "Config", "current-context": "emu",
+            "clusters": [{"name": "emu", "cluster": {"server": f"http://127.0.0.1:{self.port}"}}],
+            "users": [{"name": "dev", "user": {"token": "emulator"}}],
+            "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "dev", "namespace": namespace}},
+                         {"name": "other", "context": {"cluster": "emu", "user": "dev", "namespace": "prod"}}],
+        }
+        with open(path, "w") as f:
+            json.dump(config, f)  # JSON is YAML
+        return path
+
+    # --- object helpers (call through run())
+    def put(self, plural: str, obj: dict[str, Any]) -> None:
+        meta = obj["metadata"]
+        self.km.objects[kmock.resource(plural), meta.get("namespace", "default"), meta["name"]] = obj
+
+    def live(self, resource: kmock.resource) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(ns, name): dict(obj.raw) for (res, ns, name), obj in self.km.objects.items()
+                if res == resource and not obj.deleted}
+
+    def forbid(self, verb: str, resource: str, message: str) -> None:
+        self.km[verb, kmock.resource(resource)] << KubernetesError(status=403, reason="Forbidden", message=message)
+
+
+def api_netns(name: str) -> str:
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    return f"/run/netns/{name}"
+
+
+def in_netns(path: str, fn: Callable[[], Any]) -> Any:
+    """Call fn from a thread inside the namespace (where the emulator is reachable)."""
+    ns = NetNs.open(path)
+    try:
+        return ns.call(fn)
+    finally:
+        ns.close()
+
+
+def running_pod(name: str, container_id: str, labels: dict[str, str], containers: list[dict[str, Any]],
+                created: str = "2026-01-01T00:00:00Z") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "labels": labels, "uid": f"uid-{name}",
+                     "creationTimestamp": created},
+        "spec": {"nodeName": NODE, "containers": containers},
+        "status": {
+            "phase": "Running", "podIP": POD_IP, "hostIP": "198.18.0.1",
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "containerStatuses": [{"name": c["name"], "image": c["image"], "imageID": "", "ready": True,
+                                   "restartCount": 0, "containerID": f"containerd://{container_id}",
+                                   "state": {"running": {"startedAt": created}}} for c in containers],
+        },
+    }
+
+
+def seed(emu: Emulator, web_container_id: str) -> None:
+    """web (pod + deployment, 2 containers, env of every kind), db-0 (statefulset), a pending pod."""
+    app = {"name": "app", "image": "web:1", "envFrom": [{"configMapRef": {"name": "web-config"}, "prefix": "CFG_"}],
+           "env": [
+               {"name": "LITERAL", "value": "hello"},
+               {"name": "EXPANDED", "value": "$(LITERAL)-world $$(LITERAL)"},
+               {"name": "FROM_CM", "valueFrom": {"configMapKeyRef": {"name": "web-config", "key": "mode"}}},
+               {"name": "FROM_SECRET", "valueFrom": {"secretKeyRef": {"name": "web-secret", "key": "token"}}},
+               {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+               {"name": "MISSING", "valueFrom": {"secretKeyRef": {"name": "nope", "key": "x", "optional": True}}},
+               {"name": "PATH", "value": "/image/bin"},
+           ]}
+    sidecar = {"name": "sidecar", "image": "proxy:1"}
+    emu.put("v1/pods", running_pod("web", web_container_id, {"app": "web"}, [app, sidecar]))
+    emu.put("v1/pods", running_pod("db-0", "d" * 64, {"app": "db"}, [{"name": "db", "image": "db:1"}]))
+    # An older web pod that is not ready: a deployment target must skip it.
+    unready = running_pod("web-old", "e" * 64, {"app": "web"}, [app], created="2025-01-01T00:00:00Z")
+    unready["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+    emu.put("v1/pods", unready)
+    pending = running_pod("starting", "f" * 64, {"app": "starting"}, [{"name": "c", "image": "c:1"}])
+    pending["status"] = {"phase": "Pending"}
+    emu.put("v1/pods", pending)
+    for plural, kind, name, label in (("apps/v1/deployments", "Deployment", "web", "web"),
+                                      ("apps/v1/statefulsets", "StatefulSet", "db", "db"),
+                                      ("apps/v1/deployments", "Deployment", "idle", "idle")):
+        emu.put(plural, {"apiVersion": "apps/v1", "kind": kind,
+                         "metadata": {"name": name, "namespace": "default"},
+                         "spec": {"selector": {"matchLabels": {"app": label}},
+                                  "template": {"metadata": {"labels": {"app": label}}, "spec": {"containers": []}}}})
+    emu.put("v1/configmaps", {"apiVersion": "v1", "kind": "ConfigMap", "data": {"mode": "fast", "KEY": "value"},
+                              "metadata": {"name": "web-config", "namespace": "default"}})
+    emu.put("v1/secrets", {"apiVersion": "v1", "kind": "Secret", "data": {"token": base64.b64encode(b"s3cret").decode()},
+                           "metadata": {"name": "web-secret", "namespace": "default"}})
+
+
+class FakeKubelet:
+    """Job controller, kubelet and garbage collector for the agent's Job, on the emulator's loop."""
+
+    def __init__(self, emu: Emulator, start_agent: AgentStarter | None = None,
+                 stop_agent: Callable[[subprocess.Popen[bytes]], None] | None = None) -> None:
+        self.emu, self.start_agent, self.stop_agent = emu, start_agent, stop_agent
+        self.jobs: dict[tuple[str, str], str] = {}  # job -> its pod
+        self.agents: dict[str, subprocess.Popen[bytes]] = {}  # pod -> agent process
+        self.started_args: list[list[str]] = []
+
+    def start(self) -> "FakeKubelet":
+        self.emu.spawn(self._loop())
+        return self
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self._step()
+            except Exception as e:  # noqa: BLE001 - a kubelet bug should show, not hang the test
+                print(f"fake kubelet: {e!r}", file=sys.stderr)
+            await asyncio.sleep(0.1)
+
+    async def _step(self) -> None:
+        jobs = self.emu.live(JOBS)
+        pods = self.emu.live(PODS)
+        for (ns, name), job in jobs.items():
+            if (ns, name) not in self.jobs:
+                self.jobs[(ns, name)] = self._create_pod(ns, name, job)
+        for (ns, name), pod in list(self.jobs.items()):
+            if (ns, name) not in jobs and (ns, pod) in pods:  # background propagation
+                self.emu.km.objects[PODS, ns, pod].delete()
+        pods = self.emu.live(PODS)
+        for pod_name, proc in list(self.agents.items()):
+            if not any(name == pod_name for _, name in pods):
+                del self.agents[pod_name]
+                if self.stop_agent:
+                    await asyncio.get_running_loop().run_in_executor(None, self.stop_agent, proc)
+            elif proc.poll() is not None:
+                del self.agents[pod_name]
+                ns = next(ns for ns, name in pods if name == pod_name)
+                self.emu.km.objects[PODS, ns, pod_name].patch({"status": {"phase": "Succeeded"}})
+        for (ns, pod_name), pod in pods.items():
+            if pod.get("status", {}).get("phase") == "Pending" and pod_name in self.jobs.values():
+                await self._run_pod(ns, pod_name, pod)
+
+    def _create_pod(self, ns: str, job: str, obj: dict[str, Any]) -> str:
+        template = obj["spec"]["template"]
+        name = f"{job}-x7k2p"
+        labels = dict(template["metadata"]["labels"], **{"batch.kubernetes.io/job-name": job})
+        self.emu.put("v1/pods", {"apiVersion": "v1", "kind": "Pod",
+                                 "metadata": {"name": name, "namespace": ns, "labels": labels},
+                                 "spec": template["spec"], "status": {"phase": "Pending"}})
+        return name
+
+    async def _run_pod(self, ns: str, name: str, pod: dict[str, Any]) -> None:
+        container = pod["spec"]["containers"][0]
+        obj = self.emu.km.objects[PODS, ns, name]
+        base = {"name": container["name"], "image": container["image"], "imageID": "", "restartCount": 0}
+        if container["image"] == BAD_IMAGE:
+            obj.patch({"status": {"containerStatuses": [dict(base, ready=False, state={"waiting": {
+                "reason": "ErrImagePull",
+                "message": f'failed to pull and unpack image "{BAD_IMAGE}": not found'}})]}})
+            return
+        if self.start_agent is None:
+            return  # stays Pending
+        self.started_args.append(container["args"])
+        proc, line = await asyncio.get_running_loop().run_in_executor(None, self.start_agent, container["args"])
+        self.agents[name] = proc
+        self.emu.km["get", PODS, kmock.namespace(ns), kmock.name(name), kmock.subresource("log")] << kmock.text(line)
+        obj.patch({"status": {"phase": "Running", "podIP": "198.19.0.2", "containerStatuses": [
+            dict(base, ready=True, containerID="containerd://" + "a" * 64,
+                 state={"running": {"startedAt": "2026-01-01T00:00:00Z"}})]}})
+
+
+class Api:
+    """What a cluster-only test gets: the emulator, its namespace, a kubeconfig, and a CLI runner."""
+
+    def __init__(self, emu: Emulator, netns: str, kubeconfig: str) -> None:
+        self.emu, self.netns, self.kubeconfig = emu, netns, kubeconfig
+
+    def cli(self, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+        """`mirrord-ns ARGS --kubeconfig K` run in the API's namespace."""
+        return subprocess.run(["ip", "netns", "exec", self.netns, sys.executable, "-m", "mirrord_tun",
+                               *args[:1], "--kubeconfig", self.kubeconfig, *args[1:]],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        return in_netns(f"/run/netns/{self.netns}", fn)
+
+
+@pytest.fixture
+def api(tmp_path: Any) -> Any:
+    name = f"mrdk{os.urandom(3).hex()}"
+    path = api_netns(name)
+    emu = None
+    try:
+        emu = Emulator(path)
+        emu.run(lambda: seed(emu, "c" * 64))
+        yield Api(emu, name, emu.kubeconfig(str(tmp_path / "kubeconfig")))
+    finally:
+        if emu is not None:
+            emu.close()
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def cgroup2_root() -> str | None:
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _, where, fstype = line.split()[:3]
+            if fstype == "cgroup2":
+                return where
+    return None
+
+
+@dataclass
+class KubeCluster:
+    sb: Sandbox
+    emu: Emulator
+    kubelet: FakeKubelet
+    kubeconfig: str
+    container_id: str
+    agent_address: str = f"{NODE_UPLINK}:2222"
+
+    def run(self, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+        """`mirrord-ns run --kubeconfig K ARGS` from the laptop namespace."""
+        return self.sb.exec("laptop", sys.executable, "-m", "mirrord_tun", "run", "--kubeconfig",
+                            self.kubeconfig, *args, timeout=timeout)
+
+
+@pytest.fixture
+def kube_cluster(tmp_path: Any) -> Iterator[KubeCluster]:
+    """The namespace sandbox as a one-node cluster: the pod "web" is a real process in the
+    sandbox's pod namespace, in a cgroup named the way containerd names its containers, so
+    the agent finds it from the container ID as it would on a node."""
+    root = cgroup2_root()
+    if root is None:
+        pytest.skip("no cgroup2 mount to place the stand-in container in")
+    sb = Sandbox()
+    cgroup = emu = None
+    try:
+        sb.build()
+        sb.start_services()
+        cid = secrets.token_hex(32)
+        cgroup = os.path.join(root, f"{sb.prefix}-cri-containerd-{cid}.scope")
+        os.mkdir(cgroup)
+        container = sb.start("pod", ["sleep", "infinity"])
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+            f.write(str(container.pid))
+        emu = Emulator(sb.netns_path("laptop"))
+        emu.run(lambda: seed(emu, cid))
+
+        def start_agent(args: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+            # The image's entrypoint is `mirrord-ns`; the args (`agent ...`) are the pod's own.
+            p = sb.start("node", [sys.executable, "-m", "mirrord_tun", *args], stdout=subprocess.PIPE)
+            assert p.stdout is not None
+            line = p.stdout.readline().decode()
+            if "listening" not in line:
+                raise RuntimeError(f"agent did not start: {line!r}")
+            return p, line
+
+        kubelet = FakeKubelet(emu, start_agent, sb.stop).start()
+        yield KubeCluster(sb, emu, kubelet, emu.kubeconfig(str(tmp_path / "kubeconfig")), cid)
+    finally:
+        if emu is not None:
+            emu.close()
+        sb.close()
+        if cgroup is not None:
+            os.rmdir(cgroup)
