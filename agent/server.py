@@ -46,6 +46,7 @@ class _Server(asyncssh.SSHServer):
         self._peer = "?"
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        sshopts.skip_ignore_padding(conn)
         host, port = conn.get_extra_info("peername")[:2]
         self._peer = f"{host}:{port}"
 

@@ -61,6 +61,7 @@ async def open_channel(address: str, key: asyncssh.SSHKey, pinned: asyncssh.SSHK
         raise SetupError(f"agent {address}: our identity key was refused") from None
     except (OSError, asyncssh.Error) as e:
         raise SetupError(f"agent {address}: {getattr(e, 'strerror', None) or e}") from None
+    sshopts.skip_ignore_padding(conn)
     try:
         await conn.create_session(lambda: session, subsystem=protocol.SUBSYSTEM, encoding=None,
                                   window=sshopts.WINDOW, max_pktsize=sshopts.MAX_PKTSIZE)
