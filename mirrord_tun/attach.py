@@ -6,6 +6,9 @@ container's) into the tunnel, and give it back as it was:
   and vanish with the TUN (netns/routes.py); only a pin for the agent's address,
   needed when our own SSH connection lives in that namespace, is undone by hand;
 - addresses and links: the TUN and its /32 are ours alone and vanish with the TUN;
+- the inbound mirror (unless --no-mirror): the pod's addresses on lo, a rule, a
+  route and an nft table, removed when it stops or by the next attach
+  (mirror/delivery.py `remove_routing`);
 - DNS: the file the namespace's programs read as /etc/resolv.conf is rewritten in
   place, keeping the original inside it (netns/resolvconf.py). Which file that is
   depends on the target; where no such file can be told safely, DNS is left alone
@@ -26,6 +29,7 @@ from typing import Any, Awaitable, Callable
 
 from mirrord_tun import protocol
 from mirrord_tun.connect import SetupError
+from mirrord_tun.mirror.delivery import remove_routing
 from mirrord_tun.netns import links, resolvconf, routes
 from mirrord_tun.netns.namespace import NetNs
 from mirrord_tun.run import LINK_LOST, TUN_NAME, LocalSession
@@ -115,10 +119,13 @@ def _open(target: Target) -> NetNs:
 def _steer(session: LocalSession) -> Callable[[str], Callable[[], None]]:
     def steer(tun: str) -> Callable[[], None]:  # runs inside the target namespace
         routes.remove_leftovers()
+        remove_routing()  # a killed mirroring attach's pod addresses, rule, route and nft table
         # Our SSH connection lives in our main thread's namespace; in the target's
-        # (a sidecar), its packets must not be routed into the tunnel they carry.
+        # (a sidecar), its packets must not be routed into the tunnel they carry,
+        # nor end on `lo` because the mirror made a pod address of the agent's local.
         same = os.stat("/proc/thread-self/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
         keep = [session.agent_ip] if same and session.agent_ip else []
+        session.mirror_exclude.update(keep)
         return routes.steer_into(tun, keep)
     return steer
 

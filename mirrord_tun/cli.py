@@ -48,6 +48,12 @@ def _mirror_ports(_ctx: click.Context, _param: click.Parameter, specs: tuple[str
         raise click.BadParameter(str(e)) from None
 
 
+_port_option = click.option(
+    "--port", "ports", metavar="P|LOCAL:REMOTE", multiple=True, callback=_mirror_ports,
+    help="Also mirror pod port P (or pod port REMOTE onto local port LOCAL); repeatable. "
+    "Ports served in the namespace are mirrored without it.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mirrord-ns")
 def main() -> None:
@@ -75,9 +81,7 @@ def main() -> None:
 @click.option("--no-env", is_flag=True, help="Do not give COMMAND the target container's environment.")
 @click.option("--env-exclude", metavar="NAME", multiple=True, help="Leave out this variable (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Print the agent manifest as YAML and exit; create nothing.")
-@click.option("--port", "ports", metavar="P|LOCAL:REMOTE", multiple=True, callback=_mirror_ports,
-              help="Also mirror pod port P (or pod port REMOTE onto local port LOCAL); repeatable. "
-              "Ports the command listens on are mirrored without it.")
+@_port_option
 @click.option("--no-mirror", is_flag=True, help="Do not mirror the pod's inbound traffic to the command.")
 @click.option("-v", "--verbose", count=True, help="Progress and per-session counters on stderr.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
@@ -219,6 +223,9 @@ def _agent_options(required: bool) -> Callable[[Callable[..., None]], Callable[.
             click.option("--agent-host-key", type=click.Path(exists=True, dir_okay=False), required=required,
                          help="The agent's public host key; any other key is refused."),
             click.option("--no-dns", is_flag=True, help="Leave the namespace's /etc/resolv.conf as it is."),
+            _port_option,
+            click.option("--no-mirror", is_flag=True, help="Do not mirror the pod's inbound traffic "
+                         "to the namespace."),
             click.option("-v", "--verbose", count=True, help="Progress and per-session counters on stderr."),
         )):
             f = opt(f)
@@ -245,7 +252,7 @@ def _attached(go: Callable[[], Coroutine[Any, Any, int]]) -> NoReturn:
 @click.option("--container", metavar="NAME", help="This running Docker container's namespace (and resolver).")
 @_agent_options(required=True)
 def attach(netns: str | None, pid: int | None, container: str | None, agent: str, identity: str,
-           agent_host_key: str, no_dns: bool, verbose: int) -> None:
+           agent_host_key: str, no_dns: bool, ports: dict[int, int], no_mirror: bool, verbose: int) -> None:
     """Put an existing namespace (a running container's) in the pod's network until Ctrl-C/SIGTERM,
     then restore it as it was."""
     _need_root()
@@ -257,7 +264,8 @@ def attach(netns: str | None, pid: int | None, container: str | None, agent: str
     async def go() -> int:
         target = at.resolve(netns, pid, container, dns=not no_dns)
         key, pinned = load_keys(identity, agent_host_key)
-        return await at.until_signalled(at.attach(LocalSession([], agent, key, pinned), target))
+        session = LocalSession([], agent, key, pinned, mirror_ports=None if no_mirror else ports)
+        return await at.until_signalled(at.attach(session, target))
 
     _attached(go)
 
@@ -267,7 +275,7 @@ def attach(netns: str | None, pid: int | None, container: str | None, agent: str
               "compose service the others join (`network_mode: service:NAME`) and that never restarts.")
 @_agent_options(required=False)
 def sidecar(hold: bool, agent: str | None, identity: str | None, agent_host_key: str | None,
-            no_dns: bool, verbose: int) -> None:
+            no_dns: bool, ports: dict[int, int], no_mirror: bool, verbose: int) -> None:
     """Keep this container's namespace in the pod's network, attaching again whenever the tunnel drops."""
     from mirrord_tun import attach as at
 
@@ -282,6 +290,8 @@ def sidecar(hold: bool, agent: str | None, identity: str | None, agent_host_key:
 
     async def go() -> int:
         key, pinned = load_keys(identity, agent_host_key)
-        return await at.sidecar(lambda: LocalSession([], agent, key, pinned), at.own_namespace(dns=not no_dns))
+        mirror_ports = None if no_mirror else ports
+        return await at.sidecar(lambda: LocalSession([], agent, key, pinned, mirror_ports=mirror_ports),
+                                at.own_namespace(dns=not no_dns))
 
     _attached(go)

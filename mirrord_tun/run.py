@@ -45,10 +45,12 @@ class LocalSession:
                  mirror_ports: dict[int, int] | None = None) -> None:
         self.argv = argv
         # Inbound mirror: pod port -> local port given with --port (learned ports come on top);
-        # None turns the mirror off. Only for `run`'s own namespace: the routing the mirror
-        # installs there (mirror/delivery.py) is not undone, it dies with the namespace.
+        # None turns the mirror off. Its routing (mirror/delivery.py) is undone when it stops.
         self.mirror_ports = mirror_ports
         self.mirror: Mirror | None = None
+        # Pod addresses not to make local in the namespace: `attach` puts the agent's there
+        # when our own SSH connection to it lives in that namespace.
+        self.mirror_exclude: set[str] = set()
         self.sock = sock  # SSH runs over this (a Kubernetes port-forward) instead of dialing `agent`
         self.env = env or {}  # on top of ours for the command: the target container's environment
         self.agent = agent
@@ -151,8 +153,10 @@ class LocalSession:
             if self.mirror_ports is not None and welcome.version < protocol.MIRROR_VERSION:
                 log.warning("the agent speaks protocol %d, too old to mirror inbound traffic", welcome.version)
             elif self.mirror_ports is not None and welcome.pod_addrs:
-                self.mirror = Mirror(ns, welcome.pod_addrs, self.mirror_ports, self.chan.write, self.counters)
-                await self.mirror.start()
+                addrs = self._mirrorable(welcome.pod_addrs)
+                if addrs:
+                    self.mirror = Mirror(ns, addrs, self.mirror_ports, self.chan.write, self.counters)
+                    await self.mirror.start()
             return await use(ns, welcome)
         finally:
             if self.mirror:
@@ -174,6 +178,14 @@ class LocalSession:
                 await asyncio.wait_for(conn.wait_closed(), 2)
             except asyncio.TimeoutError:
                 pass
+
+    def _mirrorable(self, pod_addrs: list[str]) -> list[str]:
+        addrs = [a for a in pod_addrs if a not in self.mirror_exclude]
+        if len(addrs) < len(pod_addrs):  # one clear warning: inbound to that address is not copied
+            print(f"mirrord-ns: not mirroring traffic to {', '.join(sorted(set(pod_addrs) - set(addrs)))}: "
+                  f"it is the agent's address, which must stay reachable from this namespace",
+                  file=sys.stderr, flush=True)
+        return addrs
 
     async def _run_in(self, ns: NetNs, welcome: protocol.Welcome) -> int:
         resolv = _write_resolv_conf(welcome.resolv_conf)

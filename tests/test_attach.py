@@ -2,24 +2,31 @@
 
 The namespace attached here ("app") is an ordinary one with routing of its own: a
 veth to the laptop and a default route through it, like a container on a bridge.
-Its `ip addr/route/link` and its resolv.conf are compared before and after.
+Its `ip addr/route/link/rule`, nft ruleset and resolv.conf are compared before and after.
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Iterator
 
+import asyncssh
 import pytest
 from conftest import POD, SVC, Cluster, assert_clean, read_line, run_env, wait_until
+from test_mirror import CLIENT, assert_pod_answered, post
 
+from mirrord_tun.run import LocalSession
 from mirrord_tun.sandbox import NODE_UPLINK, Sandbox
 
 APP_GW, APP_ADDR = "198.19.1.1", "198.19.1.2"  # laptop side, app side of their link
 ATTACH_TIMEOUT = 30
+MIRROR_PORT = 8088  # served by the pod and, for the copies, by a recorder in the attached namespace
 
 
 def ip(*args: str) -> str:
@@ -61,6 +68,7 @@ def fresh_app(fresh_cluster: Cluster) -> Iterator[str]:
 def snapshot(ns: str) -> dict[str, str]:
     """What attach may touch: addresses, routes (all tables), links, rules, the resolver file."""
     state = {what: ip("-n", ns, *what.split()) for what in ("addr", "route show table all", "link", "rule")}
+    state["nft"] = in_app(ns, "nft", "list", "ruleset").stdout  # the mirror's table
     try:
         with open(f"/etc/netns/{ns}/resolv.conf") as f:
             state["resolv.conf"] = f.read()
@@ -105,6 +113,57 @@ def test_attach_puts_a_namespace_in_the_pods_network_and_restores_it(cluster: Cl
     assert detach(p) == 0
     assert snapshot(app) == before
     assert_clean(cluster.sb)
+
+
+def test_attach_mirrors_the_pods_inbound_traffic_and_restores(cluster: Cluster, app: str) -> None:
+    """A recorder in the attached namespace gets byte-identical copies of what a client sends the
+    pod, with the client's address, while the pod answers; the mirror's routing is undone after."""
+    sb = cluster.sb
+    record = Path(sb.dir) / "attach-mirror.jsonl"
+    record.touch()
+    py = sys.executable
+    pod = sb.start_ready("pod", [py, "-m", "mirrord_tun.sandbox.http_server", "0.0.0.0", str(MIRROR_PORT), "pod"])
+    try:
+        before = snapshot(app)
+        recorder = sb.start_ready("app", [py, "-m", "mirrord_tun.sandbox.recorder", "tcp", str(MIRROR_PORT),
+                                          str(record)])
+        p = start_attach(sb, app)
+
+        def records() -> list[dict[str, object]]:
+            return [json.loads(line) for line in record.read_text().splitlines()]
+
+        def probed() -> bool:  # until the port is learned and the agent's filter is set
+            post(sb, 1, 1, 16, path="/probe", port=MIRROR_PORT)
+            return any(r["path"] == "/probe" for r in records())
+
+        assert wait_until(probed, 30, interval=0.5)
+        results = post(sb, 20, 5, 1_000_000, seed=11, port=MIRROR_PORT)
+        assert_pod_answered(results)
+
+        def copies() -> list[dict[str, object]]:
+            return [r for r in records() if r["path"] != "/probe"]
+
+        assert wait_until(lambda: len(copies()) >= len(results), 60, interval=0.5)
+        assert sorted(str(r["sha"]) for r in copies()) == sorted(str(r["sha"]) for r in results)
+        assert {r["peer"] for r in copies()} == {CLIENT} and all(r["complete"] for r in copies())
+        assert detach(p) == 0
+        sb.stop(recorder)
+        assert snapshot(app) == before
+    finally:
+        sb.stop(pod)
+
+
+def test_the_agents_own_address_is_not_mirrored(capsys: pytest.CaptureFixture[str]) -> None:
+    """A pod address our SSH connection goes to (attach sets `mirror_exclude` when that connection
+    lives in the attached namespace) stays off `lo`, where it would swallow the connection; one warning."""
+    async def mirrorable() -> list[str]:
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        session = LocalSession([], f"{POD}:2222", key, key, mirror_ports={})
+        session.mirror_exclude.add(POD)
+        return session._mirrorable([POD, "198.18.0.11"])
+
+    assert asyncio.run(mirrorable()) == ["198.18.0.11"]
+    assert capsys.readouterr().err.count(f"not mirroring traffic to {POD}") == 1
 
 
 def test_sigterm_detaches_too(cluster: Cluster, app: str) -> None:

@@ -8,6 +8,7 @@ also when an assertion fails. Skips only when this kernel cannot run Docker at a
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import secrets
 import signal
@@ -20,12 +21,15 @@ from typing import Iterator
 
 import asyncssh
 import pytest
+from conftest import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ["docker-compose", "-f", str(ROOT / "docker-compose.test.yml")]
 DOCKER = "/usr/bin/docker"  # Debian's client, as scripts/docker-up installs it
 POD, SVC, DNS_NAME = "198.18.201.10", "198.18.201.20", "svc.default.svc.cluster.local"
-POD_UPLINK = "198.18.202.10"  # the agent's address on the stack's network (as a port-forward would be)
+CLIENT = "198.18.201.30"  # sends requests to the pod, which the stack gets copies of
+AGENT = "198.18.202.10"  # the agent's own address on the stack's network (as a port-forward would be)
+PYTHON = "/opt/mirrord-ns/bin/python"  # the image's
 UP_TIMEOUT, BUILD_TIMEOUT, SETTLE = 300, 900, 60
 # The stack's subnets are fixed: two runs on one machine (one dockerd) take turns.
 LOCK, LOCK_WAIT = "/run/lock/mirrord-ns-compose.lock", 900
@@ -167,6 +171,35 @@ def test_the_stack_still_talks_to_itself(stack: Stack) -> None:
         "hello from api, you are 127.0.0.1\n"
 
 
+def test_the_stack_gets_copies_of_the_pods_inbound_traffic(stack: Stack) -> None:
+    """The client sends POSTs to the pod, which answers them; the stack's recorder gets each body
+    byte-identical (its SHA-256) from the client's address: the sidecar mirrors inbound too."""
+    def post(count: int, max_body: int, seed: int, path: str = "/") -> list[dict[str, object]]:
+        r = stack.exec("client", PYTHON, "-m", "mirrord_tun.sandbox.loadgen", f"http://{POD}:80{path}",
+                       str(count), "5", str(max_body), str(seed))
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["results"]  # type: ignore[no-any-return]
+
+    def records() -> list[dict[str, object]]:
+        out = stack.exec("recorder", "cat", "/tmp/records.jsonl").stdout
+        return [json.loads(line) for line in out.splitlines()]
+
+    def probed() -> bool:  # until the sidecar learned the port and the agent's filter is set
+        post(1, 16, 0, "/probe")
+        return any(r["path"] == "/probe" for r in records())
+
+    assert wait_until(probed, SETTLE)
+    results = post(20, 1_000_000, 1)
+    assert all(r["status"] == 200 and r["answer"] == f"{r['sha']} from {CLIENT}" for r in results), results
+
+    def copies() -> list[dict[str, object]]:
+        return [r for r in records() if r["path"] != "/probe"]
+
+    assert wait_until(lambda: len(copies()) >= len(results), SETTLE)
+    assert sorted(str(r["sha"]) for r in copies()) == sorted(str(r["sha"]) for r in results)
+    assert {r["peer"] for r in copies()} == {CLIENT} and all(r["complete"] for r in copies())
+
+
 def test_svc_is_not_reachable_without_the_tunnel(stack: Stack) -> None:
     """A container on the stack's network but outside the sidecar's namespace gets nowhere."""
     image = stack.env.get("MIRRORD_NS_IMAGE", "mirrord-ns:dev")
@@ -186,7 +219,7 @@ def test_joined_services_survive_sidecar_restarts(stack: Stack) -> None:
 
 
 def test_sidecar_reattaches_when_the_agent_restarts(stack: Stack) -> None:
-    stack.compose("restart", "-t", "2", "pod")
+    stack.compose("restart", "-t", "2", "agent")
     assert stack.curl_svc("api") == f"hello from svc, you are {POD}\n"
 
 
@@ -194,8 +227,17 @@ def test_stopping_the_sidecar_restores_the_namespace(stack: Stack) -> None:
     """Routes and resolv.conf of the shared namespace are as Docker made them once the sidecar stops."""
     holder = stack.pid("mirrord")
     stack.compose("stop", "-t", "10", "mirrord-tunnel")
-    routes = subprocess.run(["nsenter", "-t", str(holder), "-n", "ip", "route"], capture_output=True, text=True)
-    assert "mrd0" not in routes.stdout and "proto 77" not in routes.stdout, routes.stdout
+
+    def net(*argv: str) -> str:
+        return subprocess.run(["nsenter", "-t", str(holder), "-n", *argv], capture_output=True, text=True).stdout
+
+    routes = net("ip", "route", "show", "table", "all")
+    assert "mrd0" not in routes and "proto 77" not in routes, routes
+    # The mirror's pod address on lo, its rule and its nft table are gone too.
+    assert POD not in net("ip", "addr"), net("ip", "addr")
+    assert net("ip", "rule").splitlines() == ["0:\tfrom all lookup local", "32766:\tfrom all lookup main",
+                                              "32767:\tfrom all lookup default"], net("ip", "rule")
+    assert "mirrord_ns" not in net("nft", "list", "ruleset")  # Docker's own DNS table stays
     resolv = stack.exec("api", "cat", "/etc/resolv.conf").stdout
     assert "mirrord-ns" not in resolv and "nameserver 127.0.0.11" in resolv, resolv
     stack.compose("start", "mirrord-tunnel")
@@ -217,12 +259,15 @@ def test_attach_a_running_container_and_restore_it(stack: Stack) -> None:
             net = [subprocess.run(["nsenter", "-t", str(pid), "-n", "ip", *what], capture_output=True,
                                   text=True).stdout for what in (["addr"], ["route", "show", "table", "all"],
                                                                   ["link"], ["rule"])]
-            return [*net, Path(f"/proc/{pid}/root/etc/resolv.conf").read_text()]
+            # The mirror's table: gone again after (-s: Docker's DNS rules count packets meanwhile).
+            nft = subprocess.run(["nsenter", "-t", str(pid), "-n", "nft", "-s", "list", "ruleset"],
+                                 capture_output=True, text=True).stdout
+            return [*net, nft, Path(f"/proc/{pid}/root/etc/resolv.conf").read_text()]
 
         before = state()
         keys = stack.env["MRD_KEYS"]
         attach = subprocess.Popen(
-            [sys.executable, "-m", "mirrord_tun", "attach", "--container", name, "--agent", f"{POD_UPLINK}:2222",
+            [sys.executable, "-m", "mirrord_tun", "attach", "--container", name, "--agent", f"{AGENT}:2222",
              "--identity", f"{keys}/client", "--agent-host-key", f"{keys}/agent_host.pub"],
             stderr=subprocess.PIPE, text=True)
         assert attach.stderr is not None

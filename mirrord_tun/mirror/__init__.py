@@ -12,7 +12,7 @@ import time
 from typing import Callable
 
 from mirrord_tun import protocol
-from mirrord_tun.mirror.delivery import Deliveries, install_routing
+from mirrord_tun.mirror.delivery import Deliveries, install_routing, remove_routing
 from mirrord_tun.mirror.ports import PortWatcher
 from mirrord_tun.mirror.reassembly import Close, Data, Datagram, Flow, Open, Reassembler
 from mirrord_tun.netns.namespace import NetNs
@@ -23,10 +23,10 @@ EXPIRE_INTERVAL = 1.0
 
 
 class Mirror:
-    """The mirror of one `run` session; `start` after the namespace exists, `stop` before it goes.
+    """The mirror of one session; `start` after the namespace exists, `stop` before it goes.
 
-    The namespace must be the session's own (fresh): the addresses, rule, route and
-    nft table `start` puts there are left to vanish with it.
+    `stop` takes the addresses, rule, route and nft table `start` put in the
+    namespace away again: an attached namespace must be given back as it was.
     """
 
     def __init__(self, ns: NetNs, pod_addrs: list[str], mapping: dict[int, int],
@@ -48,6 +48,7 @@ class Mirror:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.deliveries.close_all()
+        await self._ns.acall(remove_routing)
         log.info("mirror: %s", ", ".join(f"{k} {v}" for k, v in sorted(self.counters.items())
                                          if k.startswith("mirror_")) or "nothing")
 

@@ -8,8 +8,10 @@ program (windows, acknowledgements). The program's answers are sent from the
 pod's address to the client's, and `install_routing` makes every such packet
 local: an nft route chain marks it, a rule sends marked packets to a table
 whose only route is `local 0.0.0.0/0`, so they come back up to our socket,
-which reads and discards them. Nothing from the pod's address can leave
-through the TUN (and the pump's source check would drop it if it tried). A UDP
+which reads and discards them. `remove_routing` takes exactly that away again
+(an attached namespace must be given back as it was), recognising each piece by
+a marker of its own, so it also clears what a killed session left. Nothing from
+the pod's address can leave through the TUN (and the pump's source check would drop it if it tried). A UDP
 server bound to a wildcard answers from the tunnel address instead; those
 answers are recognised by their destination, a client address:port we recently
 delivered from, and kept local the same way.
@@ -27,21 +29,27 @@ connection is reset toward the program.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import socket
 import struct
 import time
 from typing import Callable, cast
 
-from pyroute2 import IPRoute
+from pyroute2 import IPRoute, NetlinkError
 
 from mirrord_tun.mirror.reassembly import Flow
 from mirrord_tun.netns import nft
 from mirrord_tun.netns.namespace import NetNs
+from mirrord_tun.netns.routes import RTPROT_MIRRORD
 from mirrord_tun.pump import Counters
 
 IP_TRANSPARENT = 19
-MARK = 0x6D726E73  # "mrns"
-LOCAL_TABLE = 100
+MARK = 0x6D726E73  # "mrns": our rule is the one with this fwmark
+# A routing table number of our own: an attached namespace may use low numbers itself.
+LOCAL_TABLE = 0x6D726E73
+LO_LABEL = "lo:mrdns"  # the label of the pod addresses we put on lo (ours to delete, no others)
+RULE_PRIORITY = 100
 NFT_TABLE = "mirrord_ns_mirror"
 MAX_BUFFERED = 4 * 1024 * 1024
 MAX_TOTAL_BUFFERED = 64 * 1024 * 1024
@@ -55,13 +63,18 @@ _RST_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RS
 
 
 def install_routing(pod_addrs: list[str]) -> None:
-    """Runs in the local namespace (fresh, so nothing to undo: it dies with the session)."""
+    """Runs in the local namespace; `remove_routing` is its undo."""
     with IPRoute() as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
         for addr in pod_addrs:
-            ipr.addr("add", index=lo, address=addr, prefixlen=32)
-        ipr.rule("add", fwmark=MARK, table=LOCAL_TABLE, priority=100)
-        ipr.route("add", dst="0.0.0.0/0", type="local", scope="host", oif=lo, table=LOCAL_TABLE)
+            try:
+                ipr.addr("add", index=lo, address=addr, prefixlen=32, label=LO_LABEL)
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:  # already local here: not ours, so left alone later
+                    raise
+        ipr.rule("add", fwmark=MARK, table=LOCAL_TABLE, priority=RULE_PRIORITY)
+        ipr.route("add", dst="0.0.0.0/0", type="local", scope="host", oif=lo, table=LOCAL_TABLE,
+                  proto=RTPROT_MIRRORD)
     pods = "{ " + ", ".join(pod_addrs) + " }"
     nft.run(
         f"table ip {NFT_TABLE} {{\n"
@@ -76,6 +89,28 @@ def install_routing(pod_addrs: list[str]) -> None:
         f"    ip daddr . udp dport @udp_peers meta mark set {MARK}\n"
         "  }\n}\n"
     )
+
+
+def remove_routing() -> None:
+    """Runs in the local namespace: delete what `install_routing` added, and only that.
+
+    Idempotent: each piece is found by its marker (table name, fwmark, table
+    number, address label), so the next attach also removes a killed one's.
+    """
+    nft.delete_table("ip", NFT_TABLE)
+    with IPRoute() as ipr:
+        for rule in ipr.get_rules(family=socket.AF_INET):
+            if rule.get_attr("FRA_FWMARK") == MARK and rule.get_attr("FRA_TABLE") == LOCAL_TABLE:
+                with contextlib.suppress(NetlinkError):
+                    ipr.rule("del", fwmark=MARK, table=LOCAL_TABLE, priority=rule.get_attr("FRA_PRIORITY"))
+        with contextlib.suppress(NetlinkError):  # ESRCH: not there
+            ipr.route("del", dst="0.0.0.0/0", type="local", scope="host", table=LOCAL_TABLE,
+                      proto=RTPROT_MIRRORD)
+        lo = ipr.link_lookup(ifname="lo")[0]
+        for a in ipr.get_addr(family=socket.AF_INET, index=lo):
+            if a.get_attr("IFA_LABEL") == LO_LABEL:
+                with contextlib.suppress(NetlinkError):
+                    ipr.addr("del", index=lo, address=a.get_attr("IFA_LOCAL"), prefixlen=a["prefixlen"])
 
 
 def transparent_socket(kind: int) -> socket.socket:
