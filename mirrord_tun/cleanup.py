@@ -38,13 +38,14 @@ def clean_cluster(context: str | None, kubeconfig: str | None, namespace: str | 
 
 
 def clean_host() -> list[str]:
-    """nft tables of dead agents in this namespace and every named one."""
+    """nft tables of dead agents in this namespace and every named one; stale run files."""
     if os.geteuid() != 0:
         log.warning("not root: skipping this host's namespaces")
         return []
     from mirrord_tun.agent.guard import sweep
+    from mirrord_tun.run import remove_stale_resolv_files
 
-    removed = []
+    removed = remove_stale_resolv_files()
     for path in ["/proc/self/ns/net", *sorted(glob.glob("/run/netns/*"))]:
         try:
             removed += [f"nft table {t} in {path}" for t in sweep(path)]

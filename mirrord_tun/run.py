@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import logging
 import os
 import signal
@@ -287,15 +288,37 @@ def _terminal_foreground() -> bool:
         return False
 
 
+RESOLV_DIR = "/run"
+RESOLV_PREFIX = "mirrord-ns-resolv."
+
+
 def _write_resolv_conf(text: str) -> str | None:
+    """The pod's resolv.conf in a file for the command's bind mount (unlinked once it is mounted).
+
+    Its name carries our PID, so one a SIGKILL left behind is recognisably stale.
+    """
     if not text.strip():
         log.warning("the agent sent no resolver configuration; keeping this host's /etc/resolv.conf")
         return None
-    fd, path = tempfile.mkstemp(prefix="mirrord-ns-resolv.", dir="/run" if os.access("/run", os.W_OK) else None)
+    remove_stale_resolv_files()
+    fd, path = tempfile.mkstemp(prefix=f"{RESOLV_PREFIX}{os.getpid()}.",
+                                dir=RESOLV_DIR if os.access(RESOLV_DIR, os.W_OK) else None)
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.chmod(path, 0o644)
     return path
+
+
+def remove_stale_resolv_files() -> list[str]:
+    """Files of `run`s that died between writing and mounting them."""
+    removed = []
+    for path in glob.glob(os.path.join(RESOLV_DIR, RESOLV_PREFIX + "*")):
+        pid = os.path.basename(path)[len(RESOLV_PREFIX):].partition(".")[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed.append(path)
+    return removed
 
 
 async def _reap_namespace(ns: NetNs) -> None:
