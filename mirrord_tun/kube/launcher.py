@@ -47,9 +47,15 @@ class AgentJob:
         self.created = False
 
     def start(self, timeout: float = START_TIMEOUT) -> Started:
-        with api_errors(f"cannot create the agent job {self.name} in namespace {self.namespace}"):
-            self.cluster.batch.create_namespaced_job(self.namespace, self.job)
+        # Set before the call: a signal that lands after the API server made the job but before
+        # the client returned must still lead to its deletion (a 404 then is harmless).
         self.created = True
+        try:
+            with api_errors(f"cannot create the agent job {self.name} in namespace {self.namespace}"):
+                self.cluster.batch.create_namespaced_job(self.namespace, self.job)
+        except KubeError:
+            self.created = False
+            raise
         deadline = time.monotonic() + timeout
         state = "no pod yet (kubectl describe job shows why, e.g. a PodSecurity policy refusing hostPID)"
         while time.monotonic() < deadline:
