@@ -9,7 +9,7 @@ netns/tun.py), so one SSH write carries every packet that was ready at once.
 The client opens with HELLO carrying its protocol version; the agent answers
 WELCOME with min(client, agent). New kinds are only ever appended, and used
 only when the negotiated version has them: version 2 adds the inbound mirror
-(SUBSCRIBE, MIRROR; see docs/mirror.md).
+(SUBSCRIBE, MIRROR; see "Inbound mirror" in README.md).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Frames flow: agent capture -> MIRROR frame -> `Mirror.deliver` -> reassembly
 (pure, per TCP stream) -> events -> delivery (transparent sockets toward the
-program). See docs/mirror.md.
+program). See "Inbound mirror" in README.md.
 """
 from __future__ import annotations
 
