@@ -222,12 +222,12 @@ def test_program_that_never_reads_is_reset_and_bounded(sb: Sandbox) -> None:
     with Session(sb, "noread", recorder("tcp", HTTP_PORT, "--no-read")) as s:
         # Until the first connection is accepted (and recorded) the port is not mirrored yet.
         wait_until(lambda: s.record.read_text() != "" or post(sb, 1, 1, 16, path="/probe") == [], 30, 0.5)
-        results = post(sb, 20, 10, 16 * 1024 * 1024, seed=5)
+        results = post(sb, 20, 10, 32 * 1024 * 1024, seed=5)
         assert_pod_answered(results)  # the pod is not held back by a stuck local program
         status = Path(f"/proc/{s.proc.pid}/status").read_text()
         rss_peak_kib = int(re.search(r"VmHWM:\s+(\d+)", status)[1])  # type: ignore[index]
     assert counters(s.log()).get("mirror_reset_slow_reader", 0) >= 1, s.log()
-    # Per connection at most MAX_BUFFERED (4 MiB) waits in `run`; 20 x 16 MiB = 320 MiB came in.
+    # Per connection at most MAX_BUFFERED (8 MiB) waits in `run`; 20 x 32 MiB = 640 MiB came in.
     assert rss_peak_kib < 200 * 1024, f"run peaked at {rss_peak_kib} KiB"
 
 
