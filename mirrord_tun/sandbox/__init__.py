@@ -12,6 +12,7 @@ removed by `close()`, processes by PID.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -48,6 +49,7 @@ class Sandbox:
         os.chmod(self.dir, 0o755)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.namespaces: list[str] = []
+        self._made_etc_netns = False
         self.keys = self._make_keys()
         self.agent_address = f"{NODE_UPLINK}:{AGENT_PORT}"
 
@@ -82,6 +84,7 @@ class Sandbox:
             self._ip("-n", self.ns("laptop"), "addr", "add", f"{LAPTOP_ADDR}/30", "dev", "eth0")
             self._ip("-n", self.ns("laptop"), "link", "set", "eth0", "up")
             # What `ip netns exec` shows processes in the pod as /etc/resolv.conf.
+            self._made_etc_netns = not os.path.exists("/etc/netns")
             os.makedirs(f"/etc/netns/{self.ns('pod')}", exist_ok=True)
             with open(f"/etc/netns/{self.ns('pod')}/resolv.conf", "w") as f:
                 f.write(RESOLV_CONF)
@@ -158,6 +161,9 @@ class Sandbox:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
             shutil.rmtree(f"/etc/netns/{name}", ignore_errors=True)
         self.namespaces.clear()
+        if self._made_etc_netns:
+            with contextlib.suppress(OSError):  # not empty: another sandbox still uses it
+                os.rmdir("/etc/netns")
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "Sandbox":
