@@ -48,10 +48,51 @@ def _mirror_ports(_ctx: click.Context, _param: click.Parameter, specs: tuple[str
         raise click.BadParameter(str(e)) from None
 
 
-_port_option = click.option(
-    "--port", "ports", metavar="P|LOCAL:REMOTE", multiple=True, callback=_mirror_ports,
-    help="Also mirror pod port P (or pod port REMOTE onto local port LOCAL); repeatable. "
-    "Ports served in the namespace are mirrored without it.")
+Decorator = Callable[[Callable[..., None]], Callable[..., None]]
+
+
+def _options(*opts: Decorator) -> Decorator:
+    """Several click options as one decorator, listed in the order given."""
+    def add(f: Callable[..., None]) -> Callable[..., None]:
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return add
+
+
+def _connection_options(required: bool) -> Decorator:
+    """How run, attach and sidecar name a running agent."""
+    return _options(
+        click.option("--agent", metavar="HOST:PORT", required=required, help="Address of a running agent."),
+        click.option("--identity", type=click.Path(exists=True, dir_okay=False), required=required,
+                     help="Private key (OpenSSH format) the agent authorizes."),
+        click.option("--agent-host-key", type=click.Path(exists=True, dir_okay=False), required=required,
+                     help="The agent's public host key; any other key is refused."),
+    )
+
+
+_mirror_options = _options(
+    click.option("--port", "ports", metavar="P|LOCAL:REMOTE", multiple=True, callback=_mirror_ports,
+                 help="Also mirror pod port P (or pod port REMOTE onto local port LOCAL); repeatable. "
+                 "Ports served in the namespace are mirrored without it."),
+    click.option("--no-mirror", is_flag=True, help="Do not mirror the pod's inbound traffic."),
+)
+_no_dns_option = click.option("--no-dns", is_flag=True, help="Leave the namespace's /etc/resolv.conf as it is.")
+_verbose_option = click.option("-v", "--verbose", count=True, help="Progress and per-session counters on stderr.")
+
+
+def _exit_with(session: Callable[[], int]) -> NoReturn:
+    """Exit with the session's status; 2 for our own errors, 130 for Ctrl-C before the command started."""
+    from mirrord_tun.connect import SetupError
+
+    try:
+        code = session()
+    except SetupError as e:
+        click.echo(f"mirrord-ns: {e}", err=True)
+        code = 2
+    except KeyboardInterrupt:  # cleanup ran on the way out
+        code = 130
+    sys.exit(code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,11 +105,7 @@ def main() -> None:
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
-@click.option("--agent", "agent", metavar="HOST:PORT", help="Address of a running agent (no Kubernetes).")
-@click.option("--identity", type=click.Path(exists=True, dir_okay=False),
-              help="With --agent: private key (OpenSSH format) the agent authorizes.")
-@click.option("--agent-host-key", type=click.Path(exists=True, dir_okay=False),
-              help="With --agent: the agent's public host key; any other key is refused.")
+@_connection_options(required=False)
 @click.option("--target", metavar="KIND/NAME", help="pod/NAME, deploy/NAME or statefulset/NAME "
               "(none: targetless, the agent's own pod is the identity).")
 @click.option("-n", "--namespace", help="The target's namespace (default: the context's).")
@@ -81,9 +118,8 @@ def main() -> None:
 @click.option("--no-env", is_flag=True, help="Do not give COMMAND the target container's environment.")
 @click.option("--env-exclude", metavar="NAME", multiple=True, help="Leave out this variable (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Print the agent manifest as YAML and exit; create nothing.")
-@_port_option
-@click.option("--no-mirror", is_flag=True, help="Do not mirror the pod's inbound traffic to the command.")
-@click.option("-v", "--verbose", count=True, help="Progress and per-session counters on stderr.")
+@_mirror_options
+@_verbose_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(agent: str | None, identity: str | None, agent_host_key: str | None, target: str | None,
         namespace: str | None, container: str | None, context: str | None, kubeconfig: str | None,
@@ -101,7 +137,7 @@ def run(agent: str | None, identity: str | None, agent_host_key: str | None, tar
     if not dry_run:
         _need_root()
     _logging(verbose, "mirrord-ns")
-    from mirrord_tun.connect import SetupError, load_keys
+    from mirrord_tun.connect import load_keys
     from mirrord_tun.run import LocalSession
 
     mirror_ports = None if no_mirror else ports
@@ -122,17 +158,9 @@ def run(agent: str | None, identity: str | None, agent_host_key: str | None, tar
         with plan.launch() as link:
             return _run_async(go(link.address, plan.key, link.host_key, sock=link.sock, env=link.env))
 
-    try:
-        if agent and identity and agent_host_key:
-            code = _run_async(go(agent, *load_keys(identity, agent_host_key)))
-        else:
-            code = in_cluster()
-    except SetupError as e:
-        click.echo(f"mirrord-ns: {e}", err=True)
-        code = 2
-    except KeyboardInterrupt:  # Ctrl-C before the command started; cleanup ran on the way out
-        code = 130
-    sys.exit(code)
+    if agent and identity and agent_host_key:
+        _exit_with(lambda: _run_async(go(agent, *load_keys(identity, agent_host_key))))
+    _exit_with(in_cluster)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -213,44 +241,14 @@ def agent(listen: str, authorized_key: str | None, authorized_key_data: str | No
     sys.exit(run_guarded(target.netns_path, worker))
 
 
-def _agent_options(required: bool) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """How attach and sidecar name a running agent: as `run --agent` does."""
-    def add(f: Callable[..., None]) -> Callable[..., None]:
-        for opt in reversed((
-            click.option("--agent", metavar="HOST:PORT", required=required, help="Address of a running agent."),
-            click.option("--identity", type=click.Path(exists=True, dir_okay=False), required=required,
-                         help="Private key (OpenSSH format) the agent authorizes."),
-            click.option("--agent-host-key", type=click.Path(exists=True, dir_okay=False), required=required,
-                         help="The agent's public host key; any other key is refused."),
-            click.option("--no-dns", is_flag=True, help="Leave the namespace's /etc/resolv.conf as it is."),
-            _port_option,
-            click.option("--no-mirror", is_flag=True, help="Do not mirror the pod's inbound traffic "
-                         "to the namespace."),
-            click.option("-v", "--verbose", count=True, help="Progress and per-session counters on stderr."),
-        )):
-            f = opt(f)
-        return f
-    return add
-
-
-def _attached(go: Callable[[], Coroutine[Any, Any, int]]) -> NoReturn:
-    from mirrord_tun.connect import SetupError
-
-    try:
-        code = _run_async(go())
-    except SetupError as e:
-        click.echo(f"mirrord-ns: {e}", err=True)
-        code = 2
-    except KeyboardInterrupt:  # before the tunnel was up; cleanup ran on the way out
-        code = 130
-    sys.exit(code)
-
-
 @main.command()
 @click.option("--netns", type=click.Path(exists=True), help="The namespace file (/run/netns/NAME, /proc/PID/ns/net).")
 @click.option("--pid", type=int, help="This process's namespace (and its /etc/resolv.conf).")
 @click.option("--container", metavar="NAME", help="This running Docker container's namespace (and resolver).")
-@_agent_options(required=True)
+@_connection_options(required=True)
+@_no_dns_option
+@_mirror_options
+@_verbose_option
 def attach(netns: str | None, pid: int | None, container: str | None, agent: str, identity: str,
            agent_host_key: str, no_dns: bool, ports: dict[int, int], no_mirror: bool, verbose: int) -> None:
     """Put an existing namespace (a running container's) in the pod's network until Ctrl-C/SIGTERM,
@@ -267,13 +265,16 @@ def attach(netns: str | None, pid: int | None, container: str | None, agent: str
         session = LocalSession([], agent, key, pinned, mirror_ports=None if no_mirror else ports)
         return await at.until_signalled(at.attach(session, target))
 
-    _attached(go)
+    _exit_with(lambda: _run_async(go()))
 
 
 @main.command()
 @click.option("--hold", is_flag=True, help="Only keep the namespace alive, as a pause container: the "
               "compose service the others join (`network_mode: service:NAME`) and that never restarts.")
-@_agent_options(required=False)
+@_connection_options(required=False)
+@_no_dns_option
+@_mirror_options
+@_verbose_option
 def sidecar(hold: bool, agent: str | None, identity: str | None, agent_host_key: str | None,
             no_dns: bool, ports: dict[int, int], no_mirror: bool, verbose: int) -> None:
     """Keep this container's namespace in the pod's network, attaching again whenever the tunnel drops."""
@@ -294,4 +295,4 @@ def sidecar(hold: bool, agent: str | None, identity: str | None, agent_host_key:
         return await at.sidecar(lambda: LocalSession([], agent, key, pinned, mirror_ports=mirror_ports),
                                 at.own_namespace(dns=not no_dns))
 
-    _attached(go)
+    _exit_with(lambda: _run_async(go()))

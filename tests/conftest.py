@@ -62,13 +62,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def _cluster() -> Iterator[Cluster]:
+def make_cluster(agent_wrap: tuple[str, ...] = ()) -> Iterator[Cluster]:
+    """Build a cluster, yield it, remove it; `agent_wrap` prefixes the agent's command line."""
     sb = Sandbox()
     try:
         sb.build()
         sb.start_services()
         sb.start_ready("svc", [sys.executable, "-c", _UDP_ECHO])
-        yield Cluster(sb, sb.start_agent())
+        yield Cluster(sb, sb.start_agent(wrap=agent_wrap))
     finally:
         sb.close()
 
@@ -76,13 +77,13 @@ def _cluster() -> Iterator[Cluster]:
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     """One shared cluster for every test that leaves the agent running and the pod clean."""
-    yield from _cluster()
+    yield from make_cluster()
 
 
 @pytest.fixture
 def fresh_cluster() -> Iterator[Cluster]:
     """A cluster of its own, for tests that kill or replace the agent."""
-    yield from _cluster()
+    yield from make_cluster()
 
 
 # --- running `mirrord-ns run`

@@ -13,16 +13,17 @@ import select
 import socket
 import threading
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any
 
 import asyncssh
 import pytest
 
+from conftest import Cluster
 from kube_env import in_netns
 from mirrord_tun.kube import portforward as pf_module
 from mirrord_tun.kube.portforward import Forward
 from mirrord_tun.run import LocalSession
-from mirrord_tun.sandbox import ADDRS, NODE_UPLINK, Sandbox
+from mirrord_tun.sandbox import ADDRS, NODE_UPLINK
 
 
 class FakePortForward:
@@ -67,22 +68,9 @@ class FakePortForward:
         self._proxy._socket.close()
 
 
-@pytest.fixture
-def sandbox_agent() -> Iterator[Sandbox]:
-    sb = Sandbox()
-    try:
-        sb.build()
-        sb.start_services()
-        sb.start_agent()
-        yield sb
-    finally:
-        sb.close()
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
-def test_session_over_a_port_forward_socket(sandbox_agent: Sandbox, monkeypatch: pytest.MonkeyPatch,
+def test_session_over_a_port_forward_socket(fresh_cluster: Cluster, monkeypatch: pytest.MonkeyPatch,
                                             capfd: pytest.CaptureFixture[str]) -> None:
-    sb = sandbox_agent
+    sb = fresh_cluster.sb
     calls = []
 
     def fake_portforward(api_method: Any, name: str, namespace: str, ports: str) -> FakePortForward:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import pytest
-from conftest import POD, SVC, Cluster, assert_clean, mrd_run, read_line, start_run
+from conftest import POD, SVC, Cluster, assert_clean, make_cluster, mrd_run, read_line, start_run
 
 from mirrord_tun.sandbox import Sandbox
 
@@ -20,13 +20,7 @@ READ_ONLY_PROC_SYS = ("unshare", "--mount", "--propagation", "private", "sh", "-
 
 @pytest.fixture
 def confined() -> Iterator[Cluster]:
-    sb = Sandbox()
-    try:
-        sb.build()
-        sb.start_services()
-        yield Cluster(sb, sb.start_agent(wrap=READ_ONLY_PROC_SYS))
-    finally:
-        sb.close()
+    yield from make_cluster(agent_wrap=READ_ONLY_PROC_SYS)
 
 
 def pod_knob(sb: Sandbox, knob: str) -> str:
