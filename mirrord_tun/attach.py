@@ -32,7 +32,7 @@ from mirrord_tun.connect import SetupError
 from mirrord_tun.mirror.delivery import remove_routing
 from mirrord_tun.netns import links, resolvconf, routes
 from mirrord_tun.netns.namespace import NetNs
-from mirrord_tun.run import LINK_LOST, TUN_NAME, LocalSession
+from mirrord_tun.run import LINK_LOST, TUN_NAME, LocalSession, process_exit
 
 log = logging.getLogger("mirrord-ns")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -135,27 +135,12 @@ def _settle(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-async def _exited(pid: int) -> None:
-    loop = asyncio.get_running_loop()
-    gone = loop.create_future()
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    loop.add_reader(fd, _settle, gone)
-    try:
-        await gone
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
-
-
 def _hold(session: LocalSession, target: Target) -> Callable[[NetNs, protocol.Welcome], Awaitable[int]]:
     async def use(ns: NetNs, welcome: protocol.Welcome) -> int:
         conf = target.resolv_conf if welcome.resolv_conf.strip() else None
         if conf:
             resolvconf.install(conf, welcome.resolv_conf)
-        exited = asyncio.ensure_future(_exited(target.pid)) if target.pid is not None else None
+        exited = asyncio.ensure_future(process_exit(target.pid)) if target.pid is not None else None
         try:
             say(f"{target.label} is in the pod's network (tunnel address {welcome.client_addr}, "
                 f"pod {','.join(welcome.pod_addrs) or '?'}{', pod resolver' if conf else ''}); "

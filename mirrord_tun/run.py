@@ -228,10 +228,7 @@ class LocalSession:
         if resolv:
             # The bind mount holds the file now; unlinked, it cannot outlive a killed `run`.
             os.unlink(resolv)
-        loop = asyncio.get_running_loop()
-        exited = loop.create_future()
-        pidfd = os.pidfd_open(proc.pid)
-        loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+        exited = asyncio.ensure_future(process_exit(proc.pid))
         pid.append(proc.pid)
         try:
             await asyncio.wait([exited, self._lost], return_when=asyncio.FIRST_COMPLETED)
@@ -248,8 +245,7 @@ class LocalSession:
             rc = proc.wait()
             return 128 - rc if rc < 0 else rc
         finally:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
+            exited.cancel()
 
     async def _log_counters(self) -> None:
         c = self.counters
@@ -261,6 +257,22 @@ class LocalSession:
             log.info("agent: %s", ", ".join(f"{k} {v}" for k, v in sorted(stats.items())))
         except (asyncio.TimeoutError, protocol.Malformed):
             pass
+
+
+async def process_exit(pid: int) -> None:
+    """Return when process `pid` exits (its pidfd turns readable), without reaping it."""
+    loop = asyncio.get_running_loop()
+    gone = loop.create_future()
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
+    try:
+        await gone
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
 
 
 _SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
