@@ -5,10 +5,13 @@ thread that has entered a network namespace, so its socket lives there and only
 processes in that namespace reach it: a throwaway `api` namespace for the
 cluster-only tests, the sandbox's laptop namespace for the end-to-end ones.
 `FakeKubelet` runs on the same loop and does what the cluster would: the Job
-controller makes the agent's pod, the kubelet "pulls" the image (any image
-named in `bad_images` fails with ErrImagePull), starts the agent with the pod's
-own args (through a `start_agent` callback), reports it Running and serves its
-log, and the garbage collector stops the agent when its pod is deleted.
+controller makes the agent's pod (owned by the Job as the real one records it:
+a controller reference to the Job's UID and the controller-uid labels; the
+emulator gives every created object a UID, as the API server does), the
+kubelet "pulls" the image (any image named in `bad_images` fails with
+ErrImagePull), starts the agent with the pod's own args (through a
+`start_agent` callback), reports it Running and serves its log, and the garbage
+collector deletes the pod after its Job and stops the agent with it.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import subprocess
 import sys
 import secrets
 import threading
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -77,9 +82,18 @@ class Emulator:
         self._stop = asyncio.Event()
         async with kmock.KubernetesEmulator() as km, kmock.Server(km) as server:
             self.km = km
+            # Above the emulator's own create, below any reaction a test adds (e.g. a 403).
+            (km.fallback ** 1)["create"] << self._stamp
             self.port = server.port
             self._ready.set()
             await self._stop.wait()
+
+    def _stamp(self, request: Any) -> dict[str, Any]:
+        """What the API server adds to every object it creates."""
+        meta = request.data.get("metadata", {})
+        obj = self.km.objects[request.resource, request.namespace or meta.get("namespace"), meta["name"]]
+        obj.patch({"metadata": {"uid": str(uuid.uuid4()), "creationTimestamp": "2026-01-01T00:00:00Z"}})
+        return dict(obj.raw)
 
     def run(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the emulator's loop (objects are only touched there) and return its result."""
@@ -115,6 +129,9 @@ class Emulator:
     def live(self, resource: kmock.resource) -> dict[tuple[str, str], dict[str, Any]]:
         return {(ns, name): dict(obj.raw) for (res, ns, name), obj in self.km.objects.items()
                 if res == resource and not obj.deleted}
+
+    def serve_log(self, namespace: str, pod: str, text: str) -> None:
+        self.km["get", PODS, kmock.namespace(namespace), kmock.name(pod), kmock.subresource("log")] << kmock.text(text)
 
     def forbid(self, verb: str, resource: str, message: str) -> None:
         self.km[verb, kmock.resource(resource)] << KubernetesError(status=403, reason="Forbidden", message=message)
@@ -196,6 +213,9 @@ class FakeKubelet:
         self.jobs: dict[tuple[str, str], str] = {}  # job -> its pod
         self.agents: dict[str, subprocess.Popen[bytes]] = {}  # pod -> agent process
         self.started_args: list[list[str]] = []
+        # Called on the emulator's loop with each new Job before its pod exists: what a
+        # neighbour watching Jobs could do first (e.g. make a decoy pod).
+        self.on_job: Callable[[str, dict[str, Any]], None] | None = None
 
     def start(self) -> "FakeKubelet":
         self.emu.spawn(self._loop())
@@ -214,6 +234,8 @@ class FakeKubelet:
         pods = self.emu.live(PODS)
         for (ns, name), job in jobs.items():
             if (ns, name) not in self.jobs:
+                if self.on_job:
+                    self.on_job(ns, job)
                 self.jobs[(ns, name)] = self._create_pod(ns, name, job)
         for (ns, name), pod in list(self.jobs.items()):
             if (ns, name) not in jobs and (ns, pod) in pods:  # background propagation
@@ -235,9 +257,8 @@ class FakeKubelet:
     def _create_pod(self, ns: str, job: str, obj: dict[str, Any]) -> str:
         template = obj["spec"]["template"]
         name = f"{job}-x7k2p"
-        labels = dict(template["metadata"]["labels"], **{"batch.kubernetes.io/job-name": job})
         self.emu.put("v1/pods", {"apiVersion": "v1", "kind": "Pod",
-                                 "metadata": {"name": name, "namespace": ns, "labels": labels},
+                                 "metadata": dict(job_pod_metadata(obj), name=name, namespace=ns),
                                  "spec": template["spec"], "status": {"phase": "Pending"}})
         return name
 
@@ -255,10 +276,31 @@ class FakeKubelet:
         self.started_args.append(container["args"])
         proc, line = await asyncio.get_running_loop().run_in_executor(None, self.start_agent, container["args"])
         self.agents[name] = proc
-        self.emu.km["get", PODS, kmock.namespace(ns), kmock.name(name), kmock.subresource("log")] << kmock.text(line)
+        self.emu.serve_log(ns, name, line)
         obj.patch({"status": {"phase": "Running", "podIP": "198.19.0.2", "containerStatuses": [
             dict(base, ready=True, containerID="containerd://" + "a" * 64,
                  state={"running": {"startedAt": "2026-01-01T00:00:00Z"}})]}})
+
+
+def job_pod_metadata(job: dict[str, Any]) -> dict[str, Any]:
+    """Labels, owner and UID as the Job controller gives its pods (name and namespace are the caller's)."""
+    uid, name = job["metadata"]["uid"], job["metadata"]["name"]
+    labels = dict(job["spec"]["template"]["metadata"]["labels"], **{
+        "batch.kubernetes.io/job-name": name, "job-name": name,
+        "batch.kubernetes.io/controller-uid": uid, "controller-uid": uid})
+    owner = {"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": uid,
+             "controller": True, "blockOwnerDeletion": True}
+    return {"labels": labels, "ownerReferences": [owner], "uid": str(uuid.uuid4())}
+
+
+def eventually(check: Callable[[], bool], timeout: float = 15) -> bool:
+    """Whether check() comes true within timeout: the garbage collector works after the API answered."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 class Api:

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Iterator
 
-from kube_env import JOBS, PODS, KubeCluster, kube_cluster  # noqa: F401 - `kube_cluster` is a fixture
+from kube_env import JOBS, PODS, KubeCluster, eventually, kube_cluster  # noqa: F401 - `kube_cluster` is a fixture
 from mirrord_tun.sandbox import ADDRS
 
 
@@ -25,9 +25,9 @@ def test_run_target_pod(kube_cluster: KubeCluster) -> None:
     # The kubelet started the agent with the pod's args: found by container ID, not told a namespace.
     [args] = k.kubelet.started_args
     assert args[args.index("--container-id") + 1] == f"containerd://{k.container_id}"
-    # Job and pod deleted on the way out, and the agent stopped with them.
-    assert k.emu.run(lambda: (k.emu.live(JOBS), k.emu.live(PODS).keys() - {
-        ("default", n) for n in ("web", "web-old", "db-0", "starting")})) == ({}, set())
+    # Job deleted on the way out, its pod with it, and the agent stopped with them.
+    assert eventually(lambda: k.emu.run(lambda: (k.emu.live(JOBS), k.emu.live(PODS).keys() - {
+        ("default", n) for n in ("web", "web-old", "db-0", "starting")})) == ({}, set()))
     deadline = time.monotonic() + 10
     while k.kubelet.agents and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -73,8 +73,8 @@ def test_ctrl_c_ends_the_session_and_deletes_the_agent(kube_cluster: KubeCluster
         # No terminal here, so `run` passes the signal on to the command, as a terminal would.
         p.send_signal(signal.SIGINT)
         assert p.wait(30) == 130
-    agents = k.emu.run(lambda: {name for _, name in k.emu.live(PODS) if name.startswith("mirrord-ns-agent")})
-    assert (k.emu.run(lambda: k.emu.live(JOBS)), agents) == ({}, set())
+    assert eventually(lambda: k.emu.run(lambda: (k.emu.live(JOBS), {
+        name for _, name in k.emu.live(PODS) if name.startswith("mirrord-ns-agent")})) == ({}, set()))
 
 
 def test_agent_exits_soon_after_its_client_dies(kube_cluster: KubeCluster) -> None:

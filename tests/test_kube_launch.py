@@ -10,7 +10,7 @@ import time
 import asyncssh
 from kubernetes import client
 
-from kube_env import BAD_IMAGE, JOBS, PODS, Api, FakeKubelet, api  # noqa: F401 - `api` is a fixture
+from kube_env import BAD_IMAGE, JOBS, PODS, Api, FakeKubelet, api, eventually  # noqa: F401 - `api` is a fixture
 from mirrord_tun.kube import manifest
 from mirrord_tun.kube.cluster import describe
 
@@ -30,7 +30,7 @@ def test_agent_image_pull_error_is_shown_and_the_agent_removed(api: Api) -> None
     assert r.returncode == 2
     assert "ErrImagePull" in r.stderr and BAD_IMAGE in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert ours(api) == {}  # job and pod deleted
+    assert eventually(lambda: ours(api) == {})  # job deleted, and its pod with it
 
 
 def test_forbidden_job_creation(api: Api) -> None:
@@ -78,7 +78,7 @@ def test_sigterm_while_waiting_for_the_agent_deletes_it(api: Api) -> None:
         assert ours(api), "no agent job was created"
         p.send_signal(signal.SIGTERM)
         assert p.wait(30) == 130
-        assert ours(api) == {}
+        assert eventually(lambda: ours(api) == {})
     finally:
         if p.poll() is None:
             p.kill()
@@ -104,7 +104,7 @@ def test_port_forward_failure_is_reported_and_the_agent_removed(api: Api) -> Non
         assert r.returncode == 2
         assert "cannot port-forward to pod/mirrord-ns-agent-" in r.stderr, r.stderr
         assert "instead of opening a websocket" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-        assert ours(api) == {}
+        assert eventually(lambda: ours(api) == {})
         deadline = time.monotonic() + 10
         while agents[0].poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)

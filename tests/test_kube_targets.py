@@ -128,11 +128,3 @@ def test_forbidden_is_reported_as_such(api: Api) -> None:
     r = api.cli("run", "--target", "pod/web", "--dry-run")
     assert r.returncode == 2
     assert 'forbidden: pods "web" is forbidden' in r.stderr and "deploy/rbac.yaml" in r.stderr
-
-
-def test_rbac_manifests_validate() -> None:
-    with open("deploy/rbac.yaml") as f:
-        docs = list(yaml.safe_load_all(f))
-    assert {d["kind"] for d in docs} == {"ClusterRole", "RoleBinding"}
-    for doc in docs:
-        validate(doc)

@@ -33,6 +33,8 @@ def delete_agents(cluster: Cluster, user: str, all_namespaces: bool) -> list[str
         for obj in items:
             if not matches(selector, obj.metadata.labels or {}):
                 continue  # the server ignored the selector; never touch what is not ours
+            if kind == "pod" and any(o.controller and o.kind == "Job" for o in obj.metadata.owner_references or []):
+                continue  # goes with its Job (and so needs no `pods delete`, which reaches every pod)
             name, ns = obj.metadata.name, obj.metadata.namespace
             try:
                 delete(name, ns)

@@ -5,6 +5,32 @@ entries, later ones winning; `$(NAME)` in a literal value expands to a name
 defined before it and `$$` escapes a `$`. References are read now, so a value
 changed since the pod started shows its current content. A reference that cannot
 be read is reported and skipped, never fatal: the command can still run.
+
+Whoever can edit the workload chooses these values, and the laptop command runs
+them as the invoking user, so names that make the system run code or read files
+of the value's choosing are not imported (`DENIED`, `DENIED_PREFIXES`) unless
+`--env-allow NAME` asks for one. The rule for the list: a variable is on it when
+the dynamic loader, libc, a shell or a language runtime reads it at *every* start
+of *any* program of that kind to load code, run a command, or read a file named
+by the value; such a name means nothing on the laptop anyway (it points into the
+image) and is exactly what a hostile workload would set. It holds:
+- loader and libc: every `LD_*` (LD_PRELOAD, LD_LIBRARY_PATH, LD_AUDIT, ...),
+  `MALLOC_*`, and the rest of glibc's own list of variables that setuid programs
+  drop (unsecvars.h): GCONV_PATH, GETCONF_DIR, GLIBC_TUNABLES, HOSTALIASES,
+  LOCALDOMAIN, LOCPATH, NIS_PATH, NLSPATH, RESOLV_HOST_CONF, RES_OPTIONS, TMPDIR,
+  TZDIR (the resolver ones change nothing the pod's resolv.conf does not set);
+- shells: BASH_ENV and ENV (expanded, so `$(cmd)` in them runs cmd at every
+  non-interactive bash/sh start), exported functions `BASH_FUNC_*` (they replace
+  commands in every bash script), PROMPT_COMMAND, PS0-PS4 (command substitution
+  in prompts and xtrace), SHELLOPTS, BASHOPTS, BASH_XTRACEFD, IFS, CDPATH,
+  GLOBIGNORE, ZDOTDIR;
+- runtimes a command commonly starts: PYTHONPATH, PYTHONHOME, PYTHONSTARTUP,
+  PYTHONBREAKPOINT, PYTHONUSERBASE; NODE_OPTIONS (`--require`, `--import`),
+  NODE_PATH; PERL5OPT (`-M`), PERL5LIB, PERLLIB, PERL5DB; RUBYOPT (`-r`), RUBYLIB;
+  JAVA_TOOL_OPTIONS, JDK_JAVA_OPTIONS, _JAVA_OPTIONS (`-javaagent:`,
+  `-XX:OnError=cmd`), CLASSPATH.
+Hooks of one particular tool (git's, an editor or pager) act only when that tool
+is used and are left to `--env-exclude`.
 """
 from __future__ import annotations
 
@@ -22,11 +48,26 @@ log = logging.getLogger("mirrord-ns")
 # The laptop's, not the workload's: the pod's PATH points into its image, HOME and the
 # rest describe the invoking user and terminal.
 KEEP_LOCAL = frozenset({"PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "HOSTNAME"})
+DENIED_PREFIXES = ("LD_", "MALLOC_", "BASH_FUNC_")
+DENIED = frozenset({
+    "GCONV_PATH", "GETCONF_DIR", "GLIBC_TUNABLES", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH", "NIS_PATH",
+    "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS", "TMPDIR", "TZDIR",
+    "BASH_ENV", "ENV", "PROMPT_COMMAND", "PS0", "PS1", "PS2", "PS3", "PS4", "SHELLOPTS", "BASHOPTS",
+    "BASH_XTRACEFD", "IFS", "CDPATH", "GLOBIGNORE", "ZDOTDIR",
+    "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONBREAKPOINT", "PYTHONUSERBASE",
+    "NODE_OPTIONS", "NODE_PATH", "PERL5OPT", "PERL5LIB", "PERLLIB", "PERL5DB", "RUBYOPT", "RUBYLIB",
+    "JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "_JAVA_OPTIONS", "CLASSPATH",
+})
 _REF = re.compile(r"\$(\$|\(([A-Za-z_][A-Za-z0-9_.-]*)\))")
 _KEYED_FIELD = re.compile(r"metadata\.(labels|annotations)\['([^']+)'\]$")
 
 
-def container_env(cluster: Cluster, target: TargetPod, exclude: frozenset[str] = frozenset()) -> dict[str, str]:
+def denied(name: str) -> bool:
+    return name in DENIED or name.startswith(DENIED_PREFIXES)
+
+
+def container_env(cluster: Cluster, target: TargetPod, exclude: frozenset[str] = frozenset(),
+                  allow: frozenset[str] = frozenset()) -> dict[str, str]:
     spec = next(c for c in target.pod.spec.containers if c.name == target.container)
     reader = _Reader(cluster, target.namespace)
     env: dict[str, str] = {}
@@ -43,7 +84,12 @@ def container_env(cluster: Cluster, target: TargetPod, exclude: frozenset[str] =
             env[var.name] = value
         elif not _optional(var.value_from):
             log.warning("environment: %s not set (its reference cannot be read)", var.name)
-    return {k: v for k, v in env.items() if k not in exclude and k not in KEEP_LOCAL}
+    wanted = {k: v for k, v in env.items() if k not in exclude and k not in KEEP_LOCAL}
+    dropped = sorted(k for k in wanted if denied(k) and k not in allow)
+    if dropped:  # names only: the values may be secrets
+        log.warning("environment: not importing %s (they make programs load code; --env-allow NAME imports one)",
+                    ", ".join(dropped))
+    return {k: v for k, v in wanted.items() if k not in dropped}
 
 
 def _optional(source: client.V1EnvVarSource) -> bool:

@@ -3,6 +3,13 @@
 The agent makes its host key at start and prints the public half in one log
 line; reading that line through the API is what makes the key trustworthy (only
 the pod's own output can say it), so nothing is ever trusted on first use.
+
+That holds only for the Job's own pod. Labels can be copied onto any pod, so the
+pod is the one whose controller reference names the Job's UID (taken from the
+create response, which nobody else can have answered), and whose controller-uid
+label, where the Job controller set one, agrees. A second pod claiming the Job,
+a pod replaced under the same name while its log was read, or a log with the key
+line twice (something else writes into it) ends the session instead.
 """
 from __future__ import annotations
 
@@ -28,6 +35,8 @@ FATAL_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrIma
                  "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
                  "CrashLoopBackOff"}
 _LISTENING = re.compile(r"mirrord-ns agent listening on \S+ netns \S+ host-key (\S+ \S+)")
+# Set by the Job controller on its pods: the current name, and the one before Kubernetes 1.27.
+CONTROLLER_UID_LABELS = ("batch.kubernetes.io/controller-uid", "controller-uid")
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,7 @@ class AgentJob:
         self.namespace: str = job["metadata"]["namespace"]
         self.selector = client.V1LabelSelector(match_labels=job["spec"]["template"]["metadata"]["labels"])
         self.pod: str | None = None
+        self.uid: str | None = None  # the Job's, once created
         self.created = False
 
     def start(self, timeout: float = START_TIMEOUT) -> Started:
@@ -52,10 +62,13 @@ class AgentJob:
         self.created = True
         try:
             with api_errors(f"cannot create the agent job {self.name} in namespace {self.namespace}"):
-                self.cluster.batch.create_namespaced_job(self.namespace, self.job)
+                created = self.cluster.batch.create_namespaced_job(self.namespace, self.job)
         except KubeError:
             self.created = False
             raise
+        self.uid = created.metadata and created.metadata.uid
+        if not self.uid:
+            raise KubeError(f"the API server created job {self.name} but did not say its UID")
         deadline = time.monotonic() + timeout
         state = "no pod yet (kubectl describe job shows why, e.g. a PodSecurity policy refusing hostPID)"
         while time.monotonic() < deadline:
@@ -64,7 +77,7 @@ class AgentJob:
                 self.pod = pod.metadata.name
                 state = self._check(pod)
                 if state == RUNNING:
-                    key = self._host_key()
+                    key = self._host_key(pod)
                     if key is not None:
                         log.info("agent pod/%s on %s is up, host key %s", self.pod, pod.spec.node_name,
                                  key.get_fingerprint("sha256"))
@@ -76,8 +89,20 @@ class AgentJob:
     def _find_pod(self) -> client.V1Pod | None:
         with api_errors(f"cannot list the pods of job {self.name}"):
             pods = self.cluster.core.list_namespaced_pod(self.namespace, label_selector=selector_string(self.selector))
-        ours = [p for p in pods.items if matches(self.selector, p.metadata.labels or {})]
+        ours = [p for p in pods.items if matches(self.selector, p.metadata.labels or {}) and self._owns(p)]
+        if len(ours) > 1:  # backoffLimit 0: the Job controller makes one pod, so someone forged the rest
+            raise KubeError(f"more than one pod claims to be job {self.name}'s "
+                            f"({', '.join(sorted(p.metadata.name for p in ours))}); not trusting any")
         return ours[0] if ours else None
+
+    def _owns(self, pod: client.V1Pod) -> bool:
+        """Whether the Job is this pod's controller, as the Job controller records it."""
+        meta = pod.metadata
+        controller = [o for o in meta.owner_references or [] if o.controller]
+        if not (len(controller) == 1 and controller[0].kind == "Job" and controller[0].uid == self.uid):
+            return False
+        labels = meta.labels or {}
+        return all(labels[k] == self.uid for k in CONTROLLER_UID_LABELS if k in labels)
 
     def _check(self, pod: client.V1Pod) -> str:
         """RUNNING, or the pod's state in a few words; raises if it will never run."""
@@ -109,31 +134,37 @@ class AgentJob:
         lines = self._read_log().strip().splitlines()
         return " / ".join(lines[-3:]) or "no log"
 
-    def _host_key(self) -> asyncssh.SSHKey | None:
-        m = _LISTENING.search(self._read_log())
-        if m is None:
+    def _host_key(self, pod: client.V1Pod) -> asyncssh.SSHKey | None:
+        lines = list(_LISTENING.finditer(self._read_log()))
+        if not lines:
             return None
+        if len(lines) > 1:
+            raise KubeError(f"agent pod/{self.pod} logged its host-key line {len(lines)} times; "
+                            "something else writes into its log, not trusting any")
+        key = lines[0][1]
+        # Reading a log goes by name: make sure the name still means the pod that was checked.
+        with api_errors(f"cannot read pod/{self.pod}"):
+            now = self.cluster.core.read_namespaced_pod(self.pod, self.namespace)
+        if now.metadata.uid != pod.metadata.uid or not self._owns(now):
+            raise KubeError(f"agent pod/{self.pod} was replaced while its log was read; not trusting it")
         try:
-            return asyncssh.import_public_key(m[1])
+            return asyncssh.import_public_key(key)
         except (asyncssh.KeyImportError, ValueError):
-            raise KubeError(f"agent pod/{self.pod} printed an unreadable host key: {m[1]!r}") from None
+            raise KubeError(f"agent pod/{self.pod} printed an unreadable host key: {key!r}") from None
 
     def delete(self) -> None:
-        """Remove the Job and its pod now; never raises, since it runs while leaving."""
+        """Remove the Job, and with it its pod; never raises, since it runs while leaving.
+
+        The garbage collector deletes the pod right after the Job (background propagation), so
+        `pods delete`, which would reach every pod of the namespace, is not needed; the agent
+        has by then seen its session end and cleaned up, and exits on its own if it has not."""
         if not self.created:
             return
-        # The pod is deleted by name too: the garbage collector would get to it only later,
-        # and the agent should get its SIGTERM (and clean up) now.
-        calls = [("job", lambda: self.cluster.batch.delete_namespaced_job(
-            self.name, self.namespace, propagation_policy="Background"))]
-        if self.pod:
-            calls.append(("pod", lambda: self.cluster.core.delete_namespaced_pod(self.pod, self.namespace)))
-        for what, call in calls:
-            try:
-                call()
-            except Exception as e:  # noqa: BLE001 - leaving must not fail on a flaky API server
-                api = isinstance(e, client.ApiException)
-                if not (api and e.status == 404):
-                    log.warning("could not delete the agent %s of job %s: %s; `mirrord-ns cleanup` will",
-                                what, self.name, describe(e) if api else e)
+        try:
+            self.cluster.batch.delete_namespaced_job(self.name, self.namespace, propagation_policy="Background")
+        except Exception as e:  # noqa: BLE001 - leaving must not fail on a flaky API server
+            api = isinstance(e, client.ApiException)
+            if not (api and e.status == 404):
+                log.warning("could not delete the agent job %s: %s; `mirrord-ns cleanup` will",
+                            self.name, describe(e) if api else e)
         self.created = False

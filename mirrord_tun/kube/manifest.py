@@ -45,12 +45,19 @@ def session_labels(session: str, user: str) -> dict[str, str]:
     return {LABEL_APP: APP, LABEL_MANAGED: "mirrord-ns", LABEL_SESSION: session, LABEL_USER: user}
 
 
+def listen_address(direct: bool) -> str:
+    """Loopback unless the agent is to be dialled directly: the port-forward lands on the pod's
+    own loopback, and nothing else on the pod's network should even reach the SSH handshake."""
+    return f"{'0.0.0.0' if direct else '127.0.0.1'}:{AGENT_PORT}"
+
+
 def agent_job(*, session: str, user: str, namespace: str, image: str, client_key: str,
-              target: TargetPod | None, privileged: bool) -> dict[str, Any]:
-    """The Job manifest; `client_key` is the session's public key in OpenSSH format."""
+              target: TargetPod | None, privileged: bool, direct: bool = False) -> dict[str, Any]:
+    """The Job manifest; `client_key` is the session's public key in OpenSSH format, `direct`
+    whether the client dials the pod's address (--agent-address) rather than port-forwarding."""
     labels = session_labels(session, user)
     # The image's entrypoint is `mirrord-ns` (agent/Dockerfile).
-    args = ["agent", "--listen", f"0.0.0.0:{AGENT_PORT}", "--authorized-key-data", client_key,
+    args = ["agent", "--listen", listen_address(direct), "--authorized-key-data", client_key,
             "--idle-exit", str(IDLE_EXIT)]
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
@@ -65,7 +72,6 @@ def agent_job(*, session: str, user: str, namespace: str, image: str, client_key
             "image": image,
             "imagePullPolicy": "IfNotPresent",
             "args": args,
-            "ports": [{"name": "ssh", "containerPort": AGENT_PORT, "protocol": "TCP"}],
             "securityContext": {
                 "runAsUser": 0,
                 "privileged": privileged,
@@ -75,6 +81,8 @@ def agent_job(*, session: str, user: str, namespace: str, image: str, client_key
                           "limits": {"cpu": "2", "memory": "256Mi"}},
         }],
     }
+    if direct:  # informational only, and only true when something else than a port-forward dials it
+        pod_spec["containers"][0]["ports"] = [{"name": "ssh", "containerPort": AGENT_PORT, "protocol": "TCP"}]
     annotations = {}
     if target is not None:
         args += ["--container-id", target.container_id]

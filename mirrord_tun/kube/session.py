@@ -39,6 +39,7 @@ class KubeOptions:
     agent_address: str | None  # connect here instead of port-forwarding
     env: bool
     env_exclude: frozenset[str]
+    env_allow: frozenset[str]  # imported despite kube.env's deny-list
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class Plan:
     def _env(self) -> dict[str, str]:
         if self.target is None or not self.opts.env:
             return {}
-        return container_env(self.cluster, self.target, self.opts.env_exclude)
+        return container_env(self.cluster, self.target, self.opts.env_exclude, self.opts.env_allow)
 
 
 def prepare(opts: KubeOptions) -> Plan:
@@ -98,7 +99,7 @@ def prepare(opts: KubeOptions) -> Plan:
         session=secrets.token_hex(4), user=manifest.current_user(),
         namespace=target.namespace if target else cluster.namespace, image=opts.agent_image,
         client_key=key.export_public_key("openssh").decode().strip(), target=target,
-        privileged=opts.privileged)
+        privileged=opts.privileged, direct=opts.agent_address is not None)
     return Plan(opts, cluster, target, key, job)
 
 
