@@ -117,6 +117,8 @@ def main() -> None:
 @click.option("--agent-address", metavar="HOST:PORT", help="Reach the launched agent here, not by port-forward.")
 @click.option("--no-env", is_flag=True, help="Do not give COMMAND the target container's environment.")
 @click.option("--env-exclude", metavar="NAME", multiple=True, help="Leave out this variable (repeatable).")
+@click.option("--env-allow", metavar="NAME", multiple=True, help="Import this variable although it is a "
+              "loader, shell or interpreter hook (LD_PRELOAD, BASH_ENV, NODE_OPTIONS...) (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Print the agent manifest as YAML and exit; create nothing.")
 @_mirror_options
 @_verbose_option
@@ -124,8 +126,8 @@ def main() -> None:
 def run(agent: str | None, identity: str | None, agent_host_key: str | None, target: str | None,
         namespace: str | None, container: str | None, context: str | None, kubeconfig: str | None,
         agent_image: str | None, privileged: bool, agent_address: str | None, no_env: bool,
-        env_exclude: tuple[str, ...], dry_run: bool, ports: dict[int, int], no_mirror: bool, verbose: int,
-        command: tuple[str, ...]) -> None:
+        env_exclude: tuple[str, ...], env_allow: tuple[str, ...], dry_run: bool, ports: dict[int, int],
+        no_mirror: bool, verbose: int, command: tuple[str, ...]) -> None:
     """Run COMMAND with the pod's network: sudo mirrord-ns run --target pod/NAME -- CMD ARGS..."""
     if agent and (target or dry_run):
         raise click.UsageError("--agent names a running agent; --target and --dry-run launch one")
@@ -151,7 +153,7 @@ def run(agent: str | None, identity: str | None, agent_host_key: str | None, tar
 
         plan = prepare(KubeOptions(target, namespace, container, context, kubeconfig,
                                    agent_image or DEFAULT_IMAGE, privileged, agent_address,
-                                   not no_env, frozenset(env_exclude)))
+                                   not no_env, frozenset(env_exclude), frozenset(env_allow)))
         if dry_run:
             click.echo(plan.manifests_yaml(), nl=False)
             return 0
