@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 
 import asyncssh
 
 from mirrord_tun import protocol, sshopts
 from mirrord_tun.agent import dataplane
+from mirrord_tun.agent.admission import Admission, ThrottledLog, source_of
 from mirrord_tun.agent.session import AgentSession
 from mirrord_tun.agent.target import Target
 from mirrord_tun.channel import FrameSession
@@ -43,12 +45,35 @@ class _Channel(FrameSession):
 class _Server(asyncssh.SSHServer):
     def __init__(self, agent: "Agent") -> None:
         self._agent = agent
-        self._peer = "?"
+        self._conn: asyncssh.SSHServerConnection | None = None
+        self._host, self._peer = "?", "?"
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         sshopts.skip_ignore_padding(conn)
-        host, port = conn.get_extra_info("peername")[:2]
-        self._peer = f"{host}:{port}"
+        self._conn = conn
+        # A peer that reset right after the accept has no name any more; it is still counted.
+        host, port = (conn.get_extra_info("peername") or ("?", 0))[:2]
+        self._host, self._peer = host, f"{host}:{port}"
+        self._agent.admission.admit(conn, host, self._peer)
+
+    def begin_auth(self, username: str) -> bool:
+        if self._conn:
+            self._agent.admission.authenticating(self._conn)
+        return True
+
+    def auth_completed(self) -> None:
+        if self._conn:
+            self._agent.admission.leave(self._conn)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._conn:
+            self._agent.admission.leave(self._conn)
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        """Reached only for keys that are not the authorized one: say which, never more than its hash."""
+        self._agent.refused_keys(source_of(self._host), "refused key %s from %s",
+                                 key.get_fingerprint("sha256"), self._peer)
+        return False
 
     def password_auth_supported(self) -> bool:
         return False
@@ -65,9 +90,14 @@ class Agent:
         self.target = target
         self.ns = NetNs.open(target.netns_path)
         self.sessions: set[AgentSession] = set()
+        self.refused_keys = ThrottledLog(log, logging.WARNING, "refused keys")
+        evictions = ThrottledLog(log, logging.INFO, "evicted unauthenticated connections")
+        self.admission = Admission(lambda source, peer, cap: evictions(
+            source, "evicted unauthenticated connection from %s (%s cap)", peer, cap))
 
     async def serve(self, host: str, port: int, key: asyncssh.SSHKey, authorized: asyncssh.SSHAuthorizedKeys,
                     idle_exit: float | None = None) -> None:
+        _raise_fd_limit()
         removed = await self.ns.acall(dataplane.remove_leftovers)
         if removed:
             log.warning("removed leftovers of a crashed agent: %s", " ".join(removed))
@@ -76,6 +106,7 @@ class Agent:
             server_host_keys=[key], authorized_client_keys=authorized,
             agent_forwarding=False, x11_forwarding=False, allow_pty=False,
             allow_scp=False, line_editor=False, encoding=None,
+            login_timeout=sshopts.LOGIN_TIMEOUT,
             window=sshopts.WINDOW, max_pktsize=sshopts.MAX_PKTSIZE, **sshopts.common(),
         )
         bound = server.sockets[0].getsockname()
@@ -114,3 +145,22 @@ class Agent:
                 log.info("no session for %g s; exiting", seconds)
                 stop.set()
                 return
+
+
+def _raise_fd_limit() -> None:
+    """Soft NOFILE up to the hard limit (1,024 is a common soft default): the admission caps
+    bound what strangers hold, the rest is for sessions.
+
+    Should fds still run out, libuv (under uvloop, which the CLI runs us on) keeps a spare fd
+    to accept and close pending connections with: an EMFILE neither spins the loop nor stops
+    the server (tests/test_security_flood.py).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as e:
+        log.debug("fd limit stays %d: %s", soft, e)
+        return
+    log.debug("fd limit raised from %d to %d", soft, hard)

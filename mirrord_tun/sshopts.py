@@ -9,6 +9,9 @@ import asyncssh
 CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"]
 KEEPALIVE_INTERVAL = 5
 KEEPALIVE_COUNT_MAX = 2  # a silent peer is declared dead after about 15 s
+# Before authentication a peer holds an fd for this long at most (asyncssh's default is 120 s).
+# A key holder logs in within a few round trips, and our client gives up after 10 s anyway.
+LOGIN_TIMEOUT = 10
 WINDOW = 8 * 1024 * 1024
 MAX_PKTSIZE = 256 * 1024
 
