@@ -85,6 +85,8 @@ class AgentSession:
             version = min(int(hello.get("version", 0)), protocol.VERSION)
             if version < protocol.MIN_VERSION:
                 raise ValueError(f"client protocol {hello.get('version')} is older than {protocol.MIN_VERSION}")
+            # Off the event loop: the file is the container's, and its file system may be slow.
+            resolv_conf = await asyncio.to_thread(read_resolv_conf, self.agent.target)
             plane = SessionPlane(self.sid)
             await self.agent.ns.acall(plane.open)
         except Exception as e:  # noqa: BLE001 - every failure is reported to the client
@@ -103,7 +105,7 @@ class AgentSession:
                             admit_out=lambda _p: None, admit_in=source_is(plane.client_addr),
                             counters=self.counters)
         welcome = protocol.Welcome(version, self.sid, plane.client_addr, plane.agent_addr, plane.mtu,
-                                   plane.pod_addrs, read_resolv_conf(self.agent.target))
+                                   plane.pod_addrs, resolv_conf)
         self.chan.write(protocol.control(AgentMsg.WELCOME, welcome.to_json()))
         self.pump.start()
         log.info("session %s from %s: tunnel %s via %s, pod %s", self.sid, self.peer,

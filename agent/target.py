@@ -1,14 +1,23 @@
 """Which namespace the agent works in, and which resolver configuration the pod sees."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
+
+from mirrord_tun.netns import rootfs
+
+log = logging.getLogger("mirrord-ns.agent")
+RESOLV_CONF_MAX = 64 * 1024  # a resolver file is a few lines; more is refused, not sent
 
 
 @dataclass(frozen=True)
 class Target:
     netns_path: str  # a file whose open fd names the namespace
-    resolv_conf: str  # the file a process of the target reads as /etc/resolv.conf
+    # The file a process of the target reads as /etc/resolv.conf: `resolv_path` resolved
+    # with `resolv_root` as `/` (a container's /proc/PID/root, else this host's own /).
+    resolv_root: str
+    resolv_path: str
 
 
 def resolve(netns: str | None, pid: int | None, resolv_conf: str | None) -> Target:
@@ -22,23 +31,31 @@ def resolve(netns: str | None, pid: int | None, resolv_conf: str | None) -> Targ
     """
     if netns and pid:
         raise ValueError("give --netns or --pid, not both")
+    root, conf = "/", "/etc/resolv.conf"
     if pid:
-        path, conf = f"/proc/{pid}/ns/net", f"/proc/{pid}/root/etc/resolv.conf"
+        path, root = f"/proc/{pid}/ns/net", f"/proc/{pid}/root"
     elif netns:
-        path, conf = netns, "/etc/resolv.conf"
+        path = netns
         named = os.path.join("/etc/netns", os.path.basename(netns), "resolv.conf")
         if os.path.dirname(os.path.abspath(netns)) == "/run/netns" and os.path.exists(named):
             conf = named
     else:
-        path, conf = "/proc/self/ns/net", "/etc/resolv.conf"
+        path = "/proc/self/ns/net"
     if not os.path.exists(path):
         raise ValueError(f"target namespace {path} does not exist")
-    return Target(path, resolv_conf or conf)
+    if resolv_conf:
+        root, conf = "/", os.path.abspath(resolv_conf)
+    return Target(path, root, conf)
 
 
 def read_resolv_conf(target: Target) -> str:
+    """The target's resolver configuration, or "" (the session still starts). Blocking:
+    call it off the event loop; the file is the container's to choose."""
     try:
-        with open(target.resolv_conf) as f:
-            return f.read()
-    except OSError:
+        data = rootfs.read_regular(target.resolv_root, target.resolv_path, RESOLV_CONF_MAX)
+    except FileNotFoundError:
         return ""
+    except OSError as e:
+        log.warning("not reporting a resolver: %s (in %s)", e, target.resolv_root)
+        return ""
+    return data.decode("utf-8", "replace")

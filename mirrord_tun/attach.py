@@ -9,10 +9,10 @@ container's) into the tunnel, and give it back as it was:
 - the inbound mirror (unless --no-mirror): the pod's addresses on lo, a rule, a
   route and an nft table, removed when it stops or by the next attach
   (mirror/delivery.py `remove_routing`);
-- DNS: the file the namespace's programs read as /etc/resolv.conf is rewritten in
-  place, keeping the original inside it (netns/resolvconf.py). Which file that is
-  depends on the target; where no such file can be told safely, DNS is left alone
-  with a warning.
+- DNS: the file the namespace's programs read as /etc/resolv.conf is opened once
+  inside their root and rewritten in place through that descriptor, the original
+  kept in root's own state (netns/resolvconf.py). Which file that is depends on the
+  target; where no such file can be told or used safely, DNS is left alone with a warning.
 `sidecar` repeats `attach` whenever the tunnel drops, for the namespace its container
 shares with the services of a compose stack.
 """
@@ -43,7 +43,7 @@ STABLE = 30.0  # sidecar: a session that lasted this long resets the back-off
 @dataclass(frozen=True)
 class Target:
     netns: str  # a file whose open fd names the namespace
-    resolv_conf: str | None  # what its programs read as /etc/resolv.conf; None: leave DNS alone
+    resolv: resolvconf.Place | None  # what its programs read as /etc/resolv.conf; None: leave DNS alone
     pid: int | None = None  # a process of the target: when it exits, so does attach
     label: str = ""
 
@@ -66,26 +66,16 @@ def container_pid(name: str) -> int:
     return int(pid)
 
 
-def _resolv_of_pid(pid: int) -> str | None:
-    path = f"/proc/{pid}/root/etc/resolv.conf"
-    if os.path.islink(f"/proc/{pid}/root/etc"):
-        say(f"process {pid}'s /etc is a symlink; leaving its resolver alone")
-        return None
-    try:
-        ours = os.path.samefile(path, "/etc/resolv.conf")
-    except OSError:
-        ours = False
-    if ours:  # rewriting it would change this host's resolver
-        say(f"process {pid} reads this host's /etc/resolv.conf; leaving it alone")
-        return None
-    return path
+def _resolv_of_pid(pid: int) -> resolvconf.Place:
+    # Resolved inside the process's root: its symlinks can never lead to this host's files.
+    return resolvconf.Place(f"/proc/{pid}/root", "/etc/resolv.conf")
 
 
-def _resolv_of_netns(path: str) -> str | None:
+def _resolv_of_netns(path: str) -> resolvconf.Place | None:
     parent, name = os.path.split(os.path.abspath(path))
     if parent == "/run/netns":
-        # What `ip netns exec NAME` bind-mounts over /etc/resolv.conf.
-        return f"/etc/netns/{name}/resolv.conf"
+        # What `ip netns exec NAME` bind-mounts over /etc/resolv.conf: root's own path.
+        return resolvconf.Place("/", f"/etc/netns/{name}/resolv.conf", make_dir=True)
     say(f"{path} is not a named namespace: its programs keep their resolver "
         f"(use --pid or --container to give them the pod's)")
     return None
@@ -135,11 +125,35 @@ def _settle(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+def _give_resolver(target: Target, pod_conf: str) -> resolvconf.Held | None:
+    """The target's resolver file, now saying `pod_conf`; None (with a warning) where it is left alone."""
+    if target.resolv is None or not pod_conf.strip():
+        return None
+    def refused(e: OSError) -> None:
+        why = str(e) if e.strerror is None else f"{target.resolv.path}: {e.strerror}"  # ours say the path
+        say(f"{target.label}: {why}; leaving its resolver alone")
+
+    try:
+        held = resolvconf.Held.open(target.resolv)
+    except OSError as e:
+        refused(e)
+        return None
+    try:
+        if target.pid is not None and held.same_file("/etc/resolv.conf"):
+            # rewriting it would change this host's resolver
+            say(f"process {target.pid} reads this host's /etc/resolv.conf; leaving it alone")
+        else:
+            held.install(pod_conf)
+            return held
+    except OSError as e:
+        refused(e)
+    held.close()
+    return None
+
+
 def _hold(session: LocalSession, target: Target) -> Callable[[NetNs, protocol.Welcome], Awaitable[int]]:
     async def use(ns: NetNs, welcome: protocol.Welcome) -> int:
-        conf = target.resolv_conf if welcome.resolv_conf.strip() else None
-        if conf:
-            resolvconf.install(conf, welcome.resolv_conf)
+        conf = _give_resolver(target, welcome.resolv_conf)
         exited = asyncio.ensure_future(process_exit(target.pid)) if target.pid is not None else None
         try:
             say(f"{target.label} is in the pod's network (tunnel address {welcome.client_addr}, "
@@ -156,7 +170,10 @@ def _hold(session: LocalSession, target: Target) -> Callable[[NetNs, protocol.We
             if exited:
                 exited.cancel()
             if conf:
-                resolvconf.restore(conf)
+                try:
+                    conf.restore()
+                finally:
+                    conf.close()
     return use
 
 
@@ -218,4 +235,5 @@ def hold() -> int:
 
 def own_namespace(dns: bool = True) -> Target:
     """The sidecar's target: the namespace (and resolv.conf) its container shares with the stack."""
-    return Target("/proc/self/ns/net", "/etc/resolv.conf" if dns else None, None, "this namespace")
+    return Target("/proc/self/ns/net", resolvconf.Place("/", "/etc/resolv.conf") if dns else None, None,
+                  "this namespace")
