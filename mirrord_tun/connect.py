@@ -20,6 +20,13 @@ class SetupError(Exception):
     """Anything that stops a session before the command starts (exit 2)."""
 
 
+def printable(text: object, limit: int = 200) -> str:
+    """Text the agent chose, for the terminal: no escape sequences, no second line, bounded."""
+    if not isinstance(text, str) or not text:
+        return "unknown error"
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
 def parse_hostport(value: str, default_port: int = 2222) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep:
@@ -60,12 +67,13 @@ async def open_channel(address: str, key: asyncssh.SSHKey, pinned: asyncssh.SSHK
     except asyncssh.PermissionDenied:
         raise SetupError(f"agent {address}: our identity key was refused") from None
     except (OSError, asyncssh.Error) as e:
-        raise SetupError(f"agent {address}: {getattr(e, 'strerror', None) or e}") from None
+        # asyncssh's errors may quote the agent's disconnect text.
+        raise SetupError(f"agent {address}: {printable(getattr(e, 'strerror', None) or str(e))}") from None
     sshopts.skip_ignore_padding(conn)
     try:
         await conn.create_session(lambda: session, subsystem=protocol.SUBSYSTEM, encoding=None,
                                   window=sshopts.WINDOW, max_pktsize=sshopts.MAX_PKTSIZE)
     except asyncssh.Error as e:
         conn.close()
-        raise SetupError(f"agent {address}: cannot open the mirrord-ns channel: {e}") from None
+        raise SetupError(f"agent {address}: cannot open the mirrord-ns channel: {printable(str(e))}") from None
     return conn

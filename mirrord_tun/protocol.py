@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import json
+import re
 import struct
 from typing import Any, Iterator
 
@@ -24,6 +26,7 @@ MIN_VERSION = 1
 MIRROR_VERSION = 2  # first version with SUBSCRIBE and MIRROR
 SUBSYSTEM = "mirrord-ns"
 MAX_BODY = 1 << 20  # bigger frames are skipped whole and counted, never buffered
+MAX_CONTROL = 128 * 1024  # a JSON body; the largest real one is a WELCOME with a 64 KiB resolv.conf
 
 _HEADER = struct.Struct("!IB")
 _LEN = struct.Struct("!I")
@@ -66,8 +69,13 @@ def control(kind: int, payload: dict[str, Any]) -> bytes:
 
 
 def parse_control(body: bytes) -> dict[str, Any]:
+    """A control body as a dict; the peer decides its contents, so callers check every field."""
+    if len(body) > MAX_CONTROL:
+        raise Malformed(f"control body of {len(body)} bytes (at most {MAX_CONTROL})")
     try:
         value = json.loads(body)
+    except RecursionError:  # the decoder recurses per nesting level; MAX_CONTROL bounds the work
+        raise Malformed("control body nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise Malformed(f"bad control body: {e}") from None
     if not isinstance(value, dict):
@@ -156,6 +164,49 @@ class FrameReader:
             yield kind, body
 
 
+MIN_MTU, MAX_MTU = 576, 65535
+MAX_RESOLV_CONF = 64 * 1024
+MAX_POD_ADDRS = 32
+_SESSION_ID = re.compile(r"[0-9a-f]{1,32}")
+
+
+def not_unicast(packed: bytes) -> bool:
+    """An IPv4 address no real host or tunnel end has: this-network (0/8, with the unspecified
+    address), loopback, link-local, multicast, reserved and broadcast (224/3 together)."""
+    first = packed[0]
+    return first == 0 or first == 127 or first >= 224 or (first == 169 and packed[1] == 254)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else text[:20] + "..."
+
+
+_KINDS = {int: "an integer", str: "a string", list: "a list", dict: "an object", bool: "a boolean",
+          float: "a number", type(None): "null"}
+
+
+def _typed(d: dict[str, Any], name: str, kind: type) -> Any:
+    if name not in d:
+        raise Malformed(f"{name} missing")
+    value = d[name]
+    if type(value) is not kind:  # exact: a bool is not an int, a float not a version
+        raise Malformed(f"{name} must be {_KINDS[kind]}, not {_KINDS.get(type(value), type(value).__name__)}")
+    return value
+
+
+def _unicast(value: object, what: str) -> str:
+    if type(value) is not str or len(value) > 15:
+        raise Malformed(f"{what} is not an IPv4 address")
+    try:
+        addr = ipaddress.IPv4Address(value)
+    except ValueError:
+        raise Malformed(f"{what} {_short(value)} is not an IPv4 address") from None
+    if not_unicast(addr.packed):
+        raise Malformed(f"{what} {addr} is not a unicast address")
+    return str(addr)
+
+
 @dataclasses.dataclass
 class Welcome:
     """What the agent tells the client once its side of the tunnel exists."""
@@ -172,10 +223,35 @@ class Welcome:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Welcome":
+    def from_json(cls, d: dict[str, Any], offered: int = VERSION) -> "Welcome":
+        """Checked field by field: these values become addresses, routes, nft rules and a file.
+
+        Messages name the field and quote at most a short, escaped value: they reach the terminal.
+        """
+        version = _typed(d, "version", int)
+        if not MIN_VERSION <= version <= min(offered, VERSION):
+            raise Malformed(f"version {_short(version)} out of range {MIN_VERSION}-{min(offered, VERSION)}")
+        session = _typed(d, "session", str)
+        if not _SESSION_ID.fullmatch(session):
+            raise Malformed("session is not a short hex id")
+        client = _unicast(d.get("client_addr"), "client_addr")
+        agent = _unicast(d.get("agent_addr"), "agent_addr")
+        if client == agent:
+            raise Malformed(f"client_addr and agent_addr are both {client}")
+        mtu = _typed(d, "mtu", int)
+        if not MIN_MTU <= mtu <= MAX_MTU:
+            raise Malformed(f"mtu {_short(mtu)} out of range {MIN_MTU}-{MAX_MTU}")
+        listed = _typed(d, "pod_addrs", list)
+        if len(listed) > MAX_POD_ADDRS:
+            raise Malformed(f"{len(listed)} pod_addrs (at most {MAX_POD_ADDRS})")
+        pod_addrs = list(dict.fromkeys(_unicast(a, "pod address") for a in listed))
+        if {client, agent} & set(pod_addrs):
+            raise Malformed("a pod address is a tunnel address")
+        resolv_conf = _typed(d, "resolv_conf", str)
         try:
-            return cls(int(d["version"]), str(d["session"]), str(d["client_addr"]),
-                       str(d["agent_addr"]), int(d["mtu"]), [str(a) for a in d["pod_addrs"]],
-                       str(d["resolv_conf"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise Malformed(f"bad WELCOME: {e!r}") from None
+            size = len(resolv_conf.encode())
+        except UnicodeEncodeError:  # a lone surrogate from a JSON escape: no file can hold it
+            raise Malformed("resolv_conf is not valid text") from None
+        if size > MAX_RESOLV_CONF:
+            raise Malformed(f"resolv_conf of {size} bytes (at most {MAX_RESOLV_CONF})")
+        return cls(version, session, client, agent, mtu, pod_addrs, resolv_conf)

@@ -3,7 +3,8 @@
 1. The kernel routes a packet into the TUN; `loop.add_reader` wakes `_on_readable`.
 2. Every packet ready is read at once (up to a batch limit) and checked by `admit_out`.
 3. The batch becomes one PACKETS frame: one SSH channel write, not one per packet.
-4. The peer splits the frame and checks each packet with `admit_in` (source, version).
+4. The peer splits the frame and checks each packet with `admit_in` (source, version) and
+   `vnet_check` (the virtio-net header: the other end is not trusted to write a sane one).
 5. Accepted packets are written to the peer's TUN, and its kernel forwards or delivers them.
 
 Backpressure: when the channel's send buffer passes its high-water mark, asyncssh
@@ -16,6 +17,7 @@ import asyncio
 import collections
 import ipaddress
 import os
+import struct
 from typing import Callable
 
 from mirrord_tun.netns.tun import MAX_PACKET, VNET_HDR_LEN
@@ -36,6 +38,40 @@ def ipv4_only(pkt: bytes) -> str | None:
     if version == 4:
         return None
     return "dropped_ipv6" if version == 6 else "dropped_malformed"
+
+
+# struct virtio_net_hdr (linux/virtio_net.h), in host byte order as a legacy TUN uses it.
+_VNET = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+_NEEDS_CSUM, _DATA_VALID = 0x01, 0x02
+_GSO_NONE, _GSO_TCPV4, _GSO_ECN = 0x00, 0x01, 0x80
+_TCP, _TCP_CHECK = 6, 16  # protocol number; offsetof(struct tcphdr, check)
+MIN_GSO_SIZE = 48  # Linux's smallest TCP MSS (tcp_min_snd_mss): less only multiplies segments
+
+
+def vnet_check(pkt: bytes) -> str | None:
+    """The virtio-net header of a packet from the peer, before our kernel acts on it.
+
+    With offloads on, the header tells the kernel where to put a checksum and how to
+    cut a super-packet into segments; a hostile one aims those writes or multiplies
+    the work. Allowed is exactly what a TUN with our offloads hands out: no flag but
+    NEEDS_CSUM/DATA_VALID, a checksum inside the packet, and GSO only as TCP over
+    IPv4 (the only family carried) with a real segment size and its checksum at the
+    TCP header. The hot path: one unpack and a few comparisons.
+    """
+    size = len(pkt) - _IP
+    if size < 20:
+        return "dropped_malformed"
+    flags, gso, hdr_len, gso_size, csum_start, csum_offset = _VNET.unpack_from(pkt)
+    if (flags & ~(_NEEDS_CSUM | _DATA_VALID) or hdr_len > size
+            or (flags & _NEEDS_CSUM and csum_start + csum_offset + 2 > size)):
+        return "dropped_bad_vnet"
+    if gso == _GSO_NONE:
+        return None
+    if (gso & ~_GSO_ECN != _GSO_TCPV4 or gso_size < MIN_GSO_SIZE or not flags & _NEEDS_CSUM
+            or pkt[_IP] >> 4 != 4 or pkt[_IP + 9] != _TCP or csum_start != (pkt[_IP] & 0x0F) * 4
+            or csum_offset != _TCP_CHECK):
+        return "dropped_bad_vnet"
+    return None
 
 
 def _address_is(offset: int, addrs: tuple[str, ...], reason: str) -> Check:
@@ -123,7 +159,7 @@ class TunPump:
             c["dropped_frames_malformed"] += 1
             return
         for pkt in packets:
-            reason = self._admit_in(pkt)
+            reason = self._admit_in(pkt) or vnet_check(pkt)
             if reason:
                 c[reason] += 1
                 continue
@@ -133,7 +169,7 @@ class TunPump:
                 c["dropped_tun_full"] += 1
                 continue
             except OSError:
-                # EINVAL and friends: the kernel refused this packet (bad virtio header).
+                # EINVAL and friends: the kernel refused this packet (a header it still found bad).
                 c["dropped_rejected"] += 1
                 continue
             c["packets_in"] += 1

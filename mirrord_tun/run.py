@@ -11,18 +11,19 @@ import contextlib
 import glob
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 import asyncssh
 
 from mirrord_tun import protocol
 from mirrord_tun.channel import FrameSession
-from mirrord_tun.connect import SetupError, open_channel
+from mirrord_tun.connect import SetupError, open_channel, printable
 from mirrord_tun.mirror import Mirror
 from mirrord_tun.netns import exec as nsexec
 from mirrord_tun.netns import links
@@ -62,7 +63,7 @@ class LocalSession:
         self.pump: TunPump | None = None
         loop = asyncio.get_running_loop()
         self._welcome: asyncio.Future[protocol.Welcome] = loop.create_future()
-        self._stats: asyncio.Future[dict[str, Any]] | None = None
+        self._stats: asyncio.Future[dict[str, int]] | None = None
         self._lost: asyncio.Future[str] = loop.create_future()
 
     # Endpoint
@@ -77,12 +78,13 @@ class LocalSession:
             if kind == AgentMsg.WELCOME and not self._welcome.done():
                 self._welcome.set_result(protocol.Welcome.from_json(protocol.parse_control(body)))
             elif kind == AgentMsg.ERROR:
-                msg = protocol.parse_control(body).get("error", "unknown error")
+                msg = printable(protocol.parse_control(body).get("error"))
                 if not self._welcome.done():
                     self._welcome.set_exception(SetupError(f"agent refused the session: {msg}"))
                 log.error("agent: %s", msg)
             elif kind == AgentMsg.STATS and self._stats and not self._stats.done():
-                self._stats.set_result(protocol.parse_control(body))
+                self._stats.set_result({k: v for k, v in protocol.parse_control(body).items()
+                                        if type(v) is int and _COUNTER.fullmatch(k)})
             else:
                 self.counters["dropped_frames_unexpected"] += 1
         except protocol.Malformed as e:
@@ -99,7 +101,7 @@ class LocalSession:
             self.pump.resume()
 
     def on_closed(self, exc: Exception | None) -> None:
-        reason = str(exc) if exc else "the agent closed the session"
+        reason = printable(str(exc)) if exc else "the agent closed the session"  # may quote the agent
         if not self._welcome.done():
             self._welcome.set_exception(SetupError(f"agent {self.agent}: {reason}"))
         if not self._lost.done():
@@ -110,7 +112,7 @@ class LocalSession:
         """Resolves with the reason when the tunnel goes down."""
         return self._lost
 
-    async def agent_stats(self) -> dict[str, Any]:
+    async def agent_stats(self) -> dict[str, int]:
         self._stats = asyncio.get_running_loop().create_future()
         self.chan.write(protocol.control(ClientMsg.STATS, {}))
         return await asyncio.wait_for(self._stats, 5)
@@ -156,7 +158,8 @@ class LocalSession:
             elif self.mirror_ports is not None and welcome.pod_addrs:
                 addrs = self._mirrorable(welcome.pod_addrs)
                 if addrs:
-                    self.mirror = Mirror(ns, addrs, self.mirror_ports, self.chan.write, self.counters)
+                    self.mirror = Mirror(ns, addrs, [*welcome.pod_addrs, welcome.client_addr, welcome.agent_addr],
+                                         self.mirror_ports, self.chan.write, self.counters)
                     await self.mirror.start()
             return await use(ns, welcome)
         finally:
@@ -257,6 +260,9 @@ class LocalSession:
             log.info("agent: %s", ", ".join(f"{k} {v}" for k, v in sorted(stats.items())))
         except (asyncio.TimeoutError, protocol.Malformed):
             pass
+
+
+_COUNTER = re.compile(r"[a-z0-9_]{1,64}")
 
 
 async def process_exit(pid: int) -> None:

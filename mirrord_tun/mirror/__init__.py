@@ -1,13 +1,21 @@
 """Inbound mirror, local side: ports to subscribe, streams to rebuild, deliveries to make.
 
-Frames flow: agent capture -> MIRROR frame -> `Mirror.deliver` -> reassembly
-(pure, per TCP stream) -> events -> delivery (transparent sockets toward the
-program). See "Inbound mirror" in README.md.
+Frames flow: agent capture -> MIRROR frame -> `Mirror.deliver` -> `admit` ->
+reassembly (pure, per TCP stream) -> events -> delivery (transparent sockets
+toward the program). See "Inbound mirror" in README.md.
+
+The agent is not trusted to choose what `run`'s transparent sockets do: `admit`
+passes only copies of TCP or UDP sent to a pod address on a port we subscribed,
+from an address that could be a real client (never loopback, multicast,
+link-local or one of the session's own addresses), so nothing reaches a
+127.0.0.1-only listener, a port never mirrored, or looks like it came from inside.
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 import time
 from typing import Callable
 
@@ -20,6 +28,34 @@ from mirrord_tun.pump import Counters
 
 log = logging.getLogger("mirrord-ns")
 EXPIRE_INTERVAL = 1.0
+_L4_HEADER = {socket.IPPROTO_TCP: 20, socket.IPPROTO_UDP: 8}
+
+
+def admit(pkt: bytes, pods: frozenset[bytes], own: frozenset[bytes], subscribed: Callable[[int], bool]) -> str | None:
+    """None for a copy to deliver, else the counter it is dropped under.
+
+    `pods`: the packed pod addresses this mirror serves; `own`: every address of the
+    session (pod and tunnel addresses); `subscribed(port)`: whether we asked for that pod port.
+    """
+    if len(pkt) < 20 or pkt[0] >> 4 != 4:
+        return "dropped_mirror_malformed"
+    l4 = _L4_HEADER.get(pkt[9])
+    if l4 is None:
+        return "dropped_mirror_protocol"
+    ihl = (pkt[0] & 0x0F) * 4
+    total = int.from_bytes(pkt[2:4], "big")
+    # total 0: a GRO packet past 64 KiB (BIG TCP) has no length of its own; the copy is whole.
+    if (ihl < 20 or ihl + l4 > len(pkt) or (total and not ihl + l4 <= total <= len(pkt))
+            or int.from_bytes(pkt[6:8], "big") & 0x1FFF):  # a later fragment: no ports in it
+        return "dropped_mirror_malformed"
+    if pkt[16:20] not in pods:
+        return "dropped_mirror_destination"
+    if not subscribed(int.from_bytes(pkt[ihl + 2 : ihl + 4], "big")):
+        return "dropped_mirror_port"
+    src = pkt[12:16]
+    if src in own or protocol.not_unicast(src) or not pkt[ihl] | pkt[ihl + 1]:
+        return "dropped_mirror_source"
+    return None
 
 
 class Mirror:
@@ -29,10 +65,14 @@ class Mirror:
     namespace away again: an attached namespace must be given back as it was.
     """
 
-    def __init__(self, ns: NetNs, pod_addrs: list[str], mapping: dict[int, int],
+    def __init__(self, ns: NetNs, pod_addrs: list[str], own_addrs: list[str], mapping: dict[int, int],
                  send: Callable[[bytes], None], counters: Counters) -> None:
+        """`pod_addrs`: the pod addresses to mirror; `own_addrs`: every address of the session
+        (all the pod's, mirrored or not, and both tunnel ends): no copy may come from one."""
         self._ns = ns
-        self._pod_addrs = pod_addrs
+        self._pod_addrs = [ipaddress.IPv4Address(a) for a in pod_addrs]
+        self._pods = frozenset(a.packed for a in self._pod_addrs)
+        self._own = frozenset(ipaddress.IPv4Address(a).packed for a in own_addrs)
         self.counters = counters
         self.ports = PortWatcher(ns, pod_addrs, mapping, lambda p: send(protocol.subscribe(p)))
         self.streams = Reassembler(counters)
@@ -61,7 +101,14 @@ class Mirror:
             return
         now = time.monotonic()
         d = self.deliveries
+        c = self.counters
+        pods, own = self._pods, self._own
+        subscribed = lambda port: self.ports.subscribed(port, now)  # noqa: E731
         for pkt in packets:
+            reason = admit(pkt, pods, own, subscribed)
+            if reason:
+                c[reason] += 1
+                continue
             for ev in self.streams.feed(pkt, now):
                 if isinstance(ev, Data):
                     d.data(ev.flow, ev.data)

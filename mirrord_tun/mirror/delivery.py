@@ -31,10 +31,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import socket
 import struct
 import time
-from typing import Callable, cast
+from typing import Callable, Sequence, cast
 
 from pyroute2 import IPRoute, NetlinkError
 
@@ -62,20 +63,24 @@ UDP_QUEUE = 64
 _RST_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
 
 
-def install_routing(pod_addrs: list[str]) -> None:
-    """Runs in the local namespace; `remove_routing` is its undo."""
+def install_routing(pod_addrs: Sequence[ipaddress.IPv4Address]) -> None:
+    """Runs in the local namespace; `remove_routing` is its undo.
+
+    Address objects, not strings: they go into an nft script, which must only ever see
+    a dotted quad there, whatever the agent sent.
+    """
     with IPRoute() as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
         for addr in pod_addrs:
             try:
-                ipr.addr("add", index=lo, address=addr, prefixlen=32, label=LO_LABEL)
+                ipr.addr("add", index=lo, address=str(addr), prefixlen=32, label=LO_LABEL)
             except NetlinkError as e:
                 if e.code != errno.EEXIST:  # already local here: not ours, so left alone later
                     raise
         ipr.rule("add", fwmark=MARK, table=LOCAL_TABLE, priority=RULE_PRIORITY)
         ipr.route("add", dst="0.0.0.0/0", type="local", scope="host", oif=lo, table=LOCAL_TABLE,
                   proto=RTPROT_MIRRORD)
-    pods = "{ " + ", ".join(pod_addrs) + " }"
+    pods = "{ " + ", ".join(str(ipaddress.IPv4Address(a)) for a in pod_addrs) + " }"
     nft.run(
         f"table ip {NFT_TABLE} {{\n"
         # Mirrored UDP peers, remembered from our own deliveries to the pod's address.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Callable
 
 from mirrord_tun.netns import sockdiag
@@ -19,6 +20,9 @@ from mirrord_tun.protocol import MAX_PORTS
 
 log = logging.getLogger("mirrord-ns")
 POLL_INTERVAL = 0.25
+# Copies the agent captured before it applied our last SUBSCRIBE may still be on the way:
+# ports just unsubscribed stay acceptable this long, so those are not counted as hostile.
+RESUBSCRIBE_GRACE = 2.0
 
 
 def parse_port(spec: str) -> tuple[int, int]:
@@ -41,9 +45,17 @@ class PortWatcher:
         self._mapping = mapping  # remote -> local, from --port
         self._subscribe = subscribe
         self.ports: set[int] | None = None  # what the agent was last told
+        self._previous: set[int] = set()
+        self._previous_until = 0.0
 
     def local_port(self, remote: int) -> int:
         return self._mapping.get(remote, remote)
+
+    def subscribed(self, port: int, now: float) -> bool:
+        """Whether copies for pod port `port` are ones we asked for (`now`: time.monotonic())."""
+        if self.ports is not None and port in self.ports:
+            return True
+        return now < self._previous_until and port in self._previous
 
     async def run(self) -> None:
         mapped_locals = {local for remote, local in self._mapping.items() if local != remote}
@@ -56,5 +68,6 @@ class PortWatcher:
             if ports != self.ports:
                 log.info("mirroring pod ports: %s", ",".join(map(str, sorted(ports))) or "none")
                 self._subscribe(ports)
+                self._previous, self._previous_until = self.ports or set(), time.monotonic() + RESUBSCRIBE_GRACE
                 self.ports = ports
             await asyncio.sleep(POLL_INTERVAL)
