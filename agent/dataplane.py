@@ -1,19 +1,30 @@
 """What one session puts into the target's namespace, and how it is all taken out.
 
 Per session: a TUN `mrd<sid>` carrying a /30 from 100.64.0.0/10 (agent .1, client
-.2), an nft table `mirrord_ns_<sid>` that masquerades the client address as the
-pod, and net.ipv4.ip_forward=1 — or, where /proc/sys is read-only (an
-unprivileged container), forwarding set per device over rtnetlink on the TUN and
-the links replies come in on. The table's comment records the owning agent
-process and the forwarding found before any session touched it (the sysctl, and
-the links that had it off), so that whoever removes the last table (the session,
-the agent's guard, or the next agent start) can put forwarding back. The TUN needs no cleanup: it vanishes with
-the fd. Every function runs in the target namespace's thread.
+.2), and an nft table `mirrord_ns_<sid>` that masquerades the client address as
+the pod and keeps the pod from becoming a router into the laptop: only
+connections the client opens leave its TUN, only their replies enter it, and
+the agent-side address answers the client alone.
+
+Forwarding is switched on per device over rtnetlink, never with
+net.ipv4.ip_forward: IPv4 forwards by the flag of the device a packet comes in
+on, so the TUN (the client's packets) and the links replies come in on are
+enough, and writing ip_forward would also rewrite every device's flag and
+net.ipv4.conf.all.accept_redirects. The links switched on forwarded nothing
+before, and the forward chain keeps it so for all but our replies.
+
+The table's comment records the owning agent process and what forwarding was
+before any session touched it (the links that had it off), so that whoever
+removes the last table (the session, the agent's guard, or the next agent
+start) puts exactly that back. Tables of older agents, which set ip_forward
+themselves, are read and restored too. The TUN needs no cleanup: it vanishes
+with the fd. Every function runs in the target namespace's thread.
 """
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import random
 import re
 from typing import NamedTuple
@@ -22,22 +33,37 @@ from mirrord_tun.agent import owner
 from mirrord_tun.netns import links, nft
 from mirrord_tun.netns.tun import Tun
 
+log = logging.getLogger("mirrord-ns.agent")
 TABLE_PREFIX = "mirrord_ns_"
 TUN_PREFIX = "mrd"
 TUNNEL_NET = ipaddress.IPv4Network("100.64.0.0/10")
-_COMMENT = re.compile(r"owner=(\S+) fwd=([01])(?: dev=(\S*))?")
+# Session tables only: the mirror's and attach's tables (mirrord_ns_mirror, ...) are not a session's.
+_SESSION_TABLE = re.compile(re.escape(TABLE_PREFIX) + r"[0-9a-f]+")
+# `ip_forward=untouched` marks tables of agents that never write the sysctl; older ones
+# wrote it whenever `fwd=0`, and the last of their tables to go must write it back.
+_COMMENT = re.compile(r"owner=(\S+) fwd=([01])(?: dev=(\S*))?( ip_forward=untouched)?")
+# Link names are the namespace's, so chosen by whoever has NET_ADMIN there: only plain
+# ones go into an nft script or a comment (a name may hold quotes or braces).
+_PLAIN_LINK = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+# This process's open sessions and their records, by table: still there if someone deleted the tables.
+_open: dict[str, _Record] = {}
 
 
 class SessionPlane:
     """The kernel state of one session; `close()` removes all of it."""
 
     def __init__(self, sid: str) -> None:
+        if not _SESSION_TABLE.fullmatch(TABLE_PREFIX + sid):
+            raise ValueError(f"bad session id {sid!r}")
         self.sid = sid
         self.table = TABLE_PREFIX + sid
         self.tun: Tun | None = None
         self.agent_addr = self.client_addr = ""
         self.mtu = 1500
         self.pod_addrs: list[str] = []
+        # What the table records, kept here as well: a container with NET_ADMIN may delete
+        # the table, and forwarding must still go back when the session ends.
+        self.record: _Record | None = None
 
     def open(self) -> None:
         block = _free_block()
@@ -47,26 +73,57 @@ class SessionPlane:
         try:
             self.tun = Tun(TUN_PREFIX + self.sid)
             links.bring_up_tun(self.tun.name, [self.agent_addr], self.mtu, peers=[self.client_addr])
-            fwd_before, links_off = _forwarding_before_us()
-            nft.run(
-                f"table ip {self.table}\ndelete table ip {self.table}\n"
-                f"table ip {self.table} {{\n"
-                f'  comment "owner={owner.me()} fwd={int(fwd_before)} dev={",".join(links_off)}"\n'
-                "  chain postrouting {\n"
-                "    type nat hook postrouting priority srcnat; policy accept;\n"
-                f'    ip saddr {self.client_addr} oifname != "{self.tun.name}" masquerade\n'
-                "  }\n}\n"
-            )
-            _enable_forwarding(self.tun.name, links_off)
+            self.record = _open[self.table] = record = _forwarding_before_us()
+            nft.run(_ruleset(self.table, self.tun.name, block, record))
+            present = set(links.links_except(TUN_PREFIX))
+            for name in [self.tun.name, *(d for d in record.links_off if d in present)]:
+                links.set_device_forwarding(name, True)
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
-        _remove_tables([self.table])
+        if self.record:
+            _open.pop(self.table, None)
+            _remove_tables({self.table: self.record})
+            self.record = None
         if self.tun:
             self.tun.close()
             self.tun = None
+
+
+def _ruleset(table: str, tun: str, block: ipaddress.IPv4Network, record: _Record) -> str:
+    """The session's table; every name and address in it is ours or checked (_plain_links)."""
+    agent, client = block[1], block[2]
+    switched_on = ", ".join(f'"{name}"' for name in record.links_off)
+    return (
+        f"table ip {table}\ndelete table ip {table}\n"
+        f"table ip {table} {{\n"
+        f'  comment "{record.comment()}"\n'
+        "  chain postrouting {\n"
+        "    type nat hook postrouting priority srcnat; policy accept;\n"
+        f'    ip saddr {client} oifname != "{tun}" masquerade\n'
+        "  }\n"
+        "  chain forward {\n"
+        "    type filter hook forward priority filter; policy accept;\n"
+        f'    iifname "{tun}" ip saddr != {client} drop\n'
+        f'    iifname "{tun}" oifname "{TUN_PREFIX}*" drop\n'  # never from one session into another
+        f'    oifname "{tun}" ct state established,related accept\n'
+        # Steal goes here: accept `ct status dnat` with exactly the ports it DNATs itself.
+        f'    oifname "{tun}" drop\n'
+        # Links that forwarded nothing before us forward only our replies (above) now.
+        + (f'    iifname {{ {switched_on} }} oifname != "{TUN_PREFIX}*" drop\n' if switched_on else "")
+        + "  }\n"
+        "  chain input {\n"
+        "    type filter hook input priority filter; policy accept;\n"
+        f'    ip daddr {agent} iifname != "{tun}" drop\n'
+        "  }\n"
+        "  chain output {\n"
+        "    type filter hook output priority filter; policy accept;\n"
+        # The pod's own processes answer the client (established, ICMP errors), never call it.
+        f'    oifname "{tun}" ct state new drop\n'
+        "  }\n}\n"
+    )
 
 
 def _free_block() -> ipaddress.IPv4Network:
@@ -81,51 +138,63 @@ def _free_block() -> ipaddress.IPv4Network:
 
 class _Record(NamedTuple):
     owner: str
-    forwarding: bool  # net.ipv4.ip_forward before the first session
+    ip_forward: bool  # net.ipv4.ip_forward before the first session
     links_off: list[str]  # links whose forwarding was off before the first session
+    writes_ip_forward: bool  # an older agent turned ip_forward on: the last table out turns it off
+
+    def comment(self) -> str:
+        untouched = "" if self.writes_ip_forward else " ip_forward=untouched"
+        return f"owner={self.owner} fwd={int(self.ip_forward)} dev={','.join(self.links_off)}{untouched}"
+
+
+def _plain_links(names: list[str]) -> list[str]:
+    plain = [n for n in names if _PLAIN_LINK.fullmatch(n)]
+    if len(plain) < len(names):
+        log.warning("not forwarding on links with unusual names: %s", sorted(set(names) - set(plain)))
+    return plain
 
 
 def _ours() -> dict[str, _Record]:
     """Our tables in this namespace and what their comments record."""
     out = {}
     for name, comment in nft.tables("ip", TABLE_PREFIX).items():
+        if not _SESSION_TABLE.fullmatch(name):
+            continue
         m = _COMMENT.search(comment)
         # Without a record, assume forwarding was on: never switch off what we cannot prove we switched on.
-        out[name] = _Record(m[1], m[2] == "1", [d for d in (m[3] or "").split(",") if d]) if m \
-            else _Record("", True, [])
+        out[name] = _Record(m[1], m[2] == "1", _plain_links([d for d in (m[3] or "").split(",") if d]),
+                            m[2] == "0" and not m[4]) if m else _Record("", True, [], False)
     return out
 
 
-def _forwarding_before_us() -> tuple[bool, list[str]]:
-    existing = list(_ours().values())
-    if existing:
-        return all(r.forwarding for r in existing), sorted({d for r in existing for d in r.links_off})
-    return links.read_ip_forward(), [d for d in links.links_except(TUN_PREFIX) if not links.device_forwarding(d)]
+def _forwarding_before_us() -> _Record:
+    existing = list({**_open, **_ours()}.values())
+    if existing:  # the first session's record, carried on by every later one
+        links_off = sorted({d for r in existing for d in r.links_off})
+        return _Record(owner.me(), all(r.ip_forward for r in existing), links_off,
+                       any(r.writes_ip_forward for r in existing))
+    off = [d for d in _plain_links(links.links_except(TUN_PREFIX)) if not links.device_forwarding(d)]
+    return _Record(owner.me(), links.read_ip_forward(), off, False)
 
 
-def _enable_forwarding(tun: str, links_off: list[str]) -> None:
-    try:
-        links.write_ip_forward(True)
-    except OSError:  # read-only /proc/sys: the same effect per device
-        for name in [tun, *links_off]:
-            links.set_device_forwarding(name, True)
-
-
-def _remove_tables(names: list[str]) -> None:
-    tables = _ours()
-    doomed = [n for n in names if n in tables]
+def _remove_tables(doomed: dict[str, _Record]) -> None:
+    """Delete `doomed` tables; with the last of ours, put forwarding back as they record."""
+    others = (set(_ours()) | set(_open)) - set(doomed)
     for name in doomed:
         nft.delete_table("ip", name)
-    if doomed and not set(tables) - set(doomed):
-        with contextlib.suppress(OSError):
-            links.write_ip_forward(all(tables[n].forwarding for n in doomed))
+    if doomed and not others:
+        if any(r.writes_ip_forward for r in doomed.values()):
+            # An older agent's write of 1 set conf.all.accept_redirects to 0; writing 0
+            # sets it back to 1, the kernel's default, which is all that can be known of before.
+            with contextlib.suppress(OSError):
+                links.write_ip_forward(False)
         present = set(links.links_except(TUN_PREFIX))
-        for name in sorted({d for n in doomed for d in tables[n].links_off} & present):
+        for name in sorted({d for r in doomed.values() for d in r.links_off} & present):
             links.set_device_forwarding(name, False)
 
 
 def remove_leftovers() -> list[str]:
     """Remove tables whose owning agent is gone (crash, OOM, SIGKILL); idempotent."""
-    dead = [name for name, record in _ours().items() if not owner.alive(record.owner)]
+    dead = {name: record for name, record in _ours().items() if not owner.alive(record.owner)}
     _remove_tables(dead)
-    return dead
+    return list(dead)

@@ -13,6 +13,8 @@ import struct
 
 from pyroute2 import IPRoute
 
+from mirrord_tun.netns import routes
+
 _RTM_SETLINK = 19
 _NLM_F_REQUEST, _NLM_F_ACK = 0x1, 0x4
 _NLA_F_NESTED = 0x8000
@@ -40,7 +42,9 @@ def bring_up_tun(name: str, addresses: list[str], mtu: int, peers: list[str] = [
 
 
 def make_default_via(name: str) -> None:
-    """lo up and a default route through `name`: the whole namespace uses it."""
+    """lo up and a default route through `name`: the whole namespace uses it, and
+    nothing opens a connection into it through `name` (the guard goes with the namespace)."""
+    routes.refuse_inbound(name)
     with IPRoute() as ipr:
         ipr.link("set", index=_index(ipr, "lo"), state="up")
         ipr.route("add", dst="0.0.0.0", dst_len=0, oif=_index(ipr, name))

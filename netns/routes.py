@@ -5,27 +5,64 @@ route via its bridge. Instead of replacing them, two /1 routes through the TUN
 outrank the default route by prefix length and leave every more specific route
 (the container's own subnets) in force. The kernel deletes them with the TUN, so
 even a killed `attach` leaves the namespace's original routing working. Only the
-pins (below) outlive the TUN; every route made here carries RTPROT_MIRRORD so
-the next attach finds and removes what a killed one left.
+pins (below) and the inbound guard outlive the TUN; every route made here
+carries RTPROT_MIRRORD and the guard is the nft table INBOUND_TABLE, so the next
+attach finds and removes what a killed one left.
+
+The inbound guard (`refuse_inbound`) keeps the tunnel one-way for connections:
+whatever the pod's end lets through (a neighbour routing 100.64.0.0/10 via the
+pod, a container that flushed the agent's table, a hostile agent), nothing opens a
+connection into this namespace through the TUN. Replies to what the namespace
+opened, and the ICMP errors that go with them (ping, traceroute, PMTU), pass. The
+inbound mirror is unaffected: it delivers over lo, from sockets of its own.
 
 Every function acts on the calling thread's namespace: run them via NetNs.call.
 """
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 from typing import Callable
 
 from pyroute2 import IPRoute, NetlinkError
 
+from mirrord_tun.netns import nft
+
 RTPROT_MIRRORD = 77  # a route protocol number of our own (see /etc/iproute2/rt_protos)
 HALVES = ("0.0.0.0", "128.0.0.0")  # two /1s: more specific than any default route
 RTN_LOCAL = 2
+INBOUND_TABLE = "mirrord_ns_inbound"  # family inet; the prefix marks it as ours, as the agent's tables
+_OUR_TUN = re.compile(r"mrd[0-9a-z]{1,12}")  # only names we made go into the nft script
+
+
+def refuse_inbound(tun: str) -> None:
+    """Drop every packet from TUN `tun` that opens a connection (see the module's doc)."""
+    if not _OUR_TUN.fullmatch(tun):
+        raise ValueError(f"not a TUN of ours: {tun!r}")
+    # prerouting rather than input: also nothing forwarded onwards, should the namespace
+    # route for others (a container with ip_forward on).
+    nft.run(
+        f"table inet {INBOUND_TABLE}\ndelete table inet {INBOUND_TABLE}\n"
+        f"table inet {INBOUND_TABLE} {{\n"
+        "  chain prerouting {\n"
+        "    type filter hook prerouting priority filter; policy accept;\n"
+        f'    iifname "{tun}" ct state established,related accept\n'
+        f'    iifname "{tun}" drop\n'
+        "  }\n}\n"
+    )
+
+
+def remove_inbound_guard() -> None:
+    nft.delete_table("inet", INBOUND_TABLE)
 
 
 def remove_leftovers() -> int:
-    """Delete the routes a killed earlier session left; returns how many."""
+    """Delete the routes and the inbound guard a killed earlier session left; returns how many."""
     n = 0
+    if nft.tables("inet", INBOUND_TABLE):
+        remove_inbound_guard()
+        n += 1
     with IPRoute() as ipr:
         for r in ipr.get_routes(family=socket.AF_INET, table=254):
             if r["proto"] != RTPROT_MIRRORD:
@@ -41,29 +78,36 @@ def steer_into(name: str, keep: list[str]) -> Callable[[], None]:
 
     `keep` holds the agent's address when our SSH connection itself lives in
     this namespace: it is pinned (a /32) to the path it takes now, or the tunnel
-    would carry its own packets. Returns the undo, for after the TUN is gone.
+    would carry its own packets. Inbound connections through the TUN are refused
+    before any route leads there. Returns the undo, for after the TUN is gone.
     """
     pins: list[str] = []
-    with IPRoute() as ipr:
-        idx = ipr.link_lookup(ifname=name)[0]
-        for addr in keep:
-            now = ipr.route("get", dst=addr)[0]
-            if now["type"] == RTN_LOCAL:
-                continue  # an address of this namespace (a local port-forward): never routed
-            via = {"gateway": now.get_attr("RTA_GATEWAY")} if now.get_attr("RTA_GATEWAY") else {}
-            try:
-                ipr.route("add", dst=addr, dst_len=32, oif=now.get_attr("RTA_OIF"), proto=RTPROT_MIRRORD, **via)
-                pins.append(addr)
-            except NetlinkError as e:
-                if e.code != 17:  # EEXIST: a /32 of the namespace's own already pins it
-                    raise
-        for half in HALVES:
-            ipr.route("add", dst=half, dst_len=1, oif=idx, proto=RTPROT_MIRRORD)
 
     def undo() -> None:
         with IPRoute() as ipr:
             for addr in pins:
                 with contextlib.suppress(NetlinkError):
                     ipr.route("del", dst=addr, dst_len=32, proto=RTPROT_MIRRORD)
+        remove_inbound_guard()
 
+    refuse_inbound(name)
+    try:
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=name)[0]
+            for addr in keep:
+                now = ipr.route("get", dst=addr)[0]
+                if now["type"] == RTN_LOCAL:
+                    continue  # an address of this namespace (a local port-forward): never routed
+                via = {"gateway": now.get_attr("RTA_GATEWAY")} if now.get_attr("RTA_GATEWAY") else {}
+                try:
+                    ipr.route("add", dst=addr, dst_len=32, oif=now.get_attr("RTA_OIF"), proto=RTPROT_MIRRORD, **via)
+                    pins.append(addr)
+                except NetlinkError as e:
+                    if e.code != 17:  # EEXIST: a /32 of the namespace's own already pins it
+                        raise
+            for half in HALVES:
+                ipr.route("add", dst=half, dst_len=1, oif=idx, proto=RTPROT_MIRRORD)
+    except BaseException:
+        undo()
+        raise
     return undo

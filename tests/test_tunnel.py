@@ -128,7 +128,7 @@ def test_two_sessions_at_once(cluster: Cluster, tmp_path: Path) -> None:
     assert code_a == 0, err_a
     # a's table is gone but b's stays, and forwarding stays on for b.
     assert wait_until(lambda: len([x for x in leftovers(cluster.sb) if "mirrord_ns_" in x]) == 1, CLEAN_TIMEOUT)
-    assert "ip_forward=1" in leftovers(cluster.sb)
+    assert "conf/eth0/forwarding=1" in leftovers(cluster.sb)
     (tmp_path / "go").touch()
     code_b, out_b, err_b = finish(b)
     assert code_b == 0, err_b
