@@ -109,7 +109,7 @@ def test_dead_agent_next_start_cleans_up(fresh_cluster: Cluster) -> None:
     _session_then_dead_agent(fresh_cluster, [guard.pid, worker])
     assert wait_until(lambda: not pid_alive(worker), CLEAN_TIMEOUT)
     left = leftovers(sb)
-    assert any("mirrord_ns_" in item for item in left) and "ip_forward=1" in left, left
+    assert any("mirrord_ns_" in item for item in left) and "conf/eth0/forwarding=1" in left, left
     sb.start_agent()  # returns once it prints "listening", i.e. after its start-up cleanup
     assert leftovers(sb) == []
     # The new agent serves as usual.
