@@ -1,7 +1,7 @@
 """The guard: a parent that outlives the agent worker and cleans up after it.
 
 The worker can die in ways that run no `finally` (SIGKILL, the OOM killer); its
-TUNs go with its fds, but nft tables and ip_forward stay. The guard forks the
+TUNs go with its fds, but nft tables and per-device forwarding stay. The guard forks the
 worker before any thread exists, forwards termination signals to it, and when it
 dies removes every table whose owner is no longer alive.
 """
