@@ -3,7 +3,8 @@
 Each half is skipped with a note rather than failing when it cannot run (no
 kubeconfig, no kubernetes client installed, not root), so the command is always
 safe to try. Sessions that are still running are never touched: agent objects
-are picked by this user's labels, nft tables only when their owning agent is dead.
+are picked by this user's labels, nft tables only when their owning agent is dead,
+demo sandboxes only when the process that made them is gone.
 """
 from __future__ import annotations
 
@@ -38,14 +39,17 @@ def clean_cluster(context: str | None, kubeconfig: str | None, namespace: str | 
 
 
 def clean_host() -> list[str]:
-    """nft tables of dead agents in this namespace and every named one; stale run files."""
+    """Sandboxes of dead `demo`s; resolver files a killed attach left rewritten; nft tables of
+    dead agents in this namespace and every named one; stale run files."""
     if os.geteuid() != 0:
         log.warning("not root: skipping this host's namespaces")
         return []
     from mirrord_tun.agent.guard import sweep
+    from mirrord_tun.netns.resolvconf import restore_leftovers
     from mirrord_tun.run import remove_stale_resolv_files
+    from mirrord_tun.sandbox import remove_stale
 
-    removed = remove_stale_resolv_files()
+    removed = remove_stale() + restore_leftovers(log.warning) + remove_stale_resolv_files()
     for path in ["/proc/self/ns/net", *sorted(glob.glob("/run/netns/*"))]:
         try:
             removed += [f"nft table {t} in {path}" for t in sweep(path)]

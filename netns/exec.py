@@ -3,15 +3,23 @@
 The child joins the network namespace, gets a private mount namespace in which
 /etc/resolv.conf is the pod's, drops to the invoking user, and asks the kernel
 to SIGTERM it if its parent (`run`) dies without cleaning up.
+
+Privileges are dropped by Popen itself (`user=`, `group=`, `extra_groups=`), in C
+between fork and exec. CPython does that *before* it calls `preexec_fn`, so the
+steps that need root cannot happen in the child: the calling thread enters the
+namespaces, forks, and goes back. setns/unshare bind only the calling thread,
+so the rest of the process never sees them.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import pwd
 import signal
 import subprocess
 from dataclasses import dataclass
+from typing import Iterator
 
 from mirrord_tun.netns.namespace import CLONE_NEWNET, CLONE_NEWNS, mount, setns, unshare
 
@@ -19,6 +27,10 @@ MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 PR_SET_PDEATHSIG = 1
+# Every group may open ICMP echo sockets (what systemd sets on the host): the
+# namespace holds only the user's command, and without it `ping` as the user fails
+# with "permission denied" (a fresh namespace starts at "1 0", nobody).
+PING_GROUP_RANGE = "0 2147483647"
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -49,26 +61,58 @@ def invoking_user() -> User | None:
 
 def spawn(argv: list[str], netns_fd: int, resolv_conf: str | None, user: User | None,
           extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start argv in the namespace; raises FileNotFoundError/PermissionError like Popen."""
+    """Start argv in the namespace (a fresh one of ours: its ping range is opened up).
+
+    Raises FileNotFoundError/PermissionError like Popen, SubprocessError when the
+    namespace cannot be entered.
+    """
     env = dict(os.environ, **(extra_env or {}))
+    drop: dict[str, object] = {}
     if user:
         env.update(HOME=user.home, USER=user.name, LOGNAME=user.name)
+        drop = dict(user=user.uid, group=user.gid, extra_groups=user.groups)
 
     parent = os.getpid()
 
-    def enter() -> None:  # runs in the child between fork and exec
-        setns(netns_fd, CLONE_NEWNET)
-        if resolv_conf:
-            unshare(CLONE_NEWNS)
-            mount(None, "/", None, MS_REC | MS_PRIVATE)
-            mount(resolv_conf, "/etc/resolv.conf", None, MS_BIND)
-        if user:
-            os.setgroups(user.groups)
-            os.setgid(user.gid)
-            os.setuid(user.uid)
-        # Set after the uid change, which would clear it.
+    def die_with_parent() -> None:  # in the child, after Popen changed the uid (which clears it)
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent:  # died before we asked
             os._exit(1)
 
-    return subprocess.Popen(argv, env=env, preexec_fn=enter, close_fds=True)
+    # The fork happens in this thread, so PDEATHSIG follows this thread's life; run calls
+    # spawn from its main thread.
+    with _inside(netns_fd, resolv_conf):
+        return subprocess.Popen(argv, env=env, preexec_fn=die_with_parent, close_fds=True,
+                                **drop)  # type: ignore[call-overload]
+
+
+@contextlib.contextmanager
+def _inside(netns_fd: int, resolv_conf: str | None) -> Iterator[None]:
+    """This thread in the namespace (and, with resolv_conf, a private mount namespace); back after."""
+    own_net = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    own_mnt = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    left_mnt = False
+    try:
+        try:
+            setns(netns_fd, CLONE_NEWNET)
+            with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
+                f.write(PING_GROUP_RANGE)
+            if resolv_conf:
+                # Implies CLONE_FS: this thread alone gets its own root, cwd and mounts (and
+                # keeps its own cwd and umask from now on, which `run` never changes).
+                unshare(CLONE_NEWNS)
+                left_mnt = True
+                mount(None, "/", None, MS_REC | MS_PRIVATE)
+                mount(resolv_conf, "/etc/resolv.conf", None, MS_BIND)
+        except OSError as e:
+            raise subprocess.SubprocessError(f"entering the namespace: {e.strerror or e}") from None
+        yield
+    finally:
+        if left_mnt:
+            # Joining a mount namespace moves root and cwd to its root: put cwd back.
+            setns(own_mnt, CLONE_NEWNS)
+            os.fchdir(cwd)
+        setns(own_net, CLONE_NEWNET)
+        for fd in (own_net, own_mnt, cwd):
+            os.close(fd)

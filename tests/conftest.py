@@ -26,6 +26,11 @@ import pytest
 from mirrord_tun.netns.namespace import pids_in as pids_in_netns  # noqa: F401 (tests import it from here)
 from mirrord_tun.sandbox import ADDRS, Sandbox
 
+# Whoever ran `sudo ./scripts/test` (root in CI, a person on a laptop), the suite sees
+# the same thing: tests that want a sudo user set these variables themselves.
+for _var in [v for v in os.environ if v.startswith("SUDO_")]:
+    del os.environ[_var]
+
 POD, SVC = ADDRS["pod"], ADDRS["svc"]
 UDP_ECHO_PORT = 7
 # Liveness bounds, not speed checks: long enough for a loaded 2-core machine.

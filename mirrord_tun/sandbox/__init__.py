@@ -8,15 +8,19 @@ The node plays the Kubernetes node: it holds the bridge, and the agent runs ther
 with `--netns` pointing at the pod, as an agent pod with hostPID would. The laptop
 reaches only the node, never the cluster network. Used by `mirrord-ns demo`, the
 tests and scripts/bench; everything it makes is named with one random prefix and
-removed by `close()`, processes by PID.
+removed by `close()`, processes by PID. The temp dir records who owns the sandbox
+(`owner`: PID and start time), so `mirrord-ns cleanup` can remove the sandboxes of
+a `demo` that was killed (`remove_stale`) without touching a live one.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -30,6 +34,10 @@ ADDRS = {"node": "198.18.0.1", "pod": "198.18.0.10", "svc": "198.18.0.20",
          "dns": "198.18.0.53", "client": "198.18.0.30"}
 LAPTOP_ADDR, NODE_UPLINK = "198.19.0.1", "198.19.0.2"
 AGENT_PORT = 2222
+PREFIX = "mrds"
+# Children run the installed package: -P keeps the current directory (perhaps the
+# source tree, which lacks agent/ and netns/) off their sys.path.
+PY = (sys.executable, "-P")
 DOMAIN = "default.svc.cluster.local"
 RESOLV_CONF = f"nameserver {ADDRS['dns']}\nsearch {DOMAIN} svc.cluster.local cluster.local\noptions ndots:5\n"
 
@@ -44,9 +52,11 @@ class Keys:
 
 class Sandbox:
     def __init__(self, prefix: str | None = None) -> None:
-        self.prefix = prefix or f"mrds{secrets.token_hex(3)}"
+        self.prefix = prefix or f"{PREFIX}{secrets.token_hex(3)}"
         self.dir = tempfile.mkdtemp(prefix=f"{self.prefix}.")
         os.chmod(self.dir, 0o755)
+        with open(os.path.join(self.dir, OWNER_FILE), "w") as f:
+            f.write(f"{os.getpid()} {_start_time(os.getpid())}\n")
         self.procs: list[subprocess.Popen[bytes]] = []
         self.namespaces: list[str] = []
         self._made_etc_netns = False
@@ -94,31 +104,33 @@ class Sandbox:
         return self
 
     def start_services(self) -> None:
-        py = sys.executable
-        self.start_ready("svc", [py, "-m", "mirrord_tun.sandbox.http_server", "0.0.0.0", "80", "svc"])
+        self.start_ready("svc", [*PY, "-m", "mirrord_tun.sandbox.http_server", "0.0.0.0", "80", "svc"])
         zone = os.path.join(self.dir, "zone")
         with open(zone, "w") as f:
             for role in ("svc", "pod", "client"):
                 for name in (f"{role}.{DOMAIN}", f"{role}.svc.cluster.local"):
                     f.write(f"{name} {ADDRS[role]}\n")
-        self.start_ready("dns", [py, "-m", "mirrord_tun.sandbox.dns_server", ADDRS["dns"], zone])
+        self.start_ready("dns", [*PY, "-m", "mirrord_tun.sandbox.dns_server", ADDRS["dns"], zone])
 
     def start_agent(self, *extra: str, wrap: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
         """Start the agent in the node namespace (`wrap`: a command prefix, e.g. to confine it)."""
         return self.start_ready("node", [
-            *wrap, sys.executable, "-m", "mirrord_tun", "agent", "--listen", self.agent_address,
+            *wrap, *PY, "-m", "mirrord_tun", "agent", "--listen", self.agent_address,
             "--authorized-key", self.keys.identity_pub, "--host-key", self.keys.host_key,
             "--netns", self.netns_path("pod"), *extra], ready="listening", stderr=None)
 
     def run_args(self, *command: str, verbose: bool = False) -> list[str]:
         """argv of `mirrord-ns run` from the laptop against this sandbox's agent."""
-        return ["ip", "netns", "exec", self.ns("laptop"), sys.executable, "-m", "mirrord_tun", "run",
+        return ["ip", "netns", "exec", self.ns("laptop"), *PY, "-m", "mirrord_tun", "run",
                 *(["-v"] if verbose else []), "--agent", self.agent_address,
                 "--identity", self.keys.identity, "--agent-host-key", self.keys.host_pub, "--", *command]
 
     # --- processes
     def start(self, role: str, argv: list[str], **kw: object) -> subprocess.Popen[bytes]:
-        p = subprocess.Popen(["ip", "netns", "exec", self.ns(role), *argv], **kw)  # type: ignore[call-overload]
+        # A session of its own: a terminal hangup (closing `demo`'s window) must not kill
+        # the sandbox's servers before close() stops them in order.
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns(role), *argv], start_new_session=True,
+                             **kw)  # type: ignore[call-overload]
         self.procs.append(p)
         return p
 
@@ -156,15 +168,8 @@ class Sandbox:
         for p in reversed(self.procs):
             self.stop(p)
         self.procs.clear()
-        for name in self.namespaces:
-            _kill_namespace_processes(name)
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
-            shutil.rmtree(f"/etc/netns/{name}", ignore_errors=True)
+        _remove(self.namespaces, self.dir, self._made_etc_netns)
         self.namespaces.clear()
-        if self._made_etc_netns:
-            with contextlib.suppress(OSError):  # not empty: another sandbox still uses it
-                os.rmdir("/etc/netns")
-        shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "Sandbox":
         return self.build()
@@ -184,9 +189,79 @@ class Sandbox:
             key = asyncssh.generate_private_key("ssh-ed25519")
             path = os.path.join(self.dir, name)
             key.write_private_key(path)
+            os.chmod(path, 0o600)  # the folder is world-readable (the command's user reads it)
             key.write_public_key(path + ".pub")
             paths[name] = path
         return Keys(paths["identity"], paths["identity"] + ".pub", paths["host_key"], paths["host_key"] + ".pub")
+
+
+OWNER_FILE = "owner"
+
+
+def _start_time(pid: int) -> str:
+    """Field 22 of /proc/PID/stat: with the PID, names one process even after PID reuse."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[19]
+
+
+def _owner_alive(sandbox_dir: str) -> bool:
+    try:
+        with open(os.path.join(sandbox_dir, OWNER_FILE)) as f:
+            owner = f.read().split()
+    except FileNotFoundError:
+        # The owner file is written right after the dir is made, and the dir goes last:
+        # no file means a sandbox being made or removed this instant.
+        return True
+    try:
+        return len(owner) == 2 and _start_time(int(owner[0])) == owner[1]
+    except (OSError, ValueError):
+        return False  # no such process any more
+
+
+def remove_stale() -> list[str]:
+    """Sandboxes whose owning process is gone: their namespaces, /etc/netns dirs, temp dir."""
+    tmp = tempfile.gettempdir()
+    dirs = {m[1]: os.path.join(tmp, d) for d in os.listdir(tmp) if (m := _SANDBOX_DIR.fullmatch(d))}
+    removed: list[str] = []
+    for prefix, path in sorted(dirs.items()):
+        if not _ours(path) or _owner_alive(path):
+            continue
+        names = sorted({n for parent in ("/run/netns", "/etc/netns") for n in _listdir(parent)
+                        if n.startswith(f"{prefix}-")})
+        _remove(names, path, made_etc_netns=False)
+        removed += [f"sandbox namespace {n}" for n in names] + [f"sandbox dir {path}"]
+    return removed
+
+
+def _ours(path: str) -> bool:
+    """A real directory made by this user: anyone may create names in /tmp, and root must
+    not tear down a live sandbox because someone planted a dir with a dead owner."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+
+
+_SANDBOX_DIR = re.compile(rf"({PREFIX}[0-9a-f]{{6}})\..+")
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
+
+
+def _remove(namespaces: list[str], sandbox_dir: str, made_etc_netns: bool) -> None:
+    for name in namespaces:
+        _kill_namespace_processes(name)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        shutil.rmtree(f"/etc/netns/{name}", ignore_errors=True)
+    if made_etc_netns:
+        with contextlib.suppress(OSError):  # not empty: another sandbox (or someone) still uses it
+            os.rmdir("/etc/netns")
+    shutil.rmtree(sandbox_dir, ignore_errors=True)
 
 
 def _kill_namespace_processes(name: str) -> None:
