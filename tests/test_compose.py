@@ -88,7 +88,8 @@ class Stack:
         return self.compose("exec", "-T", service, *argv, timeout=60, check=False)
 
     def container(self, service: str) -> str:
-        return f"{self.project}_{service}_1"
+        # Compose v1 names it PROJECT_SERVICE_1, v2 PROJECT-SERVICE-1: ask instead of guessing.
+        return self.compose("ps", "-q", service).stdout.strip()
 
     def pid(self, service: str) -> int:
         out = subprocess.run([DOCKER, "inspect", "-f", "{{.State.Pid}}", self.container(service)],

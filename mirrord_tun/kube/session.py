@@ -65,7 +65,8 @@ class Plan:
     def launch(self) -> Iterator[Link]:
         agent = AgentJob(self.cluster, self.job)
         forward: Forward | None = None
-        previous = signal.signal(signal.SIGTERM, _interrupt)  # so `finally` runs and deletes the agent
+        # So that `finally` runs and deletes the agent, also when the terminal closes (SIGHUP).
+        previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
         try:
             started = agent.start()
             env = self._env()
@@ -80,7 +81,8 @@ class Plan:
                 log.error("port-forward: %s", forward.error())
             raise
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             if forward is not None:
                 forward.close()
             agent.delete()
