@@ -1,25 +1,110 @@
-"""The `mirrord-ns` command line."""
+"""The `mirrord-ns` command line.
+
+One error style for every command: one line on stderr starting `mirrord-ns:` and exit 2 for
+anything of ours (usage errors included), 130 for Ctrl-C, the command's own status otherwise.
+"""
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
-from typing import Any, Callable, Coroutine, NoReturn, TypeVar
+from typing import Any, Callable, Coroutine, NoReturn, Sequence, TypeVar
 
 import click
 
 from mirrord_tun import __version__
+from mirrord_tun.config import ENV_PREFIX, config_option
+from mirrord_tun.kube.commands import complete_context, complete_namespace, complete_target
 
 T = TypeVar("T")
+PROG = "mirrord-ns"
+log = logging.getLogger(PROG)  # "mirrord-ns.agent" and the other loggers of ours are its children
 
 
-def _logging(verbose: int, name: str) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
-        format=f"{name}: %(message)s", stream=sys.stderr,
-    )
-    # asyncssh narrates every connection step at INFO; keep that for -vv.
-    logging.getLogger("asyncssh").setLevel(logging.DEBUG if verbose > 1 else logging.WARNING)
+def _logging(verbose: int, name: str, quiet: bool = False) -> None:
+    """-v: our progress; -vv: our debug lines and asyncssh's; other libraries stay at warnings."""
+    floor = logging.ERROR if quiet else logging.WARNING
+    logging.basicConfig(level=floor, format=f"{name}: %(message)s", stream=sys.stderr)
+    ours = floor if quiet else logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    log.setLevel(ours)
+    # asyncssh narrates every connection step at INFO: only worth seeing with our own debug lines.
+    logging.getLogger("asyncssh").setLevel(logging.DEBUG if ours == logging.DEBUG else floor)
+
+
+def _quiet_libraries() -> None:
+    # urllib3 warns "Retrying (Retry(total=2, ...))" before the error we report anyway.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _fail(message: str) -> int:
+    click.echo(f"{PROG}: {_one_line(message)}", err=True)
+    return 2
+
+
+def _kube_missing(e: ModuleNotFoundError) -> bool:
+    return (e.name or "").partition(".")[0] in ("kubernetes", "yaml")
+
+
+def _status(cli: Callable[[], Any]) -> int:
+    """Run click without its own error printing and turn the outcome into an exit status."""
+    try:
+        rv = cli()
+    except click.exceptions.NoArgsIsHelpError as e:  # bare `mirrord-ns`: the help is the message
+        click.echo(e.format_message(), err=True)
+        return 2
+    except click.UsageError as e:
+        hint = f" Try '{e.ctx.command_path} -h' for help." if e.ctx else ""
+        return _fail(e.format_message() + hint)
+    except click.ClickException as e:
+        return _fail(e.format_message())
+    except (click.Abort, KeyboardInterrupt):  # click turns Ctrl-C outside a session into Abort
+        return 130
+    except ModuleNotFoundError as e:
+        if not _kube_missing(e):
+            return _internal_error(e)
+        from mirrord_tun.kube import INSTALL_HINT
+
+        return _fail(f"the Kubernetes client is not installed ({e.name}): {INSTALL_HINT}")
+    except Exception as e:  # noqa: BLE001 - the last resort: no traceback reaches the user
+        return _internal_error(e)
+    return rv if isinstance(rv, int) else 0  # an int only from click's Exit (--help, --version)
+
+
+def _internal_error(e: Exception) -> int:
+    # INFO, not DEBUG: "-v for details" must hold.
+    log.info("internal error", exc_info=e)
+    return _fail(f"internal error: {type(e).__name__}: {e} (run with -v for details)")
+
+
+class _Command(click.Command):
+    """A command that also answers to `aliases`, shown in the group's list rather than repeated."""
+
+    def __init__(self, *args: Any, aliases: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.aliases = tuple(aliases)
+
+    def get_short_help_str(self, limit: int = 45) -> str:
+        text = super().get_short_help_str(limit)
+        return f"{text.removesuffix('.')} (alias: {', '.join(self.aliases)})." if self.aliases else text
+
+
+class _Cli(click.Group):
+    command_class = _Command
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return super().get_command(ctx, cmd_name) or next(
+            (c for c in self.commands.values() if cmd_name in getattr(c, "aliases", ())), None)
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        # Named for help and completion as installed, also under `python -m mirrord_tun`.
+        prog_name = prog_name or PROG
+        if not standalone_mode:  # the caller handles click's exceptions itself
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        sys.exit(_status(lambda: super(_Cli, self).main(args, prog_name, complete_var, False, **extra)))
 
 
 def _run_async(coro: Coroutine[Any, Any, T]) -> T:
@@ -27,6 +112,8 @@ def _run_async(coro: Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop
     except ImportError:
+        import asyncio
+
         return asyncio.run(coro)
     return uvloop.run(coro)
 
@@ -71,14 +158,47 @@ def _connection_options(required: bool) -> Decorator:
     )
 
 
+def _steal_excludes(_ctx: click.Context, _param: click.Parameter, specs: tuple[str, ...]) -> tuple[str, ...]:
+    from mirrord_tun.protocol import MAX_EXCLUDE, Malformed, cidr
+
+    if len(specs) > MAX_EXCLUDE:
+        raise click.BadParameter(f"at most {MAX_EXCLUDE}")
+    try:
+        return tuple(cidr(spec) for spec in specs)
+    except Malformed as e:
+        raise click.BadParameter(str(e)) from None
+
+
 _mirror_options = _options(
-    click.option("--port", "ports", metavar="P|LOCAL:REMOTE", multiple=True, callback=_mirror_ports,
-                 help="Also mirror pod port P (or pod port REMOTE onto local port LOCAL); repeatable. "
-                 "Ports served in the namespace are mirrored without it."),
+    click.option("--port", metavar="P|LOCAL:REMOTE", multiple=True, callback=_mirror_ports,
+                 help="Also mirror (or steal) pod port P, or pod port REMOTE onto local port LOCAL; "
+                 "repeatable. Ports served in the namespace are mirrored (stolen) without it."),
     click.option("--no-mirror", is_flag=True, help="Do not mirror the pod's inbound traffic."),
+    click.option("--steal", is_flag=True, help="Answer the pod's traffic instead of mirroring it: new "
+                 "connections to the served ports (and --port) go to COMMAND, not to the pod."),
+    click.option("--steal-exclude", metavar="CIDR", multiple=True, callback=_steal_excludes,
+                 help="With --steal: connections from these sources keep going to the pod (repeatable; "
+                 "in Kubernetes the pod's node, whose kubelet probes it, is excluded by default)."),
 )
+
+
+def _steal_options(steal: bool, port: dict[int, int], exclude: tuple[str, ...],
+                   default_exclude: tuple[str, ...] = ()) -> Any:
+    """run's StealOptions for --steal, else None."""
+    if not steal:
+        if exclude:
+            raise click.UsageError("--steal-exclude needs --steal")
+        return None
+    from mirrord_tun.run import StealOptions
+
+    return StealOptions(port, tuple(dict.fromkeys(default_exclude + exclude)))
 _no_dns_option = click.option("--no-dns", is_flag=True, help="Leave the namespace's /etc/resolv.conf as it is.")
-_verbose_option = click.option("-v", "--verbose", count=True, help="Progress and per-session counters on stderr.")
+_verbosity_options = _options(
+    click.option("-v", "--verbose", count=True, help="Progress and per-session counters on stderr; "
+                 "-vv adds debug lines and SSH details."),
+    click.option("-q", "--quiet", is_flag=True, help="Errors only."),
+)
+_with_command = {"allow_interspersed_args": False}  # COMMAND starts at `--` or the first non-option
 
 
 def _exit_with(session: Callable[[], int]) -> NoReturn:
@@ -88,29 +208,43 @@ def _exit_with(session: Callable[[], int]) -> NoReturn:
     try:
         code = session()
     except SetupError as e:
-        click.echo(f"mirrord-ns: {e}", err=True)
-        code = 2
+        code = _fail(str(e))
     except KeyboardInterrupt:  # cleanup ran on the way out
         code = 130
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="mirrord-ns")
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name=PROG)
 def main() -> None:
     """Run a local program inside a Kubernetes pod's network."""
     from mirrord_tun.malloc import keep_large_buffers
 
     keep_large_buffers()
+    _quiet_libraries()
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
+RUN_EPILOG = f"""\b
+Exit status:
+  N    COMMAND's own (128+N if signal N killed it, 127 if it was not found)
+  2    mirrord-ns failed: bad usage or config, no cluster or agent, tunnel lost
+  130  Ctrl-C or SIGTERM before COMMAND started
+
+Each option can also be set as {ENV_PREFIX}_<OPTION> (e.g. {ENV_PREFIX}_TARGET, {ENV_PREFIX}_AGENT_IMAGE;
+lists space-separated) or in the -f file (e.g. target = "pod/web", port = [8080]). Flags win over
+variables, variables over the file."""
+
+
+@main.command(aliases=["exec"], epilog=RUN_EPILOG,
+              context_settings={**_with_command, "auto_envvar_prefix": ENV_PREFIX})
+@config_option
 @_connection_options(required=False)
-@click.option("--target", metavar="KIND/NAME", help="pod/NAME, deploy/NAME or statefulset/NAME "
+@click.option("-t", "--target", metavar="KIND/NAME", shell_complete=complete_target, help="pod/NAME, deploy/NAME or statefulset/NAME "
               "(none: targetless, the agent's own pod is the identity).")
-@click.option("-n", "--namespace", help="The target's namespace (default: the context's).")
+@click.option("-n", "--namespace", shell_complete=complete_namespace,
+              help="The target's namespace (default: the context's).")
 @click.option("--container", help="The target container in a multi-container pod.")
-@click.option("--context", help="kubeconfig context (default: the current one).")
+@click.option("--context", shell_complete=complete_context, help="kubeconfig context (default: the current one).")
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), help="kubeconfig file (default: as kubectl).")
 @click.option("--agent-image", metavar="IMAGE", help="Agent image (default: the release's own).")
 @click.option("--privileged", is_flag=True, help="Run the agent pod privileged (not just with its capabilities).")
@@ -121,31 +255,38 @@ def main() -> None:
               "loader, shell or interpreter hook (LD_PRELOAD, BASH_ENV, NODE_OPTIONS...) (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Print the agent manifest as YAML and exit; create nothing.")
 @_mirror_options
-@_verbose_option
-@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@_verbosity_options
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[--] COMMAND [ARGS]...")
 def run(agent: str | None, identity: str | None, agent_host_key: str | None, target: str | None,
         namespace: str | None, container: str | None, context: str | None, kubeconfig: str | None,
         agent_image: str | None, privileged: bool, agent_address: str | None, no_env: bool,
-        env_exclude: tuple[str, ...], env_allow: tuple[str, ...], dry_run: bool, ports: dict[int, int],
-        no_mirror: bool, verbose: int, command: tuple[str, ...]) -> None:
-    """Run COMMAND with the pod's network: sudo mirrord-ns run --target pod/NAME -- CMD ARGS..."""
+        env_exclude: tuple[str, ...], env_allow: tuple[str, ...], dry_run: bool, port: dict[int, int],
+        no_mirror: bool, steal: bool, steal_exclude: tuple[str, ...], verbose: int, quiet: bool,
+        command: tuple[str, ...]) -> None:
+    """Run COMMAND with a pod's network.
+
+    COMMAND starts at `--` or at the first argument that is not an option; what follows it is
+    COMMAND's own: sudo mirrord-ns run -t deploy/web curl -s http://api/
+    """
     if agent and (target or dry_run):
         raise click.UsageError("--agent names a running agent; --target and --dry-run launch one")
     keys = (identity, agent_host_key)
     if (agent and not all(keys)) or (not agent and any(keys)):
         raise click.UsageError("--agent, --identity and --agent-host-key go together")
     if not command and not dry_run:
-        raise click.UsageError("missing COMMAND: mirrord-ns run [OPTIONS] -- COMMAND [ARGS]...")
+        raise click.UsageError("missing COMMAND: mirrord-ns run [OPTIONS] [--] COMMAND [ARGS]...")
     if not dry_run:
         _need_root()
-    _logging(verbose, "mirrord-ns")
+    _logging(verbose, PROG, quiet)
     from mirrord_tun.connect import load_keys
     from mirrord_tun.run import LocalSession
 
-    mirror_ports = None if no_mirror else ports
+    mirror_ports = None if no_mirror or steal else port
+    _steal_options(steal, port, steal_exclude)  # usage errors before anything starts
 
-    async def go(address: str, key: Any, pinned: Any, **link: Any) -> int:
-        return await LocalSession(list(command), address, key, pinned, mirror_ports=mirror_ports, **link).run()
+    async def go(address: str, key: Any, pinned: Any, probes: tuple[str, ...] = (), **link: Any) -> int:
+        return await LocalSession(list(command), address, key, pinned, mirror_ports=mirror_ports,
+                                  steal=_steal_options(steal, port, steal_exclude, probes), **link).run()
 
     def in_cluster() -> int:
         from mirrord_tun.kube.manifest import DEFAULT_IMAGE
@@ -158,17 +299,21 @@ def run(agent: str | None, identity: str | None, agent_host_key: str | None, tar
             click.echo(plan.manifests_yaml(), nl=False)
             return 0
         with plan.launch() as link:
-            return _run_async(go(link.address, plan.key, link.host_key, sock=link.sock, env=link.env))
+            return _run_async(go(link.address, plan.key, link.host_key, link.probe_sources, sock=link.sock,
+                                 env=link.env))
 
     if agent and identity and agent_host_key:
         _exit_with(lambda: _run_async(go(agent, *load_keys(identity, agent_host_key))))
     _exit_with(in_cluster)
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
-@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@main.command(context_settings=_with_command)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[--] [COMMAND [ARGS]...]")
 def demo(command: tuple[str, ...]) -> None:
-    """Build a throwaway cluster from namespaces and run COMMAND (default: a tour) through it."""
+    """Try it on a throwaway namespace cluster.
+
+    Builds the cluster, runs COMMAND (default: a tour) through it and removes it again.
+    """
     _need_root()
     from mirrord_tun.demo import demo as run_demo
 
@@ -176,13 +321,17 @@ def demo(command: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.option("-n", "--namespace", help="Only this namespace (default: every one you may list).")
-@click.option("--context", help="kubeconfig context (default: the current one).")
+@click.option("-n", "--namespace", shell_complete=complete_namespace,
+              help="Only this namespace (default: every one you may list).")
+@click.option("--context", shell_complete=complete_context, help="kubeconfig context (default: the current one).")
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), help="kubeconfig file (default: as kubectl).")
-@click.option("-v", "--verbose", count=True)
+@click.option("-v", "--verbose", count=True, help="Say what is examined; -vv adds debug lines.")
 def cleanup(namespace: str | None, context: str | None, kubeconfig: str | None, verbose: int) -> None:
-    """Remove what crashed sessions left: your agent pods, dead agents' nft tables on this host."""
-    _logging(verbose, "mirrord-ns")
+    """Remove what crashed sessions left behind.
+
+    Your agent pods in the cluster, and dead agents' nft tables on this host.
+    """
+    _logging(verbose, PROG)
     from mirrord_tun.cleanup import clean_cluster, clean_host
 
     removed = clean_cluster(context, kubeconfig, namespace) + clean_host()
@@ -207,11 +356,12 @@ def cleanup(namespace: str | None, context: str | None, kubeconfig: str | None, 
 @click.option("--resolv-conf", type=click.Path(dir_okay=False), help="Resolver configuration to report.")
 @click.option("--idle-exit", type=click.FloatRange(min=1), metavar="SECONDS",
               help="Exit after this long without a session, also if none ever came.")
-@click.option("-v", "--verbose", count=True)
+@click.option("-v", "--verbose", count=True, help="-vv: debug lines and SSH details (sessions and "
+              "their counters are always logged).")
 def agent(listen: str, authorized_key: str | None, authorized_key_data: str | None, host_key: str | None,
           netns: str | None, pid: int | None, container_id: str | None, resolv_conf: str | None,
           idle_exit: float | None, verbose: int) -> None:
-    """Serve tunnel sessions into a namespace (normally started by `run`)."""
+    """Serve tunnel sessions (run starts it)."""
     _need_root()
     from mirrord_tun.agent import keys
     from mirrord_tun.agent.containers import find_pid
@@ -250,21 +400,27 @@ def agent(listen: str, authorized_key: str | None, authorized_key_data: str | No
 @_connection_options(required=True)
 @_no_dns_option
 @_mirror_options
-@_verbose_option
+@_verbosity_options
 def attach(netns: str | None, pid: int | None, container: str | None, agent: str, identity: str,
-           agent_host_key: str, no_dns: bool, ports: dict[int, int], no_mirror: bool, verbose: int) -> None:
-    """Put an existing namespace (a running container's) in the pod's network until Ctrl-C/SIGTERM,
-    then restore it as it was."""
+           agent_host_key: str, no_dns: bool, port: dict[int, int], no_mirror: bool, steal: bool,
+           steal_exclude: tuple[str, ...], verbose: int, quiet: bool) -> None:
+    """Give a running container a pod's network.
+
+    Its namespace is put in the pod's network until Ctrl-C or SIGTERM, then restored as it was.
+    """
     _need_root()
-    _logging(verbose, "mirrord-ns")
+    _logging(verbose, PROG, quiet)
     from mirrord_tun import attach as at
     from mirrord_tun.connect import load_keys
     from mirrord_tun.run import LocalSession
 
+    stealing = _steal_options(steal, port, steal_exclude)
+
     async def go() -> int:
         target = at.resolve(netns, pid, container, dns=not no_dns)
         key, pinned = load_keys(identity, agent_host_key)
-        session = LocalSession([], agent, key, pinned, mirror_ports=None if no_mirror else ports)
+        session = LocalSession([], agent, key, pinned, mirror_ports=None if no_mirror or steal else port,
+                               steal=stealing)
         return await at.until_signalled(at.attach(session, target))
 
     _exit_with(lambda: _run_async(go()))
@@ -276,10 +432,14 @@ def attach(netns: str | None, pid: int | None, container: str | None, agent: str
 @_connection_options(required=False)
 @_no_dns_option
 @_mirror_options
-@_verbose_option
+@_verbosity_options
 def sidecar(hold: bool, agent: str | None, identity: str | None, agent_host_key: str | None,
-            no_dns: bool, ports: dict[int, int], no_mirror: bool, verbose: int) -> None:
-    """Keep this container's namespace in the pod's network, attaching again whenever the tunnel drops."""
+            no_dns: bool, port: dict[int, int], no_mirror: bool, steal: bool, steal_exclude: tuple[str, ...],
+            verbose: int, quiet: bool) -> None:
+    """Keep this container in a pod's network.
+
+    For compose: attaches again whenever the tunnel drops.
+    """
     from mirrord_tun import attach as at
 
     if hold:
@@ -287,14 +447,24 @@ def sidecar(hold: bool, agent: str | None, identity: str | None, agent_host_key:
     if not (agent and identity and agent_host_key):
         raise click.UsageError("--agent, --identity and --agent-host-key are needed (or --hold)")
     _need_root()
-    _logging(verbose, "mirrord-ns")
+    _logging(verbose, PROG, quiet)
     from mirrord_tun.connect import load_keys
     from mirrord_tun.run import LocalSession
 
+    stealing = _steal_options(steal, port, steal_exclude)
+
     async def go() -> int:
         key, pinned = load_keys(identity, agent_host_key)
-        mirror_ports = None if no_mirror else ports
-        return await at.sidecar(lambda: LocalSession([], agent, key, pinned, mirror_ports=mirror_ports),
-                                at.own_namespace(dns=not no_dns))
+        mirror_ports = None if no_mirror or steal else port
+        return await at.sidecar(lambda: LocalSession([], agent, key, pinned, mirror_ports=mirror_ports,
+                                                     steal=stealing), at.own_namespace(dns=not no_dns))
 
     _exit_with(lambda: _run_async(go()))
+
+
+# Cluster commands (defined with their completions in mirrord_tun.kube.commands, which imports
+# no Kubernetes code until one runs).
+from mirrord_tun.kube.commands import env as _env_command, ls as _ls_command  # noqa: E402
+
+main.add_command(_ls_command)
+main.add_command(_env_command)
