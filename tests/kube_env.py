@@ -319,8 +319,16 @@ class Api:
         return in_netns(f"/run/netns/{self.netns}", fn)
 
 
+def without_sudo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under `sudo ./scripts/test`, SUDO_UID would make mirrord-ns read the kubeconfig (in root's
+    tmp_path) as that user; the tests that mean sudo set these variables themselves."""
+    for var in [v for v in os.environ if v.startswith("SUDO_")]:
+        monkeypatch.delenv(var)
+
+
 @pytest.fixture
-def api(tmp_path: Any) -> Any:
+def api(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    without_sudo(monkeypatch)
     name = f"mrdk{os.urandom(3).hex()}"
     path = api_netns(name)
     emu = None
@@ -359,10 +367,11 @@ class KubeCluster:
 
 
 @pytest.fixture
-def kube_cluster(tmp_path: Any) -> Iterator[KubeCluster]:
+def kube_cluster(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[KubeCluster]:
     """The namespace sandbox as a one-node cluster: the pod "web" is a real process in the
     sandbox's pod namespace, in a cgroup named the way containerd names its containers, so
     the agent finds it from the container ID as it would on a node."""
+    without_sudo(monkeypatch)
     root = cgroup2_root()
     if root is None:
         pytest.skip("no cgroup2 mount to place the stand-in container in")

@@ -3,17 +3,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from typing import Iterator
 
-from kubernetes import client, config
-from kubernetes.config.config_exception import ConfigException
+from kubernetes import client
 from urllib3.exceptions import HTTPError
 
 from mirrord_tun.connect import SetupError
-from mirrord_tun.netns.exec import invoking_user
 
 RBAC_HINT = "deploy/rbac.yaml lists the permissions mirrord-ns needs"
 # websocket-client's refusal, as the kubernetes client passes it on: "Handshake status 403 Forbidden
@@ -47,27 +44,12 @@ class Cluster:
         return client.BatchV1Api(self.api)
 
 
-def default_kubeconfig() -> str:
-    """$KUBECONFIG, else ~/.kube/config of the user behind sudo: root's own is rarely the one meant."""
-    if os.environ.get("KUBECONFIG"):
-        return os.environ["KUBECONFIG"].split(os.pathsep)[0]
-    user = invoking_user()
-    return os.path.join(user.home if user else os.path.expanduser("~"), ".kube", "config")
-
-
 def connect(context: str | None, kubeconfig: str | None, namespace: str | None) -> Cluster:
-    path = kubeconfig or default_kubeconfig()
-    if not os.path.exists(path):
-        raise KubeError(f"no kubeconfig at {path} (give --kubeconfig or set KUBECONFIG)")
-    try:
-        contexts, active = config.list_kube_config_contexts(config_file=path)
-        chosen = next((c for c in contexts if c["name"] == context), None) if context else active
-        if chosen is None:
-            raise KubeError(f"no context {context!r} in {path}")
-        api = config.new_client_from_config(config_file=path, context=chosen["name"], persist_config=False)
-    except (ConfigException, OSError, ValueError) as e:
-        raise KubeError(f"cannot use kubeconfig {path}: {e}") from None
-    return Cluster(api, namespace or chosen["context"].get("namespace") or "default")
+    """The API of the kubeconfig's context (see kube.kubeconfig for which files and whose rights)."""
+    from mirrord_tun.kube import kubeconfig as kc  # it raises our KubeError: imported once this module is
+
+    api, context_namespace = kc.api_client(kc.load(kubeconfig), context)
+    return Cluster(api, namespace or context_namespace or "default")
 
 
 @contextlib.contextmanager

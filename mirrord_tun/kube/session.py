@@ -7,6 +7,7 @@ out the link for the session, and deletes the agent however the session ends.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import secrets
 import signal
@@ -48,6 +49,7 @@ class Link:
     host_key: asyncssh.SSHKey
     sock: socket.socket | None
     env: dict[str, str]
+    probe_sources: tuple[str, ...] = ()  # the target's node (kubelet's probes): --steal leaves it the pod
 
 
 @dataclass
@@ -75,7 +77,7 @@ class Plan:
             else:
                 forward = Forward(self.cluster, started.pod, agent.namespace, manifest.AGENT_PORT)
                 address, sock = f"pod/{started.pod}:{manifest.AGENT_PORT}", forward.sock
-            yield Link(address, started.host_key, sock, env)
+            yield Link(address, started.host_key, sock, env, self._probe_sources())
         except SetupError:
             if forward is not None and forward.error():
                 log.error("port-forward: %s", forward.error())
@@ -86,6 +88,14 @@ class Plan:
             if forward is not None:
                 forward.close()
             agent.delete()
+
+    def _probe_sources(self) -> tuple[str, ...]:
+        status = self.target.pod.status if self.target else None
+        host_ip = getattr(status, "host_ip", None)
+        try:
+            return (str(ipaddress.IPv4Address(host_ip)),) if host_ip else ()
+        except ValueError:  # an IPv6 node: steal is IPv4 only
+            return ()
 
     def _env(self) -> dict[str, str]:
         if self.target is None or not self.opts.env:

@@ -56,7 +56,7 @@ def resolve(cluster: Cluster, target: str, container: str | None) -> TargetPod:
         try:
             if kind == "pod":
                 pod = cluster.core.read_namespaced_pod(name, ns)
-                if not _ready(pod):
+                if not is_ready(pod):
                     raise KubeError(f"pod/{name} is not running and ready ({_state(pod)}): nothing to attach to")
             else:
                 read = (cluster.apps.read_namespaced_deployment if kind == "deployment"
@@ -72,7 +72,7 @@ def resolve(cluster: Cluster, target: str, container: str | None) -> TargetPod:
 
 def _pick(cluster: Cluster, selector: client.V1LabelSelector, where: str) -> client.V1Pod:
     pods = cluster.core.list_namespaced_pod(cluster.namespace, label_selector=selector_string(selector)).items
-    ready = sorted((p for p in pods if matches(selector, p.metadata.labels or {}) and _ready(p)),
+    ready = sorted((p for p in pods if matches(selector, p.metadata.labels or {}) and is_ready(p)),
                    key=lambda p: (str(p.metadata.creation_timestamp or ""), p.metadata.name))
     if not ready:
         raise KubeError(f"{where} has no running, ready pod (selector {selector_string(selector)})")
@@ -80,7 +80,7 @@ def _pick(cluster: Cluster, selector: client.V1LabelSelector, where: str) -> cli
     return ready[0]
 
 
-def _ready(pod: client.V1Pod) -> bool:
+def is_ready(pod: client.V1Pod) -> bool:
     status = pod.status
     if pod.metadata.deletion_timestamp or not status or status.phase != "Running":
         return False
