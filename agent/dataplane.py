@@ -27,9 +27,9 @@ import ipaddress
 import logging
 import random
 import re
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
-from mirrord_tun.agent import owner
+from mirrord_tun.agent import owner, steal
 from mirrord_tun.netns import links, nft
 from mirrord_tun.netns.tun import Tun
 
@@ -74,7 +74,7 @@ class SessionPlane:
             self.tun = Tun(TUN_PREFIX + self.sid)
             links.bring_up_tun(self.tun.name, [self.agent_addr], self.mtu, peers=[self.client_addr])
             self.record = _open[self.table] = record = _forwarding_before_us()
-            nft.run(_ruleset(self.table, self.tun.name, block, record))
+            nft.run(_ruleset(self.table, self.tun.name, block, record, self.pod_addrs))
             present = set(links.links_except(TUN_PREFIX))
             for name in [self.tun.name, *(d for d in record.links_off if d in present)]:
                 links.set_device_forwarding(name, True)
@@ -82,18 +82,23 @@ class SessionPlane:
             self.close()
             raise
 
-    def close(self) -> None:
+    def close(self, stole: bool = False) -> None:
+        """`stole`: the session stole connections, to be reset once the table stops making more."""
         if self.record:
             _open.pop(self.table, None)
             _remove_tables({self.table: self.record})
             self.record = None
+        if stole and self.client_addr:
+            client = ipaddress.IPv4Address(self.client_addr)
+            _reset_stolen(lambda addr: addr == client)
         if self.tun:
             self.tun.close()
             self.tun = None
 
 
-def _ruleset(table: str, tun: str, block: ipaddress.IPv4Network, record: _Record) -> str:
-    """The session's table; every name and address in it is ours or checked (_plain_links)."""
+def _ruleset(table: str, tun: str, block: ipaddress.IPv4Network, record: _Record, pod_addrs: list[str]) -> str:
+    """The session's table; every name and address in it is ours or checked (_plain_links,
+    the pod's addresses from rtnetlink)."""
     agent, client = block[1], block[2]
     switched_on = ", ".join(f'"{name}"' for name in record.links_off)
     return (
@@ -109,12 +114,13 @@ def _ruleset(table: str, tun: str, block: ipaddress.IPv4Network, record: _Record
         f'    iifname "{tun}" ip saddr != {client} drop\n'
         f'    iifname "{tun}" oifname "{TUN_PREFIX}*" drop\n'  # never from one session into another
         f'    oifname "{tun}" ct state established,related accept\n'
-        # Steal goes here: accept `ct status dnat` with exactly the ports it DNATs itself.
-        f'    oifname "{tun}" drop\n'
+        + steal.forward_rules(tun, str(client))
+        + f'    oifname "{tun}" drop\n'
         # Links that forwarded nothing before us forward only our replies (above) now.
         + (f'    iifname {{ {switched_on} }} oifname != "{TUN_PREFIX}*" drop\n' if switched_on else "")
         + "  }\n"
-        "  chain input {\n"
+        + steal.declarations(f"{TUN_PREFIX}*", str(client), pod_addrs)
+        + "  chain input {\n"
         "    type filter hook input priority filter; policy accept;\n"
         f'    ip daddr {agent} iifname != "{tun}" drop\n'
         "  }\n"
@@ -197,4 +203,19 @@ def remove_leftovers() -> list[str]:
     """Remove tables whose owning agent is gone (crash, OOM, SIGKILL); idempotent."""
     dead = {name: record for name, record in _ours().items() if not owner.alive(record.owner)}
     _remove_tables(dead)
+    if dead:
+        # Their TUNs went with the dead process; a live session's TUN holds the agent end
+        # (.1) of its /30, whose client (.2) still owns its stolen connections.
+        live = {ipaddress.IPv4Address(a) + 1 for a in links.ipv4_addresses_on(TUN_PREFIX)}
+        _reset_stolen(lambda addr: addr in TUNNEL_NET and addr not in live)
     return list(dead)
+
+
+def _reset_stolen(stolen_by: Callable[[ipaddress.IPv4Address], bool]) -> None:
+    try:
+        n = steal.reset_stolen(stolen_by)
+    except Exception as e:  # noqa: BLE001 - no conntrack netlink here: the connections time out instead
+        log.warning("cannot reset stolen connections: %s", e)
+        return
+    if n:
+        log.info("reset %d stolen connection(s)", n)

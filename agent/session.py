@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from mirrord_tun import protocol
 from mirrord_tun.agent.dataplane import SessionPlane
 from mirrord_tun.agent.sniffer import Sniffer
+from mirrord_tun.agent.steal import SessionSteal
 from mirrord_tun.agent.target import read_resolv_conf
 from mirrord_tun.channel import FrameSession
 from mirrord_tun.protocol import AgentMsg, ClientMsg
@@ -30,6 +31,7 @@ class AgentSession:
         self.plane: SessionPlane | None = None
         self.pump: TunPump | None = None
         self.sniffer: Sniffer | None = None  # opened by the first SUBSCRIBE
+        self.steal: SessionSteal | None = None  # made by the first STEAL
         self.version = 0
         self._starting: asyncio.Task[None] | None = None
         self._closed = False
@@ -49,6 +51,8 @@ class AgentSession:
             self._starting = asyncio.create_task(self._start(body))
         elif kind == ClientMsg.SUBSCRIBE and self.plane and self.version >= protocol.MIRROR_VERSION:
             self._subscribe(body)
+        elif kind == ClientMsg.STEAL and self.plane and self.version >= protocol.STEAL_VERSION:
+            self._steal(body)
         elif kind == ClientMsg.STATS:
             if self.sniffer:
                 self.counters.update(self.sniffer.kernel_stats())
@@ -123,14 +127,36 @@ class AgentSession:
         self.sniffer.subscribe(ports)
         log.info("session %s: mirroring ports %s", self.sid, ",".join(map(str, sorted(ports))) or "none")
 
+    def _steal(self, body: bytes) -> None:
+        assert self.plane is not None
+        try:
+            request = protocol.parse_steal(body)
+        except protocol.Malformed as e:
+            self.counters["dropped_frames_malformed"] += 1
+            log.debug("session %s: bad STEAL: %s", self.sid, e)
+            return
+        if self.steal is None:
+            self.steal = SessionSteal(self.agent.ns, self.plane.table, self.plane.pod_addrs,
+                                      f"{self.sid} (from {self.peer})", self.counters)
+        asyncio.create_task(self._answer_steal(self.steal, request))
+
+    async def _answer_steal(self, steal: SessionSteal, request: protocol.StealRequest) -> None:
+        state = await steal.request(request)
+        if not self._closed:
+            self.chan.write(protocol.control(AgentMsg.STEAL_STATE, state.to_json()))
+
     async def _teardown(self) -> None:
         if self.sniffer:
             await self.sniffer.aclose()
+        stole = False
+        if self.steal:
+            await self.steal.close()
+            stole = self.steal.used
         plane, self.plane = self.plane, None
         if plane is None:
             self.agent.sessions.discard(self)
             return
-        await self.agent.ns.acall(plane.close)
+        await self.agent.ns.acall(plane.close, stole)
         c = self.counters
         log.info("session %s closed: %d packets / %d bytes in, %d packets / %d bytes out, "
                  "dropped: %s", self.sid, c["packets_in"], c["bytes_in"], c["packets_out"],

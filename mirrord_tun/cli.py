@@ -192,6 +192,20 @@ def _steal_options(steal: bool, port: dict[int, int], exclude: tuple[str, ...],
     from mirrord_tun.run import StealOptions
 
     return StealOptions(port, tuple(dict.fromkeys(default_exclude + exclude)))
+
+
+def _annotations(_ctx: click.Context, _param: click.Parameter, specs: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """--agent-annotation values as (key, value) pairs; the key as Kubernetes spells one."""
+    if not specs:  # run --agent must not pay for importing the Kubernetes side
+        return ()
+    from mirrord_tun.kube.manifest import annotation
+
+    try:
+        return tuple(annotation(spec) for spec in specs)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 _no_dns_option = click.option("--no-dns", is_flag=True, help="Leave the namespace's /etc/resolv.conf as it is.")
 _verbosity_options = _options(
     click.option("-v", "--verbose", count=True, help="Progress and per-session counters on stderr; "
@@ -248,6 +262,11 @@ variables, variables over the file."""
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), help="kubeconfig file (default: as kubectl).")
 @click.option("--agent-image", metavar="IMAGE", help="Agent image (default: the release's own).")
 @click.option("--privileged", is_flag=True, help="Run the agent pod privileged (not just with its capabilities).")
+@click.option("--image-pull-secret", metavar="NAME", multiple=True,
+              help="Secret in the namespace for pulling the agent image (repeatable).")
+@click.option("--agent-annotation", metavar="KEY=VALUE", multiple=True, callback=_annotations,
+              help="Annotation on the agent pod (repeatable). Service-mesh injection is off by default "
+              "(e.g. sidecar.istio.io/inject=\"false\"); giving such a key overrides it.")
 @click.option("--agent-address", metavar="HOST:PORT", help="Reach the launched agent here, not by port-forward.")
 @click.option("--no-env", is_flag=True, help="Do not give COMMAND the target container's environment.")
 @click.option("--env-exclude", metavar="NAME", multiple=True, help="Leave out this variable (repeatable).")
@@ -259,7 +278,8 @@ variables, variables over the file."""
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[--] COMMAND [ARGS]...")
 def run(agent: str | None, identity: str | None, agent_host_key: str | None, target: str | None,
         namespace: str | None, container: str | None, context: str | None, kubeconfig: str | None,
-        agent_image: str | None, privileged: bool, agent_address: str | None, no_env: bool,
+        agent_image: str | None, privileged: bool, image_pull_secret: tuple[str, ...],
+        agent_annotation: tuple[tuple[str, str], ...], agent_address: str | None, no_env: bool,
         env_exclude: tuple[str, ...], env_allow: tuple[str, ...], dry_run: bool, port: dict[int, int],
         no_mirror: bool, steal: bool, steal_exclude: tuple[str, ...], verbose: int, quiet: bool,
         command: tuple[str, ...]) -> None:
@@ -291,14 +311,18 @@ def run(agent: str | None, identity: str | None, agent_host_key: str | None, tar
     def in_cluster() -> int:
         from mirrord_tun.kube.manifest import DEFAULT_IMAGE
         from mirrord_tun.kube.session import KubeOptions, prepare
+        from mirrord_tun.progress import Progress
 
         plan = prepare(KubeOptions(target, namespace, container, context, kubeconfig,
                                    agent_image or DEFAULT_IMAGE, privileged, agent_address,
-                                   not no_env, frozenset(env_exclude), frozenset(env_allow)))
+                                   not no_env, frozenset(env_exclude), frozenset(env_allow),
+                                   image_pull_secret, agent_annotation))
         if dry_run:
             click.echo(plan.manifests_yaml(), nl=False)
             return 0
-        with plan.launch() as link:
+        progress = Progress.on_stderr(quiet)
+        with progress, plan.launch(progress) as link:
+            progress.close()  # the terminal is COMMAND's from here
             return _run_async(go(link.address, plan.key, link.host_key, link.probe_sources, sock=link.sock,
                                  env=link.env))
 

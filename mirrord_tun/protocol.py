@@ -9,7 +9,8 @@ netns/tun.py), so one SSH write carries every packet that was ready at once.
 The client opens with HELLO carrying its protocol version; the agent answers
 WELCOME with min(client, agent). New kinds are only ever appended, and used
 only when the negotiated version has them: version 2 adds the inbound mirror
-(SUBSCRIBE, MIRROR; see "Inbound mirror" in README.md).
+(SUBSCRIBE, MIRROR; see docs/mirror.md), version 3 steal (STEAL,
+STEAL_STATE).
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ import re
 import struct
 from typing import Any, Iterator
 
-VERSION = 2
+VERSION = 3
 MIN_VERSION = 1
 MIRROR_VERSION = 2  # first version with SUBSCRIBE and MIRROR
+STEAL_VERSION = 3  # first version with STEAL and STEAL_STATE
 SUBSYSTEM = "mirrord-ns"
 MAX_BODY = 1 << 20  # bigger frames are skipped whole and counted, never buffered
 MAX_CONTROL = 128 * 1024  # a JSON body; the largest real one is a WELCOME with a 64 KiB resolv.conf
@@ -37,6 +39,7 @@ class ClientMsg(enum.IntEnum):
     PACKETS = 0x02  # packet batch from the local TUN
     STATS = 0x03  # {} -> agent answers AgentMsg.STATS
     SUBSCRIBE = 0x04  # {"ports": [int]}: the pod ports to mirror, replacing the previous set (v2)
+    STEAL = 0x05  # StealRequest.to_json(): the pod ports to steal, replacing the previous set (v3)
 
 
 class AgentMsg(enum.IntEnum):
@@ -44,6 +47,7 @@ class AgentMsg(enum.IntEnum):
     PACKETS = 0x82  # packet batch for the local TUN
     STATS = 0x83  # {counter: int}
     MIRROR = 0x84  # batch like PACKETS, but bare IPv4 packets copied from the pod's inbound traffic (v2)
+    STEAL_STATE = 0x85  # StealState.to_json(): the answer to each STEAL (v3)
     ERROR = 0x8F  # {"error": str}; the agent closes the channel after it
 
 
@@ -255,3 +259,132 @@ class Welcome:
         if size > MAX_RESOLV_CONF:
             raise Malformed(f"resolv_conf of {size} bytes (at most {MAX_RESOLV_CONF})")
         return cls(version, session, client, agent, mtu, pod_addrs, resolv_conf)
+
+
+# Steal (v3). The JSON object keys of a port map are the pod ports as decimal strings.
+MAX_EXCLUDE = 64
+MAX_FILTERED = 16
+MAX_REGEX = 1024
+MAX_REASON = 200
+_PORT_KEY = re.compile(r"[1-9][0-9]{0,4}")
+_STOLEN = re.compile(r"(tcp|udp)/[1-9][0-9]{0,4}")
+
+
+def _port(value: object, what: str) -> int:
+    if type(value) is not int or not 0 < value < 65536:
+        raise Malformed(f"{what} {_short(value)} is not a port 1-65535")
+    return value
+
+
+def _port_map(value: object, what: str) -> dict[int, int]:
+    if type(value) is not dict or len(value) > MAX_PORTS:
+        raise Malformed(f"{what} must be an object of at most {MAX_PORTS} pod port: local port pairs")
+    out: dict[int, int] = {}
+    for key, local in value.items():
+        if not _PORT_KEY.fullmatch(key):
+            raise Malformed(f"{what} pod port {_short(key)} is not a port 1-65535")
+        out[_port(int(key), f"{what} pod port")] = _port(local, f"{what} local port")
+    return out
+
+
+def cidr(value: object) -> str:
+    """An IPv4 address or network (host bits dropped), normalised; Malformed otherwise."""
+    if type(value) is not str or len(value) > 18:
+        raise Malformed(f"{_short(value)} is not an IPv4 address or CIDR")
+    try:
+        return str(ipaddress.IPv4Network(value, strict=False))
+    except ValueError:
+        raise Malformed(f"{_short(value)} is not an IPv4 address or CIDR") from None
+
+
+def regex(value: object, what: str) -> str | None:
+    """A pattern Python's re accepts (None: no filter of that kind)."""
+    if value is None:
+        return None
+    if type(value) is not str or len(value) > MAX_REGEX:
+        raise Malformed(f"{what} must be a string of at most {MAX_REGEX} characters")
+    try:
+        re.compile(value)
+    except (re.error, OverflowError, RecursionError) as e:  # a{99999999999} overflows
+        raise Malformed(f"{what} {_short(value)} is not a valid regex: {e}") from None
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class FilteredSteal:
+    """HTTP requests to pod port `port` that match go to local port `local`, the rest to the pod."""
+
+    port: int
+    local: int
+    header: str | None  # against each `Name: value` header line, case-insensitively
+    path: str | None  # against the request path
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: object) -> "FilteredSteal":
+        if type(d) is not dict:
+            raise Malformed("a filtered steal must be an object")
+        header, path = regex(d.get("header"), "header filter"), regex(d.get("path"), "path filter")
+        if header is None and path is None:
+            raise Malformed("a filtered steal needs a header or a path filter")
+        return cls(_port(d.get("port"), "filtered port"), _port(d.get("local"), "filtered local port"), header, path)
+
+
+@dataclasses.dataclass(frozen=True)
+class StealRequest:
+    """STEAL: what the session steals from now on (empty: nothing); sources in `exclude` keep the pod."""
+
+    tcp: dict[int, int] = dataclasses.field(default_factory=dict)  # pod port -> local port
+    udp: dict[int, int] = dataclasses.field(default_factory=dict)
+    exclude: tuple[str, ...] = ()  # IPv4 CIDRs
+    filtered: tuple[FilteredSteal, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tcp": {str(p): l for p, l in sorted(self.tcp.items())},
+                "udp": {str(p): l for p, l in sorted(self.udp.items())},
+                "exclude": list(self.exclude), "filtered": [f.to_json() for f in self.filtered]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "StealRequest":
+        exclude, filtered = d.get("exclude", []), d.get("filtered", [])
+        if type(exclude) is not list or len(exclude) > MAX_EXCLUDE:
+            raise Malformed(f"exclude must be a list of at most {MAX_EXCLUDE} CIDRs")
+        if type(filtered) is not list or len(filtered) > MAX_FILTERED:
+            raise Malformed(f"filtered must be a list of at most {MAX_FILTERED} filters")
+        return cls(_port_map(d.get("tcp", {}), "tcp"), _port_map(d.get("udp", {}), "udp"),
+                   tuple(dict.fromkeys(map(cidr, exclude))), tuple(map(FilteredSteal.from_json, filtered)))
+
+
+def steal(request: StealRequest) -> bytes:
+    return control(ClientMsg.STEAL, request.to_json())
+
+
+def parse_steal(body: bytes) -> StealRequest:
+    return StealRequest.from_json(parse_control(body))
+
+
+@dataclasses.dataclass(frozen=True)
+class StealState:
+    """STEAL_STATE: which `proto/port`s are stolen now, and why others were refused."""
+
+    stolen: tuple[str, ...]
+    refused: dict[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stolen": list(self.stolen), "refused": self.refused}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "StealState":
+        """Checked like WELCOME: the reasons reach the terminal (the caller still makes them printable)."""
+        most = 2 * MAX_PORTS + MAX_FILTERED
+        stolen, refused = _typed(d, "stolen", list), _typed(d, "refused", dict)
+        if len(stolen) > most or len(refused) > most:
+            raise Malformed(f"more than {most} ports in a STEAL_STATE")
+        for name in [*stolen, *refused]:
+            if type(name) is not str or not _STOLEN.fullmatch(name) or not 0 < int(name[4:]) < 65536:
+                raise Malformed(f"{_short(name)} is not tcp/PORT or udp/PORT")
+        if not all(type(r) is str for r in refused.values()):
+            raise Malformed("a refusal reason is not a string")
+        return cls(tuple(stolen), {k: v[:MAX_REASON] for k, v in refused.items()})

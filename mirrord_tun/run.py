@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import glob
 import logging
 import os
@@ -25,8 +26,9 @@ from mirrord_tun import protocol
 from mirrord_tun.channel import FrameSession
 from mirrord_tun.connect import SetupError, open_channel, printable
 from mirrord_tun.mirror import Mirror
+from mirrord_tun.mirror.ports import POLL_INTERVAL, steal_ports
 from mirrord_tun.netns import exec as nsexec
-from mirrord_tun.netns import links
+from mirrord_tun.netns import links, routes, sockdiag
 from mirrord_tun.netns.namespace import NetNs, pids_in
 from mirrord_tun.netns.tun import Tun
 from mirrord_tun.protocol import AgentMsg, ClientMsg
@@ -37,15 +39,106 @@ TUN_NAME = "mrd0"
 WELCOME_TIMEOUT = 15
 KILL_GRACE = 3.0
 LINK_LOST = 2  # exit status when the tunnel dies under the command
+STEAL_ANSWER_TIMEOUT = 15  # for the agent's STEAL_STATE (a liveness bound)
+UNSTEAL_WAIT = 0.5  # at the end, for the agent to confirm it gave the ports back
 # Routes traffic into the named TUN, inside the namespace; returns an undo or None.
 Steer = Callable[[str], "Callable[[], None] | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StealOptions:
+    """`--steal`: the pod's connections to the program's ports go to the program instead."""
+
+    ports: dict[int, int]  # --port: pod port -> local port, stolen (over TCP) whether served or not
+    exclude: tuple[str, ...] = ()  # source CIDRs that keep reaching the pod (checked with protocol.cidr)
+
+
+class Stealer:
+    """run's side of steal: asks the agent for the ports the program serves (and --port), and
+    lets exactly those into the namespace through the inbound guard."""
+
+    def __init__(self, ns: NetNs, client_addr: str, options: StealOptions,
+                 send: Callable[[bytes], None]) -> None:
+        self._ns, self._client, self._opts, self._send = ns, client_addr, options, send
+        self._wanted: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        self._answer: asyncio.Future[protocol.StealState] | None = None
+        self._warned: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Steal before the command starts; a --port the agent refuses is a SetupError."""
+        state = await self._ask(*await self._serving())
+        explicit = {f"tcp/{p}" for p in self._opts.ports}
+        refused = [f"{name}: {printable(why)}" for name, why in sorted(state.refused.items()) if name in explicit]
+        if refused:
+            raise SetupError(f"cannot steal {'; '.join(refused)}")
+        self._warn(state)
+        self._task = asyncio.create_task(self._follow())
+
+    def on_state(self, state: protocol.StealState) -> bool:
+        """The agent's STEAL_STATE; False if none was asked for."""
+        if self._answer is None or self._answer.done():
+            return False
+        self._answer.set_result(state)
+        return True
+
+    async def stop(self, connected: bool) -> None:
+        """Give the ports back before the session closes (the agent's teardown would, a little later)."""
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if connected and any(self._wanted):
+            with contextlib.suppress(asyncio.TimeoutError, SetupError):
+                await asyncio.wait_for(self._ask({}, {}), UNSTEAL_WAIT)
+
+    async def _serving(self) -> tuple[dict[int, int], dict[int, int]]:
+        tcp, udp = await self._ns.acall(sockdiag.serving_ports, [self._client])
+        return steal_ports(tcp, udp, self._opts.ports)
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            wanted = await self._serving()
+            if wanted != self._wanted:
+                try:
+                    self._warn(await self._ask(*wanted))
+                except SetupError as e:  # asked again at the next change
+                    log.warning("%s", e)
+
+    async def _ask(self, tcp: dict[int, int], udp: dict[int, int]) -> protocol.StealState:
+        # The guard lets in the old and the new ports while the agent switches, then the new only.
+        old_tcp, old_udp = self._wanted
+        await self._guard({*old_tcp.values(), *tcp.values()}, {*old_udp.values(), *udp.values()})
+        self._wanted = (tcp, udp)
+        self._answer = asyncio.get_running_loop().create_future()
+        self._send(protocol.steal(protocol.StealRequest(tcp, udp, self._opts.exclude)))
+        try:
+            state = await asyncio.wait_for(self._answer, STEAL_ANSWER_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise SetupError(f"the agent did not answer STEAL within {STEAL_ANSWER_TIMEOUT} s") from None
+        # Then only what the agent says it steals: a refused port stays shut, whatever the agent sends.
+        await self._guard({l for p, l in tcp.items() if f"tcp/{p}" in state.stolen},
+                          {l for p, l in udp.items() if f"udp/{p}" in state.stolen})
+        log.info("stealing %s", " ".join(state.stolen) or "nothing")
+        return state
+
+    async def _guard(self, tcp: set[int], udp: set[int]) -> None:
+        await self._ns.acall(routes.refuse_inbound, TUN_NAME, self._client, tcp, udp)
+
+    def _warn(self, state: protocol.StealState) -> None:
+        for name, why in sorted(state.refused.items()):
+            if name not in self._warned:
+                self._warned.add(name)
+                print(f"mirrord-ns: not stealing {name}: {printable(why)}", file=sys.stderr, flush=True)
 
 
 class LocalSession:
     def __init__(self, argv: list[str], agent: str, key: asyncssh.SSHKey, pinned: asyncssh.SSHKey,
                  sock: socket.socket | None = None, env: dict[str, str] | None = None,
-                 mirror_ports: dict[int, int] | None = None) -> None:
+                 mirror_ports: dict[int, int] | None = None, steal: StealOptions | None = None) -> None:
         self.argv = argv
+        self.steal = steal  # replaces the mirror (give mirror_ports=None with it)
+        self.stealer: Stealer | None = None
         # Inbound mirror: pod port -> local port given with --port (learned ports come on top);
         # None turns the mirror off. Its routing (mirror/delivery.py) is undone when it stops.
         self.mirror_ports = mirror_ports
@@ -82,6 +175,9 @@ class LocalSession:
                 if not self._welcome.done():
                     self._welcome.set_exception(SetupError(f"agent refused the session: {msg}"))
                 log.error("agent: %s", msg)
+            elif kind == AgentMsg.STEAL_STATE and self.stealer:
+                if not self.stealer.on_state(protocol.StealState.from_json(protocol.parse_control(body))):
+                    self.counters["dropped_frames_unexpected"] += 1
             elif kind == AgentMsg.STATS and self._stats and not self._stats.done():
                 self._stats.set_result({k: v for k, v in protocol.parse_control(body).items()
                                         if type(v) is int and _COUNTER.fullmatch(k)})
@@ -153,7 +249,13 @@ class LocalSession:
                                 admit_out=source_is(welcome.client_addr),
                                 admit_in=destination_is(welcome.client_addr), counters=self.counters)
             self.pump.start()
-            if self.mirror_ports is not None and welcome.version < protocol.MIRROR_VERSION:
+            if self.steal is not None:
+                if welcome.version < protocol.STEAL_VERSION:
+                    raise SetupError(f"the agent speaks protocol {welcome.version}, too old to steal "
+                                     f"(needs {protocol.STEAL_VERSION})")
+                self.stealer = Stealer(ns, welcome.client_addr, self.steal, self.chan.write)
+                await self.stealer.start()
+            elif self.mirror_ports is not None and welcome.version < protocol.MIRROR_VERSION:
                 log.warning("the agent speaks protocol %d, too old to mirror inbound traffic", welcome.version)
             elif self.mirror_ports is not None and welcome.pod_addrs:
                 addrs = self._mirrorable(welcome.pod_addrs)
@@ -163,6 +265,8 @@ class LocalSession:
                     await self.mirror.start()
             return await use(ns, welcome)
         finally:
+            if self.stealer:
+                await self.stealer.stop(connected=not self._lost.done())
             if self.mirror:
                 await self.mirror.stop()
             if self.pump:

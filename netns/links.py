@@ -64,6 +64,14 @@ def ipv4_addresses(exclude_prefix: str = "mrd") -> list[str]:
     return out
 
 
+def ipv4_addresses_on(prefix: str) -> list[str]:
+    """IPv4 addresses of the links whose name starts with `prefix`."""
+    with IPRoute() as ipr:
+        names = {l["index"]: l.get_attr("IFLA_IFNAME") for l in ipr.get_links()}
+        return [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=2)
+                if names.get(a["index"], "").startswith(prefix)]
+
+
 def uplink_mtu(default: int = 1500) -> int:
     """MTU of the device holding the default route (else the first non-lo link)."""
     with IPRoute() as ipr:

@@ -14,16 +14,19 @@ whatever the pod's end lets through (a neighbour routing 100.64.0.0/10 via the
 pod, a container that flushed the agent's table, a hostile agent), nothing opens a
 connection into this namespace through the TUN. Replies to what the namespace
 opened, and the ICMP errors that go with them (ping, traceroute, PMTU), pass. The
-inbound mirror is unaffected: it delivers over lo, from sockets of its own.
+inbound mirror is unaffected: it delivers over lo, from sockets of its own. With
+steal, exactly the local ports the user asked to steal accept new connections to
+the tunnel address, so a hostile agent still reaches nothing else.
 
 Every function acts on the calling thread's namespace: run them via NetNs.call.
 """
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import re
 import socket
-from typing import Callable
+from typing import Callable, Iterable
 
 from pyroute2 import IPRoute, NetlinkError
 
@@ -36,10 +39,20 @@ INBOUND_TABLE = "mirrord_ns_inbound"  # family inet; the prefix marks it as ours
 _OUR_TUN = re.compile(r"mrd[0-9a-z]{1,12}")  # only names we made go into the nft script
 
 
-def refuse_inbound(tun: str) -> None:
-    """Drop every packet from TUN `tun` that opens a connection (see the module's doc)."""
+def refuse_inbound(tun: str, addr: str | None = None, tcp: Iterable[int] = (), udp: Iterable[int] = ()) -> None:
+    """Drop every packet from TUN `tun` that opens a connection (see the module's doc), except
+    those to `addr` on the `tcp`/`udp` ports: the ports the user asked to steal, whose
+    connections the agent hands in. Calling it again replaces the guard in one transaction."""
     if not _OUR_TUN.fullmatch(tun):
         raise ValueError(f"not a TUN of ours: {tun!r}")
+    allowed = ""
+    for proto, ports in (("tcp", sorted(set(tcp))), ("udp", sorted(set(udp)))):
+        if not ports:
+            continue
+        if addr is None or not all(type(p) is int and 0 < p < 65536 for p in ports):
+            raise ValueError(f"bad steal ports for the inbound guard: {addr!r} {ports!r}")
+        allowed += (f'    iifname "{tun}" ip daddr {ipaddress.IPv4Address(addr)} {proto} dport '
+                    f'{{ {", ".join(map(str, ports))} }} ct state new accept\n')
     # prerouting rather than input: also nothing forwarded onwards, should the namespace
     # route for others (a container with ip_forward on).
     nft.run(
@@ -48,6 +61,7 @@ def refuse_inbound(tun: str) -> None:
         "  chain prerouting {\n"
         "    type filter hook prerouting priority filter; policy accept;\n"
         f'    iifname "{tun}" ct state established,related accept\n'
+        f"{allowed}"
         f'    iifname "{tun}" drop\n'
         "  }\n}\n"
     )

@@ -70,8 +70,8 @@ def test_a_mistyped_option_is_an_error_not_the_command(argv0: list[str], typo: s
 
 
 def test_options_this_version_lacks_are_refused() -> None:
-    line = one_error_line(mirrord_ns("run", "--steal", "-t", "pod/web", "--", "true"))
-    assert "No such option '--steal'" in line
+    line = one_error_line(mirrord_ns("run", "--teleport", "-t", "pod/web", "--", "true"))
+    assert "No such option '--teleport'" in line
 
 
 @pytest.mark.parametrize("args", [("-t", "pod/web", "curl", "-s", "-t", "x"),

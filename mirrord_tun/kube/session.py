@@ -16,14 +16,17 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import asyncssh
+from kubernetes import client
+from urllib3.exceptions import HTTPError
 
 from mirrord_tun.connect import SetupError
 from mirrord_tun.kube import manifest
-from mirrord_tun.kube.cluster import Cluster, connect
+from mirrord_tun.kube.cluster import Cluster, connect, describe
 from mirrord_tun.kube.env import container_env
 from mirrord_tun.kube.launcher import AgentJob
 from mirrord_tun.kube.portforward import Forward
 from mirrord_tun.kube.targets import TargetPod, resolve
+from mirrord_tun.progress import QUIET, Progress
 
 log = logging.getLogger("mirrord-ns")
 
@@ -41,6 +44,8 @@ class KubeOptions:
     env: bool
     env_exclude: frozenset[str]
     env_allow: frozenset[str]  # imported despite kube.env's deny-list
+    pull_secrets: tuple[str, ...] = ()
+    annotations: tuple[tuple[str, str], ...] = ()  # the agent pod's, besides the mesh opt-outs
 
 
 @dataclass(frozen=True)
@@ -64,13 +69,13 @@ class Plan:
         return manifest.to_yaml([self.job])
 
     @contextlib.contextmanager
-    def launch(self) -> Iterator[Link]:
+    def launch(self, progress: Progress = QUIET) -> Iterator[Link]:
         agent = AgentJob(self.cluster, self.job)
         forward: Forward | None = None
         # So that `finally` runs and deletes the agent, also when the terminal closes (SIGHUP).
         previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
         try:
-            started = agent.start()
+            started = agent.start(progress=progress)
             env = self._env()
             if self.opts.agent_address:
                 address, sock = self.opts.agent_address, None
@@ -111,8 +116,22 @@ def prepare(opts: KubeOptions) -> Plan:
         session=secrets.token_hex(4), user=manifest.current_user(),
         namespace=target.namespace if target else cluster.namespace, image=opts.agent_image,
         client_key=key.export_public_key("openssh").decode().strip(), target=target,
-        privileged=opts.privileged, direct=opts.agent_address is not None)
+        privileged=opts.privileged, direct=opts.agent_address is not None,
+        node_taints=_taints(cluster, target.node) if target else None, pull_secrets=opts.pull_secrets,
+        annotations=dict(opts.annotations))
     return Plan(opts, cluster, target, key, job)
+
+
+def _taints(cluster: Cluster, node: str) -> list[dict[str, str]] | None:
+    """The node's taints, or None when they cannot be read (nodes are cluster-wide: a role bound
+    in one namespace cannot grant reading them)."""
+    try:
+        spec = cluster.core.read_node(node).spec
+    except (client.ApiException, HTTPError) as e:
+        log.info("cannot read node %s (%s): the agent tolerates every taint", node,
+                 describe(e) if isinstance(e, client.ApiException) else e)
+        return None
+    return [{"key": t.key, "value": t.value or "", "effect": t.effect} for t in (spec and spec.taints) or []]
 
 
 def _interrupt(_sig: int, _frame: object) -> None:

@@ -2,7 +2,7 @@
 
 Frames flow: agent capture -> MIRROR frame -> `Mirror.deliver` -> `admit` ->
 reassembly (pure, per TCP stream) -> events -> delivery (transparent sockets
-toward the program). See "Inbound mirror" in README.md.
+toward the program). See docs/mirror.md.
 
 The agent is not trusted to choose what `run`'s transparent sockets do: `admit`
 passes only copies of TCP or UDP sent to a pod address on a port we subscribed,

@@ -37,6 +37,21 @@ def parse_port(spec: str) -> tuple[int, int]:
     return ports
 
 
+def steal_ports(tcp: set[int], udp: set[int], mapping: dict[int, int]) -> tuple[dict[int, int], dict[int, int]]:
+    """What steal takes, per protocol (pod port -> local port), from the (TCP, UDP) ports the
+    program serves and the --port `mapping`: a --port is stolen over TCP whether or not
+    anything listens, over UDP once the program serves its local port over UDP."""
+    mapped_locals = {local for remote, local in mapping.items() if local != remote}
+    steal_tcp = {p: p for p in sorted(tcp - mapped_locals)} | mapping
+    steal_udp = {p: p for p in sorted(udp - mapped_locals)} | {r: l for r, l in mapping.items() if l in udp}
+    for ports in (steal_tcp, steal_udp):
+        if len(ports) > MAX_PORTS:
+            log.warning("the program serves %d ports; stealing the lowest %d", len(ports), MAX_PORTS)
+            for p in sorted(ports)[MAX_PORTS:]:
+                del ports[p]
+    return steal_tcp, steal_udp
+
+
 class PortWatcher:
     def __init__(self, ns: NetNs, pod_addrs: list[str], mapping: dict[int, int],
                  subscribe: Callable[[set[int]], None]) -> None:

@@ -1,0 +1,214 @@
+"""Steal: new connections to the pod's stolen ports handed to the session's client, in the kernel.
+
+Each session's nft table (dataplane.py) holds a nat prerouting chain that DNATs
+NEW connections arriving at the pod's addresses on a stolen port to the client's
+tunnel address and its local port; conntrack does the rest, so no Python is on
+the packet path. The port maps are nft maps with `flags timeout`: every element
+lives TIMEOUT seconds unless the agent writes it again, which it does every
+REFRESH seconds. That is the dead-man switch: if every agent process is killed,
+nothing refreshes them and the pod gets its traffic back by itself. The guard
+(guard.py) removes the whole table at once when only the worker dies, and a
+new agent removes leftovers at start.
+
+Only the connections this DNAT made may enter the TUN: the forward chain accepts
+`ct status dnat` toward the client's address on the stolen *local* ports, and
+drops every other new connection into the TUN as before (SECURITY.md).
+
+Sessions do not trust each other: `Registry` refuses a whole-port steal of a port
+another session steals. Filtered (HTTP) steals are claimed there too (several per
+port, never with a whole-port one), but the per-request proxy is not plugged in
+yet: they are refused with FILTERED_UNAVAILABLE.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from typing import Callable
+
+from mirrord_tun import protocol
+from mirrord_tun.netns import nft
+from mirrord_tun.netns.namespace import NetNs
+from mirrord_tun.protocol import StealRequest, StealState
+from mirrord_tun.pump import Counters
+
+log = logging.getLogger("mirrord-ns.agent")
+REFRESH = 3.0  # seconds between rewrites of the port maps
+TIMEOUT = 10  # seconds a map element lives without one: REFRESH plus room for a busy loop
+PROTOCOLS = ("tcp", "udp")
+FILTERED_UNAVAILABLE = "filtered steal not available yet"
+_EXCLUDE = "steal_exclude"
+
+
+def declarations(tunnels: str, client: str, pod_addrs: list[str]) -> str:
+    """The session table's steal maps, sets and nat chain (empty maps: nothing stolen);
+    `tunnels`: an nft name pattern matching every session's TUN."""
+    out = "".join(f"  map steal_{p} {{ type inet_service : inet_service; flags timeout; }}\n"
+                  f"  set local_{p} {{ type inet_service; }}\n" for p in PROTOCOLS)
+    out += f"  set {_EXCLUDE} {{ type ipv4_addr; flags interval; auto-merge; }}\n"
+    pods = ", ".join(pod_addrs)
+    dnat = "".join(f"    ip daddr {{ {pods} }} meta l4proto {p} dnat to {client} : {p} dport map @steal_{p}\n"
+                   for p in PROTOCOLS) if pod_addrs else ""
+    return out + (
+        "  chain steal {\n"
+        "    type nat hook prerouting priority dstnat; policy accept;\n"
+        # Never from a tunnel: one session's traffic to the pod is not another's to take.
+        f'    iifname "{tunnels}" return\n'
+        f"    ip saddr @{_EXCLUDE} return\n"
+        f"{dnat}"
+        "  }\n"
+    )
+
+
+def forward_rules(tun: str, client: str) -> str:
+    """Forward-chain rules letting in exactly the connections the steal chain DNATed."""
+    return "".join(f'    oifname "{tun}" ip daddr {client} ct status dnat {p} dport @local_{p} accept\n'
+                   for p in PROTOCOLS)
+
+
+def apply(table: str, tcp: dict[int, int], udp: dict[int, int], exclude: tuple[str, ...]) -> None:
+    """Replace what `table` steals, in one transaction; also the refresh of the dead-man switch."""
+    lines = [f"flush set ip {table} {_EXCLUDE}"]
+    if exclude:
+        lines.append(f"add element ip {table} {_EXCLUDE} {{ {', '.join(exclude)} }}")
+    for proto, ports in (("tcp", tcp), ("udp", udp)):
+        lines += [f"flush map ip {table} steal_{proto}", f"flush set ip {table} local_{proto}"]
+        if ports:
+            elements = ", ".join(f"{p} timeout {TIMEOUT}s : {l}" for p, l in sorted(ports.items()))
+            lines += [f"add element ip {table} steal_{proto} {{ {elements} }}",
+                      f"add element ip {table} local_{proto} {{ {', '.join(map(str, sorted(set(ports.values()))))} }}"]
+    nft.run("\n".join(lines) + "\n")
+
+
+def reset_stolen(stolen_by: Callable[[ipaddress.IPv4Address], bool]) -> int:
+    """Forget the conntrack entries of connections DNATed to a tunnel client `stolen_by` names.
+
+    The client's next packet then meets the pod's own kernel as a stray segment,
+    which it answers with a RST: a stolen connection ends at once instead of
+    hanging on a tunnel that is gone. Returns how many were forgotten.
+    """
+    from pyroute2 import NFCTSocket
+    from pyroute2.netlink.nfnetlink.nfctsocket import IPS_DST_NAT, NFCTAttrTuple
+
+    n = 0
+    with NFCTSocket() as ct:
+        doomed = []
+        for msg in ct.dump(status=IPS_DST_NAT, status_mask=IPS_DST_NAT):
+            reply = msg.get_attr("CTA_TUPLE_REPLY")
+            src = reply.get_attr("CTA_TUPLE_IP").get_attr("CTA_IP_V4_SRC") if reply else None
+            if src and stolen_by(ipaddress.IPv4Address(src)):
+                doomed.append(NFCTAttrTuple.from_netlink(2, msg.get_attr("CTA_TUPLE_ORIG")))
+        for orig in doomed:
+            try:
+                ct.entry("del", tuple_orig=orig)
+                n += 1
+            except Exception as e:  # noqa: BLE001 - gone meanwhile (closed, timed out): nothing to do
+                log.debug("conntrack entry %s: %s", orig, e)
+    return n
+
+
+class Registry:
+    """Who steals what among this agent's sessions; a holder is a session's printable label."""
+
+    def __init__(self) -> None:
+        self._whole: dict[str, str] = {}  # "tcp/80" -> holder
+        self._filtered: dict[int, set[str]] = {}  # TCP port -> holders
+
+    def claim(self, holder: str, whole: set[str], filtered: set[int]) -> dict[str, str]:
+        """Replace `holder`'s claims with these; returns the refused ones with the reason."""
+        self.release(holder)
+        refused: dict[str, str] = {}
+        for name in sorted(whole):
+            proto, _, port = name.partition("/")
+            other = self._whole.get(name)
+            sharing = self._filtered.get(int(port), set()) if proto == "tcp" else set()
+            if other:
+                refused[name] = f"{proto} port {port} is already stolen by session {other}"
+            elif sharing:
+                refused[name] = f"tcp port {port} has filtered steals by session {min(sharing)}"
+            else:
+                self._whole[name] = holder
+        for port in sorted(filtered):
+            other = self._whole.get(f"tcp/{port}")
+            if other:
+                refused[f"tcp/{port}"] = f"tcp port {port} is already stolen by session {other}"
+            else:
+                self._filtered.setdefault(port, set()).add(holder)
+        return refused
+
+    def release(self, holder: str) -> None:
+        for name in [n for n, h in self._whole.items() if h == holder]:
+            del self._whole[name]
+        for port in list(self._filtered):
+            self._filtered[port].discard(holder)
+            if not self._filtered[port]:
+                del self._filtered[port]
+
+
+REGISTRY = Registry()  # one agent process serves one target namespace: its sessions share it
+
+
+class SessionSteal:
+    """One session's steal: applies each STEAL, keeps the dead-man switch fed, releases at the end."""
+
+    def __init__(self, ns: NetNs, table: str, pod_addrs: list[str], holder: str, counters: Counters,
+                 registry: Registry = REGISTRY) -> None:
+        self._ns, self._table, self._pod_addrs, self.holder = ns, table, pod_addrs, holder
+        self._counters = counters
+        self._registry = registry
+        self._lock = asyncio.Lock()  # STEALs apply in order, never under a refresh
+        self._now: tuple[dict[int, int], dict[int, int], tuple[str, ...]] = ({}, {}, ())
+        self._refresher: asyncio.Task[None] | None = None
+        self.used = False  # whether anything was ever stolen (then conntrack is reset at the end)
+        self._closed = False
+
+    async def request(self, req: StealRequest) -> StealState:
+        async with self._lock:
+            whole = {f"{p}/{port}" for p, ports in (("tcp", req.tcp), ("udp", req.udp)) for port in ports}
+            if self._closed or not self._pod_addrs:  # ending; or nothing to DNAT from (declarations())
+                why = "the session is closing" if self._closed else "the pod has no IPv4 address"
+                return StealState((), {name: why for name in whole})
+            refused = self._registry.claim(self.holder, whole, set())
+            # The hook for filtered steal: claim `{f.port for f in req.filtered}` above, and start
+            # the per-request proxy for the ones granted, once it is plugged in.
+            refused.update({f"tcp/{f.port}": FILTERED_UNAVAILABLE for f in req.filtered})
+            tcp = {p: l for p, l in req.tcp.items() if f"tcp/{p}" not in refused}
+            udp = {p: l for p, l in req.udp.items() if f"udp/{p}" not in refused}
+            try:
+                await self._ns.acall(apply, self._table, tcp, udp, req.exclude)
+            except (nft.NftError, OSError) as e:  # the container deleted our table; nft is missing
+                why = " ".join(str(e).split())[:protocol.MAX_REASON]
+                log.warning("session %s: steal failed: %s", self.holder, why)
+                self._registry.release(self.holder)
+                refused.update({name: f"the agent could not steal it: {why}" for name in whole})
+                tcp, udp = {}, {}
+            self._now = (tcp, udp, req.exclude)
+            self.used = self.used or bool(tcp or udp)
+            if (tcp or udp) and self._refresher is None:
+                self._refresher = asyncio.create_task(self._refresh())
+            stolen = sorted(f"tcp/{p}" for p in tcp) + sorted(f"udp/{p}" for p in udp)
+            log.info("session %s: stealing %s%s", self.holder, " ".join(stolen) or "nothing",
+                     f", refused {refused}" if refused else "")
+            return StealState(tuple(stolen), refused)
+
+    async def _refresh(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH)
+            async with self._lock:
+                tcp, udp, exclude = self._now
+                if not (tcp or udp):
+                    continue
+                try:
+                    await self._ns.acall(apply, self._table, tcp, udp, exclude)
+                except (nft.NftError, OSError) as e:  # the container deleted our table: the steal is gone anyway
+                    self._counters["steal_refresh_failed"] += 1
+                    log.debug("session %s: steal refresh failed: %s", self.holder, e)
+
+    async def close(self) -> None:
+        """Stop refreshing and give the ports up; the table itself goes with the session."""
+        async with self._lock:
+            self._closed = True
+        if self._refresher:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
+        self._registry.release(self.holder)
