@@ -1,0 +1,274 @@
+#!/usr/bin/env python3
+"""What the filtered-steal proxy (agent/httpsteal.py) adds to requests it leaves with the pod.
+
+    .venv/bin/python scripts/bench_httpsteal.py [--requests N] [--mb MB] [--rounds R] [--json]
+
+On loopback, in one run: two keep-alive HTTP/1.1 servers (uvloop + httptools,
+standing for the pod's server and the local program) and the proxy (uvloop,
+its own process, header filter `x-dev: me`). The client (this process,
+blocking sockets) measures the same workloads straight to the pod's server and
+through the proxy with requests that do not match, alternating per round:
+
+- p50/p99 of small GETs, a new TCP connection each, and on one keep-alive connection;
+- throughput of MB-sized POST bodies (Content-Length, then chunked) on one connection;
+- p50 of matching small requests (to the local server), for reference.
+
+Then a parser micro-benchmark, h11 vs httptools, on the proxy's two jobs:
+parsing small request heads and finding the end of a large chunked body.
+httptools is far faster at both, but cannot say where in the bytes fed a message
+ended (llhttp's pause is not exposed; only an upgrade reports an offset), nor
+be told that a response answers HEAD; h11's `trailing_data` gives the exact
+boundary, which forwarding pipelined requests as raw bytes needs (see the
+module docstring of agent/httpsteal.py).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import median, percentile  # noqa: E402
+
+HOST = "127.0.0.1"
+SEND = 1024 * 1024
+
+
+# --------------------------------------------------------------------------- server / proxy roles
+def _serve(name: str) -> None:
+    import httptools
+    import uvloop
+
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(name), name.encode())
+
+    class Http(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            self.transport = transport
+            self.parser = httptools.HttpRequestParser(self)
+
+        def data_received(self, data: bytes) -> None:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError:
+                self.transport.close()
+
+        def on_message_complete(self) -> None:
+            self.transport.write(reply)
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Http, HOST, 0)
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await server.serve_forever()
+
+    uvloop.run(main())
+
+
+def _proxy(pod_port: int, local_port: int) -> None:
+    import uvloop
+
+    from mirrord_tun.agent.httpsteal import CHUNK, HttpFilter, proxy_connection
+
+    filt = HttpFilter.compile("^x-dev: me$", None)
+    counters: collections.Counter = collections.Counter()
+
+    async def pod():
+        return await asyncio.open_connection(HOST, pod_port, limit=CHUNK)
+
+    async def local():
+        return await asyncio.open_connection(HOST, local_port, limit=CHUNK)
+
+    async def handle(reader, writer) -> None:
+        await proxy_connection((reader, writer), lambda head: local if filt.matches(head) else None, pod, counters)
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, HOST, 0, limit=CHUNK)
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await server.serve_forever()
+
+    uvloop.run(main())
+
+
+def _start(*role: str) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *role], stdout=subprocess.PIPE)
+    return proc, int(proc.stdout.readline())
+
+
+# --------------------------------------------------------------------------- client
+def _response(sock: socket.socket, expect_end: bytes) -> None:
+    got = b""
+    while not got.endswith(expect_end):
+        data = sock.recv(65536)
+        if not data:
+            raise RuntimeError(f"closed after {got!r}")
+        got += data
+
+
+def _latency(port: int, n: int, keepalive: bool, mine: bool = False) -> list[float]:
+    req = b"GET /x HTTP/1.1\r\nHost: bench\r\n" + (b"X-Dev: me\r\n" if mine else b"X-Dev: other\r\n") + b"\r\n"
+    end = b"\r\n\r\nlocal" if mine else b"\r\n\r\npod"
+    out = []
+    sock = socket.create_connection((HOST, port)) if keepalive else None
+    for _ in range(n):
+        t0 = time.perf_counter()
+        s = sock or socket.create_connection((HOST, port))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(req)
+        _response(s, end)
+        if not keepalive:
+            s.close()
+        out.append((time.perf_counter() - t0) * 1000)
+    if sock:
+        sock.close()
+    return out
+
+
+def _post(port: int, body: memoryview, chunked: bool) -> float:
+    """Gbit/s of one POST of `body` on a fresh connection, until its response."""
+    framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % len(body)
+    with socket.create_connection((HOST, port)) as s:
+        t0 = time.perf_counter()
+        s.sendall(b"POST /upload HTTP/1.1\r\nHost: bench\r\n%s\r\n\r\n" % framing)
+        for i in range(0, len(body), SEND):
+            piece = body[i:i + SEND]
+            if chunked:
+                s.sendall(b"%x\r\n" % len(piece))
+            s.sendall(piece)
+            if chunked:
+                s.sendall(b"\r\n")
+        if chunked:
+            s.sendall(b"0\r\n\r\n")
+        _response(s, b"\r\n\r\npod")
+        return len(body) * 8 / (time.perf_counter() - t0) / 1e9
+
+
+def _ms(values: list[float]) -> dict[str, float]:
+    return {"p50": round(median(values), 3), "p99": round(percentile(values, 99), 3)}
+
+
+def measure(requests: int, mb: int, rounds: int) -> dict:
+    pod, pod_port = _start("serve", "pod")
+    local, local_port = _start("serve", "local")
+    proxy, proxy_port = _start("proxy", str(pod_port), str(local_port))
+    try:
+        body = memoryview(os.urandom(mb * 1024 * 1024))
+        runs: dict[str, list[float]] = collections.defaultdict(list)
+        for _ in range(rounds):
+            for via, port in (("direct", pod_port), ("proxy", proxy_port)):
+                runs[f"{via}_new_conn_ms"] += _latency(port, requests, keepalive=False)
+                runs[f"{via}_keepalive_ms"] += _latency(port, requests, keepalive=True)
+                runs[f"{via}_cl_gbits"].append(_post(port, body, chunked=False))
+                runs[f"{via}_chunked_gbits"].append(_post(port, body, chunked=True))
+            runs["proxy_matched_keepalive_ms"] += _latency(proxy_port, requests, keepalive=True, mine=True)
+    finally:
+        for p in (proxy, pod, local):
+            p.kill()
+            p.wait()
+    out: dict = {}
+    for key, values in runs.items():
+        out[key] = _ms(values) if key.endswith("_ms") else round(median(values), 2)
+    for kind in ("new_conn_ms", "keepalive_ms"):
+        out[f"added_{kind.replace('_ms', '')}_p50_ms"] = round(out[f"proxy_{kind}"]["p50"] - out[f"direct_{kind}"]["p50"], 3)
+    for kind in ("cl_gbits", "chunked_gbits"):
+        out[f"ratio_{kind.replace('_gbits', '')}_throughput"] = round(out[f"proxy_{kind}"] / out[f"direct_{kind}"], 3)
+    return out
+
+
+# --------------------------------------------------------------------------- parsers
+def parsers(heads: int = 20000, mb: int = 100) -> dict:
+    """µs per small head and MB/s through a chunked body, h11 vs httptools."""
+    import h11
+    import httptools
+
+    head = (b"GET /api/v1/items?id=42 HTTP/1.1\r\nHost: svc.default\r\nUser-Agent: bench/1.0\r\n"
+            b"Accept: */*\r\nX-Dev: other\r\nCookie: a=1; b=2\r\n\r\n")
+    piece = os.urandom(256 * 1024)
+    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+    count = mb * 4
+    chunked_head = b"POST /u HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+    def h11_head() -> None:
+        c = h11.Connection(h11.SERVER)
+        c.receive_data(head)
+        c.next_event()
+        c.trailing_data
+
+    class Sink:
+        """What a relay would register: the body bytes only counted."""
+
+        done = False
+        body = 0
+
+        def on_body(self, data: bytes) -> None:
+            self.body += len(data)
+
+        def on_message_complete(self) -> None:
+            self.done = True
+
+    def httptools_head() -> None:
+        httptools.HttpRequestParser(Sink()).feed_data(head)
+
+    def timed(fn, n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return time.perf_counter() - t0
+
+    out = {"h11_head_us": round(timed(h11_head, heads) / heads * 1e6, 1),
+           "httptools_head_us": round(timed(httptools_head, heads) / heads * 1e6, 1)}
+
+    c = h11.Connection(h11.SERVER)
+    c.receive_data(chunked_head)
+    c.next_event()
+    t0 = time.perf_counter()
+    for _ in range(count):
+        c.receive_data(chunk)
+        while c.next_event() is not h11.NEED_DATA:
+            pass
+        c.trailing_data
+    out["h11_chunked_MBps"] = round(mb * 1.048576 / (time.perf_counter() - t0), 0)
+
+    p = httptools.HttpRequestParser(Sink())
+    p.feed_data(chunked_head)
+    t0 = time.perf_counter()
+    for _ in range(count):
+        p.feed_data(chunk)
+    out["httptools_chunked_MBps"] = round(mb * 1.048576 / (time.perf_counter() - t0), 0)
+    return out
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["serve"]:
+        return _serve(sys.argv[2])
+    if sys.argv[1:2] == ["proxy"]:
+        return _proxy(int(sys.argv[2]), int(sys.argv[3]))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=1000, help="small requests per kind and round")
+    ap.add_argument("--mb", type=int, default=100, help="POST body size")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    result = {"proxy": measure(args.requests, args.mb, args.rounds), "parsers": parsers(mb=args.mb)}
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    r = result["proxy"]
+    for kind in ("new_conn", "keepalive"):
+        d, p = r[f"direct_{kind}_ms"], r[f"proxy_{kind}_ms"]
+        print(f"{kind:10} p50 {d['p50']:.3f} -> {p['p50']:.3f} ms (+{r[f'added_{kind}_p50_ms']:.3f}), "
+              f"p99 {d['p99']:.3f} -> {p['p99']:.3f} ms")
+    m = r["proxy_matched_keepalive_ms"]
+    print(f"matched    p50 {m['p50']:.3f} ms, p99 {m['p99']:.3f} ms (keep-alive, to the local server)")
+    for kind in ("cl", "chunked"):
+        print(f"{args.mb} MB POST {kind:7}: direct {r[f'direct_{kind}_gbits']:.2f} Gbit/s, "
+              f"proxy {r[f'proxy_{kind}_gbits']:.2f} Gbit/s (x{r[f'ratio_{kind}_throughput']})")
+    print("parsers:", json.dumps(result["parsers"]))
+
+
+if __name__ == "__main__":
+    main()
