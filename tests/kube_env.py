@@ -121,10 +121,43 @@ class Emulator:
             json.dump(config, f)  # JSON is YAML
         return path
 
-    # --- object helpers (call through run())
-    def put(self, plural: str, obj: dict[str, Any]) -> None:
+    # --- object helpers (call through run()). Each change is also told to the watches, as the
+    # API server would; kmock itself only tells them what came through its HTTP API.
+    def put(self, plural: str, obj: dict[str, Any], namespace: str | None = "default") -> None:
         meta = obj["metadata"]
-        self.km.objects[kmock.resource(plural), meta.get("namespace", "default"), meta["name"]] = obj
+        key = (kmock.resource(plural), meta.get("namespace", namespace), meta["name"])
+        kind = "MODIFIED" if key in self.km.objects and not self.km.objects[key].deleted else "ADDED"
+        self.km.objects[key] = obj
+        self._publish(key, kind)
+
+    def patch(self, resource: kmock.resource, namespace: str, name: str, change: dict[str, Any]) -> None:
+        self.km.objects[resource, namespace, name].patch(change)
+        self._publish((resource, namespace, name), "MODIFIED")
+
+    def delete(self, resource: kmock.resource, namespace: str, name: str) -> None:
+        self.km.objects[resource, namespace, name].delete()
+        self._publish((resource, namespace, name), "DELETED")
+
+    def _publish(self, key: tuple[kmock.resource, str | None, str], kind: str) -> None:
+        obj = self.km.objects[key]
+        raw = dict(obj.last.raw if obj.deleted else obj.raw)
+        self.loop.create_task(self.km._buses[key[0]].put({"type": kind, "object": raw}))
+
+    def event(self, about: dict[str, Any], reason: str, message: str, type_: str = "Normal") -> None:
+        """An Event about `about` (an object as stored), as the kubelet or a controller records one."""
+        meta = about["metadata"]
+        self.put("v1/events", {
+            "apiVersion": "v1", "kind": "Event", "reason": reason, "message": message, "type": type_,
+            "metadata": {"name": f"{meta['name']}.{secrets.token_hex(8)}", "namespace": meta["namespace"],
+                         "uid": str(uuid.uuid4())},
+            "involvedObject": {"apiVersion": about["apiVersion"], "kind": about["kind"], "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta.get("uid")},
+            "lastTimestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "count": 1,
+            "source": {"component": "kubelet"}})
+
+    def node(self, name: str, taints: list[dict[str, str]] | None = None) -> None:
+        self.put("v1/nodes", {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "uid": str(uuid.uuid4())},
+                              "spec": {"taints": taints or []}}, namespace=None)
 
     def live(self, resource: kmock.resource) -> dict[tuple[str, str], dict[str, Any]]:
         return {(ns, name): dict(obj.raw) for (res, ns, name), obj in self.km.objects.items()
@@ -191,6 +224,8 @@ def seed(emu: Emulator, web_container_id: str) -> None:
     pending = running_pod("starting", "f" * 64, {"app": "starting"}, [{"name": "c", "image": "c:1"}])
     pending["status"] = {"phase": "Pending"}
     emu.put("v1/pods", pending)
+    emu.node(NODE)
+    emu.event(emu.live(PODS)["default", "web"], "Started", "Started container app")
     for plural, kind, name, label in (("apps/v1/deployments", "Deployment", "web", "web"),
                                       ("apps/v1/statefulsets", "StatefulSet", "db", "db"),
                                       ("apps/v1/deployments", "Deployment", "idle", "idle")):
@@ -213,9 +248,16 @@ class FakeKubelet:
         self.jobs: dict[tuple[str, str], str] = {}  # job -> its pod
         self.agents: dict[str, subprocess.Popen[bytes]] = {}  # pod -> agent process
         self.started_args: list[list[str]] = []
+        self.handled: set[str] = set()  # pods the kubelet has taken on
         # Called on the emulator's loop with each new Job before its pod exists: what a
         # neighbour watching Jobs could do first (e.g. make a decoy pod).
         self.on_job: Callable[[str, dict[str, Any]], None] | None = None
+        self.pull_seconds = 0.0  # between the Pulling and Pulled events
+        # Pod Security admission's refusal of the Job's pod (the Job controller records it as an
+        # Event on the Job, and makes no pod), e.g. 'violates PodSecurity "baseline:latest": ...'.
+        self.refuse_pods: str | None = None
+        # The node's kubelet refusing the pod before it runs: (reason, message), e.g. OutOfcpu.
+        self.node_refuses: tuple[str, str] | None = None
 
     def start(self) -> "FakeKubelet":
         self.emu.spawn(self._loop())
@@ -236,10 +278,15 @@ class FakeKubelet:
             if (ns, name) not in self.jobs:
                 if self.on_job:
                     self.on_job(ns, job)
+                if self.refuse_pods:
+                    self.emu.event(job, "FailedCreate", f'Error creating: pods "{name}-x7k2p" is forbidden: '
+                                   f"{self.refuse_pods}", "Warning")
+                    self.jobs[(ns, name)] = ""
+                    continue
                 self.jobs[(ns, name)] = self._create_pod(ns, name, job)
         for (ns, name), pod in list(self.jobs.items()):
             if (ns, name) not in jobs and (ns, pod) in pods:  # background propagation
-                self.emu.km.objects[PODS, ns, pod].delete()
+                self.emu.delete(PODS, ns, pod)
         pods = self.emu.live(PODS)
         for pod_name, proc in list(self.agents.items()):
             if not any(name == pod_name for _, name in pods):
@@ -249,9 +296,10 @@ class FakeKubelet:
             elif proc.poll() is not None:
                 del self.agents[pod_name]
                 ns = next(ns for ns, name in pods if name == pod_name)
-                self.emu.km.objects[PODS, ns, pod_name].patch({"status": {"phase": "Succeeded"}})
+                self.emu.patch(PODS, ns, pod_name, {"status": {"phase": "Succeeded"}})
         for (ns, pod_name), pod in pods.items():
-            if pod.get("status", {}).get("phase") == "Pending" and pod_name in self.jobs.values():
+            if pod_name in self.jobs.values() and pod_name not in self.handled:
+                self.handled.add(pod_name)
                 await self._run_pod(ns, pod_name, pod)
 
     def _create_pod(self, ns: str, job: str, obj: dict[str, Any]) -> str:
@@ -264,22 +312,31 @@ class FakeKubelet:
 
     async def _run_pod(self, ns: str, name: str, pod: dict[str, Any]) -> None:
         container = pod["spec"]["containers"][0]
-        obj = self.emu.km.objects[PODS, ns, name]
-        base = {"name": container["name"], "image": container["image"], "imageID": "", "restartCount": 0}
-        if container["image"] == BAD_IMAGE:
-            obj.patch({"status": {"containerStatuses": [dict(base, ready=False, state={"waiting": {
-                "reason": "ErrImagePull",
-                "message": f'failed to pull and unpack image "{BAD_IMAGE}": not found'}})]}})
+        image = container["image"]
+        base = {"name": container["name"], "image": image, "imageID": "", "restartCount": 0}
+        if self.node_refuses:
+            reason, message = self.node_refuses
+            self.emu.patch(PODS, ns, name, {"status": {"phase": "Failed", "reason": reason, "message": message}})
             return
+        self.emu.event(pod, "Pulling", f'Pulling image "{image}"')
+        await asyncio.sleep(self.pull_seconds)
+        if image == BAD_IMAGE:
+            failure = f'failed to pull and unpack image "{BAD_IMAGE}": not found'
+            self.emu.patch(PODS, ns, name, {"status": {"containerStatuses": [dict(base, ready=False, state={
+                "waiting": {"reason": "ErrImagePull", "message": failure}})]}})
+            self.emu.event(pod, "Failed", f'Failed to pull image "{image}": {failure}', "Warning")
+            return
+        self.emu.event(pod, "Pulled", f'Successfully pulled image "{image}" in {self.pull_seconds:g}s')
         if self.start_agent is None:
             return  # stays Pending
         self.started_args.append(container["args"])
         proc, line = await asyncio.get_running_loop().run_in_executor(None, self.start_agent, container["args"])
         self.agents[name] = proc
         self.emu.serve_log(ns, name, line)
-        obj.patch({"status": {"phase": "Running", "podIP": "198.19.0.2", "containerStatuses": [
+        self.emu.patch(PODS, ns, name, {"status": {"phase": "Running", "podIP": "198.19.0.2", "containerStatuses": [
             dict(base, ready=True, containerID="containerd://" + "a" * 64,
                  state={"running": {"startedAt": "2026-01-01T00:00:00Z"}})]}})
+        self.emu.event(pod, "Started", f"Started container {container['name']}")
 
 
 def job_pod_metadata(job: dict[str, Any]) -> dict[str, Any]:

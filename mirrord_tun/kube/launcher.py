@@ -10,6 +10,11 @@ create response, which nobody else can have answered), and whose controller-uid
 label, where the Job controller set one, agrees. A second pod claiming the Job,
 a pod replaced under the same name while its log was read, or a log with the key
 line twice (something else writes into it) ends the session instead.
+
+The start is followed through watches (kube.feed) of the Job, its pod and the Events
+of both, which feed the status line (scheduled, pulling, starting) and say at once
+why an agent will not start: an image that cannot be pulled, a node that refuses the
+pod, a namespace whose Pod Security refuses hostPID.
 """
 from __future__ import annotations
 
@@ -17,23 +22,23 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import asyncssh
 from kubernetes import client
 
 from mirrord_tun.kube import manifest
 from mirrord_tun.kube.cluster import Cluster, KubeError, api_errors, describe
-from mirrord_tun.kube.targets import matches, selector_string
+from mirrord_tun.kube.feed import POLL, Feed
+from mirrord_tun.kube.targets import matches
+from mirrord_tun.progress import QUIET, Progress
 
 log = logging.getLogger("mirrord-ns")
 START_TIMEOUT = 60
-POLL = 0.5
 RUNNING = "running"
 # Container states that will not get better by waiting (the kubelet would only back off).
-FATAL_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
-                 "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
-                 "CrashLoopBackOff"}
+PULL_FAILED = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
+FATAL_WAITING = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError", "CrashLoopBackOff"}
 _LISTENING = re.compile(r"mirrord-ns agent listening on \S+ netns \S+ host-key (\S+ \S+)")
 # Set by the Job controller on its pods: the current name, and the one before Kubernetes 1.27.
 CONTROLLER_UID_LABELS = ("batch.kubernetes.io/controller-uid", "controller-uid")
@@ -56,7 +61,8 @@ class AgentJob:
         self.uid: str | None = None  # the Job's, once created
         self.created = False
 
-    def start(self, timeout: float = START_TIMEOUT) -> Started:
+    def start(self, timeout: float = START_TIMEOUT, progress: Progress = QUIET) -> Started:
+        progress.step("creating agent job…")
         # Set before the call: a signal that lands after the API server made the job but before
         # the client returned must still lead to its deletion (a 404 then is harmless).
         self.created = True
@@ -69,27 +75,58 @@ class AgentJob:
         self.uid = created.metadata and created.metadata.uid
         if not self.uid:
             raise KubeError(f"the API server created job {self.name} but did not say its UID")
-        deadline = time.monotonic() + timeout
-        state = "no pod yet (kubectl describe job shows why, e.g. a PodSecurity policy refusing hostPID)"
-        while time.monotonic() < deadline:
-            pod = self._find_pod()
+        feed = Feed(self.namespace)
+        try:
+            return self._wait(feed, time.monotonic() + timeout, timeout, _Steps(progress, self.job))
+        finally:
+            feed.close()
+
+    def _wait(self, feed: Feed, deadline: float, timeout: float, steps: "_Steps") -> Started:
+        core = self.cluster.core
+        pods = feed.follow(f"pods of job {self.name}", core.list_namespaced_pod, required=True,
+                           label_selector=self._pods_selector)
+        jobs = feed.follow(f"job {self.name}", self.cluster.batch.list_namespaced_job,
+                           field_selector=f"metadata.name={self.name}")
+        job_events = feed.follow(f"events of job {self.name}", core.list_namespaced_event,
+                                 field_selector=f"involvedObject.uid={self.uid}")
+        pod_events: dict[str, client.CoreV1Event] = {}
+        pod_uid = None
+        while True:
+            self._check_job(jobs, _about(job_events, self.uid))
+            pod = self._find_pod(pods.values())
+            if pod is None and _about(job_events, self.uid):
+                steps.job_event(_latest(_about(job_events, self.uid))[0])
+            if pod is None and pod_uid is not None:
+                raise KubeError(f"agent pod/{self.pod} was deleted before it started"
+                                f"{': ' + steps.note if steps.note else ''}")
+            wait = deadline - time.monotonic()
             if pod is not None:
-                self.pod = pod.metadata.name
-                state = self._check(pod)
-                if state == RUNNING:
+                if pod_uid is None:
+                    self.pod, pod_uid = pod.metadata.name, pod.metadata.uid
+                    pod_events = feed.follow(f"events of pod/{self.pod}", core.list_namespaced_event,
+                                             field_selector=f"involvedObject.uid={pod_uid}")
+                steps.pod(pod, _about(pod_events, pod_uid))
+                if self._check(pod, _about(pod_events, pod_uid)) == RUNNING:
                     key = self._host_key(pod)
                     if key is not None:
                         log.info("agent pod/%s on %s is up, host key %s", self.pod, pod.spec.node_name,
                                  key.get_fingerprint("sha256"))
+                        steps.step(_Steps.READY, "agent ready")
                         return Started(self.pod, key)
-                    state = "running, its log has no listening line yet"
-            time.sleep(POLL)
-        raise KubeError(f"agent job {self.name} did not start within {timeout:g} s: {state}")
+                    steps.note = "running, its log has no listening line yet"
+                    wait = min(wait, POLL)  # the log is read, not watched
+            if time.monotonic() >= deadline:
+                raise KubeError(f"agent job {self.name} did not start within {timeout:g} s: "
+                                f"{steps.note or 'no pod yet (kubectl describe job shows why)'}")
+            feed.wait(max(wait, 0.0))
 
-    def _find_pod(self) -> client.V1Pod | None:
-        with api_errors(f"cannot list the pods of job {self.name}"):
-            pods = self.cluster.core.list_namespaced_pod(self.namespace, label_selector=selector_string(self.selector))
-        ours = [p for p in pods.items if matches(self.selector, p.metadata.labels or {}) and self._owns(p)]
+    @property
+    def _pods_selector(self) -> str:
+        # The Job's pods carry its UID as controller-uid (the label older releases set, and still do).
+        return f"controller-uid={self.uid}"
+
+    def _find_pod(self, pods: Iterable[client.V1Pod]) -> client.V1Pod | None:
+        ours = [p for p in pods if matches(self.selector, p.metadata.labels or {}) and self._owns(p)]
         if len(ours) > 1:  # backoffLimit 0: the Job controller makes one pod, so someone forged the rest
             raise KubeError(f"more than one pod claims to be job {self.name}'s "
                             f"({', '.join(sorted(p.metadata.name for p in ours))}); not trusting any")
@@ -104,23 +141,56 @@ class AgentJob:
         labels = meta.labels or {}
         return all(labels[k] == self.uid for k in CONTROLLER_UID_LABELS if k in labels)
 
-    def _check(self, pod: client.V1Pod) -> str:
+    def _check_job(self, jobs: dict[str, client.V1Job], events: list[client.CoreV1Event]) -> None:
+        """Raises if the Job cannot make its pod or has failed."""
+        for event in _latest(events):
+            if event.reason == "FailedCreate" and "violates PodSecurity" in (event.message or ""):
+                refusal = event.message[event.message.index("violates PodSecurity"):]
+                raise KubeError(f"namespace {self.namespace} refuses the agent's pod: {refusal}; the agent "
+                                "needs a namespace with Pod Security 'privileged' (-n, or label the namespace "
+                                "pod-security.kubernetes.io/enforce=privileged)")
+        for job in jobs.values():
+            if job.metadata.uid != self.uid:
+                continue
+            for c in (job.status and job.status.conditions) or []:
+                if c.type == "Failed" and c.status == "True":
+                    raise KubeError(f"agent job {self.name} failed: {c.reason or ''}: {c.message or ''}".rstrip(": "))
+
+    def _check(self, pod: client.V1Pod, events: Iterable[client.CoreV1Event]) -> str:
         """RUNNING, or the pod's state in a few words; raises if it will never run."""
         status = pod.status or client.V1PodStatus()
+        node = self.job["spec"]["template"]["spec"].get("nodeName")
         for cs in status.container_statuses or []:
             waiting, terminated = cs.state and cs.state.waiting, cs.state and cs.state.terminated
+            if waiting and waiting.reason in PULL_FAILED:
+                raise self._unpullable(f"{waiting.reason}: {waiting.message or ''}".rstrip(": "))
             if waiting and waiting.reason in FATAL_WAITING:
                 raise KubeError(f"agent pod/{pod.metadata.name} cannot start: {waiting.reason}: "
                                 f"{waiting.message or ''} (image {cs.image or '?'}; see --agent-image)".rstrip())
             if terminated:
                 raise KubeError(f"agent pod/{pod.metadata.name} exited ({terminated.reason}, "
                                 f"code {terminated.exit_code}): {self._log_tail()}")
+        for event in _latest(events):
+            message = event.message or ""
+            if (event.reason == "Failed" and message.startswith("Failed to pull image")) or \
+                    (event.reason == "BackOff" and message.startswith("Back-off pulling image")):
+                raise self._unpullable(f"{'ErrImagePull' if event.reason == 'Failed' else 'ImagePullBackOff'}: "
+                                       f"{message}")
+            if node and event.reason in ("FailedScheduling", "TaintManagerEviction"):
+                raise _misplaced(f"agent pod/{pod.metadata.name} cannot be scheduled: {message}", node)
         if status.phase in ("Failed", "Succeeded"):
-            raise KubeError(f"agent pod/{pod.metadata.name} {status.phase.lower()}: "
-                            f"{status.reason or ''} {status.message or ''}".strip())
+            what = f"agent pod/{pod.metadata.name} {status.phase.lower()}: {status.reason or ''} " \
+                   f"{status.message or ''}".strip()
+            # Refused by the node's kubelet before any container ran (resources, taints, affinity).
+            raise _misplaced(what, node) if node and not status.container_statuses else KubeError(what)
         running = status.phase == "Running" and any(cs.state and cs.state.running
                                                      for cs in status.container_statuses or [])
         return RUNNING if running else f"pod/{pod.metadata.name} {status.phase or 'Pending'}"
+
+    def _unpullable(self, reason: str) -> KubeError:
+        image = self.job["spec"]["template"]["spec"]["containers"][0]["image"]
+        return KubeError(f"agent image {image} cannot be pulled: {reason}; "
+                         "give --agent-image or --image-pull-secret")
 
     def _read_log(self) -> str:
         try:
@@ -142,10 +212,13 @@ class AgentJob:
             raise KubeError(f"agent pod/{self.pod} logged its host-key line {len(lines)} times; "
                             "something else writes into its log, not trusting any")
         key = lines[0][1]
-        # Reading a log goes by name: make sure the name still means the pod that was checked.
-        with api_errors(f"cannot read pod/{self.pod}"):
-            now = self.cluster.core.read_namespaced_pod(self.pod, self.namespace)
-        if now.metadata.uid != pod.metadata.uid or not self._owns(now):
+        # Reading a log goes by name: make sure the name still means the pod that was checked. And
+        # from one list, not from the watch: its events come one at a time, so a second pod claiming
+        # the Job may not have arrived yet.
+        with api_errors(f"cannot list the pods of job {self.name}"):
+            listed = self.cluster.core.list_namespaced_pod(self.namespace, label_selector=self._pods_selector)
+        now = self._find_pod(listed.items)
+        if now is None or now.metadata.uid != pod.metadata.uid:
             raise KubeError(f"agent pod/{self.pod} was replaced while its log was read; not trusting it")
         try:
             return asyncssh.import_public_key(key)
@@ -168,3 +241,66 @@ class AgentJob:
                 log.warning("could not delete the agent job %s: %s; `mirrord-ns cleanup` will",
                             self.name, describe(e) if api else e)
         self.created = False
+
+
+def _about(events: dict[str, client.CoreV1Event], uid: str) -> list[client.CoreV1Event]:
+    # A field selector the server may ignore (an emulator) is no filter.
+    return [e for e in events.values() if e.involved_object and e.involved_object.uid == uid]
+
+
+def _latest(events: Iterable[client.CoreV1Event]) -> list[client.CoreV1Event]:
+    """Newest first (an event repeated by the kubelet keeps its object, with a later lastTimestamp)."""
+    def when(e: client.CoreV1Event) -> Any:
+        stamp = e.last_timestamp or e.event_time or e.metadata.creation_timestamp
+        return stamp.timestamp() if stamp else 0.0
+    return sorted(events, key=when, reverse=True)
+
+
+def _misplaced(what: str, node: str) -> KubeError:
+    return KubeError(f"{what}; the agent must run on {node} (the target's node): check its taints/resources")
+
+
+class _Steps:
+    """The status line through the agent's start, fed by its pod and the pod's Events.
+
+    Watches deliver pods and Events on separate streams, so a step only ever moves forward."""
+
+    CREATING, SCHEDULED, PULLING, STARTING, READY = range(5)
+
+    def __init__(self, progress: Progress, job: dict[str, Any]) -> None:
+        self.progress = progress
+        self.image = job["spec"]["template"]["spec"]["containers"][0]["image"]
+        self.stage, self.text = self.CREATING, "creating agent job…"
+        self.note = ""  # the latest word on why it is not up yet, for a timeout's message
+
+    def step(self, stage: int, text: str) -> None:
+        if stage < self.stage:
+            return
+        if (stage, text) != (self.stage, self.text):
+            log.info("%s", text.removesuffix("…"))  # first: a log record clears the status line
+        self.stage, self.text = stage, text
+        self.progress.step(text)
+
+    def pod(self, pod: client.V1Pod, events: Iterable[client.CoreV1Event]) -> None:
+        node = pod.spec and pod.spec.node_name
+        if node:
+            self.step(self.SCHEDULED, f"scheduled on {node}…")
+        unplaced = ""
+        for event in reversed(_latest(events)):  # oldest first, so the newest has the last word
+            if event.reason == "FailedScheduling" and not node:
+                unplaced = f"not scheduled yet: {event.message}"
+                self.progress.step(unplaced)  # the step stays: the scheduler tries again
+            elif event.reason == "Pulling":
+                self.step(self.PULLING, f"pulling {self.image}…")
+            elif event.reason in ("Pulled", "Created", "Started"):
+                self.step(self.STARTING, "agent starting…")
+        status = pod.status or client.V1PodStatus()
+        if any(cs.state and cs.state.running for cs in status.container_statuses or []):
+            self.step(self.STARTING, "agent starting…")
+        self.note = unplaced or f"pod/{pod.metadata.name} {status.phase or 'Pending'}"
+
+    def job_event(self, event: client.CoreV1Event) -> None:
+        """A Job event while it has no pod: FailedCreate may pass (a quota, a webhook), so it is only shown."""
+        if event.reason == "FailedCreate":
+            self.note = f"the job cannot make its pod: {event.message}"
+            self.progress.step(self.note)
