@@ -7,9 +7,10 @@ import resource
 import signal
 
 import asyncssh
+from asyncssh.stream import SSHServerStreamSession
 
 from mirrord_tun import protocol, sshopts
-from mirrord_tun.agent import dataplane
+from mirrord_tun.agent import dataplane, files
 from mirrord_tun.agent.admission import Admission, ThrottledLog, source_of
 from mirrord_tun.agent.session import AgentSession
 from mirrord_tun.agent.target import Target
@@ -20,11 +21,15 @@ log = logging.getLogger("mirrord-ns.agent")
 
 
 class _Channel(FrameSession):
-    """Deny by default: only the mirrord-ns subsystem opens; no shell, exec or pty."""
+    """Deny by default: only the mirrord-ns subsystem opens, and `sftp` (read-only, agent/files.py)
+    when the agent works for a container (--pid); no shell, exec or pty."""
 
     def __init__(self, agent: "Agent", peer: str) -> None:
         super().__init__()
         self._agent, self._peer = agent, peer
+        # Set when this channel is the file service: asyncssh's stream session runs the SFTP
+        # server, and every channel event goes to it.
+        self._files: SSHServerStreamSession | None = None
 
     def pty_requested(self, *_a: object) -> bool:
         return False
@@ -36,10 +41,45 @@ class _Channel(FrameSession):
         return False
 
     def subsystem_requested(self, subsystem: str) -> bool:
+        if subsystem == files.SUBSYSTEM and self._agent.target.pid and self.chan:
+            self._files = files.session_for(self._agent.target.pid)
+            self._files.connection_made(self.chan)
+            return True
         if subsystem != protocol.SUBSYSTEM:
             return False
         self.endpoint = AgentSession(self._agent, self, self._peer)
         return True
+
+    def session_started(self) -> None:
+        if self._files:
+            self._files.session_started()
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self._files:
+            self._files.data_received(data, datatype)
+        else:
+            super().data_received(data, datatype)
+
+    def eof_received(self) -> bool:
+        return self._files.eof_received() if self._files else super().eof_received()
+
+    def pause_writing(self) -> None:
+        if self._files:
+            self._files.pause_writing()
+        else:
+            super().pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._files:
+            self._files.resume_writing()
+        else:
+            super().resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._files:
+            self._files.connection_lost(exc)
+        else:
+            super().connection_lost(exc)
 
 
 class _Server(asyncssh.SSHServer):

@@ -18,6 +18,7 @@ class Target:
     # with `resolv_root` as `/` (a container's /proc/PID/root, else this host's own /).
     resolv_root: str
     resolv_path: str
+    pid: int | None = None  # --pid: whose root `run --mount` reads files from (agent/files.py)
 
 
 def resolve(netns: str | None, pid: int | None, resolv_conf: str | None) -> Target:
@@ -45,7 +46,7 @@ def resolve(netns: str | None, pid: int | None, resolv_conf: str | None) -> Targ
         raise ValueError(f"target namespace {path} does not exist")
     if resolv_conf:
         root, conf = "/", os.path.abspath(resolv_conf)
-    return Target(path, root, conf)
+    return Target(path, root, conf, pid)
 
 
 def read_resolv_conf(target: Target) -> str:

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, Protocol
 
 from mirrord_tun.netns.namespace import CLONE_NEWNET, CLONE_NEWNS, mount, setns, unshare
 
@@ -59,14 +61,25 @@ def invoking_user() -> User | None:
     return User(uid_i, gid, groups, name, home)
 
 
+class ExtraMounts(Protocol):
+    """`run --mount` (mirrord_tun/mounts.py): mounts made in the command's namespace before it starts."""
+
+    paths: list[str]
+
+    def mount_here(self) -> None: ...
+
+
 def spawn(argv: list[str], netns_fd: int, resolv_conf: str | None, user: User | None,
-          extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+          extra_env: dict[str, str] | None = None, mounts: ExtraMounts | None = None) -> subprocess.Popen[bytes]:
     """Start argv in the namespace (a fresh one of ours: its ping range is opened up).
 
+    `mounts.mount_here` runs in this thread inside the command's private mount namespace
+    (made for it even without resolv_conf), before the command starts.
     Raises FileNotFoundError/PermissionError like Popen, SubprocessError when the
-    namespace cannot be entered.
+    namespace cannot be entered or the mounts fail.
     """
     env = dict(os.environ, **(extra_env or {}))
+    executable = _executable(argv[0], env.get("PATH"), mounts.paths) if mounts else None
     drop: dict[str, object] = {}
     if user:
         env.update(HOME=user.home, USER=user.name, LOGNAME=user.name)
@@ -81,14 +94,28 @@ def spawn(argv: list[str], netns_fd: int, resolv_conf: str | None, user: User | 
 
     # The fork happens in this thread, so PDEATHSIG follows this thread's life; run calls
     # spawn from its main thread.
-    with _inside(netns_fd, resolv_conf):
-        return subprocess.Popen(argv, env=env, preexec_fn=die_with_parent, close_fds=True,
-                                **drop)  # type: ignore[call-overload]
+    with _inside(netns_fd, resolv_conf, mounts.mount_here if mounts else None):
+        return subprocess.Popen(argv, executable=executable, env=env, preexec_fn=die_with_parent,
+                                close_fds=True, **drop)  # type: ignore[call-overload]
+
+
+def _executable(name: str, search: str | None, mounted: list[str]) -> str:
+    """argv[0] found before the mounts exist, never under one. Popen waits in this thread until
+    exec has found the file; a walk through a FUSE mount would wait for sshfs, whose SFTP goes
+    through `run`'s event loop: this very thread."""
+    found = name if "/" in name else shutil.which(name, path=search)
+    if not found:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+    real = os.path.realpath(found)
+    for path in mounted:
+        if real == path or real.startswith(path + "/"):
+            raise subprocess.SubprocessError(f"{name} is under --mount {path}, which is mounted noexec")
+    return found
 
 
 @contextlib.contextmanager
-def _inside(netns_fd: int, resolv_conf: str | None) -> Iterator[None]:
-    """This thread in the namespace (and, with resolv_conf, a private mount namespace); back after."""
+def _inside(netns_fd: int, resolv_conf: str | None, mount_more: Callable[[], None] | None) -> Iterator[None]:
+    """This thread in the namespace (and, with resolv_conf or mount_more, a private mount namespace); back after."""
     own_net = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     own_mnt = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -98,12 +125,15 @@ def _inside(netns_fd: int, resolv_conf: str | None) -> Iterator[None]:
             setns(netns_fd, CLONE_NEWNET)
             with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
                 f.write(PING_GROUP_RANGE)
-            if resolv_conf:
+            if resolv_conf or mount_more:
                 # Implies CLONE_FS: this thread alone gets its own root, cwd and mounts (and
                 # keeps its own cwd and umask from now on, which `run` never changes).
                 unshare(CLONE_NEWNS)
                 left_mnt = True
                 mount(None, "/", None, MS_REC | MS_PRIVATE)
+            if mount_more:  # first: it may shadow /etc, which the resolver's bind mount then covers
+                mount_more()
+            if resolv_conf:
                 mount(resolv_conf, "/etc/resolv.conf", None, MS_BIND)
         except OSError as e:
             raise subprocess.SubprocessError(f"entering the namespace: {e.strerror or e}") from None

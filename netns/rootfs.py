@@ -90,6 +90,29 @@ def open_root(path: str) -> int:
     return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
+def stat_in(root_fd: int, path: str, follow: bool = True) -> os.stat_result:
+    """stat (or, with follow=False, lstat) of `path` inside `root_fd`; nothing is opened for real."""
+    fd = openat2(root_fd, path, os.O_PATH | (0 if follow else os.O_NOFOLLOW))
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
+def readlink_in(root_fd: int, path: str) -> str:
+    """The text of the symlink `path` inside `root_fd` (its last component is not followed)."""
+    fd = openat2(root_fd, path, os.O_PATH | os.O_NOFOLLOW)
+    try:
+        return os.readlink("", dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def open_dir(root_fd: int, path: str) -> int:
+    """The directory `path` inside `root_fd`, opened for listing (O_DIRECTORY: never a FIFO or device)."""
+    return openat2(root_fd, path, os.O_RDONLY | os.O_DIRECTORY)
+
+
 def _fs_type(fd: int) -> int:
     buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first word
     if _libc.fstatfs(fd, buf) != 0:

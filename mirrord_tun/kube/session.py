@@ -55,6 +55,7 @@ class Link:
     sock: socket.socket | None
     env: dict[str, str]
     probe_sources: tuple[str, ...] = ()  # the target's node (kubelet's probes): --steal leaves it the pod
+    volumes: tuple[str, ...] = ()  # the target container's ConfigMap/Secret/projected/downward-API mounts
 
 
 @dataclass
@@ -82,7 +83,7 @@ class Plan:
             else:
                 forward = Forward(self.cluster, started.pod, agent.namespace, manifest.AGENT_PORT)
                 address, sock = f"pod/{started.pod}:{manifest.AGENT_PORT}", forward.sock
-            yield Link(address, started.host_key, sock, env, self._probe_sources())
+            yield Link(address, started.host_key, sock, env, self._probe_sources(), self._volumes())
         except SetupError:
             if forward is not None and forward.error():
                 log.error("port-forward: %s", forward.error())
@@ -93,6 +94,11 @@ class Plan:
             if forward is not None:
                 forward.close()
             agent.delete()
+
+    def _volumes(self) -> tuple[str, ...]:
+        from mirrord_tun.mounts import volume_mount_paths
+
+        return tuple(volume_mount_paths(self.target.pod, self.target.container)) if self.target else ()
 
     def _probe_sources(self) -> tuple[str, ...]:
         status = self.target.pod.status if self.target else None

@@ -1,0 +1,311 @@
+"""`run --mount PATH`: the container's PATH, read-only and live, inside the command's mount namespace.
+
+Each PATH is a FUSE mount served by Debian's `sshfs` in passive mode: it speaks SFTP on its
+stdin/stdout, a socketpair that we relay to an `sftp` channel on the session's own SSH
+connection (agent/files.py serves it, resolving every path inside the container's root).
+sshfs over the channel was chosen over pyfuse3 by measurement (scripts/bench_files.py) and
+because pyfuse3 needs libfuse3-dev and a compiler to install.
+
+We mount /dev/fuse ourselves, from the thread that builds the command's private mount
+namespace (netns/exec.py), and hand sshfs the open device as `/dev/fd/N` (libfuse ≥ 3.3).
+So the mount exists in that namespace alone, before the command starts and without
+waiting for sshfs (the kernel holds requests until sshfs answers FUSE's INIT), and it
+goes away with the namespace: when the command and sshfs are gone, also after kill -9 of
+`run` (sshfs has a parent-death signal and sees its socket close). The namespace is
+MS_PRIVATE, so nothing reaches the host's mount table.
+
+The mount point is PATH itself. When PATH does not exist on this machine, its nearest
+existing ancestor is shadowed in the namespace by a tmpfs holding the ancestor's entries
+bind-mounted back (so the command still sees and writes the real ones), in which the
+missing directories are made: the host's filesystem is never written. `/` itself is
+never shadowed: PATH must then be created by hand.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncssh
+
+from mirrord_tun import sshopts
+from mirrord_tun.connect import SetupError, printable
+from mirrord_tun.netns.namespace import mount
+
+SUBSYSTEM = "sftp"
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC = 1, 2, 4, 8, 4096, 16384
+PR_SET_PDEATHSIG = 1
+# Kubernetes volume kinds that hold what a program reads as configuration (not data volumes).
+CONFIG_VOLUMES = ("config_map", "secret", "projected", "downward_api")
+# Attributes and directory entries cached up to 1 s, as the kernel does for FUSE by default:
+# a read then reaches the pod, a ConfigMap update shows within a second.
+SSHFS_OPTIONS = "passive,ro,follow_symlinks,dcache_timeout=1,max_read=262144"
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def volume_mount_paths(pod: Any, container: str) -> list[str]:
+    """The container's mount paths of ConfigMap, Secret, projected (service-account token) and
+    downward-API volumes, from a V1Pod: what `run --target` mounts by default."""
+    volumes = {v.name: v for v in (pod.spec.volumes or [])}
+    for c in pod.spec.containers or []:
+        if c.name == container:
+            return sorted({m.mount_path for m in c.volume_mounts or []
+                           if m.name in volumes and not m.sub_path
+                           and any(getattr(volumes[m.name], kind, None) for kind in CONFIG_VOLUMES)})
+    return []
+
+
+class _Socket(asyncio.Protocol):
+    """sshfs's end of the relay, seen from the loop: bytes to the channel, with back-pressure."""
+
+    def __init__(self, relay: "_Relay") -> None:
+        self._relay = relay
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._relay.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._relay.chan:
+            self._relay.chan.write(data)
+
+    def eof_received(self) -> bool:
+        if self._relay.chan:
+            self._relay.chan.write_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        if self._relay.chan:
+            self._relay.chan.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._relay.chan:
+            self._relay.chan.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._relay.chan:
+            self._relay.chan.close()
+
+
+class _Relay(asyncssh.SSHClientSession[bytes]):
+    """The SFTP channel's end: bytes to sshfs's socket."""
+
+    def __init__(self) -> None:
+        self.chan: asyncssh.SSHClientChannel[bytes] | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:  # type: ignore[override]
+        self.chan = chan
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self.transport:
+            self.transport.write(data)
+
+    def pause_writing(self) -> None:
+        if self.transport:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport:
+            self.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        if self.transport and self.transport.can_write_eof():
+            self.transport.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport:
+            self.transport.close()
+
+
+@dataclass
+class _Mount:
+    path: str
+    relay: _Relay
+    theirs: socket.socket  # sshfs's stdin/stdout
+    proc: subprocess.Popen[bytes] | None = None
+
+
+@dataclass
+class Mounts:
+    """The container's directories for one command: checked, then mounted in its namespace."""
+
+    paths: list[str]  # --mount: the user's choice
+    # The target's volumes (volume_mount_paths): the pod spec's author chose them, so they only
+    # go where this machine has nothing (a missing path or an empty directory), never over /usr/bin.
+    volumes: list[str] = field(default_factory=list)
+    _mounts: list[_Mount] = field(default_factory=list)
+
+    async def prepare(self, conn: asyncssh.SSHClientConnection) -> None:
+        """Check every PATH in the container and open its channel; SetupError (one line) if any is
+        missing, not a directory, or the agent serves no files."""
+        if not shutil.which("sshfs"):
+            raise SetupError("--mount needs sshfs (apt-get install sshfs)")
+        covering = [v for v in self.volumes if v not in self.paths and not _vacant(v)]
+        if covering:
+            _warn(f"not mounting the target's volumes over this machine's files: {' '.join(covering)} "
+                  "(--mount PATH to have them anyway)")
+        explicit = bool(self.paths)
+        self.paths = _distinct(self.paths + [v for v in self.volumes if v not in covering])
+        if not self.paths:
+            return
+        try:
+            async with conn.start_sftp_client() as sftp:
+                for path in self.paths:
+                    await _check(sftp, path)
+            for path in self.paths:
+                await self._open(conn, path)
+        except asyncssh.ChannelOpenError as e:
+            why = f"the agent serves no files ({printable(e.reason)}); it does with --pid or --container-id"
+            if explicit:
+                raise SetupError(f"--mount: {why}") from None
+            _warn(f"not mounting the target's volumes: {why}")  # an older agent: the session still runs
+            self.paths = []
+        except asyncssh.Error as e:
+            raise SetupError(f"--mount: {printable(str(e))}") from None
+
+    async def _open(self, conn: asyncssh.SSHClientConnection, path: str) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        relay = _Relay()
+        self._mounts.append(_Mount(path, relay, theirs))
+        await conn.create_session(lambda: relay, subsystem=SUBSYSTEM, encoding=None,
+                                  window=sshopts.WINDOW, max_pktsize=sshopts.MAX_PKTSIZE)
+        await asyncio.get_running_loop().create_unix_connection(lambda: _Socket(relay), sock=ours)
+
+    def mount_here(self) -> None:
+        """In the command's private mount namespace, before it starts: a FUSE mount at each PATH,
+        its sshfs started. OSError (one line) if a mount point cannot be made."""
+        shadowed: set[str] = set()
+        for m in self._mounts:
+            _mount_point(m.path, shadowed)
+            fuse = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                # noexec: what the container serves is read, never run as the user on this machine.
+                mount(f"mirrord-ns:{m.path}", m.path, "fuse.sshfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                      f"fd={fuse},rootmode=40000,user_id=0,group_id=0,allow_other")
+                m.proc = _start_sshfs(m.path, fuse, m.theirs)
+            finally:
+                # Then sshfs alone holds the device and the socket: once it is gone, the mount
+                # fails with ENOTCONN instead of hanging the command.
+                os.close(fuse)
+                m.theirs.close()
+
+    async def stop(self) -> None:
+        for m in self._mounts:
+            if m.relay.chan:
+                m.relay.chan.close()
+            if m.proc:
+                with contextlib.suppress(ProcessLookupError):
+                    m.proc.terminate()
+        for m in self._mounts:
+            if m.proc:
+                try:
+                    await asyncio.wait_for(asyncio.to_thread(m.proc.wait), 2)
+                except asyncio.TimeoutError:
+                    m.proc.kill()
+                    m.proc.wait()
+            m.theirs.close()
+
+
+def _warn(text: str) -> None:
+    print(f"mirrord-ns: {text}", file=sys.stderr, flush=True)
+
+
+def _vacant(path: str) -> bool:
+    try:
+        return not os.listdir(path)
+    except FileNotFoundError:
+        return not os.path.lexists(path)  # a dangling symlink is not vacant
+    except OSError:
+        return False
+
+
+def _distinct(paths: list[str]) -> list[str]:
+    """Absolute, normalized, each once; none inside another (its mount point would be looked up
+    through a FUSE mount whose sshfs waits for the loop we would be blocking)."""
+    out = sorted({os.path.normpath(p) for p in paths})
+    for p in out:
+        if not os.path.isabs(p) or p == "/":
+            raise SetupError(f"--mount {p}: give an absolute path below /")
+        for outer in out:
+            if p.startswith(outer + "/"):
+                raise SetupError(f"--mount {p}: inside --mount {outer}; give one of them")
+    return out
+
+
+async def _check(sftp: asyncssh.SFTPClient, path: str) -> None:
+    try:
+        attrs = await sftp.stat(path)
+    except asyncssh.SFTPNoSuchFile:
+        raise SetupError(f"--mount {path}: no such directory in the container") from None
+    except asyncssh.SFTPError as e:
+        raise SetupError(f"--mount {path}: {printable(e.reason)}") from None
+    if not stat.S_ISDIR(attrs.permissions or 0):
+        raise SetupError(f"--mount {path}: not a directory in the container")
+
+
+def _start_sshfs(path: str, fuse: int, sock: socket.socket) -> subprocess.Popen[bytes]:
+    parent = os.getpid()
+
+    def die_with_parent() -> None:
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    # `-f`: stay our child; the host part of the remote is a label in passive mode.
+    return subprocess.Popen(["sshfs", "-f", "-o", SSHFS_OPTIONS, f"mirrord-ns:{path}", f"/dev/fd/{fuse}"],
+                            stdin=sock.fileno(), stdout=sock.fileno(), pass_fds=(fuse,),
+                            preexec_fn=die_with_parent, start_new_session=True)
+
+
+def _mount_point(path: str, shadowed: set[str]) -> None:
+    """Make `path` a directory in this (private) mount namespace without writing the host's files."""
+    if os.path.isdir(path):
+        return
+    if os.path.lexists(path):
+        raise OSError(errno.ENOTDIR, f"--mount {path}: not a directory on this machine")
+    missing: list[str] = []
+    ancestor = path
+    while not os.path.lexists(ancestor):
+        missing.insert(0, os.path.basename(ancestor))
+        ancestor = os.path.dirname(ancestor)
+    ancestor = os.path.realpath(ancestor)
+    if ancestor == "/" or not os.path.isdir(ancestor):
+        raise OSError(errno.ENOENT, f"--mount {path}: create it on this machine first "
+                                    f"(mirrord-ns never shadows {ancestor})")
+    if ancestor not in shadowed:
+        _shadow(ancestor)
+        shadowed.add(ancestor)
+    os.makedirs(os.path.join(ancestor, *missing), exist_ok=True)
+
+
+def _shadow(directory: str) -> None:
+    """A tmpfs over `directory` holding its entries, each the original bind-mounted back."""
+    old = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(old)
+        mount("tmpfs", directory, "tmpfs", MS_NOSUID | MS_NODEV,
+              f"mode={stat.S_IMODE(st.st_mode):o},uid={st.st_uid},gid={st.st_gid}")
+        below = f"/proc/self/fd/{old}"
+        for entry in os.scandir(below):
+            source, target = os.path.join(below, entry.name), os.path.join(directory, entry.name)
+            if entry.is_symlink():
+                os.symlink(os.readlink(source), target)
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                os.mkdir(target)
+            else:
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+            mount(source, target, None, MS_BIND | MS_REC)
+    finally:
+        os.close(old)
