@@ -22,10 +22,13 @@ import os
 import subprocess
 import sys
 import secrets
+import shutil
+import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import kmock
@@ -424,10 +427,15 @@ class KubeCluster:
 
 
 @pytest.fixture
-def kube_cluster(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[KubeCluster]:
+def kube_cluster(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+                 request: pytest.FixtureRequest) -> Iterator[KubeCluster]:
     """The namespace sandbox as a one-node cluster: the pod "web" is a real process in the
     sandbox's pod namespace, in a cgroup named the way containerd names its containers, so
-    the agent finds it from the container ID as it would on a node."""
+    the agent finds it from the container ID as it would on a node.
+
+    Parametrized indirectly with a function that fills a directory, the process is chrooted
+    into that directory (a static busybox in it) in a mount namespace of its own: a container
+    with files of its own, e.g. the volumes a kubelet lays out."""
     without_sudo(monkeypatch)
     root = cgroup2_root()
     if root is None:
@@ -440,9 +448,15 @@ def kube_cluster(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Kub
         cid = secrets.token_hex(32)
         cgroup = os.path.join(root, f"{sb.prefix}-cri-containerd-{cid}.scope")
         os.mkdir(cgroup)
-        container = sb.start("pod", ["sleep", "infinity"])
+        fill = getattr(request, "param", None)
+        croot = _container_root(sb.dir, fill) if fill else None
+        # Each step execs in place: the PID is the container's process.
+        container = sb.start("pod", ["unshare", "-m", "chroot", str(croot), "/bin/busybox", "sleep", "infinity"]
+                             if croot else ["sleep", "infinity"])
         with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
             f.write(str(container.pid))
+        if croot and not eventually(lambda: _root_inode(container.pid) == croot.stat().st_ino, 10):
+            raise RuntimeError("the stand-in container did not chroot")
         emu = Emulator(sb.netns_path("laptop"))
         emu.run(lambda: seed(emu, cid))
 
@@ -463,3 +477,19 @@ def kube_cluster(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Kub
         sb.close()
         if cgroup is not None:
             os.rmdir(cgroup)
+
+
+def _container_root(parent: str, fill: Callable[[Path], None]) -> Path:
+    root = Path(tempfile.mkdtemp(prefix="container.", dir=parent))  # removed with the sandbox's folder
+    root.chmod(0o755)
+    (root / "bin").mkdir()
+    shutil.copy("/bin/busybox", root / "bin" / "busybox")
+    fill(root)
+    return root
+
+
+def _root_inode(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/root").st_ino
+    except OSError:
+        return None
