@@ -29,7 +29,7 @@ import random
 import re
 from typing import Callable, NamedTuple
 
-from mirrord_tun.agent import owner, steal
+from mirrord_tun.agent import owner, steal, stealproxy
 from mirrord_tun.netns import links, nft
 from mirrord_tun.netns.tun import Tun
 
@@ -126,8 +126,9 @@ def _ruleset(table: str, tun: str, block: ipaddress.IPv4Network, record: _Record
         "  }\n"
         "  chain output {\n"
         "    type filter hook output priority filter; policy accept;\n"
+        + steal.output_rules(tun, str(client))
         # The pod's own processes answer the client (established, ICMP errors), never call it.
-        f'    oifname "{tun}" ct state new drop\n'
+        + f'    oifname "{tun}" ct state new drop\n'
         "  }\n}\n"
     )
 
@@ -203,6 +204,8 @@ def remove_leftovers() -> list[str]:
     """Remove tables whose owning agent is gone (crash, OOM, SIGKILL); idempotent."""
     dead = {name: record for name, record in _ours().items() if not owner.alive(record.owner)}
     _remove_tables(dead)
+    if not _ours() and not _open:
+        stealproxy.remove_routing()  # a filtered steal's, which only a live agent's sessions use
     if dead:
         # Their TUNs went with the dead process; a live session's TUN holds the agent end
         # (.1) of its /30, whose client (.2) still owns its stolen connections.

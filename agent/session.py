@@ -136,7 +136,7 @@ class AgentSession:
             log.debug("session %s: bad STEAL: %s", self.sid, e)
             return
         if self.steal is None:
-            self.steal = SessionSteal(self.agent.ns, self.plane.table, self.plane.pod_addrs,
+            self.steal = SessionSteal(self.agent.ns, self.plane.table, self.plane.pod_addrs, self.plane.client_addr,
                                       f"{self.sid} (from {self.peer})", self.counters)
         asyncio.create_task(self._answer_steal(self.steal, request))
 

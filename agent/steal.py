@@ -14,19 +14,27 @@ Only the connections this DNAT made may enter the TUN: the forward chain accepts
 `ct status dnat` toward the client's address on the stolen *local* ports, and
 drops every other new connection into the TUN as before (SECURITY.md).
 
+Filtered (HTTP) steals: the same chain REDIRECTs new connections on a filtered
+port to the agent's listener for that port (map `filter_tcp`, same timeouts),
+which routes each request (stealproxy.py). The table's output chain lets the
+agent's own marked sockets open connections into the TUN to the filtered local
+ports (set `filter_local`), and nothing else.
+
 Sessions do not trust each other: `Registry` refuses a whole-port steal of a port
-another session steals. Filtered (HTTP) steals are claimed there too (several per
-port, never with a whole-port one), but the per-request proxy is not plugged in
-yet: they are refused with FILTERED_UNAVAILABLE.
+another session steals. Filtered steals are claimed there too (several per port,
+never with a whole-port one).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from mirrord_tun import protocol
+from mirrord_tun.agent import stealproxy
+from mirrord_tun.agent.httpsteal import HttpFilter
 from mirrord_tun.netns import nft
 from mirrord_tun.netns.namespace import NetNs
 from mirrord_tun.protocol import StealRequest, StealState
@@ -36,7 +44,6 @@ log = logging.getLogger("mirrord-ns.agent")
 REFRESH = 3.0  # seconds between rewrites of the port maps
 TIMEOUT = 10  # seconds a map element lives without one: REFRESH plus room for a busy loop
 PROTOCOLS = ("tcp", "udp")
-FILTERED_UNAVAILABLE = "filtered steal not available yet"
 _EXCLUDE = "steal_exclude"
 
 
@@ -45,10 +52,14 @@ def declarations(tunnels: str, client: str, pod_addrs: list[str]) -> str:
     `tunnels`: an nft name pattern matching every session's TUN."""
     out = "".join(f"  map steal_{p} {{ type inet_service : inet_service; flags timeout; }}\n"
                   f"  set local_{p} {{ type inet_service; }}\n" for p in PROTOCOLS)
-    out += f"  set {_EXCLUDE} {{ type ipv4_addr; flags interval; auto-merge; }}\n"
+    out += (f"  set {_EXCLUDE} {{ type ipv4_addr; flags interval; auto-merge; }}\n"
+            "  map filter_tcp { type inet_service : inet_service; flags timeout; }\n"
+            "  set filter_local { type inet_service; }\n")
     pods = ", ".join(pod_addrs)
     dnat = "".join(f"    ip daddr {{ {pods} }} meta l4proto {p} dnat to {client} : {p} dport map @steal_{p}\n"
                    for p in PROTOCOLS) if pod_addrs else ""
+    if pod_addrs:
+        dnat += f"    ip daddr {{ {pods} }} meta l4proto tcp redirect to : tcp dport map @filter_tcp\n"
     return out + (
         "  chain steal {\n"
         "    type nat hook prerouting priority dstnat; policy accept;\n"
@@ -66,12 +77,41 @@ def forward_rules(tun: str, client: str) -> str:
                    for p in PROTOCOLS)
 
 
-def apply(table: str, tcp: dict[int, int], udp: dict[int, int], exclude: tuple[str, ...]) -> None:
+def output_rules(tun: str, client: str) -> str:
+    """Output-chain rules letting the agent's proxy (its marked sockets) into the TUN, to the
+    filtered local ports only; before the chain drops every other new connection into it."""
+    return (f'    oifname "{tun}" meta mark {stealproxy.LOCAL_MARK} ip daddr {client} tcp dport @filter_local '
+            "ct state new accept\n")
+
+
+class Plan(NamedTuple):
+    """What one session's table steals: pod port -> local port (tcp, udp), pod port -> proxy
+    listener port (redirect), the filtered local ports, and the excluded sources."""
+
+    tcp: dict[int, int]
+    udp: dict[int, int]
+    redirect: dict[int, int]
+    filter_local: frozenset[int]
+    exclude: tuple[str, ...]
+
+    def empty(self) -> bool:
+        return not (self.tcp or self.udp or self.redirect)
+
+
+NOTHING = Plan({}, {}, {}, frozenset(), ())
+
+
+def apply(table: str, plan: Plan) -> None:
     """Replace what `table` steals, in one transaction; also the refresh of the dead-man switch."""
-    lines = [f"flush set ip {table} {_EXCLUDE}"]
-    if exclude:
-        lines.append(f"add element ip {table} {_EXCLUDE} {{ {', '.join(exclude)} }}")
-    for proto, ports in (("tcp", tcp), ("udp", udp)):
+    lines = [f"flush set ip {table} {_EXCLUDE}", f"flush map ip {table} filter_tcp",
+             f"flush set ip {table} filter_local"]
+    if plan.exclude:
+        lines.append(f"add element ip {table} {_EXCLUDE} {{ {', '.join(plan.exclude)} }}")
+    if plan.redirect:
+        elements = ", ".join(f"{p} timeout {TIMEOUT}s : {l}" for p, l in sorted(plan.redirect.items()))
+        lines += [f"add element ip {table} filter_tcp {{ {elements} }}",
+                  f"add element ip {table} filter_local {{ {', '.join(map(str, sorted(plan.filter_local)))} }}"]
+    for proto, ports in (("tcp", plan.tcp), ("udp", plan.udp)):
         lines += [f"flush map ip {table} steal_{proto}", f"flush set ip {table} local_{proto}"]
         if ports:
             elements = ", ".join(f"{p} timeout {TIMEOUT}s : {l}" for p, l in sorted(ports.items()))
@@ -146,47 +186,66 @@ class Registry:
 
 
 REGISTRY = Registry()  # one agent process serves one target namespace: its sessions share it
+_proxies: dict[int, stealproxy.Proxies] = {}  # by the NetNs's id: likewise one per agent process
+
+
+def proxies_for(ns: NetNs) -> stealproxy.Proxies:
+    if id(ns) not in _proxies:
+        _proxies[id(ns)] = stealproxy.Proxies(ns)
+    return _proxies[id(ns)]
 
 
 class SessionSteal:
     """One session's steal: applies each STEAL, keeps the dead-man switch fed, releases at the end."""
 
-    def __init__(self, ns: NetNs, table: str, pod_addrs: list[str], holder: str, counters: Counters,
+    def __init__(self, ns: NetNs, table: str, pod_addrs: list[str], client: str, holder: str, counters: Counters,
                  registry: Registry = REGISTRY) -> None:
-        self._ns, self._table, self._pod_addrs, self.holder = ns, table, pod_addrs, holder
+        self._ns, self._table, self._pod_addrs, self._client, self.holder = ns, table, pod_addrs, client, holder
         self._counters = counters
         self._registry = registry
+        self._proxies = proxies_for(ns)
         self._lock = asyncio.Lock()  # STEALs apply in order, never under a refresh
-        self._now: tuple[dict[int, int], dict[int, int], tuple[str, ...]] = ({}, {}, ())
+        self._now = NOTHING
         self._refresher: asyncio.Task[None] | None = None
         self.used = False  # whether anything was ever stolen (then conntrack is reset at the end)
         self._closed = False
 
     async def request(self, req: StealRequest) -> StealState:
         async with self._lock:
+            filtered = {f.port: f for f in req.filtered}
             whole = {f"{p}/{port}" for p, ports in (("tcp", req.tcp), ("udp", req.udp)) for port in ports}
+            names = whole | {f"tcp/{p}" for p in filtered}
             if self._closed or not self._pod_addrs:  # ending; or nothing to DNAT from (declarations())
                 why = "the session is closing" if self._closed else "the pod has no IPv4 address"
-                return StealState((), {name: why for name in whole})
-            refused = self._registry.claim(self.holder, whole, set())
-            # The hook for filtered steal: claim `{f.port for f in req.filtered}` above, and start
-            # the per-request proxy for the ones granted, once it is plugged in.
-            refused.update({f"tcp/{f.port}": FILTERED_UNAVAILABLE for f in req.filtered})
+                return StealState((), {name: why for name in names})
+            refused = self._registry.claim(self.holder, whole, set(filtered))
             tcp = {p: l for p, l in req.tcp.items() if f"tcp/{p}" not in refused}
             udp = {p: l for p, l in req.udp.items() if f"udp/{p}" not in refused}
+            wanted = {}
+            for port, f in filtered.items():
+                if f"tcp/{port}" in refused:
+                    continue
+                try:  # the wire format checked the regexes, but not with the flags used here
+                    wanted[port] = (HttpFilter.compile(f.header, f.path), f.local)
+                except ValueError as e:
+                    refused[f"tcp/{port}"] = str(e)[:protocol.MAX_REASON]
             try:
-                await self._ns.acall(apply, self._table, tcp, udp, req.exclude)
+                redirect = await self._proxies.join(self.holder, self._client, wanted)
+                plan = Plan(tcp, udp, redirect, frozenset(l for _f, l in wanted.values()), req.exclude)
+                await self._ns.acall(apply, self._table, plan)
             except (nft.NftError, OSError) as e:  # the container deleted our table; nft is missing
                 why = " ".join(str(e).split())[:protocol.MAX_REASON]
                 log.warning("session %s: steal failed: %s", self.holder, why)
                 self._registry.release(self.holder)
-                refused.update({name: f"the agent could not steal it: {why}" for name in whole})
-                tcp, udp = {}, {}
-            self._now = (tcp, udp, req.exclude)
-            self.used = self.used or bool(tcp or udp)
-            if (tcp or udp) and self._refresher is None:
+                refused.update({name: f"the agent could not steal it: {why}" for name in names})
+                plan = NOTHING
+            # Only once the redirects are gone: a listener no table leads to any more.
+            await self._proxies.leave(self.holder, keep=frozenset(plan.redirect))
+            self._now = plan
+            self.used = self.used or bool(plan.tcp or plan.udp)
+            if not plan.empty() and self._refresher is None:
                 self._refresher = asyncio.create_task(self._refresh())
-            stolen = sorted(f"tcp/{p}" for p in tcp) + sorted(f"udp/{p}" for p in udp)
+            stolen = sorted(f"tcp/{p}" for p in {**plan.tcp, **plan.redirect}) + sorted(f"udp/{p}" for p in plan.udp)
             log.info("session %s: stealing %s%s", self.holder, " ".join(stolen) or "nothing",
                      f", refused {refused}" if refused else "")
             return StealState(tuple(stolen), refused)
@@ -195,11 +254,10 @@ class SessionSteal:
         while True:
             await asyncio.sleep(REFRESH)
             async with self._lock:
-                tcp, udp, exclude = self._now
-                if not (tcp or udp):
+                if self._now.empty():
                     continue
                 try:
-                    await self._ns.acall(apply, self._table, tcp, udp, exclude)
+                    await self._ns.acall(apply, self._table, self._now)
                 except (nft.NftError, OSError) as e:  # the container deleted our table: the steal is gone anyway
                     self._counters["steal_refresh_failed"] += 1
                     log.debug("session %s: steal refresh failed: %s", self.holder, e)
@@ -208,7 +266,12 @@ class SessionSteal:
         """Stop refreshing and give the ports up; the table itself goes with the session."""
         async with self._lock:
             self._closed = True
+            if self._now.redirect:  # no redirect may outlive the listener it leads to
+                with contextlib.suppress(nft.NftError, OSError):
+                    await self._ns.acall(apply, self._table, NOTHING)
+            self._now = NOTHING
         if self._refresher:
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
         self._registry.release(self.holder)
+        await self._proxies.leave(self.holder)

@@ -169,6 +169,23 @@ def _steal_excludes(_ctx: click.Context, _param: click.Parameter, specs: tuple[s
         raise click.BadParameter(str(e)) from None
 
 
+def _http_filter(_ctx: click.Context, param: click.Parameter, pattern: str | None) -> str | None:
+    """A regex the agent will accept, checked here: a bad one must fail before the pod changes."""
+    from mirrord_tun.agent.httpsteal import HttpFilter
+    from mirrord_tun.protocol import MAX_REGEX
+
+    if pattern is None:
+        return None
+    if len(pattern) > MAX_REGEX:
+        raise click.BadParameter(f"at most {MAX_REGEX} characters")
+    try:
+        HttpFilter.compile(pattern if param.name == "http_header_filter" else None,
+                           pattern if param.name == "http_path_filter" else None)
+    except ValueError as e:
+        raise click.BadParameter(str(e).split(" ", 1)[1]) from None  # without the option name
+    return pattern
+
+
 _mirror_options = _options(
     click.option("--port", metavar="P|LOCAL:REMOTE", multiple=True, callback=_mirror_ports,
                  help="Also mirror (or steal) pod port P, or pod port REMOTE onto local port LOCAL; "
@@ -179,19 +196,34 @@ _mirror_options = _options(
     click.option("--steal-exclude", metavar="CIDR", multiple=True, callback=_steal_excludes,
                  help="With --steal: connections from these sources keep going to the pod (repeatable; "
                  "in Kubernetes the pod's node, whose kubelet probes it, is excluded by default)."),
+    click.option("--http-header-filter", metavar="REGEX", callback=_http_filter,
+                 help="With --steal: steal only the HTTP/1.1 requests with a `Name: value` header line "
+                 "matching REGEX (case-insensitive); the pod's server answers the others."),
+    click.option("--http-path-filter", metavar="REGEX", callback=_http_filter,
+                 help="With --steal: steal only the HTTP/1.1 requests whose path matches REGEX (with "
+                 "--http-header-filter: both must match)."),
 )
 
 
-def _steal_options(steal: bool, port: dict[int, int], exclude: tuple[str, ...],
-                   default_exclude: tuple[str, ...] = ()) -> Any:
+def _steal_options(steal: bool, port: dict[int, int], exclude: tuple[str, ...], header: str | None = None,
+                   path: str | None = None, default_exclude: tuple[str, ...] = ()) -> Any:
     """run's StealOptions for --steal, else None."""
     if not steal:
-        if exclude:
-            raise click.UsageError("--steal-exclude needs --steal")
+        if exclude or header is not None or path is not None:
+            raise click.UsageError("--steal-exclude, --http-header-filter and --http-path-filter need --steal")
         return None
     from mirrord_tun.run import StealOptions
 
-    return StealOptions(port, tuple(dict.fromkeys(default_exclude + exclude)))
+    return StealOptions(port, tuple(dict.fromkeys(default_exclude + exclude)), header, path)
+
+
+def _mounts(paths: tuple[str, ...], volumes: tuple[str, ...]) -> Any:
+    """run's Mounts for --mount and the target's volumes, else None."""
+    if not paths and not volumes:
+        return None
+    from mirrord_tun.mounts import Mounts
+
+    return Mounts(list(paths), list(volumes))
 
 
 def _annotations(_ctx: click.Context, _param: click.Parameter, specs: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -273,6 +305,12 @@ variables, variables over the file."""
 @click.option("--env-allow", metavar="NAME", multiple=True, help="Import this variable although it is a "
               "loader, shell or interpreter hook (LD_PRELOAD, BASH_ENV, NODE_OPTIONS...) (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Print the agent manifest as YAML and exit; create nothing.")
+@click.option("--mount", "mount", metavar="PATH", multiple=True,
+              help="Show COMMAND the target container's directory PATH at PATH, read-only and live "
+              "(repeatable; the agent needs --pid or --container-id). With --target the container's "
+              "ConfigMap, Secret, projected and downward-API volumes are mounted by default. Not for "
+              "attach or sidecar.")
+@click.option("--no-mount", is_flag=True, help="Do not mount the target container's volumes (--mount still adds paths).")
 @_mirror_options
 @_verbosity_options
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[--] COMMAND [ARGS]...")
@@ -281,8 +319,9 @@ def run(agent: str | None, identity: str | None, agent_host_key: str | None, tar
         agent_image: str | None, privileged: bool, image_pull_secret: tuple[str, ...],
         agent_annotation: tuple[tuple[str, str], ...], agent_address: str | None, no_env: bool,
         env_exclude: tuple[str, ...], env_allow: tuple[str, ...], dry_run: bool, port: dict[int, int],
-        no_mirror: bool, steal: bool, steal_exclude: tuple[str, ...], verbose: int, quiet: bool,
-        command: tuple[str, ...]) -> None:
+        no_mirror: bool, steal: bool, steal_exclude: tuple[str, ...], http_header_filter: str | None,
+        http_path_filter: str | None, verbose: int, quiet: bool, command: tuple[str, ...],
+        mount: tuple[str, ...] = (), no_mount: bool = False) -> None:
     """Run COMMAND with a pod's network.
 
     COMMAND starts at `--` or at the first argument that is not an option; what follows it is
@@ -302,11 +341,15 @@ def run(agent: str | None, identity: str | None, agent_host_key: str | None, tar
     from mirrord_tun.run import LocalSession
 
     mirror_ports = None if no_mirror or steal else port
-    _steal_options(steal, port, steal_exclude)  # usage errors before anything starts
+    filters = (http_header_filter, http_path_filter)
+    _steal_options(steal, port, steal_exclude, *filters)  # usage errors before anything starts
 
-    async def go(address: str, key: Any, pinned: Any, probes: tuple[str, ...] = (), **link: Any) -> int:
-        return await LocalSession(list(command), address, key, pinned, mirror_ports=mirror_ports,
-                                  steal=_steal_options(steal, port, steal_exclude, probes), **link).run()
+    async def go(address: str, key: Any, pinned: Any, probes: tuple[str, ...] = (),
+                 volumes: tuple[str, ...] = (), **link: Any) -> int:
+        session = LocalSession(list(command), address, key, pinned, mirror_ports=mirror_ports,
+                               steal=_steal_options(steal, port, steal_exclude, *filters, probes), **link)
+        session.mounts = _mounts(mount, () if no_mount else volumes)
+        return await session.run()
 
     def in_cluster() -> int:
         from mirrord_tun.kube.manifest import DEFAULT_IMAGE
@@ -323,8 +366,8 @@ def run(agent: str | None, identity: str | None, agent_host_key: str | None, tar
         progress = Progress.on_stderr(quiet)
         with progress, plan.launch(progress) as link:
             progress.close()  # the terminal is COMMAND's from here
-            return _run_async(go(link.address, plan.key, link.host_key, link.probe_sources, sock=link.sock,
-                                 env=link.env))
+            return _run_async(go(link.address, plan.key, link.host_key, link.probe_sources, link.volumes,
+                                 sock=link.sock, env=link.env))
 
     if agent and identity and agent_host_key:
         _exit_with(lambda: _run_async(go(agent, *load_keys(identity, agent_host_key))))
@@ -427,7 +470,8 @@ def agent(listen: str, authorized_key: str | None, authorized_key_data: str | No
 @_verbosity_options
 def attach(netns: str | None, pid: int | None, container: str | None, agent: str, identity: str,
            agent_host_key: str, no_dns: bool, port: dict[int, int], no_mirror: bool, steal: bool,
-           steal_exclude: tuple[str, ...], verbose: int, quiet: bool) -> None:
+           steal_exclude: tuple[str, ...], http_header_filter: str | None, http_path_filter: str | None,
+           verbose: int, quiet: bool) -> None:
     """Give a running container a pod's network.
 
     Its namespace is put in the pod's network until Ctrl-C or SIGTERM, then restored as it was.
@@ -438,7 +482,7 @@ def attach(netns: str | None, pid: int | None, container: str | None, agent: str
     from mirrord_tun.connect import load_keys
     from mirrord_tun.run import LocalSession
 
-    stealing = _steal_options(steal, port, steal_exclude)
+    stealing = _steal_options(steal, port, steal_exclude, http_header_filter, http_path_filter)
 
     async def go() -> int:
         target = at.resolve(netns, pid, container, dns=not no_dns)
@@ -459,7 +503,7 @@ def attach(netns: str | None, pid: int | None, container: str | None, agent: str
 @_verbosity_options
 def sidecar(hold: bool, agent: str | None, identity: str | None, agent_host_key: str | None,
             no_dns: bool, port: dict[int, int], no_mirror: bool, steal: bool, steal_exclude: tuple[str, ...],
-            verbose: int, quiet: bool) -> None:
+            http_header_filter: str | None, http_path_filter: str | None, verbose: int, quiet: bool) -> None:
     """Keep this container in a pod's network.
 
     For compose: attaches again whenever the tunnel drops.
@@ -475,7 +519,7 @@ def sidecar(hold: bool, agent: str | None, identity: str | None, agent_host_key:
     from mirrord_tun.connect import load_keys
     from mirrord_tun.run import LocalSession
 
-    stealing = _steal_options(steal, port, steal_exclude)
+    stealing = _steal_options(steal, port, steal_exclude, http_header_filter, http_path_filter)
 
     async def go() -> int:
         key, pinned = load_keys(identity, agent_host_key)

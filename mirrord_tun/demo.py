@@ -3,7 +3,10 @@
 Builds the sandbox cluster (mirrord_tun.sandbox) on this machine, runs a command
 through `mirrord-ns run` from a "laptop" namespace that cannot reach the cluster
 by itself, and tears everything down, also on Ctrl-C, SIGTERM and SIGHUP (the
-terminal closed): the sandbox holds namespaces and private keys.
+terminal closed): the sandbox holds namespaces and private keys. Without a
+command, the tour ends with steal: a laptop program answers the pod's requests
+that carry a header, the pod's own server the rest, and all of them once the
+program stops.
 """
 from __future__ import annotations
 
@@ -11,9 +14,10 @@ import contextlib
 import signal
 import subprocess
 import sys
+import time
 from types import FrameType
 
-from mirrord_tun.sandbox import ADDRS, Sandbox
+from mirrord_tun.sandbox import ADDRS, PY, Sandbox
 
 TOUR = r"""
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -29,6 +33,8 @@ $PING -c 3 -W 2 svc || exit 1
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+STEAL_HEADER = "x-mirrord-user: me"
+STEAL_START_TIMEOUT = 30.0
 
 
 def demo(command: list[str]) -> int:
@@ -69,9 +75,44 @@ def _tour(command: list[str], run: list[subprocess.Popen[bytes]]) -> int:
         except KeyboardInterrupt:
             # The terminal sent SIGINT to `run` as well; let it finish and clean up.
             code = run[0].wait()
+        run.clear()  # a stop signal now unwinds through the sandbox's cleanup
+        _say(f"exit status {code}", before="\n")
+        if code == 0 and not command:
+            code = _steal(sb)
         _hold_signals()
-        _say(f"exit status {code}; removing the sandbox", before="\n")
+        _say("removing the sandbox")
     return code
+
+
+def _steal(sb: Sandbox) -> int:
+    """The pod's server and a laptop program on the same port, requests routed by a header."""
+    server = [*PY, "-m", "mirrord_tun.sandbox.http_server", "0.0.0.0"]
+    sb.start_ready("pod", [*server, "80", "pod"])
+    # The program runs as the user, who may not bind port 80: it serves 8080, which takes the pod's 80.
+    argv = sb.run_args(*server, "8080", "laptop")
+    argv[argv.index("--"):argv.index("--")] = ["--steal", "--port", "8080:80", "--http-header-filter", STEAL_HEADER]
+    _say(f"steal: the pod serves port 80; `mirrord-ns run --steal --port 8080:80 --http-header-filter "
+         f"'{STEAL_HEADER}'` starts a laptop program on port 8080")
+    # Its own session, as the sandbox's servers: Ctrl-C unwinds through the sandbox's cleanup, which stops it.
+    steal = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL)
+    sb.procs.append(steal)
+    deadline = time.monotonic() + STEAL_START_TIMEOUT
+    while not _curl(sb, STEAL_HEADER).startswith("hello from laptop"):
+        if steal.poll() is not None or time.monotonic() > deadline:
+            _say("the steal did not start")
+            return 1
+        time.sleep(0.2)
+    _say(f"a client of the pod, with the header:    {_curl(sb, STEAL_HEADER)}")
+    _say(f"the same client, without it:             {_curl(sb)}")
+    sb.stop(steal)
+    _say(f"the program stopped; with the header:    {_curl(sb, STEAL_HEADER)}")
+    return 0
+
+
+def _curl(sb: Sandbox, *headers: str) -> str:
+    r = sb.exec("client", "curl", "-sS", "-m", "3", *(a for h in headers for a in ("-H", h)),
+                f"http://{ADDRS['pod']}/")
+    return (r.stdout or r.stderr).strip()
 
 
 def _hold_signals() -> None:

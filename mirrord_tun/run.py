@@ -27,6 +27,7 @@ from mirrord_tun.channel import FrameSession
 from mirrord_tun.connect import SetupError, open_channel, printable
 from mirrord_tun.mirror import Mirror
 from mirrord_tun.mirror.ports import POLL_INTERVAL, steal_ports
+from mirrord_tun.mounts import Mounts
 from mirrord_tun.netns import exec as nsexec
 from mirrord_tun.netns import links, routes, sockdiag
 from mirrord_tun.netns.namespace import NetNs, pids_in
@@ -51,6 +52,19 @@ class StealOptions:
 
     ports: dict[int, int]  # --port: pod port -> local port, stolen (over TCP) whether served or not
     exclude: tuple[str, ...] = ()  # source CIDRs that keep reaching the pod (checked with protocol.cidr)
+    # --http-header-filter, --http-path-filter (checked with HttpFilter.compile): with either, TCP
+    # ports are stolen per HTTP request, only the requests that match; UDP ports still whole.
+    header_filter: str | None = None
+    path_filter: str | None = None
+
+    def request(self, tcp: dict[int, int], udp: dict[int, int]) -> protocol.StealRequest:
+        if self.header_filter is None and self.path_filter is None:
+            return protocol.StealRequest(tcp, udp, self.exclude)
+        if len(tcp) > protocol.MAX_FILTERED:
+            log.warning("filtering the lowest %d of %d ports", protocol.MAX_FILTERED, len(tcp))
+        filtered = tuple(protocol.FilteredSteal(p, l, self.header_filter, self.path_filter)
+                         for p, l in sorted(tcp.items())[:protocol.MAX_FILTERED])
+        return protocol.StealRequest({}, udp, self.exclude, filtered)
 
 
 class Stealer:
@@ -111,7 +125,7 @@ class Stealer:
         await self._guard({*old_tcp.values(), *tcp.values()}, {*old_udp.values(), *udp.values()})
         self._wanted = (tcp, udp)
         self._answer = asyncio.get_running_loop().create_future()
-        self._send(protocol.steal(protocol.StealRequest(tcp, udp, self._opts.exclude)))
+        self._send(protocol.steal(self._opts.request(tcp, udp)))
         try:
             state = await asyncio.wait_for(self._answer, STEAL_ANSWER_TIMEOUT)
         except asyncio.TimeoutError:
@@ -133,6 +147,9 @@ class Stealer:
 
 
 class LocalSession:
+    # --mount: the container's directories in the command's mount namespace (set by the caller).
+    mounts: Mounts | None = None
+
     def __init__(self, argv: list[str], agent: str, key: asyncssh.SSHKey, pinned: asyncssh.SSHKey,
                  sock: socket.socket | None = None, env: dict[str, str] | None = None,
                  mirror_ports: dict[int, int] | None = None, steal: StealOptions | None = None) -> None:
@@ -241,6 +258,8 @@ class LocalSession:
                 raise SetupError(f"agent {self.agent}: no WELCOME within {WELCOME_TIMEOUT} s") from None
             log.info("session %s: tunnel address %s, pod %s, mtu %d", welcome.session,
                      welcome.client_addr, ",".join(welcome.pod_addrs) or "?", welcome.mtu)
+            if self.mounts:  # checked before anything starts: a missing PATH is one line, exit 2
+                await self.mounts.prepare(conn)
             ns = open_ns()
             tun = ns.call(Tun, TUN_NAME)
             ns.call(links.bring_up_tun, tun.name, [welcome.client_addr], welcome.mtu)
@@ -279,6 +298,8 @@ class LocalSession:
                         ns.call(undo)
                 finally:
                     ns.close()
+            if self.mounts:
+                await self.mounts.stop()
             if log.isEnabledFor(logging.INFO) and not self._lost.done():
                 await self._log_counters()
             conn.close()
@@ -320,7 +341,8 @@ class LocalSession:
 
     async def _spawn_and_wait(self, ns: NetNs, resolv: str | None, pid: list[int]) -> int:
         try:
-            proc = nsexec.spawn(self.argv, ns.fd, resolv, nsexec.invoking_user(), self.env)
+            proc = nsexec.spawn(self.argv, ns.fd, resolv, nsexec.invoking_user(), self.env,
+                                mounts=self.mounts)
         except FileNotFoundError:
             print(f"mirrord-ns: {self.argv[0]}: command not found", file=sys.stderr)
             return 127

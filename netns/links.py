@@ -78,7 +78,7 @@ def uplink_mtu(default: int = 1500) -> int:
         links = {l["index"]: l for l in ipr.get_links()}
         for r in ipr.get_default_routes(family=2):
             oif = r.get_attr("RTA_OIF")
-            if oif in links:
+            if oif in links and r["type"] == 1:  # unicast: not the filtered steal's `local 0.0.0.0/0` on lo
                 return int(links[oif].get_attr("IFLA_MTU"))
         for link in links.values():
             if link.get_attr("IFLA_IFNAME") != "lo":
