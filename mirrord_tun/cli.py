@@ -345,10 +345,12 @@ def run(agent: str | None, identity: str | None, agent_host_key: str | None, tar
     _steal_options(steal, port, steal_exclude, *filters)  # usage errors before anything starts
 
     async def go(address: str, key: Any, pinned: Any, probes: tuple[str, ...] = (),
-                 volumes: tuple[str, ...] = (), **link: Any) -> int:
+                 volumes: tuple[str, ...] = (), progress: Any = None, **link: Any) -> int:
         session = LocalSession(list(command), address, key, pinned, mirror_ports=mirror_ports,
                                steal=_steal_options(steal, port, steal_exclude, *filters, probes), **link)
         session.mounts = _mounts(mount, () if no_mount else volumes)
+        if progress is not None:
+            session.progress = progress
         return await session.run()
 
     def in_cluster() -> int:
@@ -364,10 +366,9 @@ def run(agent: str | None, identity: str | None, agent_host_key: str | None, tar
             click.echo(plan.manifests_yaml(), nl=False)
             return 0
         progress = Progress.on_stderr(quiet)
-        with progress, plan.launch(progress) as link:
-            progress.close()  # the terminal is COMMAND's from here
+        with progress, plan.launch(progress) as link:  # the session closes it before COMMAND starts
             return _run_async(go(link.address, plan.key, link.host_key, link.probe_sources, link.volumes,
-                                 sock=link.sock, env=link.env))
+                                 progress, sock=link.sock, env=link.env))
 
     if agent and identity and agent_host_key:
         _exit_with(lambda: _run_async(go(agent, *load_keys(identity, agent_host_key))))

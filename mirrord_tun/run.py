@@ -32,6 +32,7 @@ from mirrord_tun.netns import exec as nsexec
 from mirrord_tun.netns import links, routes, sockdiag
 from mirrord_tun.netns.namespace import NetNs, pids_in
 from mirrord_tun.netns.tun import Tun
+from mirrord_tun.progress import QUIET
 from mirrord_tun.protocol import AgentMsg, ClientMsg
 from mirrord_tun.pump import Counters, TunPump, destination_is, source_is
 
@@ -154,6 +155,7 @@ class LocalSession:
                  sock: socket.socket | None = None, env: dict[str, str] | None = None,
                  mirror_ports: dict[int, int] | None = None, steal: StealOptions | None = None) -> None:
         self.argv = argv
+        self.progress = QUIET  # `run --target`'s status line, closed before the command starts
         self.steal = steal  # replaces the mirror (give mirror_ports=None with it)
         self.stealer: Stealer | None = None
         # Inbound mirror: pod port -> local port given with --port (learned ports come on top);
@@ -243,7 +245,9 @@ class LocalSession:
         is gone) for what does not vanish with the TUN. `run` and `attach` differ
         only in these three.
         """
+        self.progress.step("connecting to the agent…")
         conn = await open_channel(self.agent, self.key, self.pinned, self.chan, sock=self.sock)
+        self.progress.step("connected; opening the tunnel…")
         peer = conn.get_extra_info("peername")
         # Where our SSH packets go: `attach` keeps this address off the tunnel.
         self.agent_ip = peer[0] if isinstance(peer, tuple) and peer else None
@@ -317,6 +321,7 @@ class LocalSession:
         return addrs
 
     async def _run_in(self, ns: NetNs, welcome: protocol.Welcome) -> int:
+        self.progress.close()  # the terminal is the command's from here
         resolv = _write_resolv_conf(welcome.resolv_conf)
         try:
             return await self._run_command(ns, resolv)
