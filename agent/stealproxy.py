@@ -45,18 +45,17 @@ import socket
 import struct
 from typing import Awaitable, Callable
 
-from pyroute2 import IPRoute, NetlinkError
+from pyroute2 import IPRoute
 
 from mirrord_tun.agent.httpsteal import (CHUNK, Chooser, HttpFilter, Opener, Reader, RequestHead, Writer,
                                          proxy_connection)
 from mirrord_tun.netns import nft
 from mirrord_tun.netns.namespace import NetNs
-from mirrord_tun.netns.routes import RTPROT_MIRRORD
+from mirrord_tun.netns import routes
 
 log = logging.getLogger("mirrord-ns.agent")
 POD_MARK = 0x6D726E70  # "mrnp": our transparent connections; the rule sending replies to them is the one with it
 LOCAL_MARK = 0x6D726E6C  # "mrnl": our connections into a session's TUN
-ROUTE_TABLE = POD_MARK  # a number of our own: the pod may use low ones
 NFT_TABLE = "mirrord_ns_proxy"  # not a session table (dataplane._SESSION_TABLE): removed with the routing
 TUNNELS = "mrd*"  # every session's TUN (dataplane.TUN_PREFIX)
 RULE_PRIORITY = 100
@@ -92,27 +91,14 @@ def install_routing() -> None:
     """Runs in the pod's namespace; idempotent; `remove_routing` is its undo."""
     nft.run(_nft_table())
     with IPRoute() as ipr:
-        lo = ipr.link_lookup(ifname="lo")[0]
-        for add in (lambda: ipr.rule("add", fwmark=POD_MARK, table=ROUTE_TABLE, priority=RULE_PRIORITY),
-                    lambda: ipr.route("add", dst="0.0.0.0/0", type="local", scope="host", oif=lo,
-                                      table=ROUTE_TABLE, proto=RTPROT_MIRRORD)):
-            try:
-                add()
-            except NetlinkError as e:
-                if e.code != errno.EEXIST:
-                    raise OSError(e.code, f"policy routing for the filtered steal: {e}") from None
+        routes.add_local_delivery(ipr, POD_MARK, RULE_PRIORITY)
 
 
 def remove_routing() -> None:
     """Runs in the pod's namespace: exactly what install_routing added, found by its markers."""
     nft.delete_table("ip", NFT_TABLE)
     with IPRoute() as ipr:
-        for rule in ipr.get_rules(family=socket.AF_INET):
-            if rule.get_attr("FRA_FWMARK") == POD_MARK and rule.get_attr("FRA_TABLE") == ROUTE_TABLE:
-                with contextlib.suppress(NetlinkError):
-                    ipr.rule("del", fwmark=POD_MARK, table=ROUTE_TABLE, priority=rule.get_attr("FRA_PRIORITY"))
-        with contextlib.suppress(NetlinkError):  # ESRCH: not there
-            ipr.route("del", dst="0.0.0.0/0", type="local", scope="host", table=ROUTE_TABLE, proto=RTPROT_MIRRORD)
+        routes.remove_local_delivery(ipr, POD_MARK)
 
 
 def _listening_socket() -> socket.socket:

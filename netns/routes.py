@@ -23,6 +23,7 @@ Every function acts on the calling thread's namespace: run them via NetNs.call.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import re
 import socket
@@ -37,6 +38,32 @@ HALVES = ("0.0.0.0", "128.0.0.0")  # two /1s: more specific than any default rou
 RTN_LOCAL = 2
 INBOUND_TABLE = "mirrord_ns_inbound"  # family inet; the prefix marks it as ours, as the agent's tables
 _OUR_TUN = re.compile(r"mrd[0-9a-z]{1,12}")  # only names we made go into the nft script
+
+
+def add_local_delivery(ipr: IPRoute, mark: int, priority: int) -> None:
+    """`ip rule fwmark MARK lookup MARK` and `local 0.0.0.0/0 dev lo` in that table (RTPROT_MIRRORD):
+    packets given MARK come back up to this namespace's own sockets instead of leaving, the trick
+    TPROXY setups use for the replies to a transparent socket. Idempotent. The table number is
+    the mark itself: a namespace is unlikely to use such a number for its own tables."""
+    lo = ipr.link_lookup(ifname="lo")[0]
+    for add in (lambda: ipr.rule("add", fwmark=mark, table=mark, priority=priority),
+                lambda: ipr.route("add", dst="0.0.0.0/0", type="local", scope="host", oif=lo, table=mark,
+                                  proto=RTPROT_MIRRORD)):
+        try:
+            add()
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise OSError(e.code, f"policy routing for mark {mark:#x}: {e}") from None
+
+
+def remove_local_delivery(ipr: IPRoute, mark: int) -> None:
+    """Exactly what add_local_delivery(mark) added, found by mark and table; nothing if absent."""
+    for rule in ipr.get_rules(family=socket.AF_INET):
+        if rule.get_attr("FRA_FWMARK") == mark and rule.get_attr("FRA_TABLE") == mark:
+            with contextlib.suppress(NetlinkError):
+                ipr.rule("del", fwmark=mark, table=mark, priority=rule.get_attr("FRA_PRIORITY"))
+    with contextlib.suppress(NetlinkError):  # ESRCH: not there
+        ipr.route("del", dst="0.0.0.0/0", type="local", scope="host", table=mark, proto=RTPROT_MIRRORD)
 
 
 def refuse_inbound(tun: str, addr: str | None = None, tcp: Iterable[int] = (), udp: Iterable[int] = ()) -> None:

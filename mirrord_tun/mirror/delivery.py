@@ -42,13 +42,11 @@ from pyroute2 import IPRoute, NetlinkError
 from mirrord_tun.mirror.reassembly import Flow
 from mirrord_tun.netns import nft
 from mirrord_tun.netns.namespace import NetNs
-from mirrord_tun.netns.routes import RTPROT_MIRRORD
+from mirrord_tun.netns import routes
 from mirrord_tun.pump import Counters
 
 IP_TRANSPARENT = 19
-MARK = 0x6D726E73  # "mrns": our rule is the one with this fwmark
-# A routing table number of our own: an attached namespace may use low numbers itself.
-LOCAL_TABLE = 0x6D726E73
+MARK = 0x6D726E73  # "mrns": our rule is the one with this fwmark, and its table this number
 LO_LABEL = "lo:mrdns"  # the label of the pod addresses we put on lo (ours to delete, no others)
 RULE_PRIORITY = 100
 NFT_TABLE = "mirrord_ns_mirror"
@@ -77,9 +75,7 @@ def install_routing(pod_addrs: Sequence[ipaddress.IPv4Address]) -> None:
             except NetlinkError as e:
                 if e.code != errno.EEXIST:  # already local here: not ours, so left alone later
                     raise
-        ipr.rule("add", fwmark=MARK, table=LOCAL_TABLE, priority=RULE_PRIORITY)
-        ipr.route("add", dst="0.0.0.0/0", type="local", scope="host", oif=lo, table=LOCAL_TABLE,
-                  proto=RTPROT_MIRRORD)
+        routes.add_local_delivery(ipr, MARK, RULE_PRIORITY)
     pods = "{ " + ", ".join(str(ipaddress.IPv4Address(a)) for a in pod_addrs) + " }"
     nft.run(
         f"table ip {NFT_TABLE} {{\n"
@@ -104,13 +100,7 @@ def remove_routing() -> None:
     """
     nft.delete_table("ip", NFT_TABLE)
     with IPRoute() as ipr:
-        for rule in ipr.get_rules(family=socket.AF_INET):
-            if rule.get_attr("FRA_FWMARK") == MARK and rule.get_attr("FRA_TABLE") == LOCAL_TABLE:
-                with contextlib.suppress(NetlinkError):
-                    ipr.rule("del", fwmark=MARK, table=LOCAL_TABLE, priority=rule.get_attr("FRA_PRIORITY"))
-        with contextlib.suppress(NetlinkError):  # ESRCH: not there
-            ipr.route("del", dst="0.0.0.0/0", type="local", scope="host", table=LOCAL_TABLE,
-                      proto=RTPROT_MIRRORD)
+        routes.remove_local_delivery(ipr, MARK)
         lo = ipr.link_lookup(ifname="lo")[0]
         for a in ipr.get_addr(family=socket.AF_INET, index=lo):
             if a.get_attr("IFA_LABEL") == LO_LABEL:
