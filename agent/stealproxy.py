@@ -68,7 +68,7 @@ SPARE_SOCKETS = 16
 def _nft_table() -> str:
     # Its own table, not the sessions': connections draining after the last session left need it.
     return (
-        f"table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n"
+        f"table ip {NFT_TABLE}\nflush table ip {NFT_TABLE}\n"  # not delete: 0.3 ms instead of ~15 when absent
         f"table ip {NFT_TABLE} {{\n"
         "  chain output {\n"
         "    type route hook output priority mangle; policy accept;\n"

@@ -83,7 +83,7 @@ def refuse_inbound(tun: str, addr: str | None = None, tcp: Iterable[int] = (), u
     # prerouting rather than input: also nothing forwarded onwards, should the namespace
     # route for others (a container with ip_forward on).
     nft.run(
-        f"table inet {INBOUND_TABLE}\ndelete table inet {INBOUND_TABLE}\n"
+        f"table inet {INBOUND_TABLE}\nflush table inet {INBOUND_TABLE}\n"  # not delete: 0.3 ms instead of ~15 when absent
         f"table inet {INBOUND_TABLE} {{\n"
         "  chain prerouting {\n"
         "    type filter hook prerouting priority filter; policy accept;\n"
