@@ -4,13 +4,16 @@ Builds the sandbox cluster (mirrord_tun.sandbox) on this machine, runs a command
 through `mirrord-ns run` from a "laptop" namespace that cannot reach the cluster
 by itself, and tears everything down, also on Ctrl-C, SIGTERM and SIGHUP (the
 terminal closed): the sandbox holds namespaces and private keys. Without a
-command, the tour ends with steal: a laptop program answers the pod's requests
-that carry a header, the pod's own server the rest, and all of them once the
-program stops.
+command, the tour goes on with the inbound mirror (a laptop program gets a copy
+of a request the pod answers) and steal (a laptop program answers the pod's
+requests that carry a header, the pod's own server the rest, and all of them
+once the program stops).
 """
 from __future__ import annotations
 
 import contextlib
+import json
+import select
 import signal
 import subprocess
 import sys
@@ -78,16 +81,52 @@ def _tour(command: list[str], run: list[subprocess.Popen[bytes]]) -> int:
         run.clear()  # a stop signal now unwinds through the sandbox's cleanup
         _say(f"exit status {code}", before="\n")
         if code == 0 and not command:
-            code = _steal(sb)
+            sb.start_ready("pod", [*PY, "-m", "mirrord_tun.sandbox.http_server", "0.0.0.0", "80", "pod"])
+            code = _mirror(sb) or _steal(sb)
         _hold_signals()
         _say("removing the sandbox")
     return code
 
 
+def _mirror(sb: Sandbox) -> int:
+    """The pod answers a client; a laptop program gets a copy, from the client's own address."""
+    argv = sb.run_args(*PY, "-m", "mirrord_tun.sandbox.recorder", "tcp", "8080", "-")
+    argv[argv.index("--"):argv.index("--")] = ["--port", "8080:80"]
+    _say("mirror: `mirrord-ns run --port 8080:80` starts a laptop program on port 8080 that says what reaches it")
+    mirror = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.PIPE, text=True)
+    sb.procs.append(mirror)
+    try:
+        deadline = time.monotonic() + STEAL_START_TIMEOUT
+        # Copies start once the program's port is seen listening: ask until one arrives.
+        while time.monotonic() < deadline and mirror.poll() is None:
+            answer = _curl(sb, data="hello pod")
+            copy = _line(mirror, 1.0)
+            if copy:
+                _say(f"a client POSTs to the pod, which answers: {answer}")
+                _say(f"the laptop program got a copy: {copy['len']} bytes from {copy['peer']}")
+                return 0
+        _say("the mirror did not start")
+        return 1
+    finally:
+        sb.stop(mirror)
+
+
+def _line(p: subprocess.Popen[str], timeout: float) -> dict[str, object] | None:
+    """The next record the recorder printed within `timeout`, skipping its "ready" line."""
+    assert p.stdout is not None
+    deadline = time.monotonic() + timeout
+    while select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        line = p.stdout.readline()
+        if not line:
+            return None
+        if line.startswith("{"):
+            return json.loads(line)
+    return None
+
+
 def _steal(sb: Sandbox) -> int:
     """The pod's server and a laptop program on the same port, requests routed by a header."""
     server = [*PY, "-m", "mirrord_tun.sandbox.http_server", "0.0.0.0"]
-    sb.start_ready("pod", [*server, "80", "pod"])
     # The program runs as the user, who may not bind port 80: it serves 8080, which takes the pod's 80.
     argv = sb.run_args(*server, "8080", "laptop")
     argv[argv.index("--"):argv.index("--")] = ["--steal", "--port", "8080:80", "--http-header-filter", STEAL_HEADER]
@@ -109,9 +148,9 @@ def _steal(sb: Sandbox) -> int:
     return 0
 
 
-def _curl(sb: Sandbox, *headers: str) -> str:
+def _curl(sb: Sandbox, *headers: str, data: str | None = None) -> str:
     r = sb.exec("client", "curl", "-sS", "-m", "3", *(a for h in headers for a in ("-H", h)),
-                f"http://{ADDRS['pod']}/")
+                *(["--data-binary", data] if data is not None else []), f"http://{ADDRS['pod']}/")
     return (r.stdout or r.stderr).strip()
 
 

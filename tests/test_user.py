@@ -72,6 +72,9 @@ def test_demo_tour_as_the_sudo_user() -> None:
     r = subprocess.run([*CLI, "demo"], env=NOBODY, capture_output=True, text=True, timeout=DEMO_TIMEOUT)
     assert r.returncode == 0, r.stderr + r.stdout
     assert "exit status 0" in r.stderr and ", 0% packet loss" in r.stdout
+    # The mirror's copy comes from the cluster client, and the steal routes by the header.
+    assert "the laptop program got a copy: 9 bytes from 198.18.0.30" in r.stderr, r.stderr
+    assert "with the header:    hello from laptop" in r.stderr, r.stderr
 
 
 # --- leave nothing

@@ -2,6 +2,7 @@
 
     recorder tcp PORT FILE [--no-read]   HTTP: one JSON line per request body
     recorder udp PORT FILE               UDP: one JSON line per datagram
+    (FILE "-": standard output, e.g. for `demo`, whose user may not write its files)
 
 Each line holds the body's SHA-256, its length, the peer address and the time
 it was complete, so a test compares what the client sent with what arrived here
@@ -22,8 +23,14 @@ _lock = threading.Lock()
 
 
 def _record(to: str, **fields: object) -> None:
-    with _lock, open(to, "a") as f:
-        f.write(json.dumps(fields) + "\n")
+    line = json.dumps(fields) + "\n"
+    with _lock:
+        if to == "-":
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            return
+        with open(to, "a") as f:
+            f.write(line)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
