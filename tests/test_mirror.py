@@ -7,12 +7,8 @@ answers every request with the SHA-256 of the body it read and the address it sa
 so each test checks both sides: the pod served everything, the program got the same.
 
 Everything here shares two cores with the client, the pod and whatever else the
-machine runs. The agent and `run` get a higher CPU priority (nice -10), as the
-agent's own pod and the developer's laptop would have CPUs of their own: on an
-idle machine the tests pass without it, but when other work loads the cores, the
-load generator's 20 threads and the pod's can starve the two single-threaded
-mirror processes through a 400 MB burst, and the capture then drops copies
-(bounded, counted) where these tests want to check every byte.
+machine runs, at default priority: a local program (or `run`) slower than the pod
+is the normal case, so what it has not taken yet waits in the spill, not dropped.
 """
 from __future__ import annotations
 
@@ -65,26 +61,20 @@ for body in (b"before" * 1000, None):
 """
 
 
-def _boost(pid: int) -> None:
-    """nice -10 for every thread of pid and its descendants (see the module docstring)."""
-    for task in os.listdir(f"/proc/{pid}/task"):
-        os.setpriority(os.PRIO_PROCESS, int(task), -10)
-        children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
-        for child in children:
-            _boost(int(child))
-
-
-@pytest.fixture(scope="module")
-def sb() -> Iterator[Sandbox]:
+def pod_sandbox() -> Iterator[Sandbox]:
+    """The agent, and in the pod an HTTP server and a UDP echo: the `sb` fixture of each mirror test module."""
     box = Sandbox()
     try:
         box.build()
-        _boost(box.start_agent().pid)
+        box.start_agent()
         box.start_ready("pod", [PY, "-m", "mirrord_tun.sandbox.http_server", "0.0.0.0", str(HTTP_PORT), "pod"])
         box.start_ready("pod", [PY, "-c", _UDP_ECHO])
         yield box
     finally:
         box.close()
+
+
+sandbox = pytest.fixture(scope="module", name="sb")(pod_sandbox)
 
 
 class Session:
@@ -97,7 +87,7 @@ class Session:
         argv = sb.run_args(*[a.replace("{record}", str(self.record)) for a in command], verbose=True)
         argv[argv.index("--"):argv.index("--")] = list(options)
         self.stderr = open(Path(sb.dir) / f"{name}.stderr", "w+")
-        self.proc = subprocess.Popen(["nice", "-n", "-10", *argv], env=run_env(), stderr=self.stderr,
+        self.proc = subprocess.Popen(argv, env=run_env(), stderr=self.stderr,
                                      stdout=subprocess.DEVNULL)
         sb.procs.append(self.proc)
 
@@ -138,6 +128,12 @@ def assert_nothing_leaked(log: str) -> None:
     assert m and m[1] == "0", log
 
 
+def assert_nothing_given_up(log: str) -> None:
+    c = counters(log)
+    for name in ("mirror_spill_given_up", "mirror_reset_stuck", "mirror_connect_failed", "mirror_spill_failed"):
+        assert c.get(name, 0) == 0, log
+
+
 def counters(log: str) -> dict[str, int]:
     m = re.search(r"^mirrord-ns: mirror: (.*)$", log, re.M)
     return {k: int(v) for k, v in (kv.rsplit(" ", 1) for kv in m[1].split(", "))} if m and m[1] != "nothing" else {}
@@ -173,7 +169,7 @@ def _http_load(sb: Sandbox, name: str, seed: int) -> None:
         results = post(sb, 200, 20, 4 * 1024 * 1024, seed=seed)
         assert_pod_answered(results)
         assert_all_mirrored(s, results)
-    assert counters(s.log()).get("mirror_reset_slow_reader", 0) == 0, s.log()
+    assert_nothing_given_up(s.log())
     assert_nothing_leaked(s.log())
 
 
@@ -218,7 +214,7 @@ def test_program_that_listens_late(sb: Sandbox) -> None:
     assert counters(s.log()).get("mirror_joined_midstream", 0) >= 1, s.log()
 
 
-def test_program_that_never_reads_is_reset_and_bounded(sb: Sandbox) -> None:
+def test_program_that_never_reads_spills_to_disk(sb: Sandbox) -> None:
     with Session(sb, "noread", recorder("tcp", HTTP_PORT, "--no-read")) as s:
         # Until the first connection is accepted (and recorded) the port is not mirrored yet.
         wait_until(lambda: s.record.read_text() != "" or post(sb, 1, 1, 16, path="/probe") == [], 30, 0.5)
@@ -226,9 +222,12 @@ def test_program_that_never_reads_is_reset_and_bounded(sb: Sandbox) -> None:
         assert_pod_answered(results)  # the pod is not held back by a stuck local program
         status = Path(f"/proc/{s.proc.pid}/status").read_text()
         rss_peak_kib = int(re.search(r"VmHWM:\s+(\d+)", status)[1])  # type: ignore[index]
-    assert counters(s.log()).get("mirror_reset_slow_reader", 0) >= 1, s.log()
-    # Per connection at most MAX_BUFFERED (8 MiB) waits in `run`; 20 x 32 MiB = 640 MiB came in.
-    assert rss_peak_kib < 200 * 1024, f"run peaked at {rss_peak_kib} KiB"
+    c = counters(s.log())
+    # Up to 640 MiB came in and none was taken: it waited on disk, not in `run`'s memory,
+    # and nothing was reset (that takes STUCK_TIMEOUT without progress).
+    assert c.get("mirror_spilled_bytes", 0) > 64 * 1024 * 1024, s.log()
+    assert c.get("mirror_spill_given_up", 0) == 0 and c.get("mirror_reset_stuck", 0) == 0, s.log()
+    assert rss_peak_kib < 80 * 1024, f"run peaked at {rss_peak_kib} KiB"
 
 
 def test_udp_request_response(sb: Sandbox) -> None:

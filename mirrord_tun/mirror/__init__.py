@@ -20,7 +20,7 @@ import time
 from typing import Callable
 
 from mirrord_tun import protocol
-from mirrord_tun.mirror.delivery import Deliveries, install_routing, remove_routing
+from mirrord_tun.mirror.delivery import SPILL_LIMIT, Deliveries, install_routing, remove_routing
 from mirrord_tun.mirror.ports import PortWatcher
 from mirrord_tun.mirror.reassembly import Close, Data, Datagram, Flow, Open, Reassembler
 from mirrord_tun.netns.namespace import NetNs
@@ -66,9 +66,10 @@ class Mirror:
     """
 
     def __init__(self, ns: NetNs, pod_addrs: list[str], own_addrs: list[str], mapping: dict[int, int],
-                 send: Callable[[bytes], None], counters: Counters) -> None:
+                 send: Callable[[bytes], None], counters: Counters, spill_limit: int = SPILL_LIMIT) -> None:
         """`pod_addrs`: the pod addresses to mirror; `own_addrs`: every address of the session
-        (all the pod's, mirrored or not, and both tunnel ends): no copy may come from one."""
+        (all the pod's, mirrored or not, and both tunnel ends): no copy may come from one;
+        `spill_limit`: bytes the program may fall behind over all connections before one is given up."""
         self._ns = ns
         self._pod_addrs = [ipaddress.IPv4Address(a) for a in pod_addrs]
         self._pods = frozenset(a.packed for a in self._pod_addrs)
@@ -76,7 +77,8 @@ class Mirror:
         self.counters = counters
         self.ports = PortWatcher(ns, pod_addrs, mapping, lambda p: send(protocol.subscribe(p)))
         self.streams = Reassembler(counters)
-        self.deliveries = Deliveries(ns, self.ports.local_port, counters, self._given_up, self._failed)
+        self.deliveries = Deliveries(ns, self.ports.local_port, counters, self._given_up, self._failed,
+                                     spill_limit)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:

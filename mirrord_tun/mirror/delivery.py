@@ -21,10 +21,12 @@ client's address and port (kept per client port, read and emptied, closed when
 idle): the program sees the real source, its answer is absorbed like a TCP
 answer, and no ICMP error is ever made for an answer with nowhere to go.
 
-Bounded: bytes the program does not take wait in its socket buffers, then in
-ours up to MAX_BUFFERED per connection (MAX_TOTAL_BUFFERED overall, checked
-when crossed); past that, or paused for longer than STALL_TIMEOUT, the
-connection is reset toward the program.
+A slow program is the normal case (a debugger): bytes it does not take wait in
+its socket buffers, then in a per-connection `Spill` (memory, then an unnamed
+file on disk), up to `spill_limit` over the session (default SPILL_LIMIT);
+past that the connection with most waiting is given up (`mirror_spill_given_up`).
+Only a program that takes nothing at all for STUCK_TIMEOUT while bytes wait gets
+a reset (`mirror_reset_stuck`).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
+import logging
 import socket
 import struct
 import time
@@ -40,20 +43,26 @@ from typing import Callable, Sequence, cast
 from pyroute2 import IPRoute, NetlinkError
 
 from mirrord_tun.mirror.reassembly import Flow
+from mirrord_tun.mirror.spill import Spill, SpillTotals
 from mirrord_tun.netns import nft
 from mirrord_tun.netns.namespace import NetNs
 from mirrord_tun.netns import routes
 from mirrord_tun.pump import Counters
 
+log = logging.getLogger("mirrord-ns")
 IP_TRANSPARENT = 19
 MARK = 0x6D726E73  # "mrns": our rule is the one with this fwmark, and its table this number
 LO_LABEL = "lo:mrdns"  # the label of the pod addresses we put on lo (ours to delete, no others)
 RULE_PRIORITY = 100
 NFT_TABLE = "mirrord_ns_mirror"
-MAX_BUFFERED = 8 * 1024 * 1024  # 4 MiB reset whole 4 MiB requests when the program was slow to be scheduled
-MAX_TOTAL_BUFFERED = 64 * 1024 * 1024
-BACKLOG = 256 * 1024  # a connection holding more is backing up
-STALL_TIMEOUT = 10.0  # a program that takes nothing for this long gets a reset
+SPILL_LIMIT = 1024 * 1024 * 1024  # per session; past it the connection with most waiting is given up
+WRITE_BUFFER = 256 * 1024  # in asyncio's buffer past the socket's own; the rest waits in the spill
+CHUNK = 256 * 1024
+STUCK_TIMEOUT = 60.0  # a program that takes nothing at all for this long while bytes wait gets a reset
+CONNECT_RETRY_FOR = 30.0  # a refused connect (program restarting) is retried this long
+CONNECT_RETRY_FIRST = 0.1
+CONNECT_RETRY_MAX = 2.0
+ANSWER_WAIT = 5.0  # the client's FIN waits this long for the program's answer
 LINGER = 30.0  # after the client's FIN, how long the program may keep its end open
 UDP_IDLE = 30  # seconds
 MAX_UDP_SOCKETS = 256
@@ -117,59 +126,98 @@ def transparent_socket(kind: int) -> socket.socket:
 
 
 class TcpDelivery(asyncio.Protocol):
-    """One mirrored connection toward the program; tells its owner once, when it is over."""
+    """One mirrored connection toward the program; tells its owner once, when it is over.
+
+    Bytes go into the socket while its write buffer has room and wait in a
+    `Spill` otherwise (also while connecting), so a slow program costs disk, not
+    the connection. A refused connect (the program restarting) is retried with
+    backoff for CONNECT_RETRY_FOR. The client's FIN is held until every byte is
+    in the socket and the program has answered, or for ANSWER_WAIT at most.
+    """
 
     def __init__(self, owner: "Deliveries", flow: Flow, local_port: int) -> None:
         self._owner = owner
         self.flow = flow
         self._port = local_port
-        self._pending = bytearray()  # bytes that arrived before the connection was up
+        self.spill = Spill(owner.spilled)
         self._eof = False
+        self._answered = False  # the program sent something since the client's last bytes
+        self._paused = False
         self._transport: asyncio.Transport | None = None
-        self._stalled: asyncio.TimerHandle | None = None
+        self._stuck: asyncio.TimerHandle | None = None
+        self._fin: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
         self.done = False
         owner.loop.create_task(self._connect())
 
     async def _connect(self) -> None:
         owner = self._owner
-        try:
-            sock = await owner.ns.acall(transparent_socket, socket.SOCK_STREAM)
+        give_up_at = owner.loop.time() + CONNECT_RETRY_FOR
+        delay = CONNECT_RETRY_FIRST
+        while True:
             try:
-                sock.bind((self.flow.client, self.flow.cport))
-                await owner.loop.sock_connect(sock, (self.flow.pod, self._port))
-            except BaseException:
-                sock.close()
-                raise
-            if self.done:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST_ON_CLOSE)
-                sock.close()
+                sock = await self._connect_once()
+                break
+            except ConnectionRefusedError as e:
+                if self.done:
+                    return
+                if owner.loop.time() + delay > give_up_at:
+                    self._failed(e)
+                    return
+                owner.counters["mirror_connect_retries"] += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, CONNECT_RETRY_MAX)
+            except OSError as e:
+                self._failed(e)
                 return
+        if self.done:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST_ON_CLOSE)
+            sock.close()
+            return
+        try:
             await owner.loop.create_connection(lambda: self, sock=sock)
         except OSError as e:
-            owner.counters["mirror_connect_failed"] += 1
-            owner.log_failure(self.flow, self._port, e)
-            self._finish()
+            self._failed(e)
+
+    async def _connect_once(self) -> socket.socket:
+        owner = self._owner
+        sock = await owner.ns.acall(transparent_socket, socket.SOCK_STREAM)
+        try:
+            sock.bind((self.flow.client, self.flow.cport))
+            await owner.loop.sock_connect(sock, (self.flow.pod, self._port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _failed(self, e: OSError) -> None:
+        self._owner.counters["mirror_connect_failed"] += 1
+        self._owner.log_failure(self.flow, self._port, e)
+        self._finish()
 
     # called by the owner with the reassembled stream
     def feed(self, data: bytes) -> None:
         if self.done:
             return
-        if self._transport is None:
-            self._pending += data
+        self._owner.counters["mirror_tcp_bytes"] += len(data)
+        self._answered = False
+        if self._transport is None or self._paused or len(self.spill):
+            filed = self.spill.filed
+            try:
+                self.spill.push(data)
+            except OSError as e:  # no spill file (disk full, a bad SPILL_DIR): this copy is lost
+                self._owner.counters["mirror_spill_failed"] += 1
+                log.warning("mirror: cannot spill: %s", e)
+                self.reset()
+                return
+            self._owner.counters["mirror_spilled_bytes"] += self.spill.filed - filed
         else:
             self._transport.write(data)
-        self._owner.counters["mirror_tcp_bytes"] += len(data)
-        if self.buffered > MAX_BUFFERED:
-            self._owner.counters["mirror_reset_slow_reader"] += 1
-            self.reset()
 
     def finish(self) -> None:
-        """The client's FIN: everything is written, then half-close (SHUT_WR)."""
+        """The client's FIN: half-close (SHUT_WR) once everything is written and answered."""
         self._eof = True
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write_eof()
-            self._linger = self._owner.loop.call_later(LINGER, self.reset)
+        self._flush()
 
     def reset(self) -> None:
         """The client's RST, or we gave up: an abortive close, so the program sees a reset."""
@@ -179,17 +227,33 @@ class TcpDelivery(asyncio.Protocol):
             self._transport.abort()
         self._finish()
 
-    @property
-    def buffered(self) -> int:
-        if self._transport is None:
-            return len(self._pending)
-        return self._transport.get_write_buffer_size()
+    def _flush(self) -> None:
+        """Move spilled bytes into the socket while it takes them; then maybe the FIN."""
+        t = self._transport
+        if t is None or self.done or t.is_closing():
+            return
+        while not self._paused and len(self.spill):
+            t.write(self.spill.pop(CHUNK))  # may pause us (write buffer past `high`)
+        if self._eof and not len(self.spill) and self._fin is None and self._linger is None:
+            if self._answered:
+                self._send_fin()
+            else:
+                self._fin = self._owner.loop.call_later(ANSWER_WAIT, self._send_fin)
+
+    def _send_fin(self) -> None:
+        if self._fin is not None:
+            self._fin.cancel()
+            self._fin = None
+        t = self._transport
+        if t is not None and not t.is_closing() and self._linger is None:
+            t.write_eof()
+            self._linger = self._owner.loop.call_later(LINGER, self.reset)
 
     def _finish(self) -> None:
         if not self.done:
             self.done = True
-            self._pending = bytearray()
-            for timer in (self._stalled, self._linger):
+            self.spill.close()
+            for timer in (self._stuck, self._fin, self._linger):
                 if timer:
                     timer.cancel()
             self._owner.ended(self)
@@ -198,30 +262,32 @@ class TcpDelivery(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = transport = cast(asyncio.Transport, transport)
-        # The protocol pauses past half the budget; the stall timer turns a long pause into a reset.
-        transport.set_write_buffer_limits(high=MAX_BUFFERED // 2)
-        if self._pending:
-            transport.write(bytes(self._pending))
-            self._pending = bytearray()
-        if self._eof:
-            self.finish()
+        # Small: what the socket does not take waits in the spill, on disk past its memory cap.
+        transport.set_write_buffer_limits(high=WRITE_BUFFER)
+        self._flush()
 
     def data_received(self, data: bytes) -> None:
         self._owner.counters["mirror_answer_bytes"] += len(data)
+        self._answered = True
+        if self._fin is not None and not len(self.spill):
+            self._send_fin()
 
     def eof_received(self) -> bool:
         return False  # the program closed its end: close ours
 
     def pause_writing(self) -> None:
-        self._stalled = self._owner.loop.call_later(STALL_TIMEOUT, self._stall)
+        self._paused = True
+        self._stuck = self._owner.loop.call_later(STUCK_TIMEOUT, self._stuck_reset)
 
     def resume_writing(self) -> None:
-        if self._stalled:
-            self._stalled.cancel()
-            self._stalled = None
+        self._paused = False
+        if self._stuck:
+            self._stuck.cancel()
+            self._stuck = None
+        self._flush()
 
-    def _stall(self) -> None:
-        self._owner.counters["mirror_reset_slow_reader"] += 1
+    def _stuck_reset(self) -> None:
+        self._owner.counters["mirror_reset_stuck"] += 1
         self.reset()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -294,8 +360,11 @@ class Deliveries:
     """All local deliveries of one session; `local_port` maps a pod port to the program's port."""
 
     def __init__(self, ns: NetNs, local_port: Callable[[int], int], counters: Counters,
-                 on_given_up: Callable[[Flow], None], log_failure: Callable[[Flow, int, OSError], None]) -> None:
+                 on_given_up: Callable[[Flow], None], log_failure: Callable[[Flow, int, OSError], None],
+                 spill_limit: int = SPILL_LIMIT) -> None:
         self.ns = ns
+        self._spill_limit = spill_limit
+        self.spilled = SpillTotals()
         self.loop = asyncio.get_running_loop()
         self.counters = counters
         self.log_failure = log_failure
@@ -316,10 +385,12 @@ class Deliveries:
         if conn is None:
             return
         conn.feed(data)
-        # Summing is O(connections), so only when this one is backing up at all.
-        if conn.buffered > BACKLOG and sum(c.buffered for c in self.tcp.values()) > MAX_TOTAL_BUFFERED:
-            self.counters["mirror_reset_over_budget"] += 1
-            max(self.tcp.values(), key=lambda c: c.buffered).reset()
+        if self.spilled.waiting > self._spill_limit:
+            self.counters["mirror_spill_given_up"] += 1
+            victim = max(self.tcp.values(), key=lambda c: len(c.spill))
+            log.warning("mirror: %s:%d given up: the local program is more than %d MiB behind",
+                        victim.flow.client, victim.flow.cport, self._spill_limit >> 20)
+            victim.reset()
 
     def close(self, flow: Flow, reset: bool) -> None:
         conn = self.tcp.get(flow)

@@ -2,7 +2,9 @@
 
 By default: every port the program serves in the local namespace, learned from
 the kernel (sock_diag) every POLL_INTERVAL, so a program that starts listening
-late is mirrored from then on and one that stops is dropped. `--port P` adds a
+late is mirrored from then on; one that stops is dropped RESTART_HOLD later, so
+that what arrives while the program restarts is still copied, and delivered
+once it listens again. `--port P` adds a
 port whether or not anything listens; `--port LOCAL:REMOTE` sends the pod's
 REMOTE port to the local LOCAL port (and LOCAL, served locally, is then not
 also mirrored from the pod's LOCAL port).
@@ -23,6 +25,7 @@ POLL_INTERVAL = 0.25
 # Copies the agent captured before it applied our last SUBSCRIBE may still be on the way:
 # ports just unsubscribed stay acceptable this long, so those are not counted as hostile.
 RESUBSCRIBE_GRACE = 2.0
+RESTART_HOLD = 30.0  # as long as delivery retries a refused connect
 
 
 def parse_port(spec: str) -> tuple[int, int]:
@@ -62,6 +65,7 @@ class PortWatcher:
         self.ports: set[int] | None = None  # what the agent was last told
         self._previous: set[int] = set()
         self._previous_until = 0.0
+        self._served: dict[int, float] = {}  # port -> when the program was last seen serving it
 
     def local_port(self, remote: int) -> int:
         return self._mapping.get(remote, remote)
@@ -76,7 +80,10 @@ class PortWatcher:
         mapped_locals = {local for remote, local in self._mapping.items() if local != remote}
         while True:
             tcp, udp = await self._ns.acall(sockdiag.serving_ports, self._pod_addrs)
-            ports = ((tcp | udp) - mapped_locals) | set(self._mapping)
+            now = time.monotonic()
+            self._served.update(dict.fromkeys(tcp | udp, now))
+            self._served = {p: t for p, t in self._served.items() if now - t < RESTART_HOLD}
+            ports = (set(self._served) - mapped_locals) | set(self._mapping)
             if len(ports) > MAX_PORTS:
                 log.warning("the program serves %d ports; mirroring the lowest %d", len(ports), MAX_PORTS)
                 ports = set(sorted(ports)[:MAX_PORTS])
