@@ -109,16 +109,19 @@ class SshServer:
         self.log = os.path.join(self.dir, "sshd.log")
         self.proc: subprocess.Popen | None = None
         self._made_privsep_dir = False
+        # Where clients connect, when not straight to the sshd (a relay on the path).
+        self.via: tuple[str, int] | None = None
 
     def ssh_command(self, *extra: str) -> list[str]:
         """`ssh` argv (without the destination) that logs in with the generated key."""
         return ["ssh", "-F", "/dev/null", "-i", self.key, "-o", "IdentitiesOnly=yes",
                 "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", *extra]
+                "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+                *(["-p", str(self.via[1])] if self.via else []), *extra]
 
     @property
     def destination(self) -> str:
-        return f"root@{self.listen}"
+        return f"root@{self.via[0] if self.via else self.listen}"
 
     def start(self, timeout: float = 15) -> "SshServer":
         host_key = os.path.join(self.dir, "host_key")
@@ -342,6 +345,43 @@ def measure_latency(host: str, port: int, requests: int, warmup: int = 20,
     if span is not None:
         span.append(time.time())
     return samples
+
+
+def poll_argv(host: str, port: int, every: float, python: str | None = None) -> list[str]:
+    return [python or sys.executable, os.path.join(HERE, "benchlib.py"), "poll", host, str(port), str(every)]
+
+
+def poll(host: str, port: int, every: float, report_every: float = 5.0) -> None:
+    """GET / every `every` seconds (a new connection each) until SIGTERM/SIGINT; prints
+    the running totals (and the slowest successful request) as a JSON line every
+    `report_every` seconds and on the way out."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    ok = fail = 0
+    last_error = ""
+    slowest = 0.0
+    next_report = time.monotonic() + report_every
+    while not stop.is_set():
+        t0 = time.monotonic()
+        try:
+            conn = http.client.HTTPConnection(host, port, timeout=5)
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            resp.read()
+            conn.close()
+            if resp.status != 200:
+                raise RuntimeError(f"GET / -> {resp.status}")
+            ok += 1
+            slowest = max(slowest, time.monotonic() - t0)
+        except (OSError, RuntimeError, http.client.HTTPException) as e:
+            fail += 1
+            last_error = str(e) or type(e).__name__
+        if time.monotonic() >= next_report:
+            print(json.dumps({"ok": ok, "fail": fail, "slowest_s": slowest, "last_error": last_error}), flush=True)
+            next_report += report_every
+        stop.wait(max(0.0, every - (time.monotonic() - t0)))
+    print(json.dumps({"ok": ok, "fail": fail, "slowest_s": slowest, "last_error": last_error}), flush=True)
 
 
 def latency_stats(output: str) -> dict[str, float]:
@@ -569,7 +609,10 @@ def _main(argv: list[str]) -> int:
         samples = measure_latency(host, port, n, warmup, span)
         print(json.dumps({"samples": samples, "span": span}))
         return 0
-    print("usage: benchlib.py latency HOST PORT [N [WARMUP]]", file=sys.stderr)
+    if len(argv) == 4 and argv[0] == "poll":
+        poll(argv[1], int(argv[2]), float(argv[3]))
+        return 0
+    print("usage: benchlib.py latency HOST PORT [N [WARMUP]] | poll HOST PORT EVERY_S", file=sys.stderr)
     return 2
 
 

@@ -13,6 +13,9 @@ import sys
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "mirrord-ns-sandbox"
+    # Headers and body go out in two writes: without this, Nagle holds the body for a round trip,
+    # which a tunnel carrying TCP end to end pays in full (and a proxy ending TCP nearer does not).
+    disable_nagle_algorithm = True
 
     def _answer(self, text: str) -> None:
         data = text.encode()
