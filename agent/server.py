@@ -18,15 +18,16 @@ from mirrord_tun.channel import FrameSession
 from mirrord_tun.netns.namespace import NetNs
 
 log = logging.getLogger("mirrord-ns.agent")
+DEFAULT_RESUME_TIMEOUT = 60.0
 
 
 class _Channel(FrameSession):
     """Deny by default: only the mirrord-ns subsystem opens, and `sftp` (read-only, agent/files.py)
     when the agent works for a container (--pid); no shell, exec or pty."""
 
-    def __init__(self, agent: "Agent", peer: str) -> None:
+    def __init__(self, agent: "Agent", peer: str, key_fingerprint: str) -> None:
         super().__init__()
-        self._agent, self._peer = agent, peer
+        self._agent, self._peer, self._key = agent, peer, key_fingerprint
         # Set when this channel is the file service: asyncssh's stream session runs the SFTP
         # server, and every channel event goes to it.
         self._files: SSHServerStreamSession | None = None
@@ -47,7 +48,7 @@ class _Channel(FrameSession):
             return True
         if subsystem != protocol.SUBSYSTEM:
             return False
-        self.endpoint = AgentSession(self._agent, self, self._peer)
+        self.endpoint = AgentSession(self._agent, self, self._peer, self._key)
         return True
 
     def session_started(self) -> None:
@@ -82,11 +83,27 @@ class _Channel(FrameSession):
             super().connection_lost(exc)
 
 
+class _KeyOf:
+    """The authorized keys as asyncssh checks them, noting the last key that passed: the one a
+    connection authenticated with (asyncssh checks the signed attempt last), which binds its sessions."""
+
+    def __init__(self, authorized: asyncssh.SSHAuthorizedKeys) -> None:
+        self._authorized = authorized
+        self.fingerprint = ""
+
+    def validate(self, key: asyncssh.SSHKey, *args: object, **kwargs: object) -> object:
+        options = self._authorized.validate(key, *args, **kwargs)
+        if options is not None:
+            self.fingerprint = key.get_fingerprint("sha256")
+        return options
+
+
 class _Server(asyncssh.SSHServer):
     def __init__(self, agent: "Agent") -> None:
         self._agent = agent
         self._conn: asyncssh.SSHServerConnection | None = None
         self._host, self._peer = "?", "?"
+        self._keys = _KeyOf(agent.authorized)
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         sshopts.skip_ignore_padding(conn)
@@ -99,6 +116,7 @@ class _Server(asyncssh.SSHServer):
     def begin_auth(self, username: str) -> bool:
         if self._conn:
             self._agent.admission.authenticating(self._conn)
+            self._conn.set_authorized_keys(self._keys)  # type: ignore[arg-type]
         return True
 
     def auth_completed(self) -> None:
@@ -122,12 +140,15 @@ class _Server(asyncssh.SSHServer):
         return False
 
     def session_requested(self) -> FrameSession:
-        return _Channel(self._agent, self._peer)
+        return _Channel(self._agent, self._peer, self._keys.fingerprint)
 
 
 class Agent:
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, resume_timeout: float = DEFAULT_RESUME_TIMEOUT) -> None:
         self.target = target
+        self.resume_timeout = resume_timeout  # how long a session whose connection dropped is kept
+        self.resume_refused = 0
+        self.authorized = asyncssh.SSHAuthorizedKeys()
         self.ns = NetNs.open(target.netns_path)
         self.sessions: set[AgentSession] = set()
         self.refused_keys = ThrottledLog(log, logging.WARNING, "refused keys")
@@ -138,6 +159,7 @@ class Agent:
     async def serve(self, host: str, port: int, key: asyncssh.SSHKey, authorized: asyncssh.SSHAuthorizedKeys,
                     idle_exit: float | None = None) -> None:
         _raise_fd_limit()
+        self.authorized = authorized
         removed = await self.ns.acall(dataplane.remove_leftovers)
         if removed:
             log.warning("removed leftovers of a crashed agent: %s", " ".join(removed))
@@ -174,7 +196,8 @@ class Agent:
             self.ns.close()
 
     async def _exit_when_idle(self, seconds: float, stop: asyncio.Event) -> None:
-        """A launched agent must not outlive its client: stop after `seconds` without a session (or never one)."""
+        """A launched agent must not outlive its client: stop after `seconds` without a session (or never one).
+        A detached session counts until its grace period ends: its client may still come back."""
         loop = asyncio.get_running_loop()
         idle_since = loop.time()
         while True:

@@ -1,7 +1,15 @@
-"""One client session inside the agent: HELLO, data plane, packets, teardown."""
+"""One client session inside the agent: HELLO, data plane, packets, teardown.
+
+A v4 session outlives its SSH connection for the agent's grace period (`resume_timeout`):
+its TUN, addresses, nft state, steal and capture stay, reading them pauses (the kernel's
+queues fill and drop: nothing is held without bound here), and a new connection
+authenticated with the same client key may take it over with RESUME and the session's
+secret. When the grace period ends the session is torn down as if the client had left.
+"""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import secrets
 from typing import TYPE_CHECKING
@@ -22,11 +30,15 @@ log = logging.getLogger("mirrord-ns.agent")
 
 
 class AgentSession:
-    def __init__(self, agent: "Agent", chan: FrameSession, peer: str) -> None:
+    def __init__(self, agent: "Agent", chan: FrameSession, peer: str, key_fingerprint: str) -> None:
         self.agent = agent
         self.chan = chan
         self.peer = peer
+        self.key_fingerprint = key_fingerprint  # the client key the session is bound to
         self.sid = secrets.token_hex(4)
+        self.secret = secrets.token_hex(32)
+        self.welcome: protocol.Welcome | None = None
+        self._grace: asyncio.TimerHandle | None = None  # set while detached
         self.counters: Counters = Counters()
         self.plane: SessionPlane | None = None
         self.pump: TunPump | None = None
@@ -35,13 +47,25 @@ class AgentSession:
         self.version = 0
         self._starting: asyncio.Task[None] | None = None
         self._closed = False
+        self._resumable = True  # False once the agent stops or this channel tried RESUME
         agent.sessions.add(self)
 
     def close(self) -> None:
-        if self.chan.chan:
+        """End the session now, connected or detached (the agent is stopping)."""
+        self._resumable = False
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+            self._end()
+        elif self.chan.chan:
             self.chan.chan.close()
         else:
             self.on_closed(None)
+
+    def write(self, data: bytes) -> None:
+        """To the current connection; while there is none (detached, or closing), dropped and counted."""
+        if self._grace is not None or not self.chan.write(data):
+            self.counters["dropped_frames_closed"] += 1
 
     # Endpoint
     def on_frame(self, kind: int, body: bytes) -> None:
@@ -49,6 +73,8 @@ class AgentSession:
             self.pump.deliver(body)
         elif kind == ClientMsg.HELLO and self._starting is None:
             self._starting = asyncio.create_task(self._start(body))
+        elif kind == ClientMsg.RESUME and self._starting is None and self.plane is None:
+            self._resume(body)
         elif kind == ClientMsg.SUBSCRIBE and self.plane and self.version >= protocol.MIRROR_VERSION:
             self._subscribe(body)
         elif kind == ClientMsg.STEAL and self.plane and self.version >= protocol.STEAL_VERSION:
@@ -58,7 +84,7 @@ class AgentSession:
                 self.counters.update(self.sniffer.kernel_stats())
             stats = dict(self.counters)
             stats["dropped_frames_oversized"] = self.chan.reader.oversized
-            self.chan.write(protocol.control(AgentMsg.STATS, stats))
+            self.write(protocol.control(AgentMsg.STATS, stats))
         else:
             self.counters["dropped_frames_unexpected"] += 1
             log.debug("session %s: unexpected %s frame, %d bytes", self.sid, protocol.kind_name(kind), len(body))
@@ -76,12 +102,74 @@ class AgentSession:
             self.sniffer.resume()
 
     def on_closed(self, exc: Exception | None) -> None:
-        if self._closed:
+        if self._closed or self._grace is not None:
             return
+        grace = self.agent.resume_timeout
+        # exc is None when the client closed the channel or said goodbye (SSH disconnect): it is done.
+        if (exc is not None and self._resumable and self.plane is not None
+                and self.version >= protocol.RESUME_VERSION and grace > 0):
+            self.on_pause()
+            self._grace = asyncio.get_running_loop().call_later(grace, self._expire)
+            log.info("session %s: connection lost (%s); kept for %g s", self.sid, exc, grace)
+            return
+        self._end()
+
+    def _end(self) -> None:
         self._closed = True
         if self.pump:
             self.pump.stop()
         asyncio.create_task(self._teardown())
+
+    def _expire(self) -> None:
+        self._grace = None
+        log.info("session %s: not resumed within %g s", self.sid, self.agent.resume_timeout)
+        self._end()
+
+    def _resume(self, body: bytes) -> None:
+        """This fresh channel asks to take over a session (detached, or whose old connection we have
+        not seen die yet): same client key, right secret, within the grace period."""
+        self._resumable = False  # whatever happens, this stand-in never becomes a session
+        self.agent.sessions.discard(self)
+        try:
+            sid, secret = protocol.parse_resume(body)
+        except protocol.Malformed as e:
+            return self._refuse_resume(f"bad RESUME: {e}", "?")
+        target = next((s for s in self.agent.sessions if s.sid == sid), None)
+        # One answer for all of these: no hint which part was wrong.
+        if (target is None or target is self or target.welcome is None or target._closed
+                or target.version < protocol.RESUME_VERSION
+                or not hmac.compare_digest(target.key_fingerprint.encode(), self.key_fingerprint.encode())
+                or not hmac.compare_digest(target.secret.encode(), secret.encode())):
+            return self._refuse_resume("no such session to resume (unknown, expired, or not yours)", sid)
+        target.reattach(self.chan, self.peer)
+
+    def _refuse_resume(self, reason: str, sid: str) -> None:
+        self.agent.resume_refused += 1
+        log.warning("refused RESUME of session %s from %s (key %s): %s [%d refused so far]", sid, self.peer,
+                    self.key_fingerprint, reason, self.agent.resume_refused)
+        self.chan.write(protocol.control(AgentMsg.ERROR, {"error": reason}))
+        self._closed = True
+        if self.chan.chan:
+            self.chan.chan.close()
+
+    def reattach(self, chan: FrameSession, peer: str) -> None:
+        """Carry on over `chan`. A client may come back before we saw its old connection die
+        (a silent network): that one is closed now and no longer speaks for the session."""
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+        elif self.chan is not chan:
+            old = self.chan
+            old.endpoint = None
+            if old.chan:
+                old.chan.close()
+        chan.endpoint = self
+        self.chan, self.peer = chan, peer
+        self.counters["resumed"] += 1
+        log.info("session %s resumed from %s", self.sid, peer)
+        if self.welcome:
+            self.write(protocol.control(AgentMsg.WELCOME, self.welcome.to_json()))
+        self.on_resume()
 
     async def _start(self, body: bytes) -> None:
         try:
@@ -105,12 +193,15 @@ class AgentSession:
             await self._teardown()
             return
         assert plane.tun is not None
-        self.pump = TunPump(plane.tun.fd, self.chan.write, AgentMsg.PACKETS,
+        self.pump = TunPump(plane.tun.fd, self.write, AgentMsg.PACKETS,
                             admit_out=lambda _p: None, admit_in=source_is(plane.client_addr),
                             counters=self.counters)
         welcome = protocol.Welcome(version, self.sid, plane.client_addr, plane.agent_addr, plane.mtu,
                                    plane.pod_addrs, resolv_conf)
-        self.chan.write(protocol.control(AgentMsg.WELCOME, welcome.to_json()))
+        if version >= protocol.RESUME_VERSION:
+            welcome.secret, welcome.resume_timeout = self.secret, self.agent.resume_timeout
+        self.welcome = welcome
+        self.write(protocol.control(AgentMsg.WELCOME, welcome.to_json()))
         self.pump.start()
         log.info("session %s from %s: tunnel %s via %s, pod %s", self.sid, self.peer,
                  plane.client_addr, plane.tun.name if plane.tun else "?", ",".join(plane.pod_addrs))
@@ -123,7 +214,7 @@ class AgentSession:
             self.counters["dropped_frames_malformed"] += 1
             return
         if self.sniffer is None:
-            self.sniffer = Sniffer(self.agent.ns, self.plane.pod_addrs, self.chan.write, self.counters)
+            self.sniffer = Sniffer(self.agent.ns, self.plane.pod_addrs, self.write, self.counters)
         self.sniffer.subscribe(ports)
         log.info("session %s: mirroring ports %s", self.sid, ",".join(map(str, sorted(ports))) or "none")
 
@@ -143,7 +234,7 @@ class AgentSession:
     async def _answer_steal(self, steal: SessionSteal, request: protocol.StealRequest) -> None:
         state = await steal.request(request)
         if not self._closed:
-            self.chan.write(protocol.control(AgentMsg.STEAL_STATE, state.to_json()))
+            self.write(protocol.control(AgentMsg.STEAL_STATE, state.to_json()))
 
     async def _teardown(self) -> None:
         if self.sniffer:

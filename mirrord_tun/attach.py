@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 from mirrord_tun import protocol
 from mirrord_tun.connect import SetupError
@@ -159,10 +159,10 @@ def _hold(session: LocalSession, target: Target) -> Callable[[NetNs, protocol.We
             say(f"{target.label} is in the pod's network (tunnel address {welcome.client_addr}, "
                 f"pod {','.join(welcome.pod_addrs) or '?'}{', pod resolver' if conf else ''}); "
                 f"Ctrl-C or SIGTERM to detach")
-            ends: list[asyncio.Future[Any]] = [session.lost, *([exited] if exited else [])]
-            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
-            if session.lost.done():
-                say(f"lost the tunnel: {session.lost.result()}")
+            # Resumes the session after a dropped connection, for as long as the agent keeps it.
+            lost = await session.until_lost(*([exited] if exited else []))
+            if lost is not None:
+                say(lost)
                 return LINK_LOST
             say(f"{target.label} exited")
             return 1

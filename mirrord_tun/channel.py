@@ -50,6 +50,13 @@ class FrameSession(asyncssh.SSHClientSession[bytes], asyncssh.SSHServerSession[b
         if self.endpoint:
             self.endpoint.on_closed(exc)
 
-    def write(self, data: bytes) -> None:
-        if self.chan is not None:
+    def write(self, data: bytes) -> bool:
+        """Send a frame; False if the channel is closing (or not open yet), which drops it, never
+        raises: packets and copies race the loss of the connection, and nothing retries them."""
+        if self.chan is None or self.chan.is_closing():
+            return False
+        try:
             self.chan.write(data)
+        except (BrokenPipeError, asyncssh.Error):
+            return False
+        return True

@@ -346,8 +346,10 @@ def run(agent: str | None, identity: str | None, agent_host_key: str | None, tar
 
     async def go(address: str, key: Any, pinned: Any, probes: tuple[str, ...] = (),
                  volumes: tuple[str, ...] = (), progress: Any = None, **link: Any) -> int:
+        new_sock = link.pop("reconnect", None)
         session = LocalSession(list(command), address, key, pinned, mirror_ports=mirror_ports,
                                steal=_steal_options(steal, port, steal_exclude, *filters, probes), **link)
+        session.new_sock = new_sock
         session.mounts = _mounts(mount, () if no_mount else volumes)
         if progress is not None:
             session.progress = progress
@@ -368,7 +370,7 @@ def run(agent: str | None, identity: str | None, agent_host_key: str | None, tar
         progress = Progress.on_stderr(quiet)
         with progress, plan.launch(progress) as link:  # the session closes it before COMMAND starts
             return _run_async(go(link.address, plan.key, link.host_key, link.probe_sources, link.volumes,
-                                 progress, sock=link.sock, env=link.env))
+                                 progress, sock=link.sock, env=link.env, reconnect=link.reconnect))
 
     if agent and identity and agent_host_key:
         _exit_with(lambda: _run_async(go(agent, *load_keys(identity, agent_host_key))))
@@ -424,11 +426,14 @@ def cleanup(namespace: str | None, context: str | None, kubeconfig: str | None, 
 @click.option("--resolv-conf", type=click.Path(dir_okay=False), help="Resolver configuration to report.")
 @click.option("--idle-exit", type=click.FloatRange(min=1), metavar="SECONDS",
               help="Exit after this long without a session, also if none ever came.")
+@click.option("--resume-timeout", type=click.FloatRange(min=0, max=24 * 3600), default=60, show_default=True,
+              metavar="SECONDS", help="Keep a session whose connection dropped this long for its client "
+              "to resume (0: end it at once).")
 @click.option("-v", "--verbose", count=True, help="-vv: debug lines and SSH details (sessions and "
               "their counters are always logged).")
 def agent(listen: str, authorized_key: str | None, authorized_key_data: str | None, host_key: str | None,
           netns: str | None, pid: int | None, container_id: str | None, resolv_conf: str | None,
-          idle_exit: float | None, verbose: int) -> None:
+          idle_exit: float | None, resume_timeout: float, verbose: int) -> None:
     """Serve tunnel sessions (run starts it)."""
     _need_root()
     from mirrord_tun.agent import keys
@@ -452,7 +457,7 @@ def agent(listen: str, authorized_key: str | None, authorized_key_data: str | No
         from mirrord_tun.agent.server import Agent
 
         try:
-            _run_async(Agent(target).serve(host, port, key, authorized, idle_exit))
+            _run_async(Agent(target, resume_timeout).serve(host, port, key, authorized, idle_exit))
         except (OSError, ValueError) as e:
             click.echo(f"mirrord-ns agent: {e}", err=True)
             return 2

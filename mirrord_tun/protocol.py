@@ -10,7 +10,9 @@ The client opens with HELLO carrying its protocol version; the agent answers
 WELCOME with min(client, agent). New kinds are only ever appended, and used
 only when the negotiated version has them: version 2 adds the inbound mirror
 (SUBSCRIBE, MIRROR; see docs/mirror.md), version 3 steal (STEAL,
-STEAL_STATE).
+STEAL_STATE), version 4 resume: WELCOME carries a per-session secret and the
+agent's grace period, and a client whose connection dropped opens a new one
+(with the same key) and sends RESUME instead of HELLO.
 """
 from __future__ import annotations
 
@@ -22,10 +24,12 @@ import re
 import struct
 from typing import Any, Iterator
 
-VERSION = 3
+VERSION = 4
 MIN_VERSION = 1
 MIRROR_VERSION = 2  # first version with SUBSCRIBE and MIRROR
 STEAL_VERSION = 3  # first version with STEAL and STEAL_STATE
+RESUME_VERSION = 4  # first version with RESUME, and a secret and resume_timeout in WELCOME
+MAX_RESUME_TIMEOUT = 24 * 3600
 SUBSYSTEM = "mirrord-ns"
 MAX_BODY = 1 << 20  # bigger frames are skipped whole and counted, never buffered
 MAX_CONTROL = 128 * 1024  # a JSON body; the largest real one is a WELCOME with a 64 KiB resolv.conf
@@ -40,6 +44,7 @@ class ClientMsg(enum.IntEnum):
     STATS = 0x03  # {} -> agent answers AgentMsg.STATS
     SUBSCRIBE = 0x04  # {"ports": [int]}: the pod ports to mirror, replacing the previous set (v2)
     STEAL = 0x05  # StealRequest.to_json(): the pod ports to steal, replacing the previous set (v3)
+    RESUME = 0x06  # {"session": str, "secret": str}: instead of HELLO, take over a detached session (v4)
 
 
 class AgentMsg(enum.IntEnum):
@@ -172,6 +177,7 @@ MIN_MTU, MAX_MTU = 576, 65535
 MAX_RESOLV_CONF = 64 * 1024
 MAX_POD_ADDRS = 32
 _SESSION_ID = re.compile(r"[0-9a-f]{1,32}")
+_SECRET = re.compile(r"[0-9a-f]{64}")  # 32 random bytes
 
 
 def not_unicast(packed: bytes) -> bool:
@@ -222,6 +228,9 @@ class Welcome:
     mtu: int
     pod_addrs: list[str]
     resolv_conf: str
+    # v4: what RESUME must quote (kept in memory only), and how long the agent keeps a detached session.
+    secret: str = dataclasses.field(default="", repr=False)
+    resume_timeout: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -258,7 +267,30 @@ class Welcome:
             raise Malformed("resolv_conf is not valid text") from None
         if size > MAX_RESOLV_CONF:
             raise Malformed(f"resolv_conf of {size} bytes (at most {MAX_RESOLV_CONF})")
-        return cls(version, session, client, agent, mtu, pod_addrs, resolv_conf)
+        secret, resume_timeout = "", 0.0
+        if version >= RESUME_VERSION:
+            secret = _typed(d, "secret", str)
+            if not _SECRET.fullmatch(secret):
+                raise Malformed("secret is not 64 hex digits")
+            resume_timeout = d.get("resume_timeout")
+            if type(resume_timeout) not in (int, float) or not 0 <= resume_timeout <= MAX_RESUME_TIMEOUT:
+                raise Malformed(f"resume_timeout {_short(resume_timeout)} out of range 0-{MAX_RESUME_TIMEOUT}")
+        return cls(version, session, client, agent, mtu, pod_addrs, resolv_conf, secret, float(resume_timeout))
+
+
+def resume(session: str, secret: str) -> bytes:
+    return control(ClientMsg.RESUME, {"session": session, "secret": secret})
+
+
+def parse_resume(body: bytes) -> tuple[str, str]:
+    """RESUME's session id and secret, shape-checked only: the agent compares them."""
+    d = parse_control(body)
+    session, secret = d.get("session"), d.get("secret")
+    if type(session) is not str or not _SESSION_ID.fullmatch(session):
+        raise Malformed("RESUME session is not a short hex id")
+    if type(secret) is not str or not _SECRET.fullmatch(secret):
+        raise Malformed("RESUME secret is not 64 hex digits")
+    return session, secret
 
 
 # Steal (v3). The JSON object keys of a port map are the pod ports as decimal strings.

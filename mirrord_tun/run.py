@@ -3,6 +3,12 @@
 Connect to the agent, get a tunnel address, make a fresh network namespace whose
 default route is a TUN, start the command in it as the invoking user, pump
 packets until the command exits, then take everything down.
+
+When the SSH connection drops (not when the agent ends the session), the command
+keeps running: `run` reconnects with backoff for as long as the agent keeps the
+session (its resume_timeout, from WELCOME v4) and resumes it with the session's
+secret; the TUN, namespace and command stay as they are, and packets the command
+sends meanwhile are dropped (its TCP retransmits them).
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ TUN_NAME = "mrd0"
 WELCOME_TIMEOUT = 15
 KILL_GRACE = 3.0
 LINK_LOST = 2  # exit status when the tunnel dies under the command
+RECONNECT_FIRST, RECONNECT_MAX = 0.5, 5.0  # backoff between attempts to reach the agent again
 STEAL_ANSWER_TIMEOUT = 15  # for the agent's STEAL_STATE (a liveness bound)
 UNSTEAL_WAIT = 0.5  # at the end, for the agent to confirm it gave the ports back
 # Routes traffic into the named TUN, inside the namespace; returns an undo or None.
@@ -111,14 +118,17 @@ class Stealer:
         return steal_ports(tcp, udp, self._opts.ports)
 
     async def _follow(self) -> None:
+        unanswered = False
         while True:
             await asyncio.sleep(POLL_INTERVAL)
             wanted = await self._serving()
-            if wanted != self._wanted:
+            if wanted != self._wanted or unanswered:
                 try:
                     self._warn(await self._ask(*wanted))
-                except SetupError as e:  # asked again at the next change
+                    unanswered = False
+                except SetupError as e:  # e.g. lost with the connection: asked again at the next poll
                     log.warning("%s", e)
+                    unanswered = True
 
     async def _ask(self, tcp: dict[int, int], udp: dict[int, int]) -> protocol.StealState:
         # The guard lets in the old and the new ports while the agent switches, then the new only.
@@ -166,6 +176,8 @@ class LocalSession:
         # when our own SSH connection to it lives in that namespace.
         self.mirror_exclude: set[str] = set()
         self.sock = sock  # SSH runs over this (a Kubernetes port-forward) instead of dialing `agent`
+        # A fresh such socket for each reconnect (a new port-forward); None: dial `agent` again.
+        self.new_sock: Callable[[], socket.socket] | None = None
         self.env = env or {}  # on top of ours for the command: the target container's environment
         self.agent = agent
         self.agent_ip: str | None = None  # the agent's IP as connected (None over a port-forward socket)
@@ -174,9 +186,13 @@ class LocalSession:
         self.chan = FrameSession(self)
         self.pump: TunPump | None = None
         loop = asyncio.get_running_loop()
+        self._conn: asyncssh.SSHClientConnection | None = None
         self._welcome: asyncio.Future[protocol.Welcome] = loop.create_future()
+        self._session: protocol.Welcome | None = None  # the first WELCOME: what a resume must match
         self._stats: asyncio.Future[dict[str, int]] | None = None
         self._lost: asyncio.Future[str] = loop.create_future()
+        self._dropped = False  # the connection died under us (resumable), rather than being closed
+        self._up = False  # a session is open on the current connection
 
     # Endpoint
     def on_frame(self, kind: int, body: bytes) -> None:
@@ -191,9 +207,11 @@ class LocalSession:
                 self._welcome.set_result(protocol.Welcome.from_json(protocol.parse_control(body)))
             elif kind == AgentMsg.ERROR:
                 msg = printable(protocol.parse_control(body).get("error"))
+                resuming = self._session is not None and not self._welcome.done()
                 if not self._welcome.done():
-                    self._welcome.set_exception(SetupError(f"agent refused the session: {msg}"))
-                log.error("agent: %s", msg)
+                    self._welcome.set_exception(_Refused(f"agent refused the session: {msg}"))
+                if not resuming:  # a refused resume is said once, in the line that ends the session
+                    log.error("agent: %s", msg)
             elif kind == AgentMsg.STEAL_STATE and self.stealer:
                 if not self.stealer.on_state(protocol.StealState.from_json(protocol.parse_control(body))):
                     self.counters["dropped_frames_unexpected"] += 1
@@ -217,15 +235,19 @@ class LocalSession:
 
     def on_closed(self, exc: Exception | None) -> None:
         reason = printable(str(exc)) if exc else "the agent closed the session"  # may quote the agent
+        self._up = False
+        if self.pump:  # nothing to send packets to until a resume
+            self.pump.pause()
         if not self._welcome.done():
             self._welcome.set_exception(SetupError(f"agent {self.agent}: {reason}"))
         if not self._lost.done():
+            self._dropped = exc is not None
             self._lost.set_result(reason)
 
-    @property
-    def lost(self) -> asyncio.Future[str]:
-        """Resolves with the reason when the tunnel goes down."""
-        return self._lost
+    def write(self, data: bytes) -> None:
+        """To the current connection; while there is none, dropped and counted."""
+        if not self.chan.write(data):
+            self.counters["dropped_frames_closed"] += 1
 
     async def agent_stats(self) -> dict[str, int]:
         self._stats = asyncio.get_running_loop().create_future()
@@ -246,7 +268,7 @@ class LocalSession:
         only in these three.
         """
         self.progress.step("connecting to the agent…")
-        conn = await open_channel(self.agent, self.key, self.pinned, self.chan, sock=self.sock)
+        self._conn = conn = await open_channel(self.agent, self.key, self.pinned, self.chan, sock=self.sock)
         self.progress.step("connected; opening the tunnel…")
         peer = conn.get_extra_info("peername")
         # Where our SSH packets go: `attach` keeps this address off the tunnel.
@@ -260,6 +282,7 @@ class LocalSession:
                 welcome = await asyncio.wait_for(self._welcome, WELCOME_TIMEOUT)
             except asyncio.TimeoutError:
                 raise SetupError(f"agent {self.agent}: no WELCOME within {WELCOME_TIMEOUT} s") from None
+            self._session, self._up = welcome, True
             log.info("session %s: tunnel address %s, pod %s, mtu %d", welcome.session,
                      welcome.client_addr, ",".join(welcome.pod_addrs) or "?", welcome.mtu)
             if self.mounts:  # checked before anything starts: a missing PATH is one line, exit 2
@@ -268,7 +291,7 @@ class LocalSession:
             tun = ns.call(Tun, TUN_NAME)
             ns.call(links.bring_up_tun, tun.name, [welcome.client_addr], welcome.mtu)
             undo = ns.call(steer, tun.name)
-            self.pump = TunPump(tun.fd, self.chan.write, ClientMsg.PACKETS,
+            self.pump = TunPump(tun.fd, self.write, ClientMsg.PACKETS,
                                 admit_out=source_is(welcome.client_addr),
                                 admit_in=destination_is(welcome.client_addr), counters=self.counters)
             self.pump.start()
@@ -276,7 +299,7 @@ class LocalSession:
                 if welcome.version < protocol.STEAL_VERSION:
                     raise SetupError(f"the agent speaks protocol {welcome.version}, too old to steal "
                                      f"(needs {protocol.STEAL_VERSION})")
-                self.stealer = Stealer(ns, welcome.client_addr, self.steal, self.chan.write)
+                self.stealer = Stealer(ns, welcome.client_addr, self.steal, self.write)
                 await self.stealer.start()
             elif self.mirror_ports is not None and welcome.version < protocol.MIRROR_VERSION:
                 log.warning("the agent speaks protocol %d, too old to mirror inbound traffic", welcome.version)
@@ -284,12 +307,12 @@ class LocalSession:
                 addrs = self._mirrorable(welcome.pod_addrs)
                 if addrs:
                     self.mirror = Mirror(ns, addrs, [*welcome.pod_addrs, welcome.client_addr, welcome.agent_addr],
-                                         self.mirror_ports, self.chan.write, self.counters)
+                                         self.mirror_ports, self.write, self.counters)
                     await self.mirror.start()
             return await use(ns, welcome)
         finally:
             if self.stealer:
-                await self.stealer.stop(connected=not self._lost.done())
+                await self.stealer.stop(connected=self._up)
             if self.mirror:
                 await self.mirror.stop()
             if self.pump:
@@ -304,13 +327,92 @@ class LocalSession:
                     ns.close()
             if self.mounts:
                 await self.mounts.stop()
-            if log.isEnabledFor(logging.INFO) and not self._lost.done():
+            if log.isEnabledFor(logging.INFO) and self._up:
                 await self._log_counters()
-            conn.close()
+            await _close(self._conn)
+
+    async def until_lost(self, *others: asyncio.Future[object]) -> str | None:
+        """Keep the tunnel up until one of `others` is done (None), resuming the session after a
+        dropped connection; the one line to say (without our prefix) once it is lost for good."""
+        while True:
+            await asyncio.wait([*others, self._lost], return_when=asyncio.FIRST_COMPLETED)
+            if any(f.done() for f in others):
+                return None
+            reason = self._lost.result()
+            grace = self._session.resume_timeout if self._session else 0
+            if not self._dropped or grace <= 0:
+                return f"lost the tunnel: {reason}"
+            print(f"mirrord-ns: lost the agent ({reason}); reconnecting…", file=sys.stderr, flush=True)
+            reconnecting = asyncio.ensure_future(self._reconnect(grace))
             try:
-                await asyncio.wait_for(conn.wait_closed(), 2)
+                await asyncio.wait([*others, reconnecting], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not reconnecting.done():
+                    reconnecting.cancel()
+                    await asyncio.gather(reconnecting, return_exceptions=True)
+            if not reconnecting.done() or reconnecting.cancelled():
+                return None
+            failed = reconnecting.result()
+            if failed:
+                return f"cannot resume the session: {failed}"
+
+    async def _reconnect(self, grace: float) -> str | None:
+        """Try again with backoff while the agent keeps the session; None once resumed, else why not."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        delay = RECONNECT_FIRST
+        while True:
+            try:
+                await asyncio.wait_for(self._resume(), max(1.0, deadline - loop.time()))
+                return None
+            except _Refused as e:  # the agent answered: no such session (expired, or another agent)
+                return str(e)
+            except SetupError as e:
+                last = str(e)
             except asyncio.TimeoutError:
-                pass
+                last = "no answer"
+            if loop.time() + delay >= deadline:
+                return f"{last} (gave up after the agent's {grace:g} s grace period)"
+            log.info("reconnect failed: %s; again in %g s", last, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX)
+
+    async def _resume(self) -> None:
+        """One attempt: a new connection (and port-forward), RESUME, and the same WELCOME again."""
+        assert self._session is not None
+        loop = asyncio.get_running_loop()
+        self.chan.endpoint = None  # the old channel has nothing more to say
+        self.chan = FrameSession(self)
+        self._welcome, self._lost, self._dropped = loop.create_future(), loop.create_future(), False
+        sock = await self._new_sock() if self.new_sock else None
+        conn = await open_channel(self.agent, self.key, self.pinned, self.chan, sock=sock)
+        try:
+            self.chan.write(protocol.resume(self._session.session, self._session.secret))
+            try:
+                welcome = await asyncio.wait_for(self._welcome, WELCOME_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise SetupError(f"agent {self.agent}: no WELCOME within {WELCOME_TIMEOUT} s") from None
+            if (welcome.session, welcome.client_addr) != (self._session.session, self._session.client_addr):
+                raise _Refused(f"the agent resumed another session ({printable(welcome.session)})")
+        except BaseException:
+            await _close(conn)
+            raise
+        old, self._conn = self._conn, conn
+        await _close(old)
+        self._up = True
+        self.counters["resumed"] += 1
+        log.info("session %s resumed", welcome.session)
+        if self.pump:
+            self.pump.resume()
+
+    async def _new_sock(self) -> socket.socket:
+        assert self.new_sock is not None
+        try:
+            return await asyncio.to_thread(self.new_sock)  # API calls: off the event loop
+        except SetupError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the cluster client's own (websocket) errors: try again
+            raise SetupError(f"cannot reach the agent pod: {printable(str(e))}") from None
 
     def _mirrorable(self, pod_addrs: list[str]) -> list[str]:
         addrs = [a for a in pod_addrs if a not in self.mirror_exclude]
@@ -365,10 +467,9 @@ class LocalSession:
         exited = asyncio.ensure_future(process_exit(proc.pid))
         pid.append(proc.pid)
         try:
-            await asyncio.wait([exited, self._lost], return_when=asyncio.FIRST_COMPLETED)
-            if not exited.done():
-                print(f"mirrord-ns: lost the tunnel: {self._lost.result()}; stopping the command",
-                      file=sys.stderr)
+            lost = await self.until_lost(exited)
+            if lost is not None:
+                print(f"mirrord-ns: {lost}; stopping the command", file=sys.stderr)
                 proc.terminate()
                 try:
                     await asyncio.wait_for(exited, KILL_GRACE)
@@ -394,6 +495,20 @@ class LocalSession:
 
 
 _COUNTER = re.compile(r"[a-z0-9_]{1,64}")
+
+
+class _Refused(SetupError):
+    """The agent answered and said no: trying again cannot help."""
+
+
+async def _close(conn: asyncssh.SSHClientConnection | None) -> None:
+    if conn is None:
+        return
+    conn.close()
+    try:
+        await asyncio.wait_for(conn.wait_closed(), 2)
+    except asyncio.TimeoutError:
+        pass
 
 
 async def process_exit(pid: int) -> None:

@@ -41,7 +41,8 @@ FRAME_TIMEOUT = 20
 RUN_TIMEOUT = 60
 GOOD_WELCOME: dict[str, Any] = {"version": protocol.VERSION, "session": "5ec0a6e1", "client_addr": CLIENT,
                                 "agent_addr": AGENT, "mtu": 1500, "pod_addrs": [POD],
-                                "resolv_conf": "nameserver 198.18.0.53\n"}
+                                "resolv_conf": "nameserver 198.18.0.53\n", "secret": "5e" * 32,
+                                "resume_timeout": 0}
 
 
 # --- the fake agent

@@ -13,7 +13,7 @@ import secrets
 import signal
 import socket
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import asyncssh
 from kubernetes import client
@@ -56,6 +56,8 @@ class Link:
     env: dict[str, str]
     probe_sources: tuple[str, ...] = ()  # the target's node (kubelet's probes): --steal leaves it the pod
     volumes: tuple[str, ...] = ()  # the target container's ConfigMap/Secret/projected/downward-API mounts
+    # A fresh port-forward's socket, for each attempt to resume after the connection dropped.
+    reconnect: Callable[[], socket.socket] | None = None
 
 
 @dataclass
@@ -73,6 +75,7 @@ class Plan:
     def launch(self, progress: Progress = QUIET) -> Iterator[Link]:
         agent = AgentJob(self.cluster, self.job)
         forward: Forward | None = None
+        forwards: list[Forward] = []  # the reconnects' (each replaces the one before)
         # So that `finally` runs and deletes the agent, also when the terminal closes (SIGHUP).
         previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
         try:
@@ -83,7 +86,9 @@ class Plan:
             else:
                 forward = Forward(self.cluster, started.pod, agent.namespace, manifest.AGENT_PORT)
                 address, sock = f"pod/{started.pod}:{manifest.AGENT_PORT}", forward.sock
-            yield Link(address, started.host_key, sock, env, self._probe_sources(), self._volumes())
+            reconnect = None if forward is None else lambda: _forward_again(forwards, Forward(
+                self.cluster, started.pod, agent.namespace, manifest.AGENT_PORT))
+            yield Link(address, started.host_key, sock, env, self._probe_sources(), self._volumes(), reconnect)
         except SetupError:
             if forward is not None and forward.error():
                 log.error("port-forward: %s", forward.error())
@@ -91,8 +96,8 @@ class Plan:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            if forward is not None:
-                forward.close()
+            for f in [*forwards, *([forward] if forward else [])]:
+                f.close()
             agent.delete()
 
     def _volumes(self) -> tuple[str, ...]:
@@ -138,6 +143,14 @@ def _taints(cluster: Cluster, node: str) -> list[dict[str, str]] | None:
                  describe(e) if isinstance(e, client.ApiException) else e)
         return None
     return [{"key": t.key, "value": t.value or "", "effect": t.effect} for t in (spec and spec.taints) or []]
+
+
+def _forward_again(forwards: list[Forward], new: Forward) -> socket.socket:
+    """Keep `new` (closed with the session), close the reconnect before it, hand out its socket."""
+    for old in forwards:
+        old.close()
+    forwards[:] = [new]
+    return new.sock
 
 
 def _interrupt(_sig: int, _frame: object) -> None:

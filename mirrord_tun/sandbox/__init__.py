@@ -34,6 +34,9 @@ ADDRS = {"node": "198.18.0.1", "pod": "198.18.0.10", "svc": "198.18.0.20",
          "dns": "198.18.0.53", "client": "198.18.0.30"}
 LAPTOP_ADDR, NODE_UPLINK = "198.19.0.1", "198.19.0.2"
 AGENT_PORT = 2222
+# A client that vanished keeps its session this long (the agent's default is 60 s): short, so that
+# tests of killed clients see the cleanup well within their bounds.
+SANDBOX_RESUME_TIMEOUT = 5
 PREFIX = "mrds"
 # Children run the installed package: -P keeps the current directory (perhaps the
 # source tree, which lacks agent/ and netns/) off their sys.path.
@@ -112,12 +115,14 @@ class Sandbox:
                     f.write(f"{name} {ADDRS[role]}\n")
         self.start_ready("dns", [*PY, "-m", "mirrord_tun.sandbox.dns_server", ADDRS["dns"], zone])
 
-    def start_agent(self, *extra: str, wrap: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    def start_agent(self, *extra: str, wrap: tuple[str, ...] = (),
+                    resume_timeout: float = SANDBOX_RESUME_TIMEOUT) -> subprocess.Popen[bytes]:
         """Start the agent in the node namespace (`wrap`: a command prefix, e.g. to confine it)."""
         return self.start_ready("node", [
             *wrap, *PY, "-m", "mirrord_tun", "agent", "--listen", self.agent_address,
             "--authorized-key", self.keys.identity_pub, "--host-key", self.keys.host_key,
-            "--netns", self.netns_path("pod"), *extra], ready="listening", stderr=None)
+            "--netns", self.netns_path("pod"), "--resume-timeout", f"{resume_timeout:g}", *extra],
+            ready="listening", stderr=None)
 
     def run_args(self, *command: str, verbose: bool = False) -> list[str]:
         """argv of `mirrord-ns run` from the laptop against this sandbox's agent."""
