@@ -6,6 +6,7 @@ anything of ours (usage errors included), 130 for Ctrl-C, the command's own stat
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any, Callable, Coroutine, NoReturn, Sequence, TypeVar
 
@@ -186,11 +187,22 @@ def _http_filter(_ctx: click.Context, param: click.Parameter, pattern: str | Non
     return pattern
 
 
+def _size(_ctx: click.Context, _param: click.Parameter, text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    m = re.fullmatch(r"(\d+)([KMG]?)(?:i?B)?", text.strip(), re.I)
+    if not m or int(m[1]) == 0:
+        raise click.BadParameter(f"{text!r}: expected a size such as 512M or 2G")
+    return int(m[1]) * units[m[2].upper()]
+
+
 _mirror_options = _options(
     click.option("--port", metavar="P|LOCAL:REMOTE", multiple=True, callback=_mirror_ports,
                  help="Also mirror (or steal) pod port P, or pod port REMOTE onto local port LOCAL; "
                  "repeatable. Ports served in the namespace are mirrored (stolen) without it."),
     click.option("--no-mirror", is_flag=True, help="Do not mirror the pod's inbound traffic."),
+    click.option("--mirror-spill-limit", metavar="SIZE", callback=_size, default="1G", show_default=True,
+                 help="How far (bytes, or with K/M/G) the program may fall behind the mirrored traffic in "
+                 "all, kept on disk, before the connection with the most waiting is given up."),
     click.option("--steal", is_flag=True, help="Answer the pod's traffic instead of mirroring it: new "
                  "connections to the served ports (and --port) go to COMMAND, not to the pod."),
     click.option("--steal-exclude", metavar="CIDR", multiple=True, callback=_steal_excludes,
@@ -319,7 +331,8 @@ def run(agent: str | None, identity: str | None, agent_host_key: str | None, tar
         agent_image: str | None, privileged: bool, image_pull_secret: tuple[str, ...],
         agent_annotation: tuple[tuple[str, str], ...], agent_address: str | None, no_env: bool,
         env_exclude: tuple[str, ...], env_allow: tuple[str, ...], dry_run: bool, port: dict[int, int],
-        no_mirror: bool, steal: bool, steal_exclude: tuple[str, ...], http_header_filter: str | None,
+        no_mirror: bool, mirror_spill_limit: int, steal: bool, steal_exclude: tuple[str, ...],
+        http_header_filter: str | None,
         http_path_filter: str | None, verbose: int, quiet: bool, command: tuple[str, ...],
         mount: tuple[str, ...] = (), no_mount: bool = False) -> None:
     """Run COMMAND with a pod's network.
@@ -348,6 +361,7 @@ def run(agent: str | None, identity: str | None, agent_host_key: str | None, tar
                  volumes: tuple[str, ...] = (), progress: Any = None, **link: Any) -> int:
         new_sock = link.pop("reconnect", None)
         session = LocalSession(list(command), address, key, pinned, mirror_ports=mirror_ports,
+                               spill_limit=mirror_spill_limit,
                                steal=_steal_options(steal, port, steal_exclude, *filters, probes), **link)
         session.new_sock = new_sock
         session.mounts = _mounts(mount, () if no_mount else volumes)
@@ -475,7 +489,8 @@ def agent(listen: str, authorized_key: str | None, authorized_key_data: str | No
 @_mirror_options
 @_verbosity_options
 def attach(netns: str | None, pid: int | None, container: str | None, agent: str, identity: str,
-           agent_host_key: str, no_dns: bool, port: dict[int, int], no_mirror: bool, steal: bool,
+           agent_host_key: str, no_dns: bool, port: dict[int, int], no_mirror: bool, mirror_spill_limit: int,
+           steal: bool,
            steal_exclude: tuple[str, ...], http_header_filter: str | None, http_path_filter: str | None,
            verbose: int, quiet: bool) -> None:
     """Give a running container a pod's network.
@@ -494,6 +509,7 @@ def attach(netns: str | None, pid: int | None, container: str | None, agent: str
         target = at.resolve(netns, pid, container, dns=not no_dns)
         key, pinned = load_keys(identity, agent_host_key)
         session = LocalSession([], agent, key, pinned, mirror_ports=None if no_mirror or steal else port,
+                               spill_limit=mirror_spill_limit,
                                steal=stealing)
         return await at.until_signalled(at.attach(session, target))
 
@@ -508,7 +524,8 @@ def attach(netns: str | None, pid: int | None, container: str | None, agent: str
 @_mirror_options
 @_verbosity_options
 def sidecar(hold: bool, agent: str | None, identity: str | None, agent_host_key: str | None,
-            no_dns: bool, port: dict[int, int], no_mirror: bool, steal: bool, steal_exclude: tuple[str, ...],
+            no_dns: bool, port: dict[int, int], no_mirror: bool, mirror_spill_limit: int, steal: bool,
+            steal_exclude: tuple[str, ...],
             http_header_filter: str | None, http_path_filter: str | None, verbose: int, quiet: bool) -> None:
     """Keep this container in a pod's network.
 
@@ -531,6 +548,7 @@ def sidecar(hold: bool, agent: str | None, identity: str | None, agent_host_key:
         key, pinned = load_keys(identity, agent_host_key)
         mirror_ports = None if no_mirror or steal else port
         return await at.sidecar(lambda: LocalSession([], agent, key, pinned, mirror_ports=mirror_ports,
+                                                     spill_limit=mirror_spill_limit,
                                                      steal=stealing), at.own_namespace(dns=not no_dns))
 
     _exit_with(lambda: _run_async(go()))

@@ -32,6 +32,7 @@ from mirrord_tun import protocol
 from mirrord_tun.channel import FrameSession
 from mirrord_tun.connect import SetupError, open_channel, printable
 from mirrord_tun.mirror import Mirror
+from mirrord_tun.mirror.delivery import SPILL_LIMIT
 from mirrord_tun.mirror.ports import POLL_INTERVAL, steal_ports
 from mirrord_tun.mounts import Mounts
 from mirrord_tun.netns import exec as nsexec
@@ -163,7 +164,8 @@ class LocalSession:
 
     def __init__(self, argv: list[str], agent: str, key: asyncssh.SSHKey, pinned: asyncssh.SSHKey,
                  sock: socket.socket | None = None, env: dict[str, str] | None = None,
-                 mirror_ports: dict[int, int] | None = None, steal: StealOptions | None = None) -> None:
+                 mirror_ports: dict[int, int] | None = None, steal: StealOptions | None = None,
+                 spill_limit: int = SPILL_LIMIT) -> None:
         self.argv = argv
         self.progress = QUIET  # `run --target`'s status line, closed before the command starts
         self.steal = steal  # replaces the mirror (give mirror_ports=None with it)
@@ -171,6 +173,7 @@ class LocalSession:
         # Inbound mirror: pod port -> local port given with --port (learned ports come on top);
         # None turns the mirror off. Its routing (mirror/delivery.py) is undone when it stops.
         self.mirror_ports = mirror_ports
+        self.spill_limit = spill_limit  # bytes the program may fall behind the mirror, on disk
         self.mirror: Mirror | None = None
         # Pod addresses not to make local in the namespace: `attach` puts the agent's there
         # when our own SSH connection to it lives in that namespace.
@@ -307,7 +310,7 @@ class LocalSession:
                 addrs = self._mirrorable(welcome.pod_addrs)
                 if addrs:
                     self.mirror = Mirror(ns, addrs, [*welcome.pod_addrs, welcome.client_addr, welcome.agent_addr],
-                                         self.mirror_ports, self.write, self.counters)
+                                         self.mirror_ports, self.write, self.counters, self.spill_limit)
                     await self.mirror.start()
             return await use(ns, welcome)
         finally:

@@ -263,3 +263,11 @@ def test_run_help_lists_the_exit_codes_and_the_layers() -> None:
     for code in ("130", "2 ", "128+N", "127"):
         assert code in out
     assert "MIRRORD_NS_TARGET" in out and "-f, --config FILE" in out and "-t, --target" in out
+
+
+def test_mirror_spill_limit_takes_sizes() -> None:
+    assert parsed("-t", "pod/web", "true")["mirror_spill_limit"] == 1 << 30
+    assert parsed("--mirror-spill-limit", "512M", "-t", "pod/web", "true")["mirror_spill_limit"] == 512 << 20
+    assert parsed("--mirror-spill-limit", "2GiB", "-t", "pod/web", "true")["mirror_spill_limit"] == 2 << 30
+    line = one_error_line(mirrord_ns("run", "--mirror-spill-limit", "lots", "-t", "pod/web", "--", "true"))
+    assert "expected a size such as 512M" in line
