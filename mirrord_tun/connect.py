@@ -20,6 +20,10 @@ class SetupError(Exception):
     """Anything that stops a session before the command starts (exit 2)."""
 
 
+class Gone(SetupError):
+    """The session cannot come back (the agent refused it, or its pod was deleted): no retry."""
+
+
 def printable(text: object, limit: int = 200) -> str:
     """Text the agent chose, for the terminal: no escape sequences, no second line, bounded."""
     if not isinstance(text, str) or not text:

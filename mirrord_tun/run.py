@@ -30,7 +30,7 @@ import asyncssh
 
 from mirrord_tun import protocol
 from mirrord_tun.channel import FrameSession
-from mirrord_tun.connect import SetupError, open_channel, printable
+from mirrord_tun.connect import Gone, SetupError, open_channel, printable
 from mirrord_tun.mirror import Mirror
 from mirrord_tun.mirror.delivery import SPILL_LIMIT
 from mirrord_tun.mirror.ports import POLL_INTERVAL, steal_ports
@@ -368,7 +368,7 @@ class LocalSession:
             try:
                 await asyncio.wait_for(self._resume(), max(1.0, deadline - loop.time()))
                 return None
-            except _Refused as e:  # the agent answered: no such session (expired, or another agent)
+            except Gone as e:  # the agent said no (expired, another agent), or its pod is gone
                 return str(e)
             except SetupError as e:
                 last = str(e)
@@ -500,7 +500,7 @@ class LocalSession:
 _COUNTER = re.compile(r"[a-z0-9_]{1,64}")
 
 
-class _Refused(SetupError):
+class _Refused(Gone):
     """The agent answered and said no: trying again cannot help."""
 
 

@@ -388,3 +388,26 @@ def test_each_attempt_opens_a_new_port_forward(fresh_cluster: Cluster, monkeypat
     assert "reconnecting" in err and "Traceback" not in err, err
     assert len(made) == 2  # one new port-forward, for the one attempt it took
     assert_clean(sb)
+
+
+def test_a_deleted_agent_pod_ends_the_reconnect_at_once() -> None:
+    """No port-forward is tried toward a pod the API says is gone: `run` stops retrying then."""
+    from types import SimpleNamespace
+
+    from kubernetes import client
+
+    from mirrord_tun.connect import Gone
+    from mirrord_tun.kube.session import reconnect_forward
+
+    def cluster(read: Any) -> Any:
+        return SimpleNamespace(core=SimpleNamespace(read_namespaced_pod=read))
+
+    def missing(name: str, namespace: str) -> Any:
+        raise client.ApiException(status=404, reason="Not Found")
+
+    def finished(name: str, namespace: str) -> Any:
+        return client.V1Pod(metadata=client.V1ObjectMeta(name=name), status=client.V1PodStatus(phase="Succeeded"))
+
+    for read, said in ((missing, "is gone"), (finished, r"is gone \(succeeded\)")):
+        with pytest.raises(Gone, match=said):
+            reconnect_forward(cluster(read), "mirrord-ns-agent-x", "default", [])

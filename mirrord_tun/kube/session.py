@@ -19,7 +19,7 @@ import asyncssh
 from kubernetes import client
 from urllib3.exceptions import HTTPError
 
-from mirrord_tun.connect import SetupError
+from mirrord_tun.connect import Gone, SetupError
 from mirrord_tun.kube import manifest
 from mirrord_tun.kube.cluster import Cluster, connect, describe
 from mirrord_tun.kube.env import container_env
@@ -86,8 +86,8 @@ class Plan:
             else:
                 forward = Forward(self.cluster, started.pod, agent.namespace, manifest.AGENT_PORT)
                 address, sock = f"pod/{started.pod}:{manifest.AGENT_PORT}", forward.sock
-            reconnect = None if forward is None else lambda: _forward_again(forwards, Forward(
-                self.cluster, started.pod, agent.namespace, manifest.AGENT_PORT))
+            reconnect = None if forward is None else lambda: reconnect_forward(
+                self.cluster, started.pod, agent.namespace, forwards)
             yield Link(address, started.host_key, sock, env, self._probe_sources(), self._volumes(), reconnect)
         except SetupError:
             if forward is not None and forward.error():
@@ -143,6 +143,21 @@ def _taints(cluster: Cluster, node: str) -> list[dict[str, str]] | None:
                  describe(e) if isinstance(e, client.ApiException) else e)
         return None
     return [{"key": t.key, "value": t.value or "", "effect": t.effect} for t in (spec and spec.taints) or []]
+
+
+def reconnect_forward(cluster: Cluster, pod: str, namespace: str, forwards: list[Forward]) -> socket.socket:
+    """A new port-forward to the agent pod, unless the pod is gone: then no attempt can succeed,
+    and `run` says so at once instead of retrying for the whole grace period."""
+    try:
+        found = cluster.core.read_namespaced_pod(pod, namespace)
+    except client.ApiException as e:
+        if e.status == 404:
+            raise Gone(f"the agent pod/{pod} is gone") from None
+        raise  # anything else may pass: the next attempt asks again
+    phase = found.status and found.status.phase
+    if found.metadata.deletion_timestamp or phase in ("Succeeded", "Failed"):
+        raise Gone(f"the agent pod/{pod} is gone ({(phase or 'being deleted').lower()})")
+    return _forward_again(forwards, Forward(cluster, pod, namespace, manifest.AGENT_PORT))
 
 
 def _forward_again(forwards: list[Forward], new: Forward) -> socket.socket:
