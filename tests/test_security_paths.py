@@ -30,7 +30,7 @@ from conftest import wait_until
 from test_attach import ATTACH_TIMEOUT, detach, ip, make_app
 
 from mirrord_tun.netns import resolvconf
-from mirrord_tun.sandbox import NODE_UPLINK, RESOLV_CONF, Sandbox
+from mirrord_tun.sandbox import NODE_UPLINK, RESOLV_CONF, Sandbox, SANDBOX_RESUME_TIMEOUT
 
 AGENT = f"{NODE_UPLINK}:2223"  # a second agent, with --pid, beside the cluster's own on 2222
 ORIGINAL = "nameserver 198.18.7.7\nsearch example.internal\noptions ndots:2"  # no final newline, on purpose
@@ -90,7 +90,7 @@ def pid_agent(sb: Sandbox, pid: int) -> Iterator[tuple[subprocess.Popen[bytes], 
         agent = sb.start_ready("node", [
             sys.executable, "-m", "mirrord_tun", "agent", "--listen", AGENT,
             "--authorized-key", sb.keys.identity_pub, "--host-key", sb.keys.host_key,
-            "--pid", str(pid)], ready="listening", stderr=f)
+            "--pid", str(pid), "--resume-timeout", str(SANDBOX_RESUME_TIMEOUT)], ready="listening", stderr=f)
     try:
         yield agent, log
     finally:
