@@ -26,6 +26,8 @@ from typing import Iterator
 import pytest
 
 from conftest import _UDP_ECHO, UDP_ECHO_PORT, run_env, wait_until
+from mirrord_tun import sshopts
+from mirrord_tun.mirror import spill
 from mirrord_tun.sandbox import ADDRS, Sandbox
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, TUN, nft)")
@@ -218,16 +220,26 @@ def test_program_that_never_reads_spills_to_disk(sb: Sandbox) -> None:
     with Session(sb, "noread", recorder("tcp", HTTP_PORT, "--no-read")) as s:
         # Until the first connection is accepted (and recorded) the port is not mirrored yet.
         wait_until(lambda: s.record.read_text() != "" or post(sb, 1, 1, 16, path="/probe") == [], 30, 0.5)
+        rss_before_kib = _status_kib(s.proc.pid, "VmRSS")
         results = post(sb, 20, 10, 32 * 1024 * 1024, seed=5)
         assert_pod_answered(results)  # the pod is not held back by a stuck local program
-        status = Path(f"/proc/{s.proc.pid}/status").read_text()
-        rss_peak_kib = int(re.search(r"VmHWM:\s+(\d+)", status)[1])  # type: ignore[index]
+        rss_peak_kib = _status_kib(s.proc.pid, "VmHWM")
     c = counters(s.log())
     # Up to 640 MiB came in and none was taken: it waited on disk, not in `run`'s memory,
     # and nothing was reset (that takes STUCK_TIMEOUT without progress).
     assert c.get("mirror_spilled_bytes", 0) > 64 * 1024 * 1024, s.log()
     assert c.get("mirror_spill_given_up", 0) == 0 and c.get("mirror_reset_stuck", 0) == 0, s.log()
-    assert rss_peak_kib < 80 * 1024, f"run peaked at {rss_peak_kib} KiB"
+    # What `run` may hold on top of what it held before: the spill's memory share over all
+    # connections, the SSH window of copies in flight, and as much again for buffers and the
+    # allocator (its start-up size varies with the machine, the growth is what the spill bounds).
+    bound_kib = (spill.TOTAL_MEMORY_CAP + 2 * sshopts.WINDOW) // 1024
+    assert rss_peak_kib - rss_before_kib < bound_kib, (rss_before_kib, rss_peak_kib, bound_kib)
+
+
+def _status_kib(pid: int, field: str) -> int:
+    m = re.search(rf"{field}:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
+    assert m, field
+    return int(m[1])
 
 
 def test_udp_request_response(sb: Sandbox) -> None:

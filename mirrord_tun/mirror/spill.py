@@ -17,7 +17,7 @@ import stat
 import tempfile
 
 MEMORY_CAP = 1024 * 1024
-TOTAL_MEMORY_CAP = 16 * 1024 * 1024  # keeps `run` within its RSS target however many connections lag
+TOTAL_MEMORY_CAP = 8 * 1024 * 1024  # keeps `run` within its RSS target (80 MiB) however many connections lag
 SPILL_DIR = "/var/tmp/mirrord-ns"
 
 
