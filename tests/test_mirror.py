@@ -230,9 +230,10 @@ def test_program_that_never_reads_spills_to_disk(sb: Sandbox) -> None:
     assert c.get("mirror_spilled_bytes", 0) > 64 * 1024 * 1024, s.log()
     assert c.get("mirror_spill_given_up", 0) == 0 and c.get("mirror_reset_stuck", 0) == 0, s.log()
     # What `run` may hold on top of what it held before: the spill's memory share over all
-    # connections, the SSH window of copies in flight, and as much again for buffers and the
-    # allocator (its start-up size varies with the machine, the growth is what the spill bounds).
-    bound_kib = (spill.TOTAL_MEMORY_CAP + 2 * sshopts.WINDOW) // 1024
+    # connections, the SSH window of copies in flight, and twice that again for asyncssh's and
+    # asyncio's buffers and the allocator (measured growth: about 19 MiB of this 32). Its start-up
+    # size varies with the machine; the growth is what the spill bounds, against 640 MiB sent.
+    bound_kib = (spill.TOTAL_MEMORY_CAP + 3 * sshopts.WINDOW) // 1024
     assert rss_peak_kib - rss_before_kib < bound_kib, (rss_before_kib, rss_peak_kib, bound_kib)
 
 
