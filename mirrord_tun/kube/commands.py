@@ -45,7 +45,7 @@ def complete_target(ctx: click.Context, _param: click.Parameter, incomplete: str
     """`pod/NAME`, `deploy/NAME`, `statefulset/NAME`; a kind typed as an alias (`sts/`, `deployment/`)
     is kept as typed."""
     def found() -> list[str]:
-        from mirrord_tun.kube.listing import KIND_PREFIX, targets
+        from mirrord_tun.kube.listing import targets
         from mirrord_tun.kube.targets import KINDS
 
         listed = targets(_cluster(ctx.params), all_namespaces=False, timeout=COMPLETION_TIMEOUT)
