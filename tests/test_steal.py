@@ -14,12 +14,11 @@ import ipaddress
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -41,7 +40,6 @@ HTTP_SERVER = [*PY, "-m", "mirrord_tun.sandbox.http_server", "0.0.0.0"]
 
 # The program's UDP side: answers "local:" + the datagram, from the port it was sent to.
 _UDP_LOCAL = f"""
-import socket
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("0.0.0.0", {UDP_ECHO_PORT}))
 while True:
@@ -174,13 +172,26 @@ def steal_http(sb: Sandbox, runs: list[Run], *options: str, port: int = HTTP, na
     return r
 
 
-def given_back_after(sb: Sandbox, start: float, what: str) -> float:
-    """Seconds from `start` until a new connection reaches the pod's own server again; printed."""
-    assert wait_until(lambda: get(sb) == f"hello from pod, you are {CLIENT}", LIVENESS, 0.05), \
-        f"the pod did not get port {HTTP} back within {LIVENESS} s after {what}: {get(sb)}"
+def given_back_after(sb: Sandbox, start: float, what: str, ask: Callable[[], str] | None = None) -> float:
+    """Seconds from `start` until a new connection reaches the pod's own server again (`ask`:
+    the request that must, a plain GET by default); printed."""
+    ask = ask or (lambda: get(sb))
+    assert wait_until(lambda: ask() == f"hello from pod, you are {CLIENT}", LIVENESS, 0.05), \
+        f"the pod did not get port {HTTP} back within {LIVENESS} s after {what}: {ask()}"
     took = time.monotonic() - start
     print(f"\nport given back {took:.2f} s after {what}")
     return took
+
+
+def kill_every_agent_process(sb: Sandbox, agent: Agent, ask: Callable[[], str] | None = None) -> float:
+    """kill -9 of the guard and the worker, so nobody is left to remove the rules; seconds until
+    the pod has its port back (the dead-man switch)."""
+    worker = agent.worker()
+    start = time.monotonic()
+    kill_pids([agent.guard.pid])  # the guard first, or it would clean up after the worker
+    kill_pids([worker])
+    assert wait_until(lambda: not pid_alive(worker), 10)
+    return given_back_after(sb, start, "kill -9 of every agent process (dead-man switch)", ask)
 
 
 def pod_counter(sb: Sandbox) -> int:
@@ -426,12 +437,7 @@ def test_the_port_comes_back_when_every_agent_process_is_killed(sb: Sandbox, age
                                                                 runs: list[Run]) -> None:
     """The dead-man switch: nobody is left to remove the rules, and still the pod gets its port back."""
     steal_http(sb, runs)
-    worker = agent.worker()
-    start = time.monotonic()
-    kill_pids([agent.guard.pid])  # the guard first, or it would clean up after the worker
-    kill_pids([worker])
-    assert wait_until(lambda: not pid_alive(worker), 10)
-    given_back_after(sb, start, "kill -9 of every agent process (dead-man switch)")
+    kill_every_agent_process(sb, agent)
     assert any("mirrord_ns_" in item for item in leftovers(sb))  # the table is still there, but inert
 
 

@@ -18,6 +18,7 @@ from typing import Iterator
 
 import pytest
 from conftest import kill_pids, leftovers, pid_alive, run_env, wait_until
+import test_steal as steal
 from test_steal import HTTP, LIVENESS, POD, Agent, Run, agent, runs, sb  # noqa: F401 - fixtures
 
 from mirrord_tun.sandbox import ADDRS, PY, Sandbox
@@ -175,11 +176,8 @@ def routing_left(sb: Sandbox) -> bool:
 
 
 def given_back_after(sb: Sandbox, start: float, what: str) -> float:
-    assert wait_until(lambda: get(sb, ME) == f"hello from pod, you are {CLIENT}", LIVENESS, 0.05), \
-        f"matching requests still do not reach the pod {LIVENESS} s after {what}: {get(sb, ME)}"
-    took = time.monotonic() - start
-    print(f"\nfiltered port given back {took:.2f} s after {what}")
-    return took
+    """test_steal's, asked with a matching request: those too must reach the pod again."""
+    return steal.given_back_after(sb, start, f"{what} (matching requests)", lambda: get(sb, ME))
 
 
 @pytest.fixture
@@ -272,12 +270,7 @@ def test_the_port_comes_back_when_the_agent_worker_is_killed(sb: Sandbox, agent:
 
 def test_the_port_comes_back_when_every_agent_process_is_killed(sb: Sandbox, agent: Agent,  # noqa: F811
                                                                 steal_me: Run) -> None:
-    worker = agent.worker()
-    start = time.monotonic()
-    kill_pids([agent.guard.pid])  # the guard first, or it would clean up after the worker
-    kill_pids([worker])
-    assert wait_until(lambda: not pid_alive(worker), 10)
-    given_back_after(sb, start, "kill -9 of every agent process (dead-man switch)")
+    steal.kill_every_agent_process(sb, agent, lambda: get(sb, ME))
     assert any("mirrord_ns_" in item for item in leftovers(sb))  # still there, but inert
     agent.restart()  # a new agent removes the tables and the policy routing
     assert wait_until(lambda: not leftovers(sb) and not routing_left(sb), LIVENESS), leftovers(sb)
