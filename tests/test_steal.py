@@ -40,6 +40,7 @@ HTTP_SERVER = [*PY, "-m", "mirrord_tun.sandbox.http_server", "0.0.0.0"]
 
 # The program's UDP side: answers "local:" + the datagram, from the port it was sent to.
 _UDP_LOCAL = f"""
+import socket
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("0.0.0.0", {UDP_ECHO_PORT}))
 while True:
