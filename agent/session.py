@@ -44,6 +44,7 @@ class AgentSession:
         self.pump: TunPump | None = None
         self.sniffer: Sniffer | None = None  # opened by the first SUBSCRIBE
         self.steal: SessionSteal | None = None  # made by the first STEAL
+        self._withdrawing: asyncio.Task[protocol.StealState] | None = None  # the steal, while detached
         self.version = 0
         self._starting: asyncio.Task[None] | None = None
         self._closed = False
@@ -109,6 +110,8 @@ class AgentSession:
         if (exc is not None and self._resumable and self.plane is not None
                 and self.version >= protocol.RESUME_VERSION and grace > 0):
             self.on_pause()
+            if self.steal:  # the pod's new connections go back to the pod until the client asks again
+                self._withdrawing = asyncio.create_task(self.steal.request(protocol.StealRequest()))
             self._grace = asyncio.get_running_loop().call_later(grace, self._expire)
             log.info("session %s: connection lost (%s); kept for %g s", self.sid, exc, grace)
             return

@@ -87,6 +87,7 @@ class Stealer:
         self._answer: asyncio.Future[protocol.StealState] | None = None
         self._warned: set[str] = set()
         self._task: asyncio.Task[None] | None = None
+        self._stale = False  # the agent withdrew the steal while we were away: ask again
 
     async def start(self) -> None:
         """Steal before the command starts; a --port the agent refuses is a SetupError."""
@@ -105,6 +106,13 @@ class Stealer:
         self._answer.set_result(state)
         return True
 
+    def on_resumed(self) -> None:
+        """The agent gives a detached session's ports back to the pod: ask for them again now."""
+        if self._answer is not None and not self._answer.done():
+            self._send(protocol.steal(self._opts.request(*self._wanted)))  # its answer ends the pending ask
+        else:
+            self._stale = True  # asked at the next poll, at most POLL_INTERVAL away
+
     async def stop(self, connected: bool) -> None:
         """Give the ports back before the session closes (the agent's teardown would, a little later)."""
         if self._task:
@@ -119,17 +127,16 @@ class Stealer:
         return steal_ports(tcp, udp, self._opts.ports)
 
     async def _follow(self) -> None:
-        unanswered = False
         while True:
             await asyncio.sleep(POLL_INTERVAL)
             wanted = await self._serving()
-            if wanted != self._wanted or unanswered:
+            if wanted != self._wanted or self._stale:
+                self._stale = False
                 try:
                     self._warn(await self._ask(*wanted))
-                    unanswered = False
                 except SetupError as e:  # e.g. lost with the connection: asked again at the next poll
                     log.warning("%s", e)
-                    unanswered = True
+                    self._stale = True
 
     async def _ask(self, tcp: dict[int, int], udp: dict[int, int]) -> protocol.StealState:
         # The guard lets in the old and the new ports while the agent switches, then the new only.
@@ -407,6 +414,8 @@ class LocalSession:
         log.info("session %s resumed", welcome.session)
         if self.pump:
             self.pump.resume()
+        if self.stealer:
+            self.stealer.on_resumed()
 
     async def _new_sock(self) -> socket.socket:
         assert self.new_sock is not None

@@ -26,14 +26,16 @@ from hypothesis import strategies as st
 from conftest import (_UDP_ECHO, UDP_ECHO_PORT, children, kill_pids, leftovers, pid_alive, read_line, run_env,
                       start_run, wait_until)
 from test_attach import ATTACH_TIMEOUT, make_app, snapshot
+from test_resume import RELAY_PORT, kill, start_relay
 
 from mirrord_tun import protocol
 from mirrord_tun.agent.steal import Registry
-from mirrord_tun.sandbox import ADDRS, PY, Sandbox
+from mirrord_tun.sandbox import ADDRS, LAPTOP_ADDR, PY, Sandbox
 
 
 POD, CLIENT, OTHER = ADDRS["pod"], ADDRS["client"], ADDRS["svc"]  # svc's namespace plays a second client
 HTTP, OTHER_PORT = 80, 8080
+RESUME_GRACE = 20  # seconds: the agent keeps a dropped session this long (well past the outage)
 LIVENESS = 30  # seconds: the issue asks for 1 s (signals) and 15 s (every agent killed); this is a hang check
 TUNNEL_NET = "100.64.0.0/10"
 HTTP_SERVER = [*PY, "-m", "mirrord_tun.sandbox.http_server", "0.0.0.0"]
@@ -117,9 +119,12 @@ def agent(sb: Sandbox) -> Iterator[Agent]:
 class Run:
     """`mirrord-ns run -v --steal [OPTIONS] -- CMD` in the background (stderr to a file)."""
 
-    def __init__(self, sb: Sandbox, command: list[str], *options: str, name: str = "run") -> None:
+    def __init__(self, sb: Sandbox, command: list[str], *options: str, name: str = "run",
+                 agent: str | None = None) -> None:
         self.sb = sb
         argv = sb.run_args(*command, verbose=True)
+        if agent:
+            argv[argv.index("--agent") + 1] = agent
         argv[argv.index("--"):argv.index("--")] = ["--steal", *options]
         self.stderr_path = Path(sb.dir) / f"{name}-{os.urandom(3).hex()}.stderr"
         self.stderr = open(self.stderr_path, "w+")
@@ -165,9 +170,10 @@ def udp(sb: Sandbox, data: str) -> str:
     return sb.exec("client", sys.executable, "-c", code).stdout.strip()
 
 
-def steal_http(sb: Sandbox, runs: list[Run], *options: str, port: int = HTTP, name: str = "run") -> Run:
+def steal_http(sb: Sandbox, runs: list[Run], *options: str, port: int = HTTP, name: str = "run",
+               agent: str | None = None) -> Run:
     """A program serving HTTP on `port` under run --steal, once the pod's clients reach it."""
-    r = Run(sb, [*HTTP_SERVER, str(port), "local"], *options, name=name)
+    r = Run(sb, [*HTTP_SERVER, str(port), "local"], *options, name=name, agent=agent)
     runs.append(r)
     assert wait_until(lambda: get(sb).startswith("hello from local"), LIVENESS, 0.2), r.log()
     return r
@@ -422,6 +428,24 @@ def test_the_port_comes_back_when_run_ends(sb: Sandbox, agent: Agent, runs: list
     given_back_after(sb, start, f"{sig.name} of run")
     r.proc.wait(LIVENESS)
     assert wait_until(lambda: not leftovers(sb), LIVENESS), leftovers(sb)
+
+
+def test_a_dropped_connection_lends_the_port_back_to_the_pod_until_the_session_resumes(
+        sb: Sandbox, agent: Agent, runs: list[Run]) -> None:
+    """The agent keeps a detached session for its grace period, but not its steal: the pod
+    answers meanwhile, and the program again once `run` has resumed the session."""
+    sb.stop(agent.guard)
+    agent.guard = sb.start_agent(resume_timeout=RESUME_GRACE)
+    relay = start_relay(sb)
+    r = steal_http(sb, runs, agent=f"{LAPTOP_ADDR}:{RELAY_PORT}")
+    start = time.monotonic()
+    kill(sb, relay)
+    given_back_after(sb, start, "the connection to the agent dropped")
+    assert r.proc.poll() is None, r.log()
+    start_relay(sb)
+    assert wait_until(lambda: get(sb).startswith("hello from local"), LIVENESS, 0.2), r.log()
+    print(f"stolen again {time.monotonic() - start:.2f} s after the drop")
+    assert "reconnecting" in r.log() and "resumed" in r.log(), r.log()
 
 
 def test_the_port_comes_back_when_the_agent_worker_is_killed(sb: Sandbox, agent: Agent, runs: list[Run]) -> None:
