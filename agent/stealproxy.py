@@ -45,7 +45,6 @@ import socket
 import struct
 from typing import Awaitable, Callable
 
-from pyroute2 import IPRoute
 
 from mirrord_tun.agent.httpsteal import (CHUNK, Chooser, HttpFilter, Opener, Reader, RequestHead, Writer,
                                          proxy_connection)
@@ -90,15 +89,13 @@ def _nft_table() -> str:
 def install_routing() -> None:
     """Runs in the pod's namespace; idempotent; `remove_routing` is its undo."""
     nft.run(_nft_table())
-    with IPRoute() as ipr:
-        routes.add_local_delivery(ipr, POD_MARK, RULE_PRIORITY)
+    routes.add_local_delivery(POD_MARK, RULE_PRIORITY)
 
 
 def remove_routing() -> None:
     """Runs in the pod's namespace: exactly what install_routing added, found by its markers."""
     nft.delete_table("ip", NFT_TABLE)
-    with IPRoute() as ipr:
-        routes.remove_local_delivery(ipr, POD_MARK)
+    routes.remove_local_delivery(POD_MARK)
 
 
 def _listening_socket() -> socket.socket:

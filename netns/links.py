@@ -1,4 +1,4 @@
-"""Links, addresses, routes and forwarding, via rtnetlink (pyroute2).
+"""Links, addresses, routes and forwarding, via rtnetlink (netns/rtnl.py).
 
 Every function here acts on the namespace of the calling thread, so callers run
 them through `NetNs.call`.
@@ -7,95 +7,93 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
 import socket
-import struct
 
-from pyroute2 import IPRoute
-
-from mirrord_tun.netns import routes
-
-_RTM_SETLINK = 19
-_NLM_F_REQUEST, _NLM_F_ACK = 0x1, 0x4
-_NLA_F_NESTED = 0x8000
-_IFLA_AF_SPEC = 26
-_IFLA_INET_CONF = 1
-_IPV4_DEVCONF_FORWARDING = 1
+from mirrord_tun.netns import routes, rtnl
 
 
-def _index(ipr: IPRoute, name: str) -> int:
-    return ipr.link_lookup(ifname=name)[0]
+def _names() -> dict[int, str]:
+    return {l.fields[2]: l.text(rtnl.IFLA_IFNAME) or "" for l in rtnl.links()}
 
 
 def bring_up_tun(name: str, addresses: list[str], mtu: int, peers: list[str] = []) -> None:
-    """Give a TUN /32 addresses, an MTU, and routes to /32 peers behind it."""
-    with IPRoute() as ipr:
-        idx = _index(ipr, name)
-        # IPv4 only: no link-local address, router solicitations or MLD noise on the tunnel.
+    """Give a TUN host addresses (/32, /128), an MTU, and host routes to peers behind it.
+
+    IPv6 is on only when an IPv6 address is given, and then without a link-local address
+    (addr_gen_mode 1: none) or duplicate address detection, so the tunnel carries no router
+    solicitations or MLD noise and the address works at once."""
+    ipv6 = any(":" in a for a in addresses)
+    idx = rtnl.index(name)
+    if ipv6:
+        for knob, value in (("addr_gen_mode", "1"), ("disable_ipv6", "0")):
+            with open(f"/proc/sys/net/ipv6/conf/{name}/{knob}", "w") as f:
+                f.write(value)
+    else:
         with contextlib.suppress(OSError), open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
             f.write("1")
-        ipr.link("set", index=idx, mtu=mtu, state="up")
-        for addr in addresses:
-            ipr.addr("add", index=idx, address=addr, prefixlen=32)
-        for peer in peers:
-            ipr.route("add", dst=peer, dst_len=32, oif=idx)
+    rtnl.set_up(idx, mtu)
+    for addr in addresses:
+        rtnl.add_address(idx, addr, 128 if ":" in addr else 32)
+    for peer in peers:
+        rtnl.add_route(peer, 128 if ":" in peer else 32, oif=idx)
 
 
 def make_default_via(name: str) -> None:
-    """lo up and a default route through `name`: the whole namespace uses it, and
-    nothing opens a connection into it through `name` (the guard goes with the namespace)."""
+    """lo up and a default route through `name` (and an IPv6 one if it has IPv6): the whole
+    namespace uses it, and nothing opens a connection into it through `name` (the guard goes
+    with the namespace)."""
     routes.refuse_inbound(name)
-    with IPRoute() as ipr:
-        ipr.link("set", index=_index(ipr, "lo"), state="up")
-        ipr.route("add", dst="0.0.0.0", dst_len=0, oif=_index(ipr, name))
+    idx = rtnl.index(name)
+    rtnl.set_up(rtnl.index("lo"))
+    rtnl.add_route("0.0.0.0", 0, oif=idx)
+    if any(a.fields[4] == idx for a in rtnl.addresses(socket.AF_INET6)):  # bring_up_tun gave it IPv6
+        rtnl.add_route("::", 0, oif=idx)
 
 
 def ipv4_addresses(exclude_prefix: str = "mrd") -> list[str]:
     """The namespace's own IPv4 addresses, skipping loopback and our TUNs."""
+    names = _names()
     out: list[str] = []
-    with IPRoute() as ipr:
-        names = {l["index"]: l.get_attr("IFLA_IFNAME") for l in ipr.get_links()}
-        for a in ipr.get_addr(family=2):
-            name = names.get(a["index"], "")
-            addr = a.get_attr("IFA_ADDRESS")
-            if name == "lo" or name.startswith(exclude_prefix) or ipaddress.ip_address(addr).is_loopback:
-                continue
-            out.append(addr)
+    for a in rtnl.addresses(socket.AF_INET):
+        name, addr = names.get(a.fields[4], ""), a.address(rtnl.IFA_ADDRESS)
+        if addr is None or name == "lo" or name.startswith(exclude_prefix) or ipaddress.ip_address(addr).is_loopback:
+            continue
+        out.append(addr)
     return out
 
 
 def ipv4_addresses_on(prefix: str) -> list[str]:
     """IPv4 addresses of the links whose name starts with `prefix`."""
-    with IPRoute() as ipr:
-        names = {l["index"]: l.get_attr("IFLA_IFNAME") for l in ipr.get_links()}
-        return [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=2)
-                if names.get(a["index"], "").startswith(prefix)]
+    names = _names()
+    return [addr for a in rtnl.addresses(socket.AF_INET)
+            if names.get(a.fields[4], "").startswith(prefix) and (addr := a.address(rtnl.IFA_ADDRESS))]
 
 
 def uplink_mtu(default: int = 1500) -> int:
     """MTU of the device holding the default route (else the first non-lo link)."""
-    with IPRoute() as ipr:
-        links = {l["index"]: l for l in ipr.get_links()}
-        for r in ipr.get_default_routes(family=2):
-            oif = r.get_attr("RTA_OIF")
-            if oif in links and r["type"] == 1:  # unicast: not the filtered steal's `local 0.0.0.0/0` on lo
-                return int(links[oif].get_attr("IFLA_MTU"))
-        for link in links.values():
-            if link.get_attr("IFLA_IFNAME") != "lo":
-                return int(link.get_attr("IFLA_MTU"))
+    links = {l.fields[2]: l for l in rtnl.links()}
+    for r in rtnl.routes(socket.AF_INET):
+        oif = r.u32(rtnl.RTA_OIF)
+        # unicast in the main table: not the filtered steal's `local 0.0.0.0/0` on lo
+        if (r.fields[1] == 0 and r.fields[7] == rtnl.RTN_UNICAST and rtnl.table_of(r) == rtnl.RT_TABLE_MAIN
+                and oif in links):
+            return links[oif].u32(rtnl.IFLA_MTU) or default
+    for link in links.values():
+        if link.text(rtnl.IFLA_IFNAME) != "lo":
+            return link.u32(rtnl.IFLA_MTU) or default
     return default
 
 
 def ipv4_in_use() -> list[ipaddress.IPv4Network]:
     """Every IPv4 prefix the namespace already has as an address or a route."""
     nets: list[ipaddress.IPv4Network] = []
-    with IPRoute() as ipr:
-        for a in ipr.get_addr(family=2):
-            nets.append(ipaddress.ip_network(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}", strict=False))
-        for r in ipr.get_routes(family=2, table=254):
-            dst = r.get_attr("RTA_DST")
-            if dst:
-                nets.append(ipaddress.ip_network(f"{dst}/{r['dst_len']}", strict=False))
+    for a in rtnl.addresses(socket.AF_INET):
+        if addr := a.address(rtnl.IFA_ADDRESS):
+            nets.append(ipaddress.IPv4Network(f"{addr}/{a.fields[1]}", strict=False))
+    for r in rtnl.routes(socket.AF_INET):
+        dst = r.address(rtnl.RTA_DST)
+        if dst and rtnl.table_of(r) == rtnl.RT_TABLE_MAIN:
+            nets.append(ipaddress.IPv4Network(f"{dst}/{r.fields[1]}", strict=False))
     return nets
 
 
@@ -124,35 +122,24 @@ def set_device_forwarding(name: str, on: bool) -> None:
 
     The kernel checks forwarding on the device a packet comes in through, so this on
     the tunnel's TUN and on the links replies arrive on is what ip_forward=1 would do
-    for them. RTM_SETLINK with IFLA_AF_SPEC/AF_INET/IFLA_INET_CONF takes a nested
-    u32 per devconf entry; pyroute2 only knows the flat form the kernel reports.
+    for them.
     """
-    with IPRoute() as ipr:
-        index = _index(ipr, name)
-
-    def nla(kind: int, payload: bytes) -> bytes:
-        return struct.pack("HH", 4 + len(payload), kind) + payload + bytes(-len(payload) % 4)
-
-    conf = nla(_IPV4_DEVCONF_FORWARDING, struct.pack("I", int(on)))
-    spec = nla(_IFLA_AF_SPEC | _NLA_F_NESTED, nla(socket.AF_INET | _NLA_F_NESTED, nla(_IFLA_INET_CONF | _NLA_F_NESTED, conf)))
-    body = struct.pack("BxHiII", socket.AF_UNSPEC, 0, index, 0, 0) + spec
-    header = struct.pack("IHHII", 16 + len(body), _RTM_SETLINK, _NLM_F_REQUEST | _NLM_F_ACK, 1, 0)
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
-        sock.send(header + body)
-        reply = sock.recv(4096)
-    (error,) = struct.unpack_from("i", reply, 16)  # NLMSG_ERROR: 0 is the ACK
-    if error:
-        raise OSError(-error, f"forwarding on {name}: {os.strerror(-error)}")
+    try:
+        rtnl.set_ipv4_forwarding(rtnl.index(name), on)
+    except OSError as e:
+        raise OSError(e.errno, f"forwarding on {name}: {e.strerror}") from None
 
 
 def links_except(*prefixes: str) -> list[str]:
     """Names of the namespace's links other than lo and those starting with `prefixes`."""
-    with IPRoute() as ipr:
-        names = [l.get_attr("IFLA_IFNAME") for l in ipr.get_links()]
-    return [n for n in names if n != "lo" and not n.startswith(prefixes)]
+    names = [l.text(rtnl.IFLA_IFNAME) or "" for l in rtnl.links()]
+    return [n for n in names if n and n != "lo" and not n.startswith(prefixes)]
 
 
 def has_link(name: str) -> bool:
     """Whether the namespace has a link of that name (sysfs would show the mounter's namespace)."""
-    with IPRoute() as ipr:
-        return bool(ipr.link_lookup(ifname=name))
+    try:
+        rtnl.index(name)
+    except OSError:
+        return False
+    return True

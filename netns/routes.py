@@ -29,41 +29,37 @@ import re
 import socket
 from typing import Callable, Iterable
 
-from pyroute2 import IPRoute, NetlinkError
-
-from mirrord_tun.netns import nft
+from mirrord_tun.netns import nft, rtnl
 
 RTPROT_MIRRORD = 77  # a route protocol number of our own (see /etc/iproute2/rt_protos)
 HALVES = ("0.0.0.0", "128.0.0.0")  # two /1s: more specific than any default route
-RTN_LOCAL = 2
 INBOUND_TABLE = "mirrord_ns_inbound"  # family inet; the prefix marks it as ours, as the agent's tables
 _OUR_TUN = re.compile(r"mrd[0-9a-z]{1,12}")  # only names we made go into the nft script
 
 
-def add_local_delivery(ipr: IPRoute, mark: int, priority: int) -> None:
+def add_local_delivery(mark: int, priority: int) -> None:
     """`ip rule fwmark MARK lookup MARK` and `local 0.0.0.0/0 dev lo` in that table (RTPROT_MIRRORD):
     packets given MARK come back up to this namespace's own sockets instead of leaving, the trick
     TPROXY setups use for the replies to a transparent socket. Idempotent. The table number is
     the mark itself: a namespace is unlikely to use such a number for its own tables."""
-    lo = ipr.link_lookup(ifname="lo")[0]
-    for add in (lambda: ipr.rule("add", fwmark=mark, table=mark, priority=priority),
-                lambda: ipr.route("add", dst="0.0.0.0/0", type="local", scope="host", oif=lo, table=mark,
-                                  proto=RTPROT_MIRRORD)):
+    lo = rtnl.index("lo")
+    for add in (lambda: rtnl.add_rule(mark, mark, priority),
+                lambda: rtnl.add_route("0.0.0.0", 0, oif=lo, table=mark, proto=RTPROT_MIRRORD, kind=rtnl.RTN_LOCAL)):
         try:
             add()
-        except NetlinkError as e:
-            if e.code != errno.EEXIST:
-                raise OSError(e.code, f"policy routing for mark {mark:#x}: {e}") from None
+        except OSError as e:
+            if e.errno != errno.EEXIST:
+                raise OSError(e.errno, f"policy routing for mark {mark:#x}: {e.strerror}") from None
 
 
-def remove_local_delivery(ipr: IPRoute, mark: int) -> None:
+def remove_local_delivery(mark: int) -> None:
     """Exactly what add_local_delivery(mark) added, found by mark and table; nothing if absent."""
-    for rule in ipr.get_rules(family=socket.AF_INET):
-        if rule.get_attr("FRA_FWMARK") == mark and rule.get_attr("FRA_TABLE") == mark:
-            with contextlib.suppress(NetlinkError):
-                ipr.rule("del", fwmark=mark, table=mark, priority=rule.get_attr("FRA_PRIORITY"))
-    with contextlib.suppress(NetlinkError):  # ESRCH: not there
-        ipr.route("del", dst="0.0.0.0/0", type="local", scope="host", table=mark, proto=RTPROT_MIRRORD)
+    for rule in rtnl.rules():
+        if rule.u32(rtnl.FRA_FWMARK) == mark and rtnl.table_of(rule) == mark:
+            with contextlib.suppress(OSError):
+                rtnl.delete_rule(mark, mark, rule.u32(rtnl.FRA_PRIORITY))
+    with contextlib.suppress(OSError):  # ESRCH: not there
+        rtnl.delete_route("0.0.0.0", 0, table=mark, proto=RTPROT_MIRRORD, kind=rtnl.RTN_LOCAL)
 
 
 def refuse_inbound(tun: str, addr: str | None = None, tcp: Iterable[int] = (), udp: Iterable[int] = ()) -> None:
@@ -104,13 +100,12 @@ def remove_leftovers() -> int:
     if nft.tables("inet", INBOUND_TABLE):
         remove_inbound_guard()
         n += 1
-    with IPRoute() as ipr:
-        for r in ipr.get_routes(family=socket.AF_INET, table=254):
-            if r["proto"] != RTPROT_MIRRORD:
-                continue
-            with contextlib.suppress(NetlinkError):
-                ipr.route("del", dst=r.get_attr("RTA_DST"), dst_len=r["dst_len"], proto=RTPROT_MIRRORD)
-                n += 1
+    for r in rtnl.routes(socket.AF_INET):
+        if r.fields[5] != RTPROT_MIRRORD or rtnl.table_of(r) != rtnl.RT_TABLE_MAIN:
+            continue
+        with contextlib.suppress(OSError):
+            rtnl.delete_route(r.address(rtnl.RTA_DST) or "0.0.0.0", r.fields[1], proto=RTPROT_MIRRORD)
+            n += 1
     return n
 
 
@@ -125,29 +120,27 @@ def steer_into(name: str, keep: list[str]) -> Callable[[], None]:
     pins: list[str] = []
 
     def undo() -> None:
-        with IPRoute() as ipr:
-            for addr in pins:
-                with contextlib.suppress(NetlinkError):
-                    ipr.route("del", dst=addr, dst_len=32, proto=RTPROT_MIRRORD)
+        for addr in pins:
+            with contextlib.suppress(OSError):
+                rtnl.delete_route(addr, 32, proto=RTPROT_MIRRORD)
         remove_inbound_guard()
 
     refuse_inbound(name)
     try:
-        with IPRoute() as ipr:
-            idx = ipr.link_lookup(ifname=name)[0]
-            for addr in keep:
-                now = ipr.route("get", dst=addr)[0]
-                if now["type"] == RTN_LOCAL:
-                    continue  # an address of this namespace (a local port-forward): never routed
-                via = {"gateway": now.get_attr("RTA_GATEWAY")} if now.get_attr("RTA_GATEWAY") else {}
-                try:
-                    ipr.route("add", dst=addr, dst_len=32, oif=now.get_attr("RTA_OIF"), proto=RTPROT_MIRRORD, **via)
-                    pins.append(addr)
-                except NetlinkError as e:
-                    if e.code != 17:  # EEXIST: a /32 of the namespace's own already pins it
-                        raise
-            for half in HALVES:
-                ipr.route("add", dst=half, dst_len=1, oif=idx, proto=RTPROT_MIRRORD)
+        idx = rtnl.index(name)
+        for addr in keep:
+            now = rtnl.route_to(addr)
+            if now.fields[7] == rtnl.RTN_LOCAL:
+                continue  # an address of this namespace (a local port-forward): never routed
+            try:
+                rtnl.add_route(addr, 32, oif=now.u32(rtnl.RTA_OIF), gateway=now.address(rtnl.RTA_GATEWAY),
+                               proto=RTPROT_MIRRORD)
+                pins.append(addr)
+            except OSError as e:
+                if e.errno != errno.EEXIST:  # a /32 of the namespace's own already pins it
+                    raise
+        for half in HALVES:
+            rtnl.add_route(half, 1, oif=idx, proto=RTPROT_MIRRORD)
     except BaseException:
         undo()
         raise

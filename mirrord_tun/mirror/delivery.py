@@ -40,13 +40,12 @@ import struct
 import time
 from typing import Callable, Sequence, cast
 
-from pyroute2 import IPRoute, NetlinkError
 
 from mirrord_tun.mirror.reassembly import Flow
 from mirrord_tun.mirror.spill import Spill, SpillTotals
 from mirrord_tun.netns import nft
 from mirrord_tun.netns.namespace import NetNs
-from mirrord_tun.netns import routes
+from mirrord_tun.netns import routes, rtnl
 from mirrord_tun.pump import Counters
 
 log = logging.getLogger("mirrord-ns")
@@ -76,15 +75,14 @@ def install_routing(pod_addrs: Sequence[ipaddress.IPv4Address]) -> None:
     Address objects, not strings: they go into an nft script, which must only ever see
     a dotted quad there, whatever the agent sent.
     """
-    with IPRoute() as ipr:
-        lo = ipr.link_lookup(ifname="lo")[0]
-        for addr in pod_addrs:
-            try:
-                ipr.addr("add", index=lo, address=str(addr), prefixlen=32, label=LO_LABEL)
-            except NetlinkError as e:
-                if e.code != errno.EEXIST:  # already local here: not ours, so left alone later
-                    raise
-        routes.add_local_delivery(ipr, MARK, RULE_PRIORITY)
+    lo = rtnl.index("lo")
+    for addr in pod_addrs:
+        try:
+            rtnl.add_address(lo, str(addr), 32, label=LO_LABEL)
+        except OSError as e:
+            if e.errno != errno.EEXIST:  # already local here: not ours, so left alone later
+                raise
+    routes.add_local_delivery(MARK, RULE_PRIORITY)
     pods = "{ " + ", ".join(str(ipaddress.IPv4Address(a)) for a in pod_addrs) + " }"
     nft.run(
         f"table ip {NFT_TABLE} {{\n"
@@ -108,13 +106,13 @@ def remove_routing() -> None:
     number, address label), so the next attach also removes a killed one's.
     """
     nft.delete_table("ip", NFT_TABLE)
-    with IPRoute() as ipr:
-        routes.remove_local_delivery(ipr, MARK)
-        lo = ipr.link_lookup(ifname="lo")[0]
-        for a in ipr.get_addr(family=socket.AF_INET, index=lo):
-            if a.get_attr("IFA_LABEL") == LO_LABEL:
-                with contextlib.suppress(NetlinkError):
-                    ipr.addr("del", index=lo, address=a.get_attr("IFA_LOCAL"), prefixlen=a["prefixlen"])
+    routes.remove_local_delivery(MARK)
+    lo = rtnl.index("lo")
+    for a in rtnl.addresses(socket.AF_INET):
+        local = a.address(rtnl.IFA_LOCAL)
+        if a.fields[4] == lo and a.text(rtnl.IFA_LABEL) == LO_LABEL and local:
+            with contextlib.suppress(OSError):
+                rtnl.delete_address(lo, local, a.fields[1])
 
 
 def transparent_socket(kind: int) -> socket.socket:
