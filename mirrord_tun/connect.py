@@ -32,12 +32,23 @@ def printable(text: object, limit: int = 200) -> str:
 
 
 def parse_hostport(value: str, default_port: int = 2222) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        return value, default_port
-    if not port.isdigit():
+    """HOST, HOST:PORT, [IPV6] or [IPV6]:PORT; a bare IPv6 address (more than one colon) is a
+    host without a port, as `ssh` reads it."""
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or rest and not rest.startswith(":"):
+            raise SetupError(f"bad address {value!r}: expected [IPV6]:PORT")
+        port = rest[1:] if rest else None
+    elif value.count(":") > 1:
+        host, port = value, None
+    else:
+        host, _sep, after = value.partition(":")
+        port = after if _sep else None
+    if port is None:
+        return host, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536 or not host:
         raise SetupError(f"bad address {value!r}: expected HOST:PORT")
-    return host.strip("[]"), int(port)
+    return host, int(port)
 
 
 def load_keys(identity: str, host_key: str) -> tuple[asyncssh.SSHKey, asyncssh.SSHKey]:

@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from mirrord_tun import cli
+from mirrord_tun.connect import SetupError, parse_hostport
 
 MIRRORD_NS = [sys.executable, "-m", "mirrord_tun"]
 INSTALLED = [str(Path(sys.executable).parent / "mirrord-ns")]
@@ -271,3 +272,19 @@ def test_mirror_spill_limit_takes_sizes() -> None:
     assert parsed("--mirror-spill-limit", "2GiB", "-t", "pod/web", "true")["mirror_spill_limit"] == 2 << 30
     line = one_error_line(mirrord_ns("run", "--mirror-spill-limit", "lots", "-t", "pod/web", "--", "true"))
     assert "expected a size such as 512M" in line
+
+
+@pytest.mark.parametrize("value, parsed", [
+    ("198.18.0.10", ("198.18.0.10", 2222)), ("198.18.0.10:2300", ("198.18.0.10", 2300)),
+    ("agent.example:22", ("agent.example", 22)), ("[fd00::1]:2222", ("fd00::1", 2222)),
+    ("[::]", ("::", 2222)), ("fd00::1", ("fd00::1", 2222)),  # a bare IPv6 address has no port, as in ssh
+])
+def test_agent_addresses_as_ssh_reads_them(value: str, parsed: tuple[str, int]) -> None:
+    assert parse_hostport(value) == parsed
+
+
+@pytest.mark.parametrize("value", ["[fd00::1", "[fd00::1]x", "[fd00::1]:", "198.18.0.10:x", ":22", "[::]:0",
+                                   "198.18.0.10:70000"])
+def test_a_bad_agent_address_is_refused(value: str) -> None:
+    with pytest.raises(SetupError, match="bad address"):
+        parse_hostport(value)
