@@ -3,6 +3,8 @@
 Each PATH is a FUSE mount served by Debian's `sshfs` in passive mode: it speaks SFTP on its
 stdin/stdout, a socketpair that we relay to an `sftp` channel on the session's own SSH
 connection (agent/files.py serves it, resolving every path inside the container's root).
+When `run` resumes the session over a new connection, the relay (_Sftp) moves each mount to
+a new channel of it, under sshfs, which never notices.
 sshfs over the channel was chosen over pyfuse3 by measurement (scripts/bench_files.py) and
 because pyfuse3 needs libfuse3-dev and a compiler to install.
 
@@ -65,75 +67,289 @@ def volume_mount_paths(pod: Any, container: str) -> list[str]:
     return []
 
 
-class _Socket(asyncio.Protocol):
-    """sshfs's end of the relay, seen from the loop: bytes to the channel, with back-pressure."""
+# SFTP v3 (draft-ietf-secsh-filexfer-02): uint32 length, byte type, uint32 id (none in INIT/VERSION).
+_INIT, _VERSION, _OPEN, _CLOSE, _OPENDIR, _READDIR, _EXTENDED = 1, 2, 3, 4, 11, 12, 200
+_STATUS, _HANDLE = 101, 102
+_HANDLE_FIRST = {_CLOSE, _READDIR, 5, 6, 8, 10}  # ... READ, WRITE, FSTAT, FSETSTAT: a handle after the id
+_HANDLE_EXTENSIONS = {b"fsync@openssh.com", b"fstatvfs@openssh.com"}  # a handle after the name
+_FX_OK = 0
+_FX_STALE = 0x100  # not an SFTP code: sshfs makes EIO of it
+# Bigger is a broken or hostile peer (sshfs asks for 256 KiB at most; the agent sends 4 MiB at most).
+_MAX_PACKET = 16 * 1024 * 1024
 
-    def __init__(self, relay: "_Relay") -> None:
-        self._relay = relay
 
+def _string(data: bytes) -> bytes:
+    """An SSH string; an SFTP packet is one too (its length, then type, id and fields)."""
+    return len(data).to_bytes(4, "big") + data
+
+
+def _string_at(p: bytes, at: int) -> bytes:
+    return p[at + 4:at + 4 + int.from_bytes(p[at:at + 4], "big")]
+
+
+def _status(req_id: bytes, code: int, why: bytes) -> bytes:
+    return _string(bytes([_STATUS]) + req_id + code.to_bytes(4, "big") + _string(why) + _string(b""))
+
+
+@dataclass
+class _Handle:
+    """A file or directory sshfs holds open, as the current SFTP server knows it."""
+
+    server: bytes | None  # the server's handle; None once its server is gone
+    reopen: bytes | None  # the OPEN/OPENDIR request (id zeroed) to get it back from the next server
+
+
+class _Sftp(asyncio.Protocol):
+    """Between sshfs's socket, open as long as the mount, and the SFTP channel of the current
+    SSH connection, which a resume replaces.
+
+    sshfs (passive) cannot reconnect: its one pipe is its server. So the relay frames SFTP and
+    keeps what a new server needs: sshfs's INIT (replayed; the new VERSION is kept from sshfs),
+    every request not yet answered (sent again: on a read-only mount all are idempotent), and
+    the open handles, renamed so that an old server's handle never reaches a new one. A file
+    open across the outage is opened again by its path; a directory only if none of it was
+    listed yet (else its listing would repeat); a handle that could not be had again answers
+    EIO. While there is no channel, requests wait: the program blocks until the resume, and
+    if the session is lost for good, `run` ends and the mount with it (ENOTCONN).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.transport: asyncio.Transport | None = None  # sshfs's socket
+        self.chan: asyncssh.SSHClientChannel[bytes] | None = None
+        self._from_sshfs = bytearray()
+        self._from_server = bytearray()
+        self._init: bytes | None = None  # sshfs's INIT, for every new server
+        self._versioned = False  # sshfs has its VERSION
+        self._ready = False  # the current server has sshfs's handles and takes requests
+        self._pending: dict[bytes, bytes] = {}  # request id -> sshfs's request, until answered
+        self._handles: dict[bytes, _Handle] = {}  # sshfs's handle -> ours
+        self._next_handle = 0
+        self._reopening: dict[bytes, bytes] = {}  # our request id -> sshfs's handle
+        self._sshfs_full = False
+        self._closed = False
+
+    # --- the channel
+    async def attach(self, conn: asyncssh.SSHClientConnection) -> None:
+        """Serve the mount over a new SFTP channel of `conn`."""
+        self._detach()
+        chan, _ = await conn.create_session(lambda: _Channel(self), subsystem=SUBSYSTEM, encoding=None,
+                                            window=sshopts.WINDOW, max_pktsize=sshopts.MAX_PKTSIZE)
+        if self._closed:  # the mount ended while the channel opened
+            chan.close()
+            return
+        self.chan = chan
+        if self._sshfs_full:
+            chan.pause_reading()
+        if self._init is not None:
+            chan.write(self._init)
+
+    def _detach(self) -> None:
+        self.chan, self._ready = None, False
+        self._from_server.clear()
+        self._reopening.clear()
+        for h in self._handles.values():
+            h.server = None
+        if self.transport:
+            self.transport.resume_reading()  # it may have been paused for the old channel
+
+    def channel_lost(self, chan: asyncssh.SSHClientChannel[bytes], dropped: bool) -> None:
+        if chan is not self.chan:
+            return
+        self._detach()
+        if not dropped:  # the agent closed this channel on a live connection: no resume brings it back
+            self.close()
+
+    def from_server(self, data: bytes) -> None:
+        self._from_server += data
+        try:
+            packets = _split(self._from_server)
+        except ValueError:
+            _warn(f"--mount {self.path}: the agent sent a malformed SFTP packet")
+            self.close()
+            return
+        for p in packets:
+            if p[4] == _VERSION:
+                self._on_version(p)
+            elif p[5:9] in self._reopening:
+                self._on_reopened(p)
+            else:
+                self._on_reply(p)
+
+    def _on_version(self, p: bytes) -> None:
+        if not self._versioned:
+            self._versioned = True
+            self._to_sshfs(p)
+        for n, (ours, h) in enumerate((o, h) for o, h in self._handles.items() if h.reopen is not None):
+            req_id = n.to_bytes(4, "big")
+            self._reopening[req_id] = ours
+            assert self.chan is not None and h.reopen is not None
+            self.chan.write(_string(h.reopen[:1] + req_id + h.reopen[5:]))
+        if not self._reopening:
+            self._flush()
+
+    def _on_reopened(self, p: bytes) -> None:
+        ours = self._reopening.pop(p[5:9])
+        if p[4] == _HANDLE:
+            self._handles[ours].server = _string_at(p, 9)
+        if not self._reopening:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._ready = True
+        for req_id, p in list(self._pending.items()):
+            self._forward(req_id, p)
+
+    def _on_reply(self, p: bytes) -> None:
+        req_id = p[5:9]
+        req = self._pending.pop(req_id, None)
+        if req is None:
+            return
+        kind = req[4]
+        if kind in (_OPEN, _OPENDIR) and p[4] == _HANDLE:
+            ours = self._next_handle.to_bytes(4, "big")
+            self._next_handle += 1
+            self._handles[ours] = _Handle(_string_at(p, 9), req[4:5] + bytes(4) + req[9:])
+            p = _string(bytes([_HANDLE]) + req_id + _string(ours))
+        elif kind == _CLOSE:
+            self._handles.pop(_string_at(req, 9), None)
+        elif kind == _READDIR and (h := self._handles.get(_string_at(req, 9))):
+            h.reopen = None  # listed from the start by a new server, entries would come twice
+        self._to_sshfs(p)
+
+    # --- sshfs
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._relay.transport = transport  # type: ignore[assignment]
+        self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self._relay.chan:
-            self._relay.chan.write(data)
+        self._from_sshfs += data
+        try:
+            packets = _split(self._from_sshfs)
+        except ValueError:
+            self.close()
+            return
+        for p in packets:
+            if p[4] == _INIT:
+                self._init = p
+                if self.chan:
+                    self.chan.write(p)
+                continue
+            self._pending[p[5:9]] = p
+            if self._ready:
+                self._forward(p[5:9], p)
+
+    def _forward(self, req_id: bytes, p: bytes) -> None:
+        """sshfs's request to the server, with the server's handle in place of sshfs's."""
+        at = _handle_at(p)
+        if at is not None:
+            ours = _string_at(p, at)
+            h = self._handles.get(ours)
+            if h is None or h.server is None:
+                del self._pending[req_id]
+                if p[4] == _CLOSE:
+                    self._handles.pop(ours, None)
+                    self._to_sshfs(_status(req_id, _FX_OK, b""))
+                else:
+                    self._to_sshfs(_status(req_id, _FX_STALE, b"open before the agent connection dropped"))
+                return
+            p = _string(p[4:at] + _string(h.server) + p[at + 4 + len(ours):])
+        assert self.chan is not None
+        self.chan.write(p)
+
+    def _to_sshfs(self, p: bytes) -> None:
+        if self.transport:
+            self.transport.write(p)
 
     def eof_received(self) -> bool:
-        if self._relay.chan:
-            self._relay.chan.write_eof()
-        return True
+        self.close()
+        return False
 
     def pause_writing(self) -> None:
-        if self._relay.chan:
-            self._relay.chan.pause_reading()
+        self._sshfs_full = True
+        if self.chan:
+            self.chan.pause_reading()
 
     def resume_writing(self) -> None:
-        if self._relay.chan:
-            self._relay.chan.resume_reading()
+        self._sshfs_full = False
+        if self.chan:
+            self.chan.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._relay.chan:
-            self._relay.chan.close()
+        self.transport = None
+        self.close()
 
-
-class _Relay(asyncssh.SSHClientSession[bytes]):
-    """The SFTP channel's end: bytes to sshfs's socket."""
-
-    def __init__(self) -> None:
-        self.chan: asyncssh.SSHClientChannel[bytes] | None = None
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:  # type: ignore[override]
-        self.chan = chan
-
-    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        if self.transport:
-            self.transport.write(data)
-
-    def pause_writing(self) -> None:
-        if self.transport:
-            self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.transport:
-            self.transport.resume_reading()
-
-    def eof_received(self) -> bool:
-        if self.transport and self.transport.can_write_eof():
-            self.transport.write_eof()
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
+    def close(self) -> None:
+        """sshfs sees its socket end (the mount then fails with ENOTCONN); the channel goes too."""
+        self._closed = True
+        chan, self.chan = self.chan, None
+        if chan:
+            chan.close()
         if self.transport:
             self.transport.close()
 
 
+class _Channel(asyncssh.SSHClientSession[bytes]):
+    """One SFTP channel's events, for the relay while it is the relay's current channel."""
+
+    def __init__(self, relay: _Sftp) -> None:
+        self._relay = relay
+        self._chan: asyncssh.SSHClientChannel[bytes] | None = None
+
+    def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:  # type: ignore[override]
+        self._chan = chan
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self._chan is self._relay.chan:
+            self._relay.from_server(data)
+
+    def pause_writing(self) -> None:
+        if self._chan is self._relay.chan and self._relay.transport:
+            self._relay.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._chan is self._relay.chan and self._relay.transport:
+            self._relay.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        assert self._chan is not None
+        self._relay.channel_lost(self._chan, dropped=exc is not None)
+
+
+def _split(buf: bytearray) -> list[bytes]:
+    """The whole packets at the start of `buf`, taken out of it; ValueError for a length no
+    SFTP packet has (each has a type and an id or version: 5 bytes at least)."""
+    out, at = [], 0
+    while len(buf) - at >= 4:
+        size = int.from_bytes(buf[at:at + 4], "big")
+        if not 5 <= size <= _MAX_PACKET:
+            raise ValueError(size)
+        end = at + 4 + size
+        if len(buf) < end:
+            break
+        out.append(bytes(buf[at:end]))
+        at = end
+    del buf[:at]
+    return out
+
+
+def _handle_at(p: bytes) -> int | None:
+    """Where the handle string of request `p` starts, if it names one."""
+    if p[4] in _HANDLE_FIRST:
+        return 9
+    if p[4] == _EXTENDED and _string_at(p, 9) in _HANDLE_EXTENSIONS:
+        return 13 + int.from_bytes(p[9:13], "big")
+    return None
+
+
 @dataclass
 class _Mount:
-    path: str
-    relay: _Relay
+    relay: _Sftp
     theirs: socket.socket  # sshfs's stdin/stdout
     proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def path(self) -> str:
+        return self.relay.path
 
 
 @dataclass
@@ -145,6 +361,7 @@ class Mounts:
     # go where this machine has nothing (a missing path or an empty directory), never over /usr/bin.
     volumes: list[str] = field(default_factory=list)
     _mounts: list[_Mount] = field(default_factory=list)
+    _reopening: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def prepare(self, conn: asyncssh.SSHClientConnection) -> None:
         """Check every PATH in the container and open its channel; SetupError (one line) if any is
@@ -176,11 +393,28 @@ class Mounts:
 
     async def _open(self, conn: asyncssh.SSHClientConnection, path: str) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        relay = _Relay()
-        self._mounts.append(_Mount(path, relay, theirs))
-        await conn.create_session(lambda: relay, subsystem=SUBSYSTEM, encoding=None,
-                                  window=sshopts.WINDOW, max_pktsize=sshopts.MAX_PKTSIZE)
-        await asyncio.get_running_loop().create_unix_connection(lambda: _Socket(relay), sock=ours)
+        relay = _Sftp(path)
+        self._mounts.append(_Mount(relay, theirs))
+        await relay.attach(conn)
+        await asyncio.get_running_loop().create_unix_connection(lambda: relay, sock=ours)
+
+    def reopen(self, conn: asyncssh.SSHClientConnection) -> None:
+        """After a resume: every mount served again over `conn`, in the background (what waited
+        meanwhile goes on once its channel is open)."""
+        for m in self._mounts:
+            task = asyncio.ensure_future(self._reattach(m.relay, conn))
+            self._reopening.add(task)
+            task.add_done_callback(self._reopening.discard)
+
+    @staticmethod
+    async def _reattach(relay: _Sftp, conn: asyncssh.SSHClientConnection) -> None:
+        try:
+            await relay.attach(conn)
+        except asyncssh.ChannelOpenError as e:  # the agent no longer serves it: fail now, not at the session's end
+            _warn(f"--mount {relay.path}: the agent refused it after the reconnect ({printable(e.reason)})")
+            relay.close()
+        except (asyncssh.Error, OSError):
+            pass  # this connection died too: the next resume tries again
 
     def mount_here(self) -> None:
         """In the command's private mount namespace, before it starts: a FUSE mount at each PATH,
@@ -200,10 +434,18 @@ class Mounts:
                 os.close(fuse)
                 m.theirs.close()
 
-    async def stop(self) -> None:
+    def lost(self) -> None:
+        """The session is over: every mount fails now (ENOTCONN). A read waiting for a resume
+        that will not come cannot be killed (FUSE waits for sshfs's answer), so it would hold
+        its program, and `run` waiting for it, past SIGKILL."""
         for m in self._mounts:
-            if m.relay.chan:
-                m.relay.chan.close()
+            m.relay.close()
+
+    async def stop(self) -> None:
+        for task in self._reopening:
+            task.cancel()
+        self.lost()
+        for m in self._mounts:
             if m.proc:
                 with contextlib.suppress(ProcessLookupError):
                     m.proc.terminate()

@@ -294,16 +294,16 @@ class LocalSession:
                 raise SetupError(f"agent {self.agent}: no WELCOME within {WELCOME_TIMEOUT} s") from None
             self._session, self._up = welcome, True
             log.info("session %s: tunnel address %s, pod %s, mtu %d", welcome.session,
-                     welcome.client_addr, ",".join(welcome.pod_addrs) or "?", welcome.mtu)
+                     ",".join(welcome.client_addrs), ",".join(welcome.pod_addrs + welcome.pod_addrs6) or "?", welcome.mtu)
             if self.mounts:  # checked before anything starts: a missing PATH is one line, exit 2
                 await self.mounts.prepare(conn)
             ns = open_ns()
             tun = ns.call(Tun, TUN_NAME)
-            ns.call(links.bring_up_tun, tun.name, [welcome.client_addr], welcome.mtu)
+            ns.call(links.bring_up_tun, tun.name, welcome.client_addrs, welcome.mtu)
             undo = ns.call(steer, tun.name)
             self.pump = TunPump(tun.fd, self.write, ClientMsg.PACKETS,
-                                admit_out=source_is(welcome.client_addr),
-                                admit_in=destination_is(welcome.client_addr), counters=self.counters)
+                                admit_out=source_is(*welcome.client_addrs),
+                                admit_in=destination_is(*welcome.client_addrs), counters=self.counters)
             self.pump.start()
             if self.steal is not None:
                 if welcome.version < protocol.STEAL_VERSION:
@@ -416,6 +416,8 @@ class LocalSession:
             self.pump.resume()
         if self.stealer:
             self.stealer.on_resumed()
+        if self.mounts:
+            self.mounts.reopen(conn)
 
     async def _new_sock(self) -> socket.socket:
         assert self.new_sock is not None
@@ -482,6 +484,8 @@ class LocalSession:
             lost = await self.until_lost(exited)
             if lost is not None:
                 print(f"mirrord-ns: {lost}; stopping the command", file=sys.stderr)
+                if self.mounts:
+                    self.mounts.lost()
                 proc.terminate()
                 try:
                     await asyncio.wait_for(exited, KILL_GRACE)

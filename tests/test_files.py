@@ -15,16 +15,18 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator
 
 import pytest
 from conftest import RUN_TIMEOUT, Cluster, assert_clean, pid_alive, read_line, run_env, wait_until
+from test_resume import GRACE, OUTAGE, RELAY_PORT, SHORT_GRACE, kill, start_relay
 from test_security_paths import AGENT, Container, container, fds_of_agent, pid_agent
 
 from mirrord_tun.mounts import volume_mount_paths
-from mirrord_tun.sandbox import Sandbox
+from mirrord_tun.sandbox import LAPTOP_ADDR, Sandbox
 
 BIG = 20 * 1024 * 1024
 FILES = 200
@@ -200,6 +202,76 @@ def test_reads_are_live_also_across_a_configmap_style_symlink_swap(
         finally:
             sb.stop(p)
             sb.procs.remove(p)
+
+
+@contextlib.contextmanager
+def through_relay(sb: Sandbox, script: str, grace: float) -> Iterator[tuple[subprocess.Popen[bytes], list[str]]]:
+    """`run -v --mount /etc/app -- sh -c script` through test_resume's relay to a --pid agent with
+    this grace period. Yields the run and its relays (the test kills them and appends the ones it
+    starts again); whatever is left of them is stopped at the end, also on failure."""
+    with app_container(sb, bytes(16), "/nonexistent") as ctr, pid_agent(sb, ctr.pid, resume_timeout=grace):
+        relays = [start_relay(sb, AGENT)]
+        argv = run_mount(sb, ["/etc/app"], script)
+        argv[argv.index("--agent") + 1] = f"{LAPTOP_ADDR}:{RELAY_PORT}"
+        argv.insert(argv.index("--agent"), "-v")
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=run_env())
+        sb.procs.append(p)
+        try:
+            yield p, relays
+        finally:
+            sb.stop(p)
+            sb.procs.remove(p)
+            for relay in relays:
+                if relay in sb.procs:
+                    kill(sb, relay)
+
+
+def test_the_mounts_are_served_again_after_a_reconnect(cluster: Cluster) -> None:
+    """The SSH connection drops and `run` resumes over a new one: the mount works again, a read
+    made during the outage waits for it, and a file held open across it goes on being read."""
+    sb = cluster.sb
+    flag = os.path.join(sb.dir, "flag-")
+    script = (f"cat /etc/app/config.yaml; exec 3</etc/app/big.bin; echo ready; "
+              f"until [ -e {flag}outage ]; do sleep 0.1; done; "
+              f"cat /etc/app/own-link > {flag}during & "  # blocks until the resume
+              f"until [ -e {flag}back ]; do sleep 0.1; done; wait $!; "
+              f"cat {flag}during /etc/app/config.yaml; md5sum <&3; ls /etc/app/many | wc -l")
+    with through_relay(sb, script, GRACE) as (p, relays):
+        assert read_line(p) == "greeting: hello from the container\n"
+        assert read_line(p) == "ready\n"
+        kill(sb, relays[0])
+        open(f"{flag}outage", "w").close()
+        time.sleep(OUTAGE)
+        assert p.poll() is None, "run ended during the outage"
+        relays.append(start_relay(sb, AGENT))
+        open(f"{flag}back", "w").close()
+        out, err = p.communicate(timeout=RUN_TIMEOUT * 2)
+    text = err.decode()
+    assert p.returncode == 0, text
+    assert out.decode().splitlines() == ["greeting: hello from the container"] * 2 + [
+        f"{hashlib.md5(bytes(16)).hexdigest()}  -", str(FILES)], text
+    assert text.count("reconnecting") == 1 and " resumed" in text, text
+    assert "Traceback" not in text
+    assert host_mounts() == []
+    assert wait_until(lambda: not our_mounts(), 10), our_mounts()
+    assert_clean(sb)
+
+
+def test_a_read_waiting_past_the_grace_period_ends_with_the_session(cluster: Cluster) -> None:
+    """No resume comes: the read that waits on the mount does not outlive `run`, which exits 2."""
+    sb = cluster.sb
+    outage = os.path.join(sb.dir, "outage")
+    script = f"cat /etc/app/config.yaml; until [ -e {outage} ]; do sleep 0.1; done; exec cat /etc/app/own-link"
+    with through_relay(sb, script, SHORT_GRACE) as (p, relays):
+        assert read_line(p) == "greeting: hello from the container\n"
+        kill(sb, relays[0])
+        open(outage, "w").close()
+        out, err = p.communicate(timeout=RUN_TIMEOUT * 2)
+    text = err.decode()
+    assert p.returncode == 2, text
+    assert out == b"" and "cannot resume the session" in text and "Traceback" not in text, text
+    assert wait_until(lambda: not our_mounts(), 10), our_mounts()
+    assert_clean(sb, timeout=SHORT_GRACE + 20)
 
 
 def test_the_service_account_token_appears_where_the_pod_has_it(

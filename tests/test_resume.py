@@ -161,8 +161,8 @@ def short_grace() -> Iterator[Cluster]:
     yield from _cluster_with_grace(SHORT_GRACE)
 
 
-def start_relay(sb: Sandbox) -> subprocess.Popen[bytes]:
-    host, port = sb.agent_address.rsplit(":", 1)
+def start_relay(sb: Sandbox, agent: str | None = None) -> subprocess.Popen[bytes]:
+    host, port = (agent or sb.agent_address).rsplit(":", 1)
     return sb.start_ready("laptop", [*PY, "-c", _RELAY, LAPTOP_ADDR, str(RELAY_PORT), host, port])
 
 

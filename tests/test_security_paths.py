@@ -83,14 +83,15 @@ def _root_of(pid: int) -> int | None:
 
 
 @contextlib.contextmanager
-def pid_agent(sb: Sandbox, pid: int) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+def pid_agent(sb: Sandbox, pid: int, resume_timeout: float = SANDBOX_RESUME_TIMEOUT
+              ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """An agent working in `pid`'s namespace (as one on a node does for a container); its log file."""
     log = Path(sb.dir) / f"agent-{pid}.log"
     with open(log, "w") as f:
         agent = sb.start_ready("node", [
             sys.executable, "-m", "mirrord_tun", "agent", "--listen", AGENT,
             "--authorized-key", sb.keys.identity_pub, "--host-key", sb.keys.host_key,
-            "--pid", str(pid), "--resume-timeout", str(SANDBOX_RESUME_TIMEOUT)], ready="listening", stderr=f)
+            "--pid", str(pid), "--resume-timeout", str(resume_timeout)], ready="listening", stderr=f)
     try:
         yield agent, log
     finally:
