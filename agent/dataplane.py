@@ -19,6 +19,15 @@ removes the last table (the session, the agent's guard, or the next agent
 start) puts exactly that back. Tables of older agents, which set ip_forward
 themselves, are read and restored too. The TUN needs no cleanup: it vanishes
 with the fd. Every function runs in the target namespace's thread.
+
+IPv6, when the pod has a global or unique-local address: the session's TUN also
+carries a pair from TUNNEL_NET6 (the IPv4 pair's addresses in its last 32 bits),
+and a second table of the same name in the `ip6` family does for IPv6 what the
+`ip` table does for IPv4 (masquerade, forward/input/output filters, steal). IPv6 forwarding is switched on per device with `force_forwarding`
+(netns/ipv6.py), recorded in that table's comment and restored the same way;
+never with net.ipv6.conf.all.forwarding, which makes the pod a router on every
+link (its accept_ra and router answers change). Where force_forwarding is
+missing (Linux before 6.17) or /proc/sys is read-only, the session is IPv4 only.
 """
 from __future__ import annotations
 
@@ -30,23 +39,31 @@ import re
 from typing import Callable, NamedTuple
 
 from mirrord_tun.agent import owner, steal, stealproxy
-from mirrord_tun.netns import links, nft
+from mirrord_tun.netns import ipv6, links, nft
 from mirrord_tun.netns.tun import Tun
 
 log = logging.getLogger("mirrord-ns.agent")
 TABLE_PREFIX = "mirrord_ns_"
 TUN_PREFIX = "mrd"
 TUNNEL_NET = ipaddress.IPv4Network("100.64.0.0/10")
+# A unique-local prefix of ours (RFC 4193: fd + a 40-bit global ID, here "mrdns" in ASCII),
+# with the session's IPv4 tunnel address in the last 32 bits: the pair is as unique as the
+# IPv4 /30 it comes from. A pod's own ULA prefix carries the random global ID its network
+# chose, so meeting this /96 there is a 2^-40 chance, and it is checked like the /30:
+# a namespace that has it as an address or route gets IPv4-only sessions.
+TUNNEL_NET6 = ipaddress.IPv6Network("fd6d:7264:6e73::/96")
 # Session tables only: the mirror's and attach's tables (mirrord_ns_mirror, ...) are not a session's.
 _SESSION_TABLE = re.compile(re.escape(TABLE_PREFIX) + r"[0-9a-f]+")
 # `ip_forward=untouched` marks tables of agents that never write the sysctl; older ones
 # wrote it whenever `fwd=0`, and the last of their tables to go must write it back.
 _COMMENT = re.compile(r"owner=(\S+) fwd=([01])(?: dev=(\S*))?( ip_forward=untouched)?")
+_COMMENT6 = re.compile(r"owner=(\S+) force_forwarding_on=(\S*)")
 # Link names are the namespace's, so chosen by whoever has NET_ADMIN there: only plain
 # ones go into an nft script or a comment (a name may hold quotes or braces).
 _PLAIN_LINK = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 # This process's open sessions and their records, by table: still there if someone deleted the tables.
 _open: dict[str, _Record] = {}
+_open6: dict[str, _Record6] = {}
 
 
 class SessionPlane:
@@ -59,25 +76,48 @@ class SessionPlane:
         self.table = TABLE_PREFIX + sid
         self.tun: Tun | None = None
         self.agent_addr = self.client_addr = ""
+        self.agent_addr6 = self.client_addr6 = ""  # "" while the session is IPv4 only
         self.mtu = 1500
         self.pod_addrs: list[str] = []
-        # What the table records, kept here as well: a container with NET_ADMIN may delete
-        # the table, and forwarding must still go back when the session ends.
+        self.pod_addrs6: list[str] = []
+        self.ipv6_off = ""  # why a pod with IPv6 gets an IPv4-only session
+        # What the tables record, kept here as well: a container with NET_ADMIN may delete
+        # the tables, and forwarding must still go back when the session ends.
         self.record: _Record | None = None
+        self.record6: _Record6 | None = None
+
+    @property
+    def client_addrs(self) -> list[str]:
+        return [a for a in (self.client_addr, self.client_addr6) if a]
 
     def open(self) -> None:
         block = _free_block()
         self.agent_addr, self.client_addr = str(block[1]), str(block[2])
         self.pod_addrs = links.ipv4_addresses(exclude_prefix=TUN_PREFIX)
         self.mtu = links.uplink_mtu()
+        self.pod_addrs6 = ipv6.global_addresses(exclude_prefix=TUN_PREFIX)
+        if self.pod_addrs6:
+            no_ipv6 = _why_no_ipv6(self.mtu)
+            if no_ipv6:
+                log.info("session %s is IPv4 only: %s", self.sid, no_ipv6)
+                self.pod_addrs6, self.ipv6_off = [], no_ipv6
+            else:
+                self.agent_addr6, self.client_addr6 = (str(TUNNEL_NET6[int(a)]) for a in (block[1], block[2]))
+        own = [a for a in (self.agent_addr, self.agent_addr6) if a]
         try:
             self.tun = Tun(TUN_PREFIX + self.sid)
-            links.bring_up_tun(self.tun.name, [self.agent_addr], self.mtu, peers=[self.client_addr])
+            links.bring_up_tun(self.tun.name, own, self.mtu, peers=self.client_addrs)
             self.record = _open[self.table] = record = _forwarding_before_us()
             nft.run(_ruleset(self.table, self.tun.name, block, record, self.pod_addrs))
             present = set(links.links_except(TUN_PREFIX))
             for name in [self.tun.name, *(d for d in record.links_off if d in present)]:
                 links.set_device_forwarding(name, True)
+            if self.client_addr6:
+                self.record6 = _open6[self.table] = record6 = _forwarding6_before_us()
+                nft.run(_ruleset6(self.table, self.tun.name, self.agent_addr6, self.client_addr6, record6,
+                                  self.pod_addrs6))
+                for name in [self.tun.name, *(d for d in record6.links_off if d in present)]:
+                    ipv6.set_force_forwarding(name, True)
         except BaseException:
             self.close()
             raise
@@ -88,9 +128,13 @@ class SessionPlane:
             _open.pop(self.table, None)
             _remove_tables({self.table: self.record})
             self.record = None
+        if self.record6:
+            _open6.pop(self.table, None)
+            _remove_tables6({self.table: self.record6})
+            self.record6 = None
         if stole and self.client_addr:
-            client = ipaddress.IPv4Address(self.client_addr)
-            _reset_stolen(lambda addr: addr == client)
+            clients = {ipaddress.ip_address(a) for a in self.client_addrs}
+            _reset_stolen(lambda addr: addr in clients)
         if self.tun:
             self.tun.close()
             self.tun = None
@@ -134,6 +178,48 @@ def _ruleset(table: str, tun: str, block: ipaddress.IPv4Network, record: _Record
     )
 
 
+def _ruleset6(table: str, tun: str, agent: str, client: str, record: _Record6, pod_addrs: list[str]) -> str:
+    """The IPv4 table's rules for IPv6 (`pod_addrs`: the pod's IPv6 ones). ICMPv6 errors about the
+    client's connections (Packet Too Big, unreachable, time exceeded) are `related` and pass."""
+    switched_on = ", ".join(f'"{name}"' for name in record.links_off)
+    return (
+        f"table ip6 {table} {{\n"
+        f'  comment "{record.comment()}"\n'
+        "  chain postrouting {\n"
+        "    type nat hook postrouting priority srcnat; policy accept;\n"
+        f'    ip6 saddr {client} oifname != "{tun}" masquerade\n'
+        "  }\n"
+        "  chain forward {\n"
+        "    type filter hook forward priority filter; policy accept;\n"
+        f'    iifname "{tun}" ip6 saddr != {client} drop\n'
+        f'    iifname "{tun}" oifname "{TUN_PREFIX}*" drop\n'
+        f'    oifname "{tun}" ct state established,related accept\n'
+        + steal.forward_rules(tun, client, "ip6")
+        + f'    oifname "{tun}" drop\n'
+        + (f'    iifname {{ {switched_on} }} oifname != "{TUN_PREFIX}*" drop\n' if switched_on else "")
+        + "  }\n"
+        + steal.declarations(f"{TUN_PREFIX}*", client, pod_addrs, "ip6")
+        + "  chain input {\n"
+        "    type filter hook input priority filter; policy accept;\n"
+        f'    ip6 daddr {agent} iifname != "{tun}" drop\n'
+        "  }\n"
+        "  chain output {\n"
+        "    type filter hook output priority filter; policy accept;\n"
+        + steal.output_rules(tun, client, "ip6")
+        + f'    oifname "{tun}" ct state new drop\n'
+        "  }\n}\n"
+    )
+
+
+def _why_no_ipv6(mtu: int) -> str | None:
+    """None if this session can carry IPv6, else why not (the pod has an IPv6 address)."""
+    if mtu < 1280:
+        return f"the pod's MTU {mtu} is below IPv6's 1280"
+    if any(n.overlaps(TUNNEL_NET6) for n in ipv6.in_use(exclude_prefix=TUN_PREFIX) if n.prefixlen > 0):
+        return f"the pod's network already uses {TUNNEL_NET6}"
+    return ipv6.force_forwarding_usable()
+
+
 def _free_block() -> ipaddress.IPv4Network:
     used = links.ipv4_in_use()
     for _ in range(64):
@@ -153,6 +239,14 @@ class _Record(NamedTuple):
     def comment(self) -> str:
         untouched = "" if self.writes_ip_forward else " ip_forward=untouched"
         return f"owner={self.owner} fwd={int(self.ip_forward)} dev={','.join(self.links_off)}{untouched}"
+
+
+class _Record6(NamedTuple):
+    owner: str
+    links_off: list[str]  # links whose IPv6 force_forwarding was off before the first IPv6 session
+
+    def comment(self) -> str:
+        return f"owner={self.owner} force_forwarding_on={','.join(self.links_off)}"
 
 
 def _plain_links(names: list[str]) -> list[str]:
@@ -185,6 +279,37 @@ def _forwarding_before_us() -> _Record:
     return _Record(owner.me(), links.read_ip_forward(), off, False)
 
 
+def _ours6() -> dict[str, _Record6]:
+    out = {}
+    for name, comment in nft.tables("ip6", TABLE_PREFIX).items():
+        if not _SESSION_TABLE.fullmatch(name):
+            continue
+        m = _COMMENT6.search(comment)
+        # Without a record, switch nothing off: we cannot prove we switched it on.
+        out[name] = _Record6(m[1], _plain_links([d for d in m[2].split(",") if d])) if m else _Record6("", [])
+    return out
+
+
+def _forwarding6_before_us() -> _Record6:
+    existing = list({**_open6, **_ours6()}.values())
+    if existing:  # the first IPv6 session's record, carried on by every later one
+        return _Record6(owner.me(), sorted({d for r in existing for d in r.links_off}))
+    return _Record6(owner.me(), [d for d in _plain_links(links.links_except(TUN_PREFIX))
+                                 if ipv6.force_forwarding(d) is False])
+
+
+def _remove_tables6(doomed: dict[str, _Record6]) -> None:
+    """Delete `doomed` ip6 tables; with the last of them, switch off the force_forwarding they switched on."""
+    others = (set(_ours6()) | set(_open6)) - set(doomed)
+    for name in doomed:
+        nft.delete_table("ip6", name)
+    if doomed and not others:
+        present = set(links.links_except(TUN_PREFIX))
+        for name in sorted({d for r in doomed.values() for d in r.links_off} & present):
+            with contextlib.suppress(FileNotFoundError):  # the link lost IPv6 meanwhile: nothing to undo
+                ipv6.set_force_forwarding(name, False)
+
+
 def _remove_tables(doomed: dict[str, _Record]) -> None:
     """Delete `doomed` tables; with the last of ours, put forwarding back as they record."""
     others = (set(_ours()) | set(_open)) - set(doomed)
@@ -205,17 +330,26 @@ def remove_leftovers() -> list[str]:
     """Remove tables whose owning agent is gone (crash, OOM, SIGKILL); idempotent."""
     dead = {name: record for name, record in _ours().items() if not owner.alive(record.owner)}
     _remove_tables(dead)
+    dead6 = {name: record for name, record in _ours6().items() if not owner.alive(record.owner)}
+    _remove_tables6(dead6)
     if not _ours() and not _open:
         stealproxy.remove_routing()  # a filtered steal's, which only a live agent's sessions use
     if dead:
         # Their TUNs went with the dead process; a live session's TUN holds the agent end
-        # (.1) of its /30, whose client (.2) still owns its stolen connections.
+        # (.1) of its /30, whose client (.2) still owns its stolen connections (an IPv6 client's
+        # address carries the IPv4 one in its last 32 bits).
         live = {ipaddress.IPv4Address(a) + 1 for a in links.ipv4_addresses_on(TUN_PREFIX)}
-        _reset_stolen(lambda addr: addr in TUNNEL_NET and addr not in live)
-    return list(dead)
+
+        def dead_client(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+            if addr in TUNNEL_NET6:
+                addr = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+            return addr in TUNNEL_NET and addr not in live
+
+        _reset_stolen(dead_client)
+    return [*dead, *(f"ip6 {name}" for name in dead6)]
 
 
-def _reset_stolen(stolen_by: Callable[[ipaddress.IPv4Address], bool]) -> None:
+def _reset_stolen(stolen_by: Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], bool]) -> None:
     try:
         n = steal.reset_stolen(stolen_by)
     except Exception as e:  # noqa: BLE001 - no conntrack netlink here: the connections time out instead

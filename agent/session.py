@@ -197,17 +197,20 @@ class AgentSession:
             return
         assert plane.tun is not None
         self.pump = TunPump(plane.tun.fd, self.write, AgentMsg.PACKETS,
-                            admit_out=lambda _p: None, admit_in=source_is(plane.client_addr),
+                            admit_out=lambda _p: None, admit_in=source_is(*plane.client_addrs),
                             counters=self.counters)
         welcome = protocol.Welcome(version, self.sid, plane.client_addr, plane.agent_addr, plane.mtu,
-                                   plane.pod_addrs, resolv_conf)
+                                   plane.pod_addrs, resolv_conf, client_addr6=plane.client_addr6,
+                                   agent_addr6=plane.agent_addr6, pod_addrs6=plane.pod_addrs6,
+                                   ipv6_off=plane.ipv6_off)
         if version >= protocol.RESUME_VERSION:
             welcome.secret, welcome.resume_timeout = self.secret, self.agent.resume_timeout
         self.welcome = welcome
         self.write(protocol.control(AgentMsg.WELCOME, welcome.to_json()))
         self.pump.start()
         log.info("session %s from %s: tunnel %s via %s, pod %s", self.sid, self.peer,
-                 plane.client_addr, plane.tun.name if plane.tun else "?", ",".join(plane.pod_addrs))
+                 ",".join(plane.client_addrs), plane.tun.name if plane.tun else "?",
+                 ",".join(plane.pod_addrs + plane.pod_addrs6))
 
     def _subscribe(self, body: bytes) -> None:
         assert self.plane is not None
@@ -217,7 +220,8 @@ class AgentSession:
             self.counters["dropped_frames_malformed"] += 1
             return
         if self.sniffer is None:
-            self.sniffer = Sniffer(self.agent.ns, self.plane.pod_addrs, self.write, self.counters)
+            self.sniffer = Sniffer(self.agent.ns, self.plane.pod_addrs + self.plane.pod_addrs6, self.write,
+                                   self.counters)
         self.sniffer.subscribe(ports)
         log.info("session %s: mirroring ports %s", self.sid, ",".join(map(str, sorted(ports))) or "none")
 
@@ -231,7 +235,8 @@ class AgentSession:
             return
         if self.steal is None:
             self.steal = SessionSteal(self.agent.ns, self.plane.table, self.plane.pod_addrs, self.plane.client_addr,
-                                      f"{self.sid} (from {self.peer})", self.counters)
+                                      f"{self.sid} (from {self.peer})", self.counters,
+                                      pod_addrs6=self.plane.pod_addrs6, client6=self.plane.client_addr6)
         asyncio.create_task(self._answer_steal(self.steal, request))
 
     async def _answer_steal(self, steal: SessionSteal, request: protocol.StealRequest) -> None:

@@ -1,11 +1,19 @@
 """The mirror capture: copies of the packets that reach the pod on the subscribed ports.
 
-One AF_PACKET socket per session, opened in the target namespace (a packet
-socket sees the devices of the namespace it was created in), filtered in the
-kernel by agent/bpf.py. The socket only copies: the pod's kernel processes
-every packet as if we were not there. Captured packets are bare IPv4 packets
-(SOCK_DGRAM strips the link header); after GRO one may be a coalesced TCP
-segment larger than the MTU, which the client's reassembly takes as it is.
+One AF_PACKET socket per session and address family the pod has, opened in
+the target namespace (a packet socket sees the devices of the namespace it was
+created in), filtered in the kernel by agent/bpf.py. The sockets only copy: the
+pod's kernel processes every packet as if we were not there. Captured packets
+are bare IPv4 or IPv6 packets (SOCK_DGRAM strips the link header); after GRO one
+may be a coalesced TCP segment larger than the MTU, which the client's
+reassembly takes as it is.
+
+Two sockets bound to ETH_P_IP and ETH_P_IPV6 rather than one to ETH_P_ALL: an
+ETH_P_ALL socket is also a transmit tap, and the kernel clones every packet the
+pod sends to run the filter on it (dev_queue_xmit_nit), whereas protocol-bound
+sockets see received packets only. IPv6 packets with an extension header before
+TCP/UDP arrive cut short (bpf.EXT_SNAPLEN) and are counted as
+mirror_skipped_ipv6_ext, not sent: their ports could not be checked.
 
 Copies travel as MIRROR frames on the session channel, batched like PACKETS.
 While the channel is paused (its send buffer is full) the capture stops
@@ -17,6 +25,7 @@ own packets are never held back: the capture only ever gets clones.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import struct
@@ -28,7 +37,7 @@ from mirrord_tun.netns.namespace import NetNs
 from mirrord_tun.protocol import AgentMsg, frame_packets
 from mirrord_tun.pump import BATCH_BYTES, Counters
 
-ETH_P_IP = 0x0800
+ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 SOL_PACKET, PACKET_STATISTICS = 263, 6
 SO_RCVBUFFORCE = 33  # not in Python's socket module
 log = logging.getLogger("mirrord-ns.agent")
@@ -46,7 +55,9 @@ class Sniffer:
         self._pod_addrs = pod_addrs
         self._send = send
         self.counters = counters
-        self._sock: socket.socket | None = None
+        self._socks: list[socket.socket] = []  # one per address family of the pod
+        self._protos: list[int] = []  # their ETH_P_*
+        self._opened = False
         self._wanted: set[int] = set()
         self._applied: set[int] = set()
         self._applying: asyncio.Task[None] | None = None
@@ -56,7 +67,7 @@ class Sniffer:
         self._drain_at: asyncio.TimerHandle | None = None
 
     def subscribe(self, ports: set[int]) -> None:
-        """Mirror exactly `ports` from now on (the socket opens on the first call)."""
+        """Mirror exactly `ports` from now on (the sockets open on the first call)."""
         self._wanted = ports
         if self._applying is None or self._applying.done():
             self._applying = asyncio.create_task(self._apply())
@@ -64,12 +75,18 @@ class Sniffer:
     async def _apply(self) -> None:
         # Loops so that subscriptions arriving while the namespace thread works are not lost.
         try:
-            while self._wanted != self._applied or self._sock is None:
+            while self._wanted != self._applied or not self._opened:
                 wanted = self._wanted
-                if self._sock is None:
-                    self._sock = await self._ns.acall(_open_socket)
+                if not self._opened:
+                    families = {ipaddress.ip_address(a).version for a in self._pod_addrs}
+                    for proto in [p for version, p in ((4, ETH_P_IP), (6, ETH_P_IPV6)) if version in families]:
+                        if proto not in self._protos:  # a failed attempt may have opened one already
+                            self._socks.append(await self._ns.acall(_open_socket, proto))
+                            self._protos.append(proto)
+                    self._opened = True
                     self._watch()
-                await self._ns.acall(_set_filter, self._sock, self._pod_addrs, wanted)
+                for sock in self._socks:
+                    await self._ns.acall(_set_filter, sock, self._pod_addrs, wanted)
                 self._applied = wanted
         except OSError as e:
             log.warning("mirror capture: %s", e)
@@ -86,14 +103,14 @@ class Sniffer:
         self._watch()
 
     def _watch(self) -> None:
-        """Wait for copies exactly when there is a socket, room on the channel, and no drain pending."""
-        if self._sock is None:
-            return
-        want = not self._paused and self._drain_at is None
+        """Wait for copies exactly when there are sockets, room on the channel, and no drain pending."""
+        want = bool(self._socks) and not self._paused and self._drain_at is None
         if want and not self._reading:
-            self._loop.add_reader(self._sock.fileno(), self._on_readable)
+            for sock in self._socks:
+                self._loop.add_reader(sock.fileno(), self._on_readable)
         elif self._reading and not want:
-            self._loop.remove_reader(self._sock.fileno())
+            for sock in self._socks:
+                self._loop.remove_reader(sock.fileno())
         self._reading = want
 
     async def aclose(self) -> None:
@@ -102,19 +119,21 @@ class Sniffer:
         if self._drain_at:
             self._drain_at.cancel()
             self._drain_at = None
-        if self._sock is None:
-            return
         self._paused = True
         self._watch()
         self.counters.update(self.kernel_stats())
-        self._sock.close()
-        self._sock = None
+        for sock in self._socks:
+            sock.close()
+        self._socks, self._protos, self._opened = [], [], False
 
     def kernel_stats(self) -> dict[str, int]:
         """What the kernel passed the filter, and dropped for a full buffer, since the last call."""
-        if self._sock is None:
+        if not self._socks:
             return {}
-        packets, drops = struct.unpack("II", self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+        packets = drops = 0
+        for sock in self._socks:
+            p, d = struct.unpack("II", sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+            packets, drops = packets + p, drops + d
         return {"mirror_kernel_packets": packets, "mirror_dropped_kernel": drops}
 
     def _on_readable(self) -> None:
@@ -126,32 +145,35 @@ class Sniffer:
     def _drain(self) -> None:
         self._drain_at = None
         c = self.counters
-        budget = DRAIN_BYTES
-        while self._sock is not None and not self._paused and budget > 0:
-            batch: list[bytes] = []
-            size = 0
-            try:
-                while size < BATCH_BYTES:
-                    pkt, addr = self._sock.recvfrom(bpf.SNAPLEN)
-                    if addr[0].startswith(TUN_PREFIX):
-                        # A TUN made after the filter was built: the kernel could not know it.
-                        c["mirror_skipped_tun"] += 1
-                        continue
-                    batch.append(pkt)
-                    size += len(pkt)
-            except BlockingIOError:
-                budget = 0
-            if batch:
-                c["mirror_packets"] += len(batch)
-                c["mirror_bytes"] += size
-                budget -= size
-                self._send(frame_packets(AgentMsg.MIRROR, batch))  # may pause us
+        for sock in self._socks:
+            budget = DRAIN_BYTES
+            while sock in self._socks and not self._paused and budget > 0:
+                batch: list[bytes] = []
+                size = 0
+                try:
+                    while size < BATCH_BYTES:
+                        pkt, addr = sock.recvfrom(bpf.SNAPLEN)
+                        if addr[0].startswith(TUN_PREFIX):
+                            # A TUN made after the filter was built: the kernel could not know it.
+                            c["mirror_skipped_tun"] += 1
+                        elif pkt[0] >> 4 == 6 and pkt[6] in bpf.IPV6_EXTENSIONS:
+                            c["mirror_skipped_ipv6_ext"] += 1
+                        else:
+                            batch.append(pkt)
+                            size += len(pkt)
+                except BlockingIOError:
+                    budget = 0
+                if batch:
+                    c["mirror_packets"] += len(batch)
+                    c["mirror_bytes"] += size
+                    budget -= size
+                    self._send(frame_packets(AgentMsg.MIRROR, batch))  # may pause us
         self._watch()
 
 
-def _open_socket() -> socket.socket:
+def _open_socket(proto: int) -> socket.socket:
     """Runs in the target namespace: the packet socket sees that namespace's devices."""
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(proto))
     try:
         # Reject everything first, then drain what queued before the filter existed.
         bpf.attach(sock, bpf.program([], set(), set()))

@@ -20,6 +20,12 @@ which routes each request (stealproxy.py). The table's output chain lets the
 agent's own marked sockets open connections into the TUN to the filtered local
 ports (set `filter_local`), and nothing else.
 
+IPv6: a session that carries IPv6 has a twin table in the `ip6` family
+(dataplane.py) with the same maps, sets and chains for the pod's IPv6 addresses,
+DNATing to the client's IPv6 tunnel address; `apply` writes both tables in one
+transaction, so both families are stolen, refreshed and given back together.
+Excluded sources go to the table of their family.
+
 Sessions do not trust each other: `Registry` refuses a whole-port steal of a port
 another session steals. Filtered steals are claimed there too (several per port,
 never with a whole-port one).
@@ -30,6 +36,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import socket
 from typing import Callable, NamedTuple
 
 from mirrord_tun import protocol
@@ -45,42 +52,46 @@ REFRESH = 3.0  # seconds between rewrites of the port maps
 TIMEOUT = 10  # seconds a map element lives without one: REFRESH plus room for a busy loop
 PROTOCOLS = ("tcp", "udp")
 _EXCLUDE = "steal_exclude"
+_ADDR_TYPE = {"ip": "ipv4_addr", "ip6": "ipv6_addr"}
+_VERSION = {"ip": 4, "ip6": 6}
 
 
-def declarations(tunnels: str, client: str, pod_addrs: list[str]) -> str:
+def declarations(tunnels: str, client: str, pod_addrs: list[str], family: str = "ip") -> str:
     """The session table's steal maps, sets and nat chain (empty maps: nothing stolen);
-    `tunnels`: an nft name pattern matching every session's TUN."""
+    `tunnels`: an nft name pattern matching every session's TUN; `family`: the table's,
+    "ip" or "ip6" (whose addresses `client` and `pod_addrs` are)."""
     out = "".join(f"  map steal_{p} {{ type inet_service : inet_service; flags timeout; }}\n"
                   f"  set local_{p} {{ type inet_service; }}\n" for p in PROTOCOLS)
-    out += (f"  set {_EXCLUDE} {{ type ipv4_addr; flags interval; auto-merge; }}\n"
+    out += (f"  set {_EXCLUDE} {{ type {_ADDR_TYPE[family]}; flags interval; auto-merge; }}\n"
             "  map filter_tcp { type inet_service : inet_service; flags timeout; }\n"
             "  set filter_local { type inet_service; }\n")
     pods = ", ".join(pod_addrs)
-    dnat = "".join(f"    ip daddr {{ {pods} }} meta l4proto {p} dnat to {client} : {p} dport map @steal_{p}\n"
+    to = client if family == "ip" else f"[{client}]"  # nft's IPv6 address before a port
+    dnat = "".join(f"    {family} daddr {{ {pods} }} meta l4proto {p} dnat to {to} : {p} dport map @steal_{p}\n"
                    for p in PROTOCOLS) if pod_addrs else ""
     if pod_addrs:
-        dnat += f"    ip daddr {{ {pods} }} meta l4proto tcp redirect to : tcp dport map @filter_tcp\n"
+        dnat += f"    {family} daddr {{ {pods} }} meta l4proto tcp redirect to : tcp dport map @filter_tcp\n"
     return out + (
         "  chain steal {\n"
         "    type nat hook prerouting priority dstnat; policy accept;\n"
         # Never from a tunnel: one session's traffic to the pod is not another's to take.
         f'    iifname "{tunnels}" return\n'
-        f"    ip saddr @{_EXCLUDE} return\n"
+        f"    {family} saddr @{_EXCLUDE} return\n"
         f"{dnat}"
         "  }\n"
     )
 
 
-def forward_rules(tun: str, client: str) -> str:
+def forward_rules(tun: str, client: str, family: str = "ip") -> str:
     """Forward-chain rules letting in exactly the connections the steal chain DNATed."""
-    return "".join(f'    oifname "{tun}" ip daddr {client} ct status dnat {p} dport @local_{p} accept\n'
+    return "".join(f'    oifname "{tun}" {family} daddr {client} ct status dnat {p} dport @local_{p} accept\n'
                    for p in PROTOCOLS)
 
 
-def output_rules(tun: str, client: str) -> str:
+def output_rules(tun: str, client: str, family: str = "ip") -> str:
     """Output-chain rules letting the agent's proxy (its marked sockets) into the TUN, to the
     filtered local ports only; before the chain drops every other new connection into it."""
-    return (f'    oifname "{tun}" meta mark {stealproxy.LOCAL_MARK} ip daddr {client} tcp dport @filter_local '
+    return (f'    oifname "{tun}" meta mark {stealproxy.LOCAL_MARK} {family} daddr {client} tcp dport @filter_local '
             "ct state new accept\n")
 
 
@@ -101,27 +112,36 @@ class Plan(NamedTuple):
 NOTHING = Plan({}, {}, {}, frozenset(), ())
 
 
-def apply(table: str, plan: Plan) -> None:
-    """Replace what `table` steals, in one transaction; also the refresh of the dead-man switch."""
-    lines = [f"flush set ip {table} {_EXCLUDE}", f"flush map ip {table} filter_tcp",
-             f"flush set ip {table} filter_local"]
-    if plan.exclude:
-        lines.append(f"add element ip {table} {_EXCLUDE} {{ {', '.join(plan.exclude)} }}")
-    if plan.redirect:
-        elements = ", ".join(f"{p} timeout {TIMEOUT}s : {l}" for p, l in sorted(plan.redirect.items()))
-        lines += [f"add element ip {table} filter_tcp {{ {elements} }}",
-                  f"add element ip {table} filter_local {{ {', '.join(map(str, sorted(plan.filter_local)))} }}"]
-    for proto, ports in (("tcp", plan.tcp), ("udp", plan.udp)):
-        lines += [f"flush map ip {table} steal_{proto}", f"flush set ip {table} local_{proto}"]
-        if ports:
-            elements = ", ".join(f"{p} timeout {TIMEOUT}s : {l}" for p, l in sorted(ports.items()))
-            lines += [f"add element ip {table} steal_{proto} {{ {elements} }}",
-                      f"add element ip {table} local_{proto} {{ {', '.join(map(str, sorted(set(ports.values()))))} }}"]
+def apply(table: str, plan: Plan, families: tuple[str, ...] = ("ip",)) -> None:
+    """Replace what `table` steals in each of its `families` ("ip", and "ip6" when the session
+    carries IPv6), in one transaction; also the refresh of the dead-man switch."""
+    lines: list[str] = []
+    for family in families:
+        lines += _apply(f"{family} {table}", plan,
+                        [c for c in plan.exclude if ipaddress.ip_network(c).version == _VERSION[family]])
     nft.run("\n".join(lines) + "\n")
 
 
-def reset_stolen(stolen_by: Callable[[ipaddress.IPv4Address], bool]) -> int:
-    """Forget the conntrack entries of connections DNATed to a tunnel client `stolen_by` names.
+def _apply(table: str, plan: Plan, exclude: list[str]) -> list[str]:
+    lines = [f"flush set {table} {_EXCLUDE}", f"flush map {table} filter_tcp", f"flush set {table} filter_local"]
+    if exclude:
+        lines.append(f"add element {table} {_EXCLUDE} {{ {', '.join(exclude)} }}")
+    if plan.redirect:
+        elements = ", ".join(f"{p} timeout {TIMEOUT}s : {l}" for p, l in sorted(plan.redirect.items()))
+        lines += [f"add element {table} filter_tcp {{ {elements} }}",
+                  f"add element {table} filter_local {{ {', '.join(map(str, sorted(plan.filter_local)))} }}"]
+    for proto, ports in (("tcp", plan.tcp), ("udp", plan.udp)):
+        lines += [f"flush map {table} steal_{proto}", f"flush set {table} local_{proto}"]
+        if ports:
+            elements = ", ".join(f"{p} timeout {TIMEOUT}s : {l}" for p, l in sorted(ports.items()))
+            lines += [f"add element {table} steal_{proto} {{ {elements} }}",
+                      f"add element {table} local_{proto} {{ {', '.join(map(str, sorted(set(ports.values()))))} }}"]
+    return lines
+
+
+def reset_stolen(stolen_by: Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], bool]) -> int:
+    """Forget the conntrack entries of connections DNATed to a tunnel client `stolen_by` names
+    (IPv4 and IPv6 ones).
 
     The client's next packet then meets the pod's own kernel as a stray segment,
     which it answers with a RST: a stolen connection ends at once instead of
@@ -131,19 +151,20 @@ def reset_stolen(stolen_by: Callable[[ipaddress.IPv4Address], bool]) -> int:
     from pyroute2.netlink.nfnetlink.nfctsocket import IPS_DST_NAT, NFCTAttrTuple
 
     n = 0
-    with NFCTSocket() as ct:
-        doomed = []
-        for msg in ct.dump(status=IPS_DST_NAT, status_mask=IPS_DST_NAT):
-            reply = msg.get_attr("CTA_TUPLE_REPLY")
-            src = reply.get_attr("CTA_TUPLE_IP").get_attr("CTA_IP_V4_SRC") if reply else None
-            if src and stolen_by(ipaddress.IPv4Address(src)):
-                doomed.append(NFCTAttrTuple.from_netlink(2, msg.get_attr("CTA_TUPLE_ORIG")))
-        for orig in doomed:
-            try:
-                ct.entry("del", tuple_orig=orig)
-                n += 1
-            except Exception as e:  # noqa: BLE001 - gone meanwhile (closed, timed out): nothing to do
-                log.debug("conntrack entry %s: %s", orig, e)
+    for family, src_attr in ((socket.AF_INET, "CTA_IP_V4_SRC"), (socket.AF_INET6, "CTA_IP_V6_SRC")):
+        with NFCTSocket(nfgen_family=family) as ct:  # a dump of this family's entries only
+            doomed = []
+            for msg in ct.dump(status=IPS_DST_NAT, status_mask=IPS_DST_NAT):
+                reply = msg.get_attr("CTA_TUPLE_REPLY")
+                src = reply.get_attr("CTA_TUPLE_IP").get_attr(src_attr) if reply else None
+                if src and stolen_by(ipaddress.ip_address(src)):
+                    doomed.append(NFCTAttrTuple.from_netlink(family, msg.get_attr("CTA_TUPLE_ORIG")))
+            for orig in doomed:
+                try:
+                    ct.entry("del", tuple_orig=orig)
+                    n += 1
+                except Exception as e:  # noqa: BLE001 - gone meanwhile (closed, timed out): nothing to do
+                    log.debug("conntrack entry %s: %s", orig, e)
     return n
 
 
@@ -199,8 +220,13 @@ class SessionSteal:
     """One session's steal: applies each STEAL, keeps the dead-man switch fed, releases at the end."""
 
     def __init__(self, ns: NetNs, table: str, pod_addrs: list[str], client: str, holder: str, counters: Counters,
-                 registry: Registry = REGISTRY) -> None:
-        self._ns, self._table, self._pod_addrs, self._client, self.holder = ns, table, pod_addrs, client, holder
+                 registry: Registry = REGISTRY, pod_addrs6: list[str] | None = None, client6: str = "") -> None:
+        """`pod_addrs6`, `client6`: the session's IPv6 ones when it carries IPv6 (its ip6 table)."""
+        self._ns, self._table, self.holder = ns, table, holder
+        self._pod_addrs = [*pod_addrs, *(pod_addrs6 or [])]
+        # The client's tunnel address by family, for the proxy's connections to the program.
+        self._clients = {socket.AF_INET: client, **({socket.AF_INET6: client6} if client6 else {})}
+        self._families = ("ip", "ip6") if client6 else ("ip",)
         self._counters = counters
         self._registry = registry
         self._proxies = proxies_for(ns)
@@ -216,7 +242,7 @@ class SessionSteal:
             whole = {f"{p}/{port}" for p, ports in (("tcp", req.tcp), ("udp", req.udp)) for port in ports}
             names = whole | {f"tcp/{p}" for p in filtered}
             if self._closed or not self._pod_addrs:  # ending; or nothing to DNAT from (declarations())
-                why = "the session is closing" if self._closed else "the pod has no IPv4 address"
+                why = "the session is closing" if self._closed else "the pod has no address the session carries"
                 return StealState((), {name: why for name in names})
             refused = self._registry.claim(self.holder, whole, set(filtered))
             tcp = {p: l for p, l in req.tcp.items() if f"tcp/{p}" not in refused}
@@ -230,9 +256,9 @@ class SessionSteal:
                 except ValueError as e:
                     refused[f"tcp/{port}"] = str(e)[:protocol.MAX_REASON]
             try:
-                redirect = await self._proxies.join(self.holder, self._client, wanted)
+                redirect = await self._proxies.join(self.holder, self._clients, wanted)
                 plan = Plan(tcp, udp, redirect, frozenset(l for _f, l in wanted.values()), req.exclude)
-                await self._ns.acall(apply, self._table, plan)
+                await self._ns.acall(apply, self._table, plan, self._families)
             except (nft.NftError, OSError) as e:  # the container deleted our table; nft is missing
                 why = " ".join(str(e).split())[:protocol.MAX_REASON]
                 log.warning("session %s: steal failed: %s", self.holder, why)
@@ -257,7 +283,7 @@ class SessionSteal:
                 if self._now.empty():
                     continue
                 try:
-                    await self._ns.acall(apply, self._table, self._now)
+                    await self._ns.acall(apply, self._table, self._now, self._families)
                 except (nft.NftError, OSError) as e:  # the container deleted our table: the steal is gone anyway
                     self._counters["steal_refresh_failed"] += 1
                     log.debug("session %s: steal refresh failed: %s", self.holder, e)
@@ -268,7 +294,7 @@ class SessionSteal:
             self._closed = True
             if self._now.redirect:  # no redirect may outlive the listener it leads to
                 with contextlib.suppress(nft.NftError, OSError):
-                    await self._ns.acall(apply, self._table, NOTHING)
+                    await self._ns.acall(apply, self._table, NOTHING, self._families)
             self._now = NOTHING
         if self._refresher:
             self._refresher.cancel()

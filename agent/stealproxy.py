@@ -31,6 +31,12 @@ to the pod, run until their clients close them. Then the rule and route go
 (remove_routing; dataplane.remove_leftovers also removes them once no table of
 ours is left, after a killed agent). Several agents in one pod share the rule.
 
+IPv6: each listener has an IPv6 socket (IPV6_V6ONLY) on the same port as its
+IPv4 one, so the ip6 tables' redirects use the same port map; the openers use
+IPV6_TRANSPARENT sockets, an IPv6 connection goes only to a session whose tunnel
+carries IPv6, and the chains and the rule have IPv6 twins (an `ip6` table of the
+same name, `ip -6 rule`), installed when the first such session filters.
+
 Not HTTP/1.x (HTTP/2 prior knowledge, TLS, other protocols) goes to the pod
 untouched, as does everything when no filter matches.
 """
@@ -58,17 +64,18 @@ LOCAL_MARK = 0x6D726E6C  # "mrnl": our connections into a session's TUN
 NFT_TABLE = "mirrord_ns_proxy"  # not a session table (dataplane._SESSION_TABLE): removed with the routing
 TUNNELS = "mrd*"  # every session's TUN (dataplane.TUN_PREFIX)
 RULE_PRIORITY = 100
-IP_TRANSPARENT = 19
-SO_ORIGINAL_DST = 80
+IP_TRANSPARENT, IPV6_TRANSPARENT = 19, 75
+SO_ORIGINAL_DST = 80  # also IP6T_SO_ORIGINAL_DST, at SOL_IPV6
+LISTEN_ATTEMPTS = 8  # an IPv4 listener's port may be taken for IPv6: another pick
 CONNECT_TIMEOUT = 5.0
 SPARE_SOCKETS = 16
 
 
-def _nft_table() -> str:
+def _nft_table(family: str) -> str:
     # Its own table, not the sessions': connections draining after the last session left need it.
     return (
-        f"table ip {NFT_TABLE}\nflush table ip {NFT_TABLE}\n"  # not delete: 0.3 ms instead of ~15 when absent
-        f"table ip {NFT_TABLE} {{\n"
+        f"table {family} {NFT_TABLE}\nflush table {family} {NFT_TABLE}\n"  # not delete: 0.3 ms instead of ~15 when absent
+        f"table {family} {NFT_TABLE} {{\n"
         "  chain output {\n"
         "    type route hook output priority mangle; policy accept;\n"
         f"    meta mark {{ {POD_MARK}, {LOCAL_MARK} }} ct mark set meta mark\n"
@@ -86,40 +93,68 @@ def _nft_table() -> str:
     )
 
 
-def install_routing() -> None:
-    """Runs in the pod's namespace; idempotent; `remove_routing` is its undo."""
-    nft.run(_nft_table())
+def install_routing(ipv6: bool) -> None:
+    """Runs in the pod's namespace; idempotent (also to add IPv6 later); `remove_routing` is its undo."""
+    nft.run(_nft_table("ip") + (_nft_table("ip6") if ipv6 else ""))
     routes.add_local_delivery(POD_MARK, RULE_PRIORITY)
+    if ipv6:
+        routes.add_local_delivery(POD_MARK, RULE_PRIORITY, socket.AF_INET6)
 
 
 def remove_routing() -> None:
     """Runs in the pod's namespace: exactly what install_routing added, found by its markers."""
     nft.delete_table("ip", NFT_TABLE)
+    if nft.tables("ip6", NFT_TABLE):  # asked first: a kernel without IPv6 has no ip6 family to delete from
+        nft.delete_table("ip6", NFT_TABLE)
     routes.remove_local_delivery(POD_MARK)
 
 
-def _listening_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(("0.0.0.0", 0))
-        sock.listen(1024)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+def _family(addr: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
 
 
-def _new_sockets(n: int) -> list[socket.socket]:
+def _stream(family: socket.AddressFamily) -> socket.socket:
+    return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+
+
+def _listening_sockets() -> list[socket.socket]:
+    """An IPv4 listener on a free port and, where the namespace has IPv6, an IPv6-only one on
+    the same port: one port map serves the redirects of both families."""
+    for _ in range(LISTEN_ATTEMPTS):
+        made = [_stream(socket.AF_INET)]
+        try:
+            made[0].bind(("0.0.0.0", 0))
+            try:
+                made.append(_stream(socket.AF_INET6))
+            except OSError:  # no IPv6 in this kernel: IPv4 only
+                pass
+            else:
+                made[1].setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                made[1].bind(("::", made[0].getsockname()[1]))
+            for sock in made:
+                sock.listen(1024)
+            return made
+        except BaseException as e:
+            for sock in made:
+                sock.close()
+            if not (isinstance(e, OSError) and e.errno == errno.EADDRINUSE):
+                raise
+    raise OSError(errno.EADDRINUSE, "no port free for both IPv4 and IPv6")
+
+
+def _new_sockets(n: int, family: socket.AddressFamily) -> list[socket.socket]:
     """In the pod's namespace, which a socket keeps for life: the rest of its set-up is done
     on the event loop, so a new connection costs no trip to the namespace's thread."""
-    return [socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-            for _ in range(n)]
+    return [_stream(family) for _ in range(n)]
 
 
 def _make_transparent(sock: socket.socket, mark: int, source: str, avoid_port: int) -> bool:
     """Bind `sock` to the client's (foreign) address, on any port but `avoid_port` (the
     redirected connection's 4-tuple is the pod-bound one's too); False if it got that one."""
-    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((source, 0))
@@ -127,16 +162,21 @@ def _make_transparent(sock: socket.socket, mark: int, source: str, avoid_port: i
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:
+    if sock.family == socket.AF_INET6:  # a sockaddr_in6: family, port, flow info, address
+        raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+        port, addr = struct.unpack_from("!2xH4x16s", raw)
+        return socket.inet_ntop(socket.AF_INET6, addr), port
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     port, addr = struct.unpack_from("!2xH4s", raw)
     return socket.inet_ntoa(addr), port
 
 
 class Route:
-    """One session's filter on one port, and the client connections that sent it requests."""
+    """One session's filter on one port, and the client connections that sent it requests;
+    `clients`: the session's tunnel address by family (IPv6 only when it carries IPv6)."""
 
-    def __init__(self, holder: str, http_filter: HttpFilter, client: str, local: int) -> None:
-        self.holder, self.filter, self.client, self.local = holder, http_filter, client, local
+    def __init__(self, holder: str, http_filter: HttpFilter, clients: dict[int, str], local: int) -> None:
+        self.holder, self.filter, self.clients, self.local = holder, http_filter, clients, local
         self.connections: set[asyncio.Task[None]] = set()
 
 
@@ -146,9 +186,9 @@ Connect = Callable[[int, str, int, tuple[str, int]], Awaitable[tuple[Reader, Wri
 class PortProxy:
     """The listener of one pod port and the sessions' filters on it."""
 
-    def __init__(self, port: int, server: asyncio.Server, listen_port: int, connect: Connect,
+    def __init__(self, port: int, servers: list[asyncio.Server], listen_port: int, connect: Connect,
                  counters: collections.Counter, on_idle: Callable[["PortProxy"], None]) -> None:
-        self.port, self.server, self.listen_port = port, server, listen_port
+        self.port, self.servers, self.listen_port = port, servers, listen_port
         self._connect, self._counters, self._on_idle = connect, counters, on_idle
         self.routes: list[Route] = []
         self.tasks: set[asyncio.Task[None]] = set()
@@ -185,9 +225,12 @@ class PortProxy:
         # One opener per route for this connection: the proxy keys its upstreams by opener.
         openers: dict[int, Opener] = {}
 
+        family = _family(peer[0])
+
         def choose(head: RequestHead) -> Opener | None:
             for route in self.routes:
-                if route.filter.matches(head):
+                # A session whose tunnel lacks the client's family cannot take its connection.
+                if family in route.clients and route.filter.matches(head):
                     route.connections.add(task)
                     opener = openers.get(id(route))
                     if opener is None:
@@ -199,7 +242,7 @@ class PortProxy:
 
     def _local_opener(self, route: Route, peer: tuple[str, int]) -> Opener:
         async def opener() -> tuple[Reader, Writer]:
-            return await self._connect(LOCAL_MARK, peer[0], peer[1], (route.client, route.local))
+            return await self._connect(LOCAL_MARK, peer[0], peer[1], (route.clients[_family(peer[0])], route.local))
         return opener
 
     def drop(self, holder: str) -> list[asyncio.Task[None]]:
@@ -217,24 +260,27 @@ class Proxies:
         self._ports: dict[int, PortProxy] = {}
         self._draining: set[PortProxy] = set()  # closed, with connections left (that go to the pod)
         self._lock = asyncio.Lock()
-        self._routed = False
+        self._routed = self._routed6 = False  # install_routing done (with IPv6)
         self._unrouting: asyncio.Task[None] | None = None
-        self._spare: list[socket.socket] = []  # made in the namespace ahead of need
-        self._refill: asyncio.Task[None] | None = None
+        # Made in the namespace ahead of need, by family.
+        self._spare: dict[socket.AddressFamily, list[socket.socket]] = {socket.AF_INET: [], socket.AF_INET6: []}
+        self._refill: dict[socket.AddressFamily, asyncio.Task[None]] = {}
         self.counters: collections.Counter = collections.Counter()
 
-    async def join(self, holder: str, client: str, wanted: dict[int, tuple[HttpFilter, int]]) -> dict[int, int]:
+    async def join(self, holder: str, clients: dict[int, str],
+                   wanted: dict[int, tuple[HttpFilter, int]]) -> dict[int, int]:
         """Add (or replace) `holder`'s filters on these pod ports (port -> (filter, local port));
-        returns each port's listener port, for the redirect."""
+        `clients`: its tunnel address by family. Returns each port's listener port, for the redirect."""
         async with self._lock:
-            if wanted and not self._routed:
-                await self._ns.acall(install_routing)
-                self._routed = True
+            ipv6 = socket.AF_INET6 in clients
+            if wanted and (not self._routed or (ipv6 and not self._routed6)):
+                await self._ns.acall(install_routing, ipv6 or self._routed6)
+                self._routed, self._routed6 = True, ipv6 or self._routed6
             out = {}
             for port, (http_filter, local) in wanted.items():
                 proxy = self._ports.get(port) or await self._listen(port)
                 ended = proxy.drop(holder)  # a changed filter or local port: its connections end
-                proxy.routes.append(Route(holder, http_filter, client, local))
+                proxy.routes.append(Route(holder, http_filter, clients, local))
                 await _end(ended)
                 out[port] = proxy.listen_port
             return out
@@ -249,7 +295,8 @@ class Proxies:
                 if not proxy.routes:
                     del self._ports[port]
                     proxy.closed = True
-                    proxy.server.close()
+                    for server in proxy.servers:
+                        server.close()
                     log.info("filtered steal: pod port %d given back", proxy.port)
                     if proxy.tasks:
                         self._draining.add(proxy)
@@ -271,17 +318,27 @@ class Proxies:
         # The rule also carries the replies of connections still draining.
         if self._routed and not self._ports and not self._draining:
             await self._ns.acall(remove_routing)
-            self._routed = False
-            spare, self._spare = self._spare, []
-            for sock in spare:
-                sock.close()
+            self._routed = self._routed6 = False
+            for spare in self._spare.values():
+                while spare:
+                    spare.pop().close()
 
     async def _listen(self, port: int) -> PortProxy:
-        sock = await self._ns.acall(_listening_socket)
-        listen_port = sock.getsockname()[1]
+        socks = await self._ns.acall(_listening_sockets)
+        listen_port = socks[0].getsockname()[1]
         holder: list[PortProxy] = []
-        server = await asyncio.start_server(lambda r, w: holder[0].handle(r, w), sock=sock, limit=CHUNK)
-        proxy = PortProxy(port, server, listen_port, self._connect, self.counters, self._idle)
+        servers = []
+        try:
+            for sock in socks:
+                servers.append(await asyncio.start_server(lambda r, w: holder[0].handle(r, w), sock=sock,
+                                                          limit=CHUNK))
+        except BaseException:
+            for server in servers:
+                server.close()
+            for sock in socks[len(servers):]:
+                sock.close()
+            raise
+        proxy = PortProxy(port, servers, listen_port, self._connect, self.counters, self._idle)
         holder.append(proxy)
         self._ports[port] = proxy
         log.info("filtered steal: pod port %d served by the proxy on port %d", port, listen_port)
@@ -289,7 +346,7 @@ class Proxies:
 
     async def _connect(self, mark: int, source: str, avoid_port: int, dest: tuple[str, int]) -> tuple[Reader, Writer]:
         for _ in range(3):
-            sock = await self._socket()
+            sock = await self._socket(_family(source))
             try:
                 if _make_transparent(sock, mark, source, avoid_port):
                     async with asyncio.timeout(CONNECT_TIMEOUT):
@@ -301,16 +358,18 @@ class Proxies:
             sock.close()
         raise OSError(errno.EADDRINUSE, "no free source port")
 
-    async def _socket(self) -> socket.socket:
-        if len(self._spare) < SPARE_SOCKETS // 2 and (self._refill is None or self._refill.done()):
-            self._refill = asyncio.create_task(self._add_spares())
-        if self._spare:
-            return self._spare.pop()
-        return (await self._ns.acall(_new_sockets, 1))[0]
+    async def _socket(self, family: socket.AddressFamily) -> socket.socket:
+        spare, refill = self._spare[family], self._refill.get(family)
+        if len(spare) < SPARE_SOCKETS // 2 and (refill is None or refill.done()):
+            self._refill[family] = asyncio.create_task(self._add_spares(family))
+        if spare:
+            return spare.pop()
+        return (await self._ns.acall(_new_sockets, 1, family))[0]
 
-    async def _add_spares(self) -> None:
+    async def _add_spares(self, family: socket.AddressFamily) -> None:
         with contextlib.suppress(OSError, RuntimeError):  # out of fds; the agent ending: made when needed
-            self._spare += await self._ns.acall(_new_sockets, SPARE_SOCKETS - len(self._spare))
+            spare = self._spare[family]
+            spare += await self._ns.acall(_new_sockets, SPARE_SOCKETS - len(spare), family)
 
 
 async def _end(tasks: list[asyncio.Task[None]]) -> None:

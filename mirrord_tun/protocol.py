@@ -3,8 +3,8 @@
 Every message is a frame: a 4-byte big-endian body length, a 1-byte kind, the
 body. Kinds are typed by direction (`ClientMsg` flows client→agent, `AgentMsg`
 agent→client). Control bodies are JSON; `PACKETS` bodies are a batch of
-length-prefixed packets, each a virtio-net header plus an IPv4 packet (see
-netns/tun.py), so one SSH write carries every packet that was ready at once.
+length-prefixed packets, each a virtio-net header plus an IPv4 or IPv6 packet
+(see netns/tun.py), so one SSH write carries every packet that was ready at once.
 
 The client opens with HELLO carrying its protocol version; the agent answers
 WELCOME with min(client, agent). New kinds are only ever appended, and used
@@ -13,6 +13,11 @@ only when the negotiated version has them: version 2 adds the inbound mirror
 STEAL_STATE), version 4 resume: WELCOME carries a per-session secret and the
 agent's grace period, and a client whose connection dropped opens a new one
 (with the same key) and sends RESUME instead of HELLO.
+
+IPv6 needs no new version: an agent whose session carries IPv6 adds optional
+fields to WELCOME (`client_addr6`, `agent_addr6`, `pod_addrs6`), which older
+clients ignore; a WELCOME without them (an older agent, an IPv4-only pod) is an
+IPv4-only session.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import ipaddress
 import json
 import re
 import struct
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 VERSION = 4
 MIN_VERSION = 1
@@ -174,6 +179,7 @@ class FrameReader:
 
 
 MIN_MTU, MAX_MTU = 576, 65535
+IPV6_MIN_MTU = 1280  # the kernel turns IPv6 off on a device with less
 MAX_RESOLV_CONF = 64 * 1024
 MAX_POD_ADDRS = 32
 _SESSION_ID = re.compile(r"[0-9a-f]{1,32}")
@@ -217,6 +223,29 @@ def _unicast(value: object, what: str) -> str:
     return str(addr)
 
 
+def _unicast6(value: object, what: str) -> str:
+    """A global or unique-local IPv6 address: one a pod or a tunnel end can have."""
+    if type(value) is not str or len(value) > 39:
+        raise Malformed(f"{what} is not an IPv6 address")
+    try:
+        addr = ipaddress.IPv6Address(value)
+    except ValueError:
+        raise Malformed(f"{what} {_short(value)} is not an IPv6 address") from None
+    if addr.scope_id is not None:  # Python parses "fd00::1%anything"; it would reach nft scripts
+        raise Malformed(f"{what} {_short(value)} has a scope")
+    if (addr.is_multicast or addr.is_loopback or addr.is_unspecified or addr.is_link_local
+            or addr.is_site_local or addr.ipv4_mapped is not None):
+        raise Malformed(f"{what} {addr} is not a unicast address")
+    return str(addr)
+
+
+def _addr_list(d: dict[str, Any], name: str, check: Callable[[object, str], str]) -> list[str]:
+    listed = _typed(d, name, list)
+    if len(listed) > MAX_POD_ADDRS:
+        raise Malformed(f"{len(listed)} {name} (at most {MAX_POD_ADDRS})")
+    return list(dict.fromkeys(check(a, "pod address") for a in listed))
+
+
 @dataclasses.dataclass
 class Welcome:
     """What the agent tells the client once its side of the tunnel exists."""
@@ -231,9 +260,26 @@ class Welcome:
     # v4: what RESUME must quote (kept in memory only), and how long the agent keeps a detached session.
     secret: str = dataclasses.field(default="", repr=False)
     resume_timeout: float = 0.0
+    # When the session carries IPv6 (the pod has a global or unique-local address); "" and [] when not.
+    client_addr6: str = ""
+    agent_addr6: str = ""
+    pod_addrs6: list[str] = dataclasses.field(default_factory=list)
+    # The pod has IPv6 but this session cannot carry it: why (for the user; "" otherwise).
+    ipv6_off: str = ""
+
+    @property
+    def client_addrs(self) -> list[str]:
+        """The client end's addresses, IPv4 first."""
+        return [self.client_addr, *([self.client_addr6] if self.client_addr6 else [])]
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.client_addr6:  # an IPv4-only session says nothing of IPv6
+            for name in ("client_addr6", "agent_addr6", "pod_addrs6"):
+                del d[name]
+        if not self.ipv6_off:
+            del d["ipv6_off"]
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any], offered: int = VERSION) -> "Welcome":
@@ -254,12 +300,21 @@ class Welcome:
         mtu = _typed(d, "mtu", int)
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise Malformed(f"mtu {_short(mtu)} out of range {MIN_MTU}-{MAX_MTU}")
-        listed = _typed(d, "pod_addrs", list)
-        if len(listed) > MAX_POD_ADDRS:
-            raise Malformed(f"{len(listed)} pod_addrs (at most {MAX_POD_ADDRS})")
-        pod_addrs = list(dict.fromkeys(_unicast(a, "pod address") for a in listed))
+        pod_addrs = _addr_list(d, "pod_addrs", _unicast)
         if {client, agent} & set(pod_addrs):
             raise Malformed("a pod address is a tunnel address")
+        client6 = agent6 = ""
+        pod_addrs6: list[str] = []
+        if d.get("client_addr6", "") != "" or d.get("agent_addr6", "") != "":
+            client6 = _unicast6(d.get("client_addr6"), "client_addr6")
+            agent6 = _unicast6(d.get("agent_addr6"), "agent_addr6")
+            if client6 == agent6:
+                raise Malformed(f"client_addr6 and agent_addr6 are both {client6}")
+            if mtu < IPV6_MIN_MTU:
+                raise Malformed(f"mtu {mtu} too small for IPv6 (at least {IPV6_MIN_MTU})")
+            pod_addrs6 = _addr_list(d, "pod_addrs6", _unicast6)
+            if {client6, agent6} & set(pod_addrs6):
+                raise Malformed("a pod address is a tunnel address")
         resolv_conf = _typed(d, "resolv_conf", str)
         try:
             size = len(resolv_conf.encode())
@@ -275,7 +330,11 @@ class Welcome:
             resume_timeout = d.get("resume_timeout")
             if type(resume_timeout) not in (int, float) or not 0 <= resume_timeout <= MAX_RESUME_TIMEOUT:
                 raise Malformed(f"resume_timeout {_short(resume_timeout)} out of range 0-{MAX_RESUME_TIMEOUT}")
-        return cls(version, session, client, agent, mtu, pod_addrs, resolv_conf, secret, float(resume_timeout))
+        ipv6_off = d.get("ipv6_off", "")
+        if type(ipv6_off) is not str or len(ipv6_off) > MAX_REASON:
+            raise Malformed("ipv6_off is not a short text")
+        return cls(version, session, client, agent, mtu, pod_addrs, resolv_conf, secret, float(resume_timeout),
+                   client6, agent6, pod_addrs6, ipv6_off)
 
 
 def resume(session: str, secret: str) -> bytes:
@@ -320,13 +379,14 @@ def _port_map(value: object, what: str) -> dict[int, int]:
 
 
 def cidr(value: object) -> str:
-    """An IPv4 address or network (host bits dropped), normalised; Malformed otherwise."""
-    if type(value) is not str or len(value) > 18:
-        raise Malformed(f"{_short(value)} is not an IPv4 address or CIDR")
+    """An IPv4 or IPv6 address or network (host bits dropped), normalised; Malformed otherwise."""
+    # No IPv6 scope ("fe80::1%eth0"): a source network has none, and it would reach an nft script.
+    if type(value) is not str or len(value) > 43 or "%" in value:  # 43: the longest IPv6 address and "/128"
+        raise Malformed(f"{_short(value)} is not an IP address or CIDR")
     try:
-        return str(ipaddress.IPv4Network(value, strict=False))
+        return str(ipaddress.ip_network(value, strict=False))
     except ValueError:
-        raise Malformed(f"{_short(value)} is not an IPv4 address or CIDR") from None
+        raise Malformed(f"{_short(value)} is not an IP address or CIDR") from None
 
 
 def regex(value: object, what: str) -> str | None:
@@ -370,7 +430,7 @@ class StealRequest:
 
     tcp: dict[int, int] = dataclasses.field(default_factory=dict)  # pod port -> local port
     udp: dict[int, int] = dataclasses.field(default_factory=dict)
-    exclude: tuple[str, ...] = ()  # IPv4 CIDRs
+    exclude: tuple[str, ...] = ()  # IPv4 and IPv6 CIDRs
     filtered: tuple[FilteredSteal, ...] = ()
 
     def to_json(self) -> dict[str, Any]:

@@ -31,20 +31,12 @@ Check = Callable[[bytes], "str | None"]
 Counters = collections.Counter
 
 
-def ipv4_only(pkt: bytes) -> str | None:
-    if len(pkt) < _IP + 20:
-        return "dropped_malformed"
-    version = pkt[_IP] >> 4
-    if version == 4:
-        return None
-    return "dropped_ipv6" if version == 6 else "dropped_malformed"
-
-
 # struct virtio_net_hdr (linux/virtio_net.h), in host byte order as a legacy TUN uses it.
 _VNET = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
 _NEEDS_CSUM, _DATA_VALID = 0x01, 0x02
-_GSO_NONE, _GSO_TCPV4, _GSO_ECN = 0x00, 0x01, 0x80
+_GSO_NONE, _GSO_TCPV4, _GSO_TCPV6, _GSO_ECN = 0x00, 0x01, 0x04, 0x80
 _TCP, _TCP_CHECK = 6, 16  # protocol number; offsetof(struct tcphdr, check)
+_IPV6_HEADER = 40
 MIN_GSO_SIZE = 48  # Linux's smallest TCP MSS (tcp_min_snd_mss): less only multiplies segments
 
 
@@ -55,8 +47,9 @@ def vnet_check(pkt: bytes) -> str | None:
     cut a super-packet into segments; a hostile one aims those writes or multiplies
     the work. Allowed is exactly what a TUN with our offloads hands out: no flag but
     NEEDS_CSUM/DATA_VALID, a checksum inside the packet, and GSO only as TCP over
-    IPv4 (the only family carried) with a real segment size and its checksum at the
-    TCP header. The hot path: one unpack and a few comparisons.
+    IPv4 or over IPv6 without extension headers (the kernel's TCP never adds any),
+    with a real segment size and its checksum at the TCP header. The hot path: one
+    unpack and a few comparisons.
     """
     size = len(pkt) - _IP
     if size < 20:
@@ -67,32 +60,52 @@ def vnet_check(pkt: bytes) -> str | None:
         return "dropped_bad_vnet"
     if gso == _GSO_NONE:
         return None
-    if (gso & ~_GSO_ECN != _GSO_TCPV4 or gso_size < MIN_GSO_SIZE or not flags & _NEEDS_CSUM
-            or pkt[_IP] >> 4 != 4 or pkt[_IP + 9] != _TCP or csum_start != (pkt[_IP] & 0x0F) * 4
-            or csum_offset != _TCP_CHECK):
+    if gso_size < MIN_GSO_SIZE or not flags & _NEEDS_CSUM or csum_offset != _TCP_CHECK:
+        return "dropped_bad_vnet"
+    gso &= ~_GSO_ECN
+    if gso == _GSO_TCPV4:
+        if pkt[_IP] >> 4 != 4 or pkt[_IP + 9] != _TCP or csum_start != (pkt[_IP] & 0x0F) * 4:
+            return "dropped_bad_vnet"
+        return None
+    if (gso != _GSO_TCPV6 or pkt[_IP] >> 4 != 6 or size < _IPV6_HEADER or pkt[_IP + 6] != _TCP
+            or csum_start != _IPV6_HEADER):
         return "dropped_bad_vnet"
     return None
 
 
-def _address_is(offset: int, addrs: tuple[str, ...], reason: str) -> Check:
-    allowed = {ipaddress.IPv4Address(a).packed for a in addrs}
+def _address_is(v4_offset: int, v6_offset: int, addrs: tuple[str, ...], reason: str) -> Check:
+    """Packets whose address at that offset (by IP version) is one of `addrs`; IPv6 packets
+    only where an IPv6 address is among them, otherwise dropped as `dropped_ipv6`."""
+    parsed = [ipaddress.ip_address(a) for a in addrs]
+    allowed4 = {a.packed for a in parsed if a.version == 4}
+    allowed6 = {a.packed for a in parsed if a.version == 6}
+    v4_end, v6_end = v4_offset + 4, v6_offset + 16
 
     def check(pkt: bytes) -> str | None:
-        bad = ipv4_only(pkt)
-        if bad:
-            return bad
-        return None if pkt[offset : offset + 4] in allowed else reason
+        # IPv4 first and with the fewest steps: it is most of the traffic.
+        if len(pkt) < _IP + 20:
+            return "dropped_malformed"
+        version = pkt[_IP] >> 4
+        if version == 4:
+            return None if pkt[v4_offset:v4_end] in allowed4 else reason
+        if version != 6:
+            return "dropped_malformed"
+        if not allowed6:
+            return "dropped_ipv6"
+        if len(pkt) < _IP + _IPV6_HEADER:
+            return "dropped_malformed"
+        return None if pkt[v6_offset:v6_end] in allowed6 else reason
 
     return check
 
 
 def source_is(*addrs: str) -> Check:
-    """Anti-spoofing: an IPv4 packet whose source is one of `addrs`."""
-    return _address_is(_IP + 12, addrs, "dropped_spoofed")
+    """Anti-spoofing: a packet whose source is one of `addrs` (IPv4, IPv6, or both)."""
+    return _address_is(_IP + 12, _IP + 8, addrs, "dropped_spoofed")
 
 
 def destination_is(*addrs: str) -> Check:
-    return _address_is(_IP + 16, addrs, "dropped_misaddressed")
+    return _address_is(_IP + 16, _IP + 24, addrs, "dropped_misaddressed")
 
 
 class TunPump:

@@ -36,7 +36,7 @@ from mirrord_tun.mirror.delivery import SPILL_LIMIT
 from mirrord_tun.mirror.ports import POLL_INTERVAL, steal_ports
 from mirrord_tun.mounts import Mounts
 from mirrord_tun.netns import exec as nsexec
-from mirrord_tun.netns import links, routes, sockdiag
+from mirrord_tun.netns import ipv6, links, routes, sockdiag
 from mirrord_tun.netns.namespace import NetNs, pids_in
 from mirrord_tun.netns.tun import Tun
 from mirrord_tun.progress import QUIET
@@ -80,9 +80,14 @@ class Stealer:
     """run's side of steal: asks the agent for the ports the program serves (and --port), and
     lets exactly those into the namespace through the inbound guard."""
 
-    def __init__(self, ns: NetNs, client_addr: str, options: StealOptions,
+    def __init__(self, ns: NetNs, client_addrs: list[str], options: StealOptions,
                  send: Callable[[bytes], None]) -> None:
-        self._ns, self._client, self._opts, self._send = ns, client_addr, options, send
+        """`client_addrs`: the tunnel's addresses, IPv4 and (when the session carries it) IPv6."""
+        if not any(":" in a for a in client_addrs):
+            # IPv6 sources mean nothing to an IPv4-only session, and an agent older than IPv6 takes
+            # a STEAL naming one for malformed (and never answers it).
+            options = dataclasses.replace(options, exclude=tuple(c for c in options.exclude if ":" not in c))
+        self._ns, self._clients, self._opts, self._send = ns, client_addrs, options, send
         self._wanted: tuple[dict[int, int], dict[int, int]] = ({}, {})
         self._answer: asyncio.Future[protocol.StealState] | None = None
         self._warned: set[str] = set()
@@ -123,7 +128,7 @@ class Stealer:
                 await asyncio.wait_for(self._ask({}, {}), UNSTEAL_WAIT)
 
     async def _serving(self) -> tuple[dict[int, int], dict[int, int]]:
-        tcp, udp = await self._ns.acall(sockdiag.serving_ports, [self._client])
+        tcp, udp = await self._ns.acall(sockdiag.serving_ports, self._clients)
         return steal_ports(tcp, udp, self._opts.ports)
 
     async def _follow(self) -> None:
@@ -156,7 +161,7 @@ class Stealer:
         return state
 
     async def _guard(self, tcp: set[int], udp: set[int]) -> None:
-        await self._ns.acall(routes.refuse_inbound, TUN_NAME, self._client, tcp, udp)
+        await self._ns.acall(routes.refuse_inbound, TUN_NAME, self._clients, tcp, udp)
 
     def _warn(self, state: protocol.StealState) -> None:
         for name, why in sorted(state.refused.items()):
@@ -295,6 +300,9 @@ class LocalSession:
             self._session, self._up = welcome, True
             log.info("session %s: tunnel address %s, pod %s, mtu %d", welcome.session,
                      ",".join(welcome.client_addrs), ",".join(welcome.pod_addrs + welcome.pod_addrs6) or "?", welcome.mtu)
+            if welcome.ipv6_off:
+                print(f"mirrord-ns: the pod has IPv6, but this session is IPv4 only: {printable(welcome.ipv6_off)}",
+                      file=sys.stderr, flush=True)
             if self.mounts:  # checked before anything starts: a missing PATH is one line, exit 2
                 await self.mounts.prepare(conn)
             ns = open_ns()
@@ -309,14 +317,15 @@ class LocalSession:
                 if welcome.version < protocol.STEAL_VERSION:
                     raise SetupError(f"the agent speaks protocol {welcome.version}, too old to steal "
                                      f"(needs {protocol.STEAL_VERSION})")
-                self.stealer = Stealer(ns, welcome.client_addr, self.steal, self.write)
+                self.stealer = Stealer(ns, welcome.client_addrs, self.steal, self.write)
                 await self.stealer.start()
             elif self.mirror_ports is not None and welcome.version < protocol.MIRROR_VERSION:
                 log.warning("the agent speaks protocol %d, too old to mirror inbound traffic", welcome.version)
             elif self.mirror_ports is not None and welcome.pod_addrs:
-                addrs = self._mirrorable(welcome.pod_addrs)
+                addrs = self._mirrorable(welcome.pod_addrs + welcome.pod_addrs6, ns.call(ipv6.enabled))
                 if addrs:
-                    self.mirror = Mirror(ns, addrs, [*welcome.pod_addrs, welcome.client_addr, welcome.agent_addr],
+                    self.mirror = Mirror(ns, addrs, [*welcome.pod_addrs, *welcome.pod_addrs6, *welcome.client_addrs,
+                                                     welcome.agent_addr, welcome.agent_addr6],
                                          self.mirror_ports, self.write, self.counters, self.spill_limit)
                     await self.mirror.start()
             return await use(ns, welcome)
@@ -428,12 +437,18 @@ class LocalSession:
         except Exception as e:  # noqa: BLE001 - the cluster client's own (websocket) errors: try again
             raise SetupError(f"cannot reach the agent pod: {printable(str(e))}") from None
 
-    def _mirrorable(self, pod_addrs: list[str]) -> list[str]:
+    def _mirrorable(self, pod_addrs: list[str], local_ipv6: bool) -> list[str]:
+        """The pod addresses the mirror can make local here; one clear warning for the others, whose
+        copies are then dropped and counted (dropped_mirror_destination)."""
         addrs = [a for a in pod_addrs if a not in self.mirror_exclude]
-        if len(addrs) < len(pod_addrs):  # one clear warning: inbound to that address is not copied
+        if len(addrs) < len(pod_addrs):
             print(f"mirrord-ns: not mirroring traffic to {', '.join(sorted(set(pod_addrs) - set(addrs)))}: "
                   f"it is the agent's address, which must stay reachable from this namespace",
                   file=sys.stderr, flush=True)
+        if not local_ipv6 and any(":" in a for a in addrs):  # an attached container with IPv6 off
+            print("mirrord-ns: not mirroring the pod's IPv6 clients: IPv6 is disabled in this namespace",
+                  file=sys.stderr, flush=True)
+            addrs = [a for a in addrs if ":" not in a]
         return addrs
 
     async def _run_in(self, ns: NetNs, welcome: protocol.Welcome) -> int:

@@ -46,7 +46,7 @@ def make_default_via(name: str) -> None:
     idx = rtnl.index(name)
     rtnl.set_up(rtnl.index("lo"))
     rtnl.add_route("0.0.0.0", 0, oif=idx)
-    if any(a.fields[4] == idx for a in rtnl.addresses(socket.AF_INET6)):  # bring_up_tun gave it IPv6
+    if rtnl.has_address(idx, socket.AF_INET6):  # bring_up_tun gave it IPv6
         rtnl.add_route("::", 0, oif=idx)
 
 

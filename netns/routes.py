@@ -16,7 +16,7 @@ connection into this namespace through the TUN. Replies to what the namespace
 opened, and the ICMP errors that go with them (ping, traceroute, PMTU), pass. The
 inbound mirror is unaffected: it delivers over lo, from sockets of its own. With
 steal, exactly the local ports the user asked to steal accept new connections to
-the tunnel address, so a hostile agent still reaches nothing else.
+the tunnel addresses (IPv4 and IPv6), so a hostile agent still reaches nothing else.
 
 Every function acts on the calling thread's namespace: run them via NetNs.call.
 """
@@ -33,18 +33,22 @@ from mirrord_tun.netns import nft, rtnl
 
 RTPROT_MIRRORD = 77  # a route protocol number of our own (see /etc/iproute2/rt_protos)
 HALVES = ("0.0.0.0", "128.0.0.0")  # two /1s: more specific than any default route
+HALVES6 = ("::", "8000::")
 INBOUND_TABLE = "mirrord_ns_inbound"  # family inet; the prefix marks it as ours, as the agent's tables
 _OUR_TUN = re.compile(r"mrd[0-9a-z]{1,12}")  # only names we made go into the nft script
+_ANYWHERE = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
 
 
-def add_local_delivery(mark: int, priority: int) -> None:
-    """`ip rule fwmark MARK lookup MARK` and `local 0.0.0.0/0 dev lo` in that table (RTPROT_MIRRORD):
-    packets given MARK come back up to this namespace's own sockets instead of leaving, the trick
-    TPROXY setups use for the replies to a transparent socket. Idempotent. The table number is
-    the mark itself: a namespace is unlikely to use such a number for its own tables."""
+def add_local_delivery(mark: int, priority: int, family: int = socket.AF_INET) -> None:
+    """`ip rule fwmark MARK lookup MARK` and `local 0.0.0.0/0 dev lo` in that table (RTPROT_MIRRORD),
+    or with `family` AF_INET6 their IPv6 twins (`ip -6 rule`, `local ::/0`): packets given MARK come
+    back up to this namespace's own sockets instead of leaving, the trick TPROXY setups use for the
+    replies to a transparent socket. Idempotent. The table number is the mark itself: a namespace
+    is unlikely to use such a number for its own tables."""
     lo = rtnl.index("lo")
-    for add in (lambda: rtnl.add_rule(mark, mark, priority),
-                lambda: rtnl.add_route("0.0.0.0", 0, oif=lo, table=mark, proto=RTPROT_MIRRORD, kind=rtnl.RTN_LOCAL)):
+    for add in (lambda: rtnl.add_rule(mark, mark, priority, family),
+                lambda: rtnl.add_route(_ANYWHERE[family], 0, oif=lo, table=mark, proto=RTPROT_MIRRORD,
+                                       kind=rtnl.RTN_LOCAL)):
         try:
             add()
         except OSError as e:
@@ -53,29 +57,41 @@ def add_local_delivery(mark: int, priority: int) -> None:
 
 
 def remove_local_delivery(mark: int) -> None:
-    """Exactly what add_local_delivery(mark) added, found by mark and table; nothing if absent."""
-    for rule in rtnl.rules():
-        if rule.u32(rtnl.FRA_FWMARK) == mark and rtnl.table_of(rule) == mark:
-            with contextlib.suppress(OSError):
-                rtnl.delete_rule(mark, mark, rule.u32(rtnl.FRA_PRIORITY))
-    with contextlib.suppress(OSError):  # ESRCH: not there
-        rtnl.delete_route("0.0.0.0", 0, table=mark, proto=RTPROT_MIRRORD, kind=rtnl.RTN_LOCAL)
+    """Exactly what add_local_delivery(mark) added for either family, found by mark, table and
+    route protocol; nothing if absent."""
+    for family, anywhere in _ANYWHERE.items():
+        try:
+            rules = rtnl.rules(family)
+        except OSError:
+            if family == socket.AF_INET:
+                raise
+            continue  # a kernel without IPv6: nothing of that family can be there
+        for rule in rules:
+            if rule.u32(rtnl.FRA_FWMARK) == mark and rtnl.table_of(rule) == mark:
+                with contextlib.suppress(OSError):
+                    rtnl.delete_rule(mark, mark, rule.u32(rtnl.FRA_PRIORITY), family)
+        with contextlib.suppress(OSError):  # ESRCH: not there
+            rtnl.delete_route(anywhere, 0, table=mark, proto=RTPROT_MIRRORD, kind=rtnl.RTN_LOCAL)
 
 
-def refuse_inbound(tun: str, addr: str | None = None, tcp: Iterable[int] = (), udp: Iterable[int] = ()) -> None:
+def refuse_inbound(tun: str, addrs: Iterable[str] = (), tcp: Iterable[int] = (), udp: Iterable[int] = ()) -> None:
     """Drop every packet from TUN `tun` that opens a connection (see the module's doc), except
-    those to `addr` on the `tcp`/`udp` ports: the ports the user asked to steal, whose
-    connections the agent hands in. Calling it again replaces the guard in one transaction."""
+    those to one of `addrs` (the tunnel's IPv4 and IPv6 addresses) on the `tcp`/`udp` ports: the
+    ports the user asked to steal, whose connections the agent hands in. Calling it again
+    replaces the guard in one transaction."""
     if not _OUR_TUN.fullmatch(tun):
         raise ValueError(f"not a TUN of ours: {tun!r}")
+    # From the bytes: no IPv6 scope ("%eth0") can reach the nft script.
+    checked = [ipaddress.ip_address(ipaddress.ip_address(a).packed) for a in addrs]
     allowed = ""
     for proto, ports in (("tcp", sorted(set(tcp))), ("udp", sorted(set(udp)))):
         if not ports:
             continue
-        if addr is None or not all(type(p) is int and 0 < p < 65536 for p in ports):
-            raise ValueError(f"bad steal ports for the inbound guard: {addr!r} {ports!r}")
-        allowed += (f'    iifname "{tun}" ip daddr {ipaddress.IPv4Address(addr)} {proto} dport '
-                    f'{{ {", ".join(map(str, ports))} }} ct state new accept\n')
+        if not checked or not all(type(p) is int and 0 < p < 65536 for p in ports):
+            raise ValueError(f"bad steal ports for the inbound guard: {checked!r} {ports!r}")
+        for addr in checked:
+            allowed += (f'    iifname "{tun}" {"ip" if addr.version == 4 else "ip6"} daddr {addr} {proto} dport '
+                        f'{{ {", ".join(map(str, ports))} }} ct state new accept\n')
     # prerouting rather than input: also nothing forwarded onwards, should the namespace
     # route for others (a container with ip_forward on).
     nft.run(
@@ -100,29 +116,31 @@ def remove_leftovers() -> int:
     if nft.tables("inet", INBOUND_TABLE):
         remove_inbound_guard()
         n += 1
-    for r in rtnl.routes(socket.AF_INET):
-        if r.fields[5] != RTPROT_MIRRORD or rtnl.table_of(r) != rtnl.RT_TABLE_MAIN:
-            continue
-        with contextlib.suppress(OSError):
-            rtnl.delete_route(r.address(rtnl.RTA_DST) or "0.0.0.0", r.fields[1], proto=RTPROT_MIRRORD)
-            n += 1
+    for family, anywhere in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        for r in rtnl.routes(family):
+            if r.fields[5] != RTPROT_MIRRORD or rtnl.table_of(r) != rtnl.RT_TABLE_MAIN:
+                continue
+            with contextlib.suppress(OSError):
+                rtnl.delete_route(r.address(rtnl.RTA_DST) or anywhere, r.fields[1], proto=RTPROT_MIRRORD)
+                n += 1
     return n
 
 
 def steer_into(name: str, keep: list[str]) -> Callable[[], None]:
-    """Route all IPv4 through TUN `name`, except `keep` addresses.
+    """Route all IPv4 through TUN `name` (and all IPv6 when the TUN has IPv6), except `keep`
+    addresses.
 
     `keep` holds the agent's address when our SSH connection itself lives in
-    this namespace: it is pinned (a /32) to the path it takes now, or the tunnel
-    would carry its own packets. Inbound connections through the TUN are refused
-    before any route leads there. Returns the undo, for after the TUN is gone.
+    this namespace: it is pinned (a host route) to the path it takes now, or the
+    tunnel would carry its own packets. Inbound connections through the TUN are
+    refused before any route leads there. Returns the undo, for after the TUN is gone.
     """
-    pins: list[str] = []
+    pins: list[tuple[str, int]] = []
 
     def undo() -> None:
-        for addr in pins:
+        for addr, host in pins:
             with contextlib.suppress(OSError):
-                rtnl.delete_route(addr, 32, proto=RTPROT_MIRRORD)
+                rtnl.delete_route(addr, host, proto=RTPROT_MIRRORD)
         remove_inbound_guard()
 
     refuse_inbound(name)
@@ -132,14 +150,16 @@ def steer_into(name: str, keep: list[str]) -> Callable[[], None]:
             now = rtnl.route_to(addr)
             if now.fields[7] == rtnl.RTN_LOCAL:
                 continue  # an address of this namespace (a local port-forward): never routed
+            host = 128 if ":" in addr else 32
             try:
-                rtnl.add_route(addr, 32, oif=now.u32(rtnl.RTA_OIF), gateway=now.address(rtnl.RTA_GATEWAY),
+                rtnl.add_route(addr, host, oif=now.u32(rtnl.RTA_OIF), gateway=now.address(rtnl.RTA_GATEWAY),
                                proto=RTPROT_MIRRORD)
-                pins.append(addr)
+                pins.append((addr, host))
             except OSError as e:
-                if e.errno != errno.EEXIST:  # a /32 of the namespace's own already pins it
+                if e.errno != errno.EEXIST:  # a host route of the namespace's own already pins it
                     raise
-        for half in HALVES:
+        ipv6 = rtnl.has_address(idx, socket.AF_INET6)  # the session carries IPv6: bring_up_tun gave it
+        for half in HALVES + (HALVES6 if ipv6 else ()):
             rtnl.add_route(half, 1, oif=idx, proto=RTPROT_MIRRORD)
     except BaseException:
         undo()

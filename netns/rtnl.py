@@ -24,7 +24,7 @@ _NLA_F_NESTED = 0x8000
 _HEADER = struct.Struct("IHHII")
 
 IFLA_IFNAME, IFLA_MTU, IFLA_AF_SPEC = 3, 4, 26
-IFA_ADDRESS, IFA_LOCAL, IFA_LABEL, IFA_FLAGS = 1, 2, 3, 8
+IFA_ADDRESS, IFA_LOCAL, IFA_LABEL, IFA_FLAGS, IFA_PROTO = 1, 2, 3, 8, 11
 IFA_F_NODAD = 0x02
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
 FRA_PRIORITY, FRA_FWMARK, FRA_TABLE = 6, 10, 15
@@ -146,22 +146,25 @@ def links() -> list[Message]:
 
 
 # --- addresses
-def _ifaddr(idx: int, address: str, prefixlen: int, label: str | None, nodad: bool) -> bytes:
+def _ifaddr(idx: int, address: str, prefixlen: int, label: str | None, nodad: bool, proto: int = 0) -> bytes:
     packed = _packed(address)
     body = _IFADDR.pack(_family(address), prefixlen, 0, RT_SCOPE_UNIVERSE, idx)
     body += attr(IFA_LOCAL, packed) + attr(IFA_ADDRESS, packed)
     if label:
         body += attr(IFA_LABEL, label.encode() + b"\0")
+    if proto:
+        body += attr(IFA_PROTO, bytes([proto]))
     if nodad:
         body += attr(IFA_FLAGS, struct.pack("I", IFA_F_NODAD))
     return body
 
 
-def add_address(idx: int, address: str, prefixlen: int, label: str | None = None) -> None:
+def add_address(idx: int, address: str, prefixlen: int, label: str | None = None, proto: int = 0) -> None:
     """EEXIST (an OSError) if the link already has it. IPv6 addresses skip duplicate address
-    detection: ours are point-to-point on a TUN, and DAD would hold them back a second."""
-    _change(RTM_NEWADDR, _ifaddr(idx, address, prefixlen, label, nodad=_family(address) == socket.AF_INET6),
-            create=True)
+    detection: ours are point-to-point on a TUN, and DAD would hold them back a second.
+    `proto` (IFA_PROTO, Linux 6.1) marks an address as ours where a label cannot: IPv6 has none."""
+    _change(RTM_NEWADDR, _ifaddr(idx, address, prefixlen, label, nodad=_family(address) == socket.AF_INET6,
+                                 proto=proto), create=True)
 
 
 def delete_address(idx: int, address: str, prefixlen: int) -> None:
@@ -171,6 +174,11 @@ def delete_address(idx: int, address: str, prefixlen: int) -> None:
 def addresses(family: int = socket.AF_UNSPEC) -> list[Message]:
     """Every address here; fields: family, prefixlen, flags, scope, index."""
     return _exchange(RTM_GETADDR, _F_REQUEST | _F_DUMP, _IFADDR.pack(family, 0, 0, 0, 0))
+
+
+def has_address(idx: int, family: int) -> bool:
+    """Whether link `idx` has an address of `family` (a TUN we gave IPv6 carries IPv6)."""
+    return any(a.fields[4] == idx for a in addresses(family))
 
 
 # --- routes
@@ -221,24 +229,24 @@ def route_to(address: str) -> Message:
     return answer[0]
 
 
-# --- policy rules
-def _rule(fwmark: int, table: int, priority: int | None) -> bytes:
-    body = _RTMSG.pack(socket.AF_INET, 0, 0, 0, _small(table), 0, 0, _FR_ACT_TO_TBL, 0)
+# --- policy rules (IPv4 unless `family` says AF_INET6: each family has its own rules)
+def _rule(fwmark: int, table: int, priority: int | None, family: int) -> bytes:
+    body = _RTMSG.pack(family, 0, 0, 0, _small(table), 0, 0, _FR_ACT_TO_TBL, 0)
     body += attr(FRA_FWMARK, struct.pack("I", fwmark)) + attr(FRA_TABLE, struct.pack("I", table))
     return body + (attr(FRA_PRIORITY, struct.pack("I", priority)) if priority is not None else b"")
 
 
-def add_rule(fwmark: int, table: int, priority: int) -> None:
-    """`ip rule add fwmark MARK lookup TABLE priority P`; EEXIST if it is there."""
-    _change(RTM_NEWRULE, _rule(fwmark, table, priority), create=True)
+def add_rule(fwmark: int, table: int, priority: int, family: int = socket.AF_INET) -> None:
+    """`ip [-6] rule add fwmark MARK lookup TABLE priority P`; EEXIST if it is there."""
+    _change(RTM_NEWRULE, _rule(fwmark, table, priority, family), create=True)
 
 
-def delete_rule(fwmark: int, table: int, priority: int | None) -> None:
-    _change(RTM_DELRULE, _rule(fwmark, table, priority))
+def delete_rule(fwmark: int, table: int, priority: int | None, family: int = socket.AF_INET) -> None:
+    _change(RTM_DELRULE, _rule(fwmark, table, priority, family))
 
 
-def rules() -> list[Message]:
-    return _exchange(RTM_GETRULE, _F_REQUEST | _F_DUMP, _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0))
+def rules(family: int = socket.AF_INET) -> list[Message]:
+    return _exchange(RTM_GETRULE, _F_REQUEST | _F_DUMP, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0))
 
 
 def table_of(msg: Message) -> int:

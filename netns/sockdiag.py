@@ -56,13 +56,13 @@ def serving_ports(addrs: list[str]) -> tuple[set[int], set[int]]:
     """(TCP, UDP) ports with a socket that would receive traffic sent to one of `addrs`.
 
     TCP: listening sockets. UDP: bound, unconnected sockets (a connected one is a
-    client, like a resolver's query socket). Either bound to a wildcard (IPv4 or
-    dual-stack IPv6) or to one of `addrs`; a socket bound elsewhere (127.0.0.1,
+    client, like a resolver's query socket). Either bound to a wildcard (0.0.0.0 or
+    ::) or to one of `addrs` (IPv4, IPv6, or IPv4 as a mapped IPv6 address); a socket bound elsewhere (127.0.0.1,
     our own transparent delivery sockets) never sees mirrored traffic.
     """
     wanted = {ipaddress.ip_address(a).packed for a in addrs}
     wanted |= {bytes(4), bytes(16)}
-    wanted |= {b"\0" * 10 + b"\xff\xff" + ipaddress.ip_address(a).packed for a in addrs}
+    wanted |= {b"\0" * 10 + b"\xff\xff" + ipaddress.ip_address(a).packed for a in addrs if "." in a}
     tcp: set[int] = set()
     udp: set[int] = set()
     for family in (socket.AF_INET, socket.AF_INET6):

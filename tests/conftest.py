@@ -67,13 +67,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def make_cluster(agent_wrap: tuple[str, ...] = ()) -> Iterator[Cluster]:
-    """Build a cluster, yield it, remove it; `agent_wrap` prefixes the agent's command line."""
-    sb = Sandbox()
+def make_cluster(agent_wrap: tuple[str, ...] = (), ipv6: bool = False,
+                 more_on_svc: list[str] | None = None) -> Iterator[Cluster]:
+    """Build a cluster (dual-stack with `ipv6`), yield it, remove it; `agent_wrap` prefixes the
+    agent's command line, `more_on_svc` is one more server for svc (it prints "ready")."""
+    sb = Sandbox(ipv6=ipv6)
     try:
         sb.build()
         sb.start_services()
         sb.start_ready("svc", [sys.executable, "-c", _UDP_ECHO])
+        if more_on_svc:
+            sb.start_ready("svc", more_on_svc)
         yield Cluster(sb, sb.start_agent(wrap=agent_wrap))
     finally:
         sb.close()

@@ -160,10 +160,22 @@ def test_the_agents_own_address_is_not_mirrored(capsys: pytest.CaptureFixture[st
         key = asyncssh.generate_private_key("ssh-ed25519")
         session = LocalSession([], f"{POD}:2222", key, key, mirror_ports={})
         session.mirror_exclude.add(POD)
-        return session._mirrorable([POD, "198.18.0.11"])
+        return session._mirrorable([POD, "198.18.0.11"], local_ipv6=True)
 
     assert asyncio.run(mirrorable()) == ["198.18.0.11"]
     assert capsys.readouterr().err.count(f"not mirroring traffic to {POD}") == 1
+
+
+def test_a_namespace_without_ipv6_mirrors_the_ipv4_clients_only(capsys: pytest.CaptureFixture[str]) -> None:
+    """A container started with IPv6 disabled (Docker's default) attached to a dual-stack pod: the
+    IPv6 pod address cannot be made local there, so its copies are dropped (counted); one warning."""
+    async def mirrorable() -> list[str]:
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        session = LocalSession([], f"{POD}:2222", key, key, mirror_ports={})
+        return session._mirrorable([POD, "fd00:198:18::10"], local_ipv6=False)
+
+    assert asyncio.run(mirrorable()) == [POD]
+    assert capsys.readouterr().err.count("not mirroring the pod's IPv6 clients") == 1
 
 
 def test_sigterm_detaches_too(cluster: Cluster, app: str) -> None:

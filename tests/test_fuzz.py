@@ -142,8 +142,11 @@ def test_vnet_check_returns_a_reason_or_a_safe_header(pkt: bytes) -> None:
         assert not flags & ~3 and hdr_len <= size
         assert not flags & 1 or csum_start + csum_offset + 2 <= size
         if gso:
-            assert gso & 0x7F == 1 and gso_size >= MIN_GSO_SIZE and pkt[10] >> 4 == 4 and pkt[19] == 6
-            assert csum_start == (pkt[10] & 15) * 4 and csum_offset == 16
+            assert gso_size >= MIN_GSO_SIZE and csum_offset == 16
+            if gso & 0x7F == 1:  # TCP over IPv4
+                assert pkt[10] >> 4 == 4 and pkt[19] == 6 and csum_start == (pkt[10] & 15) * 4
+            else:  # TCP over IPv6 without extension headers
+                assert gso & 0x7F == 4 and pkt[10] >> 4 == 6 and pkt[16] == 6 and csum_start == 40
 
 
 # --- the inbound mirror: the admission check and the reassembler

@@ -8,7 +8,6 @@ node namespace instead of a websocket.
 from __future__ import annotations
 
 import asyncio
-import os
 import select
 import socket
 import threading

@@ -103,10 +103,10 @@ class Session:
         lines = self.record.read_text().splitlines()
         return [r for r in map(json.loads, lines) if kind in r and r.get("path") != "/probe"]
 
-    def wait_mirroring(self, port: int = HTTP_PORT) -> None:
+    def wait_mirroring(self, port: int = HTTP_PORT, host: str = POD) -> None:
         """Probe until a request to the pod shows up in the program (ports learned, filter set)."""
         def probed() -> bool:
-            post(self.sb, 1, 1, 16, path="/probe", port=port)
+            post(self.sb, 1, 1, 16, path="/probe", port=port, host=host)
             return any(json.loads(line).get("path") == "/probe" for line in self.record.read_text().splitlines())
 
         assert wait_until(probed, 30, interval=0.5), self.log()
@@ -142,26 +142,27 @@ def counters(log: str) -> dict[str, int]:
 
 
 def post(sb: Sandbox, count: int, concurrency: int, max_body: int, seed: int = 1, path: str = "/",
-         port: int = HTTP_PORT) -> list[dict[str, object]]:
-    out = sb.exec("client", PY, "-m", "mirrord_tun.sandbox.loadgen", f"http://{POD}:{port}{path}",
+         port: int = HTTP_PORT, host: str = POD) -> list[dict[str, object]]:
+    """`host` as a URL has it: an IPv6 address in brackets."""
+    out = sb.exec("client", PY, "-m", "mirrord_tun.sandbox.loadgen", f"http://{host}:{port}{path}",
                   str(count), str(concurrency), str(max_body), str(seed), timeout=600)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)["results"]  # type: ignore[no-any-return]
 
 
-def assert_pod_answered(results: list[dict[str, object]]) -> None:
+def assert_pod_answered(results: list[dict[str, object]], client: str = CLIENT) -> None:
     """The pod read every body whole and saw the real client: mirroring disturbed nothing."""
     for r in results:
-        assert r["status"] == 200 and r["answer"] == f"{r['sha']} from {CLIENT}", r
+        assert r["status"] == 200 and r["answer"] == f"{r['sha']} from {client}", r
 
 
-def assert_all_mirrored(s: Session, results: list[dict[str, object]]) -> None:
+def assert_all_mirrored(s: Session, results: list[dict[str, object]], peer: str = CLIENT) -> None:
     want = sorted(str(r["sha"]) for r in results)
     assert wait_until(lambda: len(s.records()) >= len(want), DELIVERY_TIMEOUT, interval=0.5), \
         f"{len(s.records())} of {len(want)} delivered\n{s.log()}"
     got = s.records()
     assert sorted(str(r["sha"]) for r in got) == want
-    assert {r["peer"] for r in got} == {CLIENT}
+    assert {r["peer"] for r in got} == {peer}
     assert all(r["complete"] for r in got)
 
 

@@ -125,3 +125,41 @@ def test_malformed_packets_are_counted() -> None:
     assert r.feed(b"\x45" + bytes(5), 0) == []
     assert r.feed(_ip(6, b"\x00" * 10), 0) == []
     assert counters["mirror_dropped_malformed"] == 2
+
+
+CLIENT6, POD6 = "fd00:198:18::30", "fd00:198:18::10"
+
+
+def _ip6(next_header: int, l4: bytes, padding: bytes = b"") -> bytes:
+    return struct.pack("!IHBB16s16s", 6 << 28, len(l4), next_header, 64, socket.inet_pton(socket.AF_INET6, CLIENT6),
+                       socket.inet_pton(socket.AF_INET6, POD6)) + l4 + padding
+
+
+def tcp6(seq: int, flags: int, payload: bytes = b"", padding: bytes = b"") -> bytes:
+    return _ip6(6, struct.pack("!HHIIBBHHH", 40000, 80, seq % (1 << 32), 0, 5 << 4, flags, 65535, 0, 0) + payload,
+                padding)
+
+
+def test_ipv6_stream_in_any_order_next_to_ipv4() -> None:
+    rng = random.Random(11)
+    body = rng.randbytes(50_000)
+    segs = [tcp6(1 + i, ACK | PSH, body[i : i + 1428]) for i in range(0, len(body), 1428)]
+    segs += rng.sample(segs, 10)
+    rng.shuffle(segs)
+    r = Reassembler(Counters())
+    events, _ = run([tcp6(0, SYN), tcp(500, SYN), *segs, tcp(501, ACK, b"v4"),
+                        tcp6(1 + len(body), FIN | ACK, padding=b"\0" * 6)], r)  # a short frame's padding
+    flow6 = Flow(CLIENT6, 40000, POD6, 80)
+    for flow, want in ((flow6, body), (FLOW, b"v4")):
+        assert b"".join(e.data for e in events if isinstance(e, Data) and e.flow == flow) == want
+    assert Open(flow6) in events and events[-1] == Close(flow6, reset=False)
+
+
+def test_ipv6_udp_and_malformed() -> None:
+    events, _ = run([_ip6(17, struct.pack("!HHHH", 5000, 53, 8 + 3, 0) + b"dns")])
+    assert events == [Datagram(Flow(CLIENT6, 5000, POD6, 53), b"dns")]
+    counters: Counters = Counters()
+    r = Reassembler(counters)
+    assert r.feed(b"\x60" + bytes(30), 0) == []  # shorter than the fixed header
+    assert r.feed(_ip6(60, bytes(8) + tcp6(0, SYN)[40:]), 0) == []  # an extension header first
+    assert counters["mirror_dropped_malformed"] == 2

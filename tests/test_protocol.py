@@ -1,17 +1,21 @@
 """The wire format and the packet checks, byte by byte: no root, no namespaces."""
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import re
 import struct
+from typing import Any
 
 import dpkt
 import pytest
 
 from mirrord_tun import protocol
 from mirrord_tun.protocol import MAX_BODY, AgentMsg, ClientMsg, FrameReader, Malformed
-from mirrord_tun.pump import destination_is, ipv4_only, source_is
+from mirrord_tun.pump import destination_is, source_is, vnet_check
 
 VNET = bytes(10)  # the plain virtio-net header every tunnel packet starts with
+CLIENT6, POD6 = "fd6d:7264:6e73::6440:2", "fd00:198:18::10"
 
 
 def feed_all(reader: FrameReader, chunks: list[bytes]) -> list[tuple[int, bytes]]:
@@ -131,6 +135,46 @@ def test_welcome_round_trip_and_rejects_missing_fields() -> None:
         protocol.Welcome.from_json({**w.to_json(), "mtu": "many"})
 
 
+def welcome6(**changes: Any) -> dict[str, Any]:
+    w = protocol.Welcome(4, "abcd", "100.64.0.2", "100.64.0.1", 1500, ["198.18.0.10"], "", "ab" * 32, 60.0,
+                         CLIENT6, "fd6d:7264:6e73::6440:1", [POD6])
+    return {**w.to_json(), **changes}
+
+
+def test_welcome_with_ipv6_round_trips_and_without_is_ipv4_only() -> None:
+    w = protocol.Welcome.from_json(welcome6())
+    assert (w.client_addr6, w.pod_addrs6, w.client_addrs) == (CLIENT6, [POD6], ["100.64.0.2", CLIENT6])
+    assert protocol.Welcome.from_json(w.to_json()) == w
+    # What an older agent (or an IPv4-only pod) sends: no IPv6 fields at all.
+    old = {k: v for k, v in welcome6().items() if not k.endswith("6")}
+    w4 = protocol.Welcome.from_json(old)
+    assert (w4.client_addr6, w4.agent_addr6, w4.pod_addrs6, w4.client_addrs) == ("", "", [], ["100.64.0.2"])
+    assert w4.to_json() == old  # and says nothing of IPv6 to an older client either
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"client_addr6": "ff02::1"}, "client_addr6 ff02::1 is not a unicast"),
+    ({"agent_addr6": "fe80::1"}, "agent_addr6 fe80::1 is not a unicast"),
+    ({"client_addr6": "::1"}, "not a unicast"),
+    ({"client_addr6": "::ffff:100.64.0.2"}, "not a unicast"),
+    ({"client_addr6": "fd00::1; flush ruleset"}, "is not an IPv6 address"),
+    ({"pod_addrs6": ["fd00::1%x }; flush ruleset"]}, "has a scope"),  # Python's parser takes any scope
+    ({"client_addr6": "fd00::1%0"}, "has a scope"),
+    ({"client_addr6": 6}, "client_addr6 is not an IPv6 address"),
+    ({"client_addr6": "100.64.0.2"}, "not an IPv6 address"),
+    ({"agent_addr6": ""}, "agent_addr6 '' is not an IPv6 address"),
+    ({"agent_addr6": CLIENT6}, "client_addr6 and agent_addr6 are both"),
+    ({"pod_addrs6": [CLIENT6]}, "a pod address is a tunnel address"),
+    ({"pod_addrs6": ["ff02::2"]}, "pod address ff02::2 is not a unicast"),
+    ({"pod_addrs6": POD6}, "pod_addrs6 must be a list"),
+    ({"pod_addrs6": [POD6] * 33}, "33 pod_addrs6"),
+    ({"mtu": 1000}, "mtu 1000 too small for IPv6"),
+])
+def test_hostile_ipv6_welcome_fields_are_refused(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(Malformed, match=re.escape(message)):
+        protocol.Welcome.from_json(welcome6(**changes))
+
+
 def test_kind_names_for_logs() -> None:
     assert protocol.kind_name(ClientMsg.HELLO) == "HELLO"
     assert protocol.kind_name(AgentMsg.WELCOME) == "WELCOME"
@@ -157,9 +201,53 @@ def test_destination_check() -> None:
     assert check(ipv4("198.18.0.20", "100.64.0.3")) == "dropped_misaddressed"
 
 
+def ipv6(src: str, dst: str, nxt: int = 59, payload: bytes = b"") -> bytes:
+    ip6 = dpkt.ip6.IP6(src=ipaddress.IPv6Address(src).packed, dst=ipaddress.IPv6Address(dst).packed,
+                       nxt=nxt, hlim=64, plen=len(payload), data=payload)
+    return VNET + bytes(ip6)
+
+
 def test_ipv6_and_runts_are_dropped_by_name() -> None:
-    ip6 = dpkt.ip6.IP6(src=b"\xfd" + b"\x00" * 14 + b"\x01", dst=b"\xfd" + b"\x00" * 14 + b"\x02", nxt=59, hlim=64)
-    assert ipv4_only(VNET + bytes(ip6)) == "dropped_ipv6"
-    assert source_is("100.64.0.2")(VNET + bytes(ip6)) == "dropped_ipv6"
-    assert ipv4_only(VNET + b"\x45\x00") == "dropped_malformed"
-    assert ipv4_only(VNET + b"\x55" + b"\x00" * 30) == "dropped_malformed"  # IP version 5
+    """An IPv4-only session's checks: IPv6 is counted as such, runts and other versions as malformed."""
+    check = source_is("100.64.0.2")
+    assert check(ipv6("fd00::1", "fd00::2")) == "dropped_ipv6"
+    assert check(VNET + b"\x45\x00") == "dropped_malformed"
+    assert check(VNET + b"\x55" + b"\x00" * 30) == "dropped_malformed"  # IP version 5
+
+
+def test_dual_stack_checks_look_at_each_family() -> None:
+    source, destination = source_is("100.64.0.2", CLIENT6), destination_is("100.64.0.2", CLIENT6)
+    assert source(ipv6(CLIENT6, POD6)) is None
+    assert source(ipv6(POD6, POD6)) == "dropped_spoofed"
+    assert source(ipv4("100.64.0.2", "198.18.0.20")) is None
+    assert source(ipv4("100.64.0.6", "198.18.0.20")) == "dropped_spoofed"
+    assert destination(ipv6(POD6, CLIENT6)) is None
+    assert destination(ipv6(POD6, "fd6d:7264:6e73::6440:3")) == "dropped_misaddressed"
+    # Long enough for an IPv4 header, too short for an IPv6 one.
+    assert source(VNET + b"\x60" + bytes(25)) == "dropped_malformed"
+
+
+def vnet(flags: int, gso: int, gso_size: int, csum_start: int, csum_offset: int = 16) -> bytes:
+    return struct.pack("=BBHHHH", flags, gso, 60, gso_size, csum_start, csum_offset)
+
+
+def test_vnet_check_allows_tcp_over_ipv6_segmentation_only_as_the_kernel_makes_it() -> None:
+    tcp = bytes(20) + b"x" * 3000
+    good = vnet(1, 4, 1420, 40) + ipv6(CLIENT6, POD6, 6, tcp)[10:]
+    assert vnet_check(good) is None
+    assert vnet_check(vnet(1, 0x84, 1420, 40) + good[10:]) is None  # with ECN
+    for bad in (vnet(1, 4, 1420, 48) + good[10:],  # an extension header's room: not from the kernel's TCP
+                vnet(1, 4, 1420, 40) + ipv6(CLIENT6, POD6, 17, tcp)[10:],  # not TCP
+                vnet(1, 4, 20, 40) + good[10:],  # a tiny segment size
+                vnet(1, 1, 1420, 40) + good[10:],  # TCPv4 segmentation of an IPv6 packet
+                vnet(1, 4, 1420, 20) + ipv4("100.64.0.2", "198.18.0.20")[10:] + tcp):  # and the reverse
+        assert vnet_check(bad) == "dropped_bad_vnet", bad[:12]
+
+
+def test_why_a_session_has_no_ipv6_travels_and_is_bounded() -> None:
+    w = protocol.Welcome(1, "abcd", "100.64.0.2", "100.64.0.1", 1500, ["198.18.0.10"], "", ipv6_off="no knob")
+    assert protocol.Welcome.from_json(w.to_json()).ipv6_off == "no knob"
+    assert "ipv6_off" not in dataclasses.replace(w, ipv6_off="").to_json()
+    for bad in (["x"], "x" * (protocol.MAX_REASON + 1)):
+        with pytest.raises(protocol.Malformed):
+            protocol.Welcome.from_json({**w.to_json(), "ipv6_off": bad})

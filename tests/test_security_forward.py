@@ -31,20 +31,24 @@ PORT = 7070
 NEIGHBOUR = ADDRS["client"]
 TUNNEL_NET = "100.64.0.0/10"
 
-# The victim: reports "ready <tunnel address> <pid>", then records what reaches it until `done` exists.
+# The victim: reports "ready <tunnel address> <pid>", then records what reaches it until `done`
+# exists. Its family is that of `svc` (the address it probes to learn its own).
 VICTIM = f"""
 import os, select, socket, sys
-done = sys.argv[1]
-probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-probe.connect(("{SVC}", 9))
+done, svc = sys.argv[1], sys.argv[2]
+six = ":" in svc
+family = socket.AF_INET6 if six else socket.AF_INET
+probe = socket.socket(family, socket.SOCK_DGRAM)
+probe.connect((svc, 9))
 me = probe.getsockname()[0]
-tcp = socket.socket()
+anywhere = "::" if six else "0.0.0.0"
+tcp = socket.socket(family)
 tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-tcp.bind(("0.0.0.0", {PORT}))
+tcp.bind((anywhere, {PORT}))
 tcp.listen(16)
-udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-udp.bind(("0.0.0.0", {PORT}))
-icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+udp = socket.socket(family, socket.SOCK_DGRAM)
+udp.bind((anywhere, {PORT}))
+icmp = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_ICMPV6 if six else socket.IPPROTO_ICMP)
 print("ready", me, os.getpid(), flush=True)
 while not os.path.exists(done):
     for s in select.select([tcp, udp, icmp], [], [], 0.1)[0]:
@@ -56,7 +60,8 @@ while not os.path.exists(done):
             print("udp", udp.recvfrom(65535)[1][0], flush=True)
         else:
             packet, peer = icmp.recvfrom(65535)
-            if packet[(packet[0] & 15) * 4] == 8:  # an echo request: someone pinged us
+            # an echo request (the raw IPv4 socket gets the IP header too): someone pinged us
+            if (packet[0] == 128) if six else (packet[(packet[0] & 15) * 4] == 8):
                 print("ping", peer[0], flush=True)
 print("end", flush=True)
 """
@@ -65,14 +70,15 @@ print("end", flush=True)
 ATTACK = """
 import socket, subprocess, sys
 target, port, *pings = sys.argv[1:]
-s = socket.socket()
+family = socket.AF_INET6 if ":" in target else socket.AF_INET
+s = socket.socket(family)
 s.settimeout(3)
 try:
     s.connect((target, int(port)))
     print("tcp reached")
 except OSError as e:
     print("tcp", type(e).__name__)
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u = socket.socket(family, socket.SOCK_DGRAM)
 try:
     for _ in range(3):
         u.sendto(b"let me in", (target, int(port)))
@@ -89,10 +95,12 @@ class Victim:
     """A program listening at its tunnel address, under `run` or in the namespace `role` (attached);
     `finish()` returns what reached it."""
 
+    svc = SVC  # tests/test_ipv6.py's victim listens on IPv6 instead
+
     def __init__(self, sb: Sandbox, tmp: Path, role: str | None = None) -> None:
         self.sb = sb
         self.done = tmp / f"done-{os.urandom(4).hex()}"
-        argv = [sys.executable, "-c", VICTIM, str(self.done)]
+        argv = [sys.executable, "-c", VICTIM, str(self.done), self.svc]
         self.proc = start_run(sb, *argv) if role is None else \
             sb.start(role, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         line = read_line(self.proc)

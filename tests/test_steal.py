@@ -64,7 +64,7 @@ time.sleep(300)
 # Connects to ADDR:PORT and says how it went: "reached", "TimeoutError", "ConnectionRefusedError"...
 _CONNECT = """
 import socket, sys
-s = socket.socket()
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
 s.settimeout(3)
 try:
     s.connect((sys.argv[1], int(sys.argv[2])))
@@ -158,39 +158,43 @@ def runs(sb: Sandbox) -> Iterator[list[Run]]:
         r.close()
 
 
-def get(sb: Sandbox, port: int = HTTP, role: str = "client") -> str:
-    r = sb.exec(role, "curl", "-sS", "--max-time", "3", f"http://{POD}:{port}/")
+def get(sb: Sandbox, port: int = HTTP, role: str = "client", host: str = POD) -> str:
+    url_host = f"[{host}]" if ":" in host else host
+    r = sb.exec(role, "curl", "-gsS", "--max-time", "3", f"http://{url_host}:{port}/")
     return r.stdout.strip() if r.returncode == 0 else f"curl failed: {r.stderr.strip()}"
 
 
-def udp(sb: Sandbox, data: str) -> str:
-    code = (f"import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); "
-            f"s.sendto({data.encode()!r}, ('{POD}', {UDP_ECHO_PORT}))\ntry: print(s.recv(100).decode())\n"
+def udp(sb: Sandbox, data: str, host: str = POD) -> str:
+    family = "AF_INET6" if ":" in host else "AF_INET"
+    code = (f"import socket; s = socket.socket(socket.{family}, socket.SOCK_DGRAM); s.settimeout(2); "
+            f"s.sendto({data.encode()!r}, ('{host}', {UDP_ECHO_PORT}))\ntry: print(s.recv(100).decode())\n"
             "except OSError as e: print(type(e).__name__)")
     return sb.exec("client", sys.executable, "-c", code).stdout.strip()
 
 
 def steal_http(sb: Sandbox, runs: list[Run], *options: str, port: int = HTTP, name: str = "run",
-               agent: str | None = None) -> Run:
-    """A program serving HTTP on `port` under run --steal, once the pod's clients reach it."""
-    r = Run(sb, [*HTTP_SERVER, str(port), "local"], *options, name=name, agent=agent)
+               agent: str | None = None, server: list[str] = HTTP_SERVER) -> Run:
+    """A program (`server` ADDR) serving HTTP on `port` under run --steal, once the pod's clients reach it."""
+    r = Run(sb, [*server, str(port), "local"], *options, name=name, agent=agent)
     runs.append(r)
     assert wait_until(lambda: get(sb).startswith("hello from local"), LIVENESS, 0.2), r.log()
     return r
 
 
-def given_back_after(sb: Sandbox, start: float, what: str, ask: Callable[[], str] | None = None) -> float:
+def given_back_after(sb: Sandbox, start: float, what: str, ask: Callable[[], str] | None = None,
+                     client: str = CLIENT) -> float:
     """Seconds from `start` until a new connection reaches the pod's own server again (`ask`:
-    the request that must, a plain GET by default); printed."""
+    the request that must, a plain GET by default, from `client`); printed."""
     ask = ask or (lambda: get(sb))
-    assert wait_until(lambda: ask() == f"hello from pod, you are {CLIENT}", LIVENESS, 0.05), \
+    assert wait_until(lambda: ask() == f"hello from pod, you are {client}", LIVENESS, 0.05), \
         f"the pod did not get port {HTTP} back within {LIVENESS} s after {what}: {ask()}"
     took = time.monotonic() - start
     print(f"\nport given back {took:.2f} s after {what}")
     return took
 
 
-def kill_every_agent_process(sb: Sandbox, agent: Agent, ask: Callable[[], str] | None = None) -> float:
+def kill_every_agent_process(sb: Sandbox, agent: Agent, ask: Callable[[], str] | None = None,
+                             client: str = CLIENT) -> float:
     """kill -9 of the guard and the worker, so nobody is left to remove the rules; seconds until
     the pod has its port back (the dead-man switch)."""
     worker = agent.worker()
@@ -198,7 +202,7 @@ def kill_every_agent_process(sb: Sandbox, agent: Agent, ask: Callable[[], str] |
     kill_pids([agent.guard.pid])  # the guard first, or it would clean up after the worker
     kill_pids([worker])
     assert wait_until(lambda: not pid_alive(worker), 10)
-    return given_back_after(sb, start, "kill -9 of every agent process (dead-man switch)", ask)
+    return given_back_after(sb, start, "kill -9 of every agent process (dead-man switch)", ask, client)
 
 
 def pod_counter(sb: Sandbox) -> int:
@@ -209,12 +213,12 @@ def pod_counter(sb: Sandbox) -> int:
 # --- the wire and the registry
 
 def test_steal_bodies_are_checked() -> None:
-    ok = protocol.StealRequest({80: 8080}, {53: 5353}, ("198.18.0.0/24",),
+    ok = protocol.StealRequest({80: 8080}, {53: 5353}, ("198.18.0.0/24", "fd00::/8"),
                                (protocol.FilteredSteal(81, 8081, "x-user: me", None),))
     assert protocol.parse_steal(protocol.steal(ok)[5:]) == ok
     for bad in ({"tcp": {"0": 1}}, {"tcp": {"80": 65536}}, {"tcp": {"080": 1}}, {"tcp": {"80": True}},
                 {"tcp": [80]}, {"udp": {str(p): p for p in range(1, protocol.MAX_PORTS + 2)}},
-                {"exclude": ["10.0.0.300/8"]}, {"exclude": ["fd00::/8"]}, {"exclude": "10.0.0.0/8"},
+                {"exclude": ["10.0.0.300/8"]}, {"exclude": ["fe80::1%eth0"]}, {"exclude": "10.0.0.0/8"},
                 {"exclude": ["10.0.0.0/8"] * (protocol.MAX_EXCLUDE + 1)},
                 {"filtered": [{"port": 80, "local": 80, "header": "("}]},
                 {"filtered": [{"port": 80, "local": 80}]}, {"filtered": [{"port": 80, "header": "a"}]}):
@@ -237,7 +241,8 @@ _patterns = st.sampled_from(["x-user: me", "(", "a{99999999999}", "(?i", "", "[a
 @given(st.fixed_dictionaries({}, optional={
     "tcp": st.dictionaries(_ports, _values, max_size=4) | _values,
     "udp": st.dictionaries(_ports, _values, max_size=4) | st.lists(_values, max_size=3),
-    "exclude": st.lists(st.sampled_from(["10.0.0.0/8", "1.2.3.4", "fd00::/8", "1.2.3.4/33", "", "0/0"])
+    "exclude": st.lists(st.sampled_from(["10.0.0.0/8", "1.2.3.4", "fd00::/8", "1.2.3.4/33", "", "0/0",
+                                         "fe80::1%eth0", "fd00::1/129"])
                         | st.text(max_size=20) | _values, max_size=4) | _values,
     "filtered": st.lists(st.fixed_dictionaries({}, optional={
         "port": _values, "local": _values, "header": _patterns | _values, "path": _patterns | _values,
@@ -250,7 +255,7 @@ def test_any_steal_body_parses_or_is_malformed(d: dict[str, object]) -> None:
         return
     for ports in (req.tcp, req.udp):
         assert all(type(p) is int and 0 < p < 65536 for pair in ports.items() for p in pair)
-    assert all(ipaddress.IPv4Network(c) for c in req.exclude)
+    assert all(ipaddress.ip_network(c) and "%" not in c for c in req.exclude)
     assert all(f.header is not None or f.path is not None for f in req.filtered)
 
 
@@ -381,9 +386,10 @@ def test_a_hostile_pod_end_reaches_only_the_stolen_port(sb: Sandbox, agent: Agen
 # --- giving the port back
 
 # One keep-alive connection: a request, then (when told on stdin) another; prints what became of each.
+# One keep-alive connection to the pod (argv[1]): a GET, then another once a line comes on stdin.
 _KEEPALIVE = f"""
 import http.client, sys, time
-c = http.client.HTTPConnection("{POD}", {HTTP}, timeout=20)
+c = http.client.HTTPConnection(sys.argv[1], {HTTP}, timeout=20)
 for _ in range(2):
     start = time.monotonic()
     try:
@@ -395,19 +401,20 @@ for _ in range(2):
 """
 
 
-def test_an_in_flight_stolen_connection_is_reset_when_the_session_dies(sb: Sandbox, agent: Agent,
-                                                                       runs: list[Run]) -> None:
-    """kill -9 of run: the program cannot close its connections, the agent's end resets them.
+def reset_when_the_session_dies(sb: Sandbox, steal: Callable[[], Run], pod: str, client_addr: str) -> None:
+    """kill -9 of the `run` that `steal` starts: the program cannot close its connections, the
+    agent's end resets them (a connection from the client namespace to `pod`, seen from `client_addr`).
 
     Another session stays open meanwhile: with the pod's last NAT chain gone, the kernel drops
     the NAT bindings by itself, and the test would pass without the agent's reset.
     """
     bystander = start_run(sb, "sh", "-c", "echo up; sleep 120")
     assert read_line(bystander) == "up\n"
-    r = steal_http(sb, runs)
-    client = sb.start("client", [sys.executable, "-c", _KEEPALIVE], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    r = steal()
+    client = sb.start("client", [sys.executable, "-c", _KEEPALIVE, pod], stdin=subprocess.PIPE,
+                      stdout=subprocess.PIPE)
     assert client.stdin is not None and client.stdout is not None
-    assert client.stdout.readline().decode().strip() == f"hello from local, you are {CLIENT}"
+    assert client.stdout.readline().decode().strip() == f"hello from local, you are {client_addr}"
     r.kill()
     # The session's TUN goes last, after its table and the reset: only the bystander's are left.
     assert wait_until(lambda: len([x for x in leftovers(sb) if x.startswith("link ")]) == 1, LIVENESS)
@@ -418,6 +425,11 @@ def test_an_in_flight_stolen_connection_is_reset_when_the_session_dies(sb: Sandb
     assert outcome[0] == "ConnectionResetError", outcome  # the pod's kernel answered RST, at once
     sb.stop(client)
     sb.stop(bystander)
+
+
+def test_an_in_flight_stolen_connection_is_reset_when_the_session_dies(sb: Sandbox, agent: Agent,
+                                                                       runs: list[Run]) -> None:
+    reset_when_the_session_dies(sb, lambda: steal_http(sb, runs), POD, CLIENT)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import kill_pids, leftovers, pid_alive, run_env, wait_until
+from conftest import kill_pids, leftovers, run_env, wait_until
 import test_steal as steal
 from test_steal import HTTP, LIVENESS, POD, Agent, Run, agent, runs, sb  # noqa: F401 - fixtures
 

@@ -106,12 +106,14 @@ class Plan:
         return tuple(volume_mount_paths(self.target.pod, self.target.container)) if self.target else ()
 
     def _probe_sources(self) -> tuple[str, ...]:
+        """The node's addresses (both families on a dual-stack node): the kubelet probes from them."""
         status = self.target.pod.status if self.target else None
-        host_ip = getattr(status, "host_ip", None)
-        try:
-            return (str(ipaddress.IPv4Address(host_ip)),) if host_ip else ()
-        except ValueError:  # an IPv6 node: steal is IPv4 only
-            return ()
+        found = [getattr(status, "host_ip", None), *(i.ip for i in getattr(status, "host_ips", None) or [])]
+        out = []
+        for host_ip in found:
+            with contextlib.suppress(ValueError, TypeError):  # absent, or not an address: nothing to exclude
+                out.append(str(ipaddress.ip_address(host_ip)))
+        return tuple(dict.fromkeys(out))
 
     def _env(self) -> dict[str, str]:
         if self.target is None or not self.opts.env:

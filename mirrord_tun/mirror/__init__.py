@@ -34,28 +34,49 @@ _L4_HEADER = {socket.IPPROTO_TCP: 20, socket.IPPROTO_UDP: 8}
 def admit(pkt: bytes, pods: frozenset[bytes], own: frozenset[bytes], subscribed: Callable[[int], bool]) -> str | None:
     """None for a copy to deliver, else the counter it is dropped under.
 
-    `pods`: the packed pod addresses this mirror serves; `own`: every address of the
-    session (pod and tunnel addresses); `subscribed(port)`: whether we asked for that pod port.
+    `pods`: the packed pod addresses (IPv4 and IPv6) this mirror serves; `own`: every address
+    of the session (pod and tunnel addresses); `subscribed(port)`: whether we asked for that pod port.
     """
-    if len(pkt) < 20 or pkt[0] >> 4 != 4:
+    version = pkt[0] >> 4 if pkt else 0
+    if version == 4 and len(pkt) >= 20:
+        l4 = _L4_HEADER.get(pkt[9])
+        if l4 is None:
+            return "dropped_mirror_protocol"
+        hlen = (pkt[0] & 0x0F) * 4
+        total = int.from_bytes(pkt[2:4], "big")
+        # total 0: a GRO packet past 64 KiB (BIG TCP) has no length of its own; the copy is whole.
+        if (hlen < 20 or hlen + l4 > len(pkt) or (total and not hlen + l4 <= total <= len(pkt))
+                or int.from_bytes(pkt[6:8], "big") & 0x1FFF):  # a later fragment: no ports in it
+            return "dropped_mirror_malformed"
+        src, dst = pkt[12:16], pkt[16:20]
+        bogus_source = protocol.not_unicast(src)
+    elif version == 6 and len(pkt) >= 40:
+        l4 = _L4_HEADER.get(pkt[6])  # an extension header first is not a protocol we take
+        if l4 is None:
+            return "dropped_mirror_protocol"
+        hlen = 40
+        payload = int.from_bytes(pkt[4:6], "big")  # 0 likewise for BIG TCP
+        if hlen + l4 > len(pkt) or (payload and not l4 <= payload <= len(pkt) - hlen):
+            return "dropped_mirror_malformed"
+        src, dst = pkt[8:24], pkt[24:40]
+        bogus_source = _not_unicast6(src)
+    else:
         return "dropped_mirror_malformed"
-    l4 = _L4_HEADER.get(pkt[9])
-    if l4 is None:
-        return "dropped_mirror_protocol"
-    ihl = (pkt[0] & 0x0F) * 4
-    total = int.from_bytes(pkt[2:4], "big")
-    # total 0: a GRO packet past 64 KiB (BIG TCP) has no length of its own; the copy is whole.
-    if (ihl < 20 or ihl + l4 > len(pkt) or (total and not ihl + l4 <= total <= len(pkt))
-            or int.from_bytes(pkt[6:8], "big") & 0x1FFF):  # a later fragment: no ports in it
-        return "dropped_mirror_malformed"
-    if pkt[16:20] not in pods:
+    if dst not in pods:
         return "dropped_mirror_destination"
-    if not subscribed(int.from_bytes(pkt[ihl + 2 : ihl + 4], "big")):
+    if not subscribed(int.from_bytes(pkt[hlen + 2 : hlen + 4], "big")):
         return "dropped_mirror_port"
-    src = pkt[12:16]
-    if src in own or protocol.not_unicast(src) or not pkt[ihl] | pkt[ihl + 1]:
+    if src in own or bogus_source or not pkt[hlen] | pkt[hlen + 1]:
         return "dropped_mirror_source"
     return None
+
+
+def _not_unicast6(packed: bytes) -> bool:
+    """An IPv6 source no real client has: unspecified, loopback, multicast, link-local (a client
+    on the pod's link would reach it at that scope only, never at a pod address we mirror), or
+    IPv4-mapped (which would pass an IPv4 address through the IPv6 checks)."""
+    return (packed[0] == 0xFF or (packed[0] == 0xFE and packed[1] & 0xC0 == 0x80)
+            or packed[:15] == bytes(15) or packed[:12] == bytes(10) + b"\xff\xff")
 
 
 class Mirror:
@@ -67,13 +88,13 @@ class Mirror:
 
     def __init__(self, ns: NetNs, pod_addrs: list[str], own_addrs: list[str], mapping: dict[int, int],
                  send: Callable[[bytes], None], counters: Counters, spill_limit: int = SPILL_LIMIT) -> None:
-        """`pod_addrs`: the pod addresses to mirror; `own_addrs`: every address of the session
+        """`pod_addrs`: the pod addresses to mirror, IPv4 and IPv6; `own_addrs`: every address of the session
         (all the pod's, mirrored or not, and both tunnel ends): no copy may come from one;
         `spill_limit`: bytes the program may fall behind over all connections before one is given up."""
         self._ns = ns
-        self._pod_addrs = [ipaddress.IPv4Address(a) for a in pod_addrs]
+        self._pod_addrs = [ipaddress.ip_address(a) for a in pod_addrs]
         self._pods = frozenset(a.packed for a in self._pod_addrs)
-        self._own = frozenset(ipaddress.IPv4Address(a).packed for a in own_addrs)
+        self._own = frozenset(ipaddress.ip_address(a).packed for a in own_addrs if a)
         self.counters = counters
         self.ports = PortWatcher(ns, pod_addrs, mapping, lambda p: send(protocol.subscribe(p)))
         self.streams = Reassembler(counters)

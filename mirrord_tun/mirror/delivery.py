@@ -49,11 +49,13 @@ from mirrord_tun.netns import routes, rtnl
 from mirrord_tun.pump import Counters
 
 log = logging.getLogger("mirrord-ns")
-IP_TRANSPARENT = 19
+IP_TRANSPARENT, IPV6_TRANSPARENT = 19, 75  # the latter is missing from Python's socket module
 MARK = 0x6D726E73  # "mrns": our rule is the one with this fwmark, and its table this number
 LO_LABEL = "lo:mrdns"  # the label of the pod addresses we put on lo (ours to delete, no others)
+LO_PROTO = routes.RTPROT_MIRRORD  # the same for IPv6 addresses, by IFA_PROTO: they have no label
 RULE_PRIORITY = 100
-NFT_TABLE = "mirrord_ns_mirror"
+NFT_TABLE = "mirrord_ns_mirror"  # one per nft family the pod has addresses of
+_NFT_FAMILIES = {4: ("ip", "ipv4_addr"), 6: ("ip6", "ipv6_addr")}
 SPILL_LIMIT = 1024 * 1024 * 1024  # per session; past it the connection with most waiting is given up
 WRITE_BUFFER = 256 * 1024  # in asyncio's buffer past the socket's own; the rest waits in the spill
 CHUNK = 256 * 1024
@@ -69,43 +71,55 @@ UDP_QUEUE = 64
 _RST_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
 
 
-def install_routing(pod_addrs: Sequence[ipaddress.IPv4Address]) -> None:
+def install_routing(pod_addrs: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:
     """Runs in the local namespace; `remove_routing` is its undo.
 
     Address objects, not strings: they go into an nft script, which must only ever see
-    a dotted quad there, whatever the agent sent.
+    an address there, whatever the agent sent.
     """
     lo = rtnl.index("lo")
     for addr in pod_addrs:
         try:
-            rtnl.add_address(lo, str(addr), 32, label=LO_LABEL)
+            if addr.version == 4:
+                rtnl.add_address(lo, str(addr), 32, label=LO_LABEL)
+            else:  # IPv6 addresses have no label: the address protocol marks ours instead
+                rtnl.add_address(lo, str(addr), 128, proto=LO_PROTO)
         except OSError as e:
             if e.errno != errno.EEXIST:  # already local here: not ours, so left alone later
                 raise
-    routes.add_local_delivery(MARK, RULE_PRIORITY)
-    pods = "{ " + ", ".join(str(ipaddress.IPv4Address(a)) for a in pod_addrs) + " }"
-    nft.run(
-        f"table ip {NFT_TABLE} {{\n"
-        # Mirrored UDP peers, remembered from our own deliveries to the pod's address.
-        f"  set udp_peers {{ type ipv4_addr . inet_service; flags dynamic,timeout; timeout {UDP_IDLE}s; }}\n"
-        "  chain output {\n"
-        "    type route hook output priority mangle; policy accept;\n"
-        f"    ip saddr {pods} meta mark set {MARK}\n"
-        f"    ip daddr {pods} udp dport 1-65535 update @udp_peers {{ ip saddr . udp sport }}\n"
-        # A UDP server bound to 0.0.0.0 answers from the route's source, the tunnel
-        # address, not the pod's: catch its answers by where they go instead.
-        f"    ip daddr . udp dport @udp_peers meta mark set {MARK}\n"
-        "  }\n}\n"
-    )
+    script = ""
+    for version, (family, addr_type) in _NFT_FAMILIES.items():
+        pods = [a for a in pod_addrs if a.version == version]
+        if not pods:
+            continue
+        routes.add_local_delivery(MARK, RULE_PRIORITY, socket.AF_INET if version == 4 else socket.AF_INET6)
+        listed = "{ " + ", ".join(map(str, pods)) + " }"
+        script += (
+            f"table {family} {NFT_TABLE} {{\n"
+            # Mirrored UDP peers, remembered from our own deliveries to the pod's address.
+            f"  set udp_peers {{ type {addr_type} . inet_service; flags dynamic,timeout; timeout {UDP_IDLE}s; }}\n"
+            "  chain output {\n"
+            "    type route hook output priority mangle; policy accept;\n"
+            f"    {family} saddr {listed} meta mark set {MARK}\n"
+            f"    {family} daddr {listed} udp dport 1-65535 update @udp_peers {{ {family} saddr . udp sport }}\n"
+            # A UDP server bound to 0.0.0.0 (or ::) answers from the route's source, the tunnel
+            # address, not the pod's: catch its answers by where they go instead.
+            f"    {family} daddr . udp dport @udp_peers meta mark set {MARK}\n"
+            "  }\n}\n"
+        )
+    nft.run(script)  # one transaction: each table change waits about 16 ms in the kernel
 
 
 def remove_routing() -> None:
     """Runs in the local namespace: delete what `install_routing` added, and only that.
 
     Idempotent: each piece is found by its marker (table name, fwmark, table
-    number, address label), so the next attach also removes a killed one's.
+    number, route protocol, address label or protocol), so the next attach also
+    removes a killed one's.
     """
-    nft.delete_table("ip", NFT_TABLE)
+    # Declared first, so deleting an absent table is no error; both in one transaction.
+    nft.run("".join(f"table {family} {NFT_TABLE}\ndelete table {family} {NFT_TABLE}\n"
+                    for family, _ in _NFT_FAMILIES.values()))
     routes.remove_local_delivery(MARK)
     lo = rtnl.index("lo")
     for a in rtnl.addresses(socket.AF_INET):
@@ -113,14 +127,27 @@ def remove_routing() -> None:
         if a.fields[4] == lo and a.text(rtnl.IFA_LABEL) == LO_LABEL and local:
             with contextlib.suppress(OSError):
                 rtnl.delete_address(lo, local, a.fields[1])
+    with contextlib.suppress(OSError):  # a kernel without IPv6
+        for a in rtnl.addresses(socket.AF_INET6):
+            local = a.address(rtnl.IFA_ADDRESS)
+            if a.fields[4] == lo and a.attrs.get(rtnl.IFA_PROTO) == bytes([LO_PROTO]) and local:
+                with contextlib.suppress(OSError):
+                    rtnl.delete_address(lo, local, a.fields[1])
 
 
-def transparent_socket(kind: int) -> socket.socket:
+def transparent_socket(kind: int, family: int = socket.AF_INET) -> socket.socket:
     """Runs in the local namespace: a socket may bind the client's (foreign) address."""
-    sock = socket.socket(socket.AF_INET, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    sock = socket.socket(family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     return sock
+
+
+def _family(flow: Flow) -> int:
+    return socket.AF_INET6 if ":" in flow.client else socket.AF_INET
 
 
 class TcpDelivery(asyncio.Protocol):
@@ -179,7 +206,7 @@ class TcpDelivery(asyncio.Protocol):
 
     async def _connect_once(self) -> socket.socket:
         owner = self._owner
-        sock = await owner.ns.acall(transparent_socket, socket.SOCK_STREAM)
+        sock = await owner.ns.acall(transparent_socket, socket.SOCK_STREAM, _family(self.flow))
         try:
             sock.bind((self.flow.client, self.flow.cport))
             await owner.loop.sock_connect(sock, (self.flow.pod, self._port))
@@ -307,7 +334,7 @@ class UdpDelivery:
 
     async def _open(self) -> None:
         try:
-            sock = await self._owner.ns.acall(transparent_socket, socket.SOCK_DGRAM)
+            sock = await self._owner.ns.acall(transparent_socket, socket.SOCK_DGRAM, _family(self.flow))
             sock.bind((self.flow.client, self.flow.cport))
         except OSError as e:
             self._owner.counters["mirror_udp_failed"] += 1

@@ -113,6 +113,25 @@ class Stream:
         return self.fin_at is not None and self.delivered >= self.fin_at
 
 
+def parse_ip(pkt: bytes) -> tuple[str, str, int, int, int] | None:
+    """(source, destination, L4 protocol, header length, end of the IP payload) of an IPv4
+    packet or an IPv6 packet without extension headers (its next header is the L4 protocol);
+    None if it is neither. A GRO super-packet may carry a length the copy exceeds (or 0, past
+    64 KiB): the copy is trusted then."""
+    version = pkt[0] >> 4 if pkt else 0
+    if version == 4 and len(pkt) >= 20:
+        hlen = (pkt[0] & 0x0F) * 4
+        total = int.from_bytes(pkt[2:4], "big")
+        end = total if hlen <= total <= len(pkt) else len(pkt)
+        return socket.inet_ntoa(pkt[12:16]), socket.inet_ntoa(pkt[16:20]), pkt[9], hlen, end
+    if version == 6 and len(pkt) >= 40:
+        total = 40 + int.from_bytes(pkt[4:6], "big")
+        end = total if 40 < total <= len(pkt) else len(pkt)
+        return (socket.inet_ntop(socket.AF_INET6, pkt[8:24]), socket.inet_ntop(socket.AF_INET6, pkt[24:40]),
+                pkt[6], 40, end)
+    return None
+
+
 class Reassembler:
     def __init__(self, counters: Counters) -> None:
         self.counters = counters
@@ -121,31 +140,26 @@ class Reassembler:
         self.held = 0
 
     def feed(self, pkt: bytes, now: float) -> list[Event]:
-        """Events for one captured IPv4 packet (TCP or UDP)."""
+        """Events for one captured IPv4 or IPv6 packet (TCP or UDP)."""
         c = self.counters
-        if len(pkt) < 20 or pkt[0] >> 4 != 4:
+        ip = parse_ip(pkt)
+        if ip is None:
             c["mirror_dropped_malformed"] += 1
             return []
-        ihl = (pkt[0] & 0x0F) * 4
-        total = int.from_bytes(pkt[2:4], "big")
-        # A GRO super-packet may carry a total length the copy exceeds; trust the copy then.
-        end = total if ihl <= total <= len(pkt) else len(pkt)
-        proto = pkt[9]
-        if proto == socket.IPPROTO_UDP and end - ihl >= 8:
-            sport, dport = struct.unpack_from("!HH", pkt, ihl)
-            flow = Flow(socket.inet_ntoa(pkt[12:16]), sport, socket.inet_ntoa(pkt[16:20]), dport)
-            return [Datagram(flow, pkt[ihl + 8 : end])]
-        if proto != socket.IPPROTO_TCP or end - ihl < 20:
+        src, dst, proto, hlen, end = ip
+        if proto == socket.IPPROTO_UDP and end - hlen >= 8:
+            sport, dport = struct.unpack_from("!HH", pkt, hlen)
+            return [Datagram(Flow(src, sport, dst, dport), pkt[hlen + 8 : end])]
+        if proto != socket.IPPROTO_TCP or end - hlen < 20:
             c["mirror_dropped_malformed"] += 1
             return []
-        sport, dport, seq = struct.unpack_from("!HHI", pkt, ihl)
-        doff = (pkt[ihl + 12] >> 4) * 4
-        flags = pkt[ihl + 13]
-        if doff < 20 or ihl + doff > end:
+        sport, dport, seq = struct.unpack_from("!HHI", pkt, hlen)
+        doff = (pkt[hlen + 12] >> 4) * 4
+        flags = pkt[hlen + 13]
+        if doff < 20 or hlen + doff > end:
             c["mirror_dropped_malformed"] += 1
             return []
-        flow = Flow(socket.inet_ntoa(pkt[12:16]), sport, socket.inet_ntoa(pkt[16:20]), dport)
-        return self._tcp(flow, seq, flags, pkt[ihl + doff : end], now)
+        return self._tcp(Flow(src, sport, dst, dport), seq, flags, pkt[hlen + doff : end], now)
 
     def _tcp(self, flow: Flow, seq: int, flags: int, payload: bytes, now: float) -> list[Event]:
         events: list[Event] = []

@@ -4,6 +4,11 @@
         pod 198.18.0.10 (target; the agent's --netns)                        ├─ 198.18.0.0/24
         svc 198.18.0.20 (HTTP :80, iperf3)   dns 198.18.0.53   client .30    ┘
 
+`Sandbox(ipv6=True)` makes the cluster dual-stack: every cluster host also gets
+fd00:198:18::<its last IPv4 byte>/64 (ADDRS6), svc serves HTTP there too, the DNS
+server answers AAAA and listens on both, and the pod's resolv.conf names only its
+IPv6 address. The laptop and the node's uplink stay IPv4 only, as the default does.
+
 The node plays the Kubernetes node: it holds the bridge, and the agent runs there
 with `--netns` pointing at the pod, as an agent pod with hostPID would. The laptop
 reaches only the node, never the cluster network. Used by `mirrord-ns demo`, the
@@ -32,6 +37,8 @@ import asyncssh
 CLUSTER_PREFIX = 24
 ADDRS = {"node": "198.18.0.1", "pod": "198.18.0.10", "svc": "198.18.0.20",
          "dns": "198.18.0.53", "client": "198.18.0.30"}
+ADDRS6 = {role: f"fd00:198:18::{addr.rsplit('.', 1)[1]}" for role, addr in ADDRS.items()}
+CLUSTER_PREFIX6 = 64
 LAPTOP_ADDR, NODE_UPLINK = "198.19.0.1", "198.19.0.2"
 AGENT_PORT = 2222
 # A client that vanished keeps its session this long (the agent's default is 60 s): short, so that
@@ -42,7 +49,9 @@ PREFIX = "mrds"
 # source tree, which lacks agent/ and netns/) off their sys.path.
 PY = (sys.executable, "-P")
 DOMAIN = "default.svc.cluster.local"
-RESOLV_CONF = f"nameserver {ADDRS['dns']}\nsearch {DOMAIN} svc.cluster.local cluster.local\noptions ndots:5\n"
+_SEARCH = f"search {DOMAIN} svc.cluster.local cluster.local\noptions ndots:5\n"
+RESOLV_CONF = f"nameserver {ADDRS['dns']}\n{_SEARCH}"
+RESOLV_CONF6 = f"nameserver {ADDRS6['dns']}\n{_SEARCH}"
 
 
 @dataclass
@@ -54,8 +63,9 @@ class Keys:
 
 
 class Sandbox:
-    def __init__(self, prefix: str | None = None) -> None:
+    def __init__(self, prefix: str | None = None, ipv6: bool = False) -> None:
         self.prefix = prefix or f"{PREFIX}{secrets.token_hex(3)}"
+        self.ipv6 = ipv6
         self.dir = tempfile.mkdtemp(prefix=f"{self.prefix}.")
         os.chmod(self.dir, 0o755)
         with open(os.path.join(self.dir, OWNER_FILE), "w") as f:
@@ -83,12 +93,14 @@ class Sandbox:
             node = self.ns("node")
             self._ip("-n", node, "link", "add", "br0", "type", "bridge")
             self._ip("-n", node, "addr", "add", f"{ADDRS['node']}/{CLUSTER_PREFIX}", "dev", "br0")
+            self._add6(node, "node", "br0")
             self._ip("-n", node, "link", "set", "br0", "up")
             for role in ("pod", "svc", "dns", "client"):
                 self._ip("-n", node, "link", "add", f"v-{role}", "type", "veth", "peer", "name", "eth0",
                          "netns", self.ns(role))
                 self._ip("-n", node, "link", "set", f"v-{role}", "master", "br0", "up")
                 self._ip("-n", self.ns(role), "addr", "add", f"{ADDRS[role]}/{CLUSTER_PREFIX}", "dev", "eth0")
+                self._add6(self.ns(role), role, "eth0")
                 self._ip("-n", self.ns(role), "link", "set", "eth0", "up")
             self._ip("-n", node, "link", "add", "uplink", "type", "veth", "peer", "name", "eth0",
                      "netns", self.ns("laptop"))
@@ -100,7 +112,7 @@ class Sandbox:
             self._made_etc_netns = not os.path.exists("/etc/netns")
             os.makedirs(f"/etc/netns/{self.ns('pod')}", exist_ok=True)
             with open(f"/etc/netns/{self.ns('pod')}/resolv.conf", "w") as f:
-                f.write(RESOLV_CONF)
+                f.write(RESOLV_CONF6 if self.ipv6 else RESOLV_CONF)
         except BaseException:
             self.close()
             raise
@@ -108,18 +120,23 @@ class Sandbox:
 
     def start_services(self) -> None:
         self.start_ready("svc", [*PY, "-m", "mirrord_tun.sandbox.http_server", "0.0.0.0", "80", "svc"])
+        if self.ipv6:
+            self.start_ready("svc", [*PY, "-m", "mirrord_tun.sandbox.http_server", ADDRS6["svc"], "80", "svc"])
         zone = os.path.join(self.dir, "zone")
         with open(zone, "w") as f:
             for role in ("svc", "pod", "client"):
                 for name in (f"{role}.{DOMAIN}", f"{role}.svc.cluster.local"):
                     f.write(f"{name} {ADDRS[role]}\n")
-        self.start_ready("dns", [*PY, "-m", "mirrord_tun.sandbox.dns_server", ADDRS["dns"], zone])
+                    if self.ipv6:
+                        f.write(f"{name} {ADDRS6[role]}\n")
+        hosts = f"{ADDRS['dns']},{ADDRS6['dns']}" if self.ipv6 else ADDRS["dns"]
+        self.start_ready("dns", [*PY, "-m", "mirrord_tun.sandbox.dns_server", hosts, zone])
 
-    def start_agent(self, *extra: str, wrap: tuple[str, ...] = (),
-                    resume_timeout: float = SANDBOX_RESUME_TIMEOUT) -> subprocess.Popen[bytes]:
+    def start_agent(self, *extra: str, wrap: tuple[str, ...] = (), resume_timeout: float = SANDBOX_RESUME_TIMEOUT,
+                    listen: str | None = None) -> subprocess.Popen[bytes]:
         """Start the agent in the node namespace (`wrap`: a command prefix, e.g. to confine it)."""
         return self.start_ready("node", [
-            *wrap, *PY, "-m", "mirrord_tun", "agent", "--listen", self.agent_address,
+            *wrap, *PY, "-m", "mirrord_tun", "agent", "--listen", listen or self.agent_address,
             "--authorized-key", self.keys.identity_pub, "--host-key", self.keys.host_key,
             "--netns", self.netns_path("pod"), "--resume-timeout", f"{resume_timeout:g}", *extra],
             ready="listening", stderr=None)
@@ -183,6 +200,10 @@ class Sandbox:
         self.close()
 
     # --- helpers
+    def _add6(self, namespace: str, role: str, dev: str) -> None:
+        if self.ipv6:  # nodad: usable at once, as the IPv4 address is
+            self._ip("-n", namespace, "addr", "add", f"{ADDRS6[role]}/{CLUSTER_PREFIX6}", "dev", dev, "nodad")
+
     def _ip(self, *args: str) -> None:
         p = subprocess.run(["ip", *args], capture_output=True, text=True)
         if p.returncode != 0:

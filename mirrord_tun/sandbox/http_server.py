@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import socket
 import sys
 
 
@@ -53,9 +54,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _Server6(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 def main() -> None:
     host, port, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    server = http.server.ThreadingHTTPServer((host, port), Handler)
+    server_class = _Server6 if ":" in host else http.server.ThreadingHTTPServer
+    server = server_class((host, port), Handler)
     server.name = name  # type: ignore[attr-defined]
     print("ready", flush=True)
     server.serve_forever()

@@ -1,7 +1,8 @@
 """The local program of the mirror tests and benchmark: records what reaches it.
 
-    recorder tcp PORT FILE [--no-read]   HTTP: one JSON line per request body
-    recorder udp PORT FILE               UDP: one JSON line per datagram
+    recorder tcp PORT FILE [--no-read] [--ipv6]   HTTP: one JSON line per request body
+    recorder udp PORT FILE                        UDP: one JSON line per datagram
+    (--ipv6: listen on :: for IPv6 and IPv4 clients, the latter seen as ::ffff:A.B.C.D)
     (FILE "-": standard output, e.g. for `demo`, whose user may not write its files)
 
 Each line holds the body's SHA-256, its length, the peer address and the time
@@ -58,6 +59,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _Server6(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 def _never_read(port: int) -> None:
     srv = socket.create_server(("0.0.0.0", port), backlog=128)
     print("ready", flush=True)
@@ -86,7 +91,9 @@ def main() -> None:
     elif "--no-read" in sys.argv:
         _never_read(port)
     else:
-        server = http.server.ThreadingHTTPServer(("0.0.0.0", port), _Handler, bind_and_activate=False)
+        ipv6 = "--ipv6" in sys.argv
+        server = (_Server6 if ipv6 else http.server.ThreadingHTTPServer)(("::" if ipv6 else "0.0.0.0", port),
+                                                                          _Handler, bind_and_activate=False)
         server.request_queue_size = 128  # 20 clients at once must not overflow the accept queue
         server.server_bind()
         server.server_activate()
