@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
+from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
 import asyncssh
 import dpkt
 import pytest
 
-from conftest import SVC, POD, Cluster, assert_clean
+from conftest import CLEAN_TIMEOUT, SVC, POD, Cluster, assert_clean, leftovers, wait_until
 from mirrord_tun import protocol
 from mirrord_tun.channel import FrameSession
 from mirrord_tun.connect import open_channel
@@ -246,13 +248,24 @@ def test_nothing_but_the_subsystem_is_served(cluster: Cluster) -> None:
     assert_clean(cluster.sb)
 
 
-def test_client_leaving_during_setup_leaves_nothing(cluster: Cluster) -> None:
-    """HELLO and gone at once: the agent finishes building the session, then must take it down."""
+def test_client_leaving_during_setup_leaves_nothing(fresh_cluster: Cluster) -> None:
+    """HELLO and gone at once: the agent finishes building the session, then must take it down.
+
+    The namespace is clean for a moment before a session is even built, so the test waits for
+    the agent to say it closed all five before it looks."""
+    sb = fresh_cluster.sb
+    sb.stop(fresh_cluster.agent)
+    log = Path(sb.dir) / "agent-setup.log"
+    with open(log, "w") as f:
+        fresh_cluster.agent = sb.start_agent(stderr=f)
+
     async def scenario() -> None:
         for _ in range(5):
-            probe = await Probe().open(cluster.sb)
+            probe = await Probe().open(sb)
             probe.send(protocol.control(ClientMsg.HELLO, {"version": protocol.VERSION}))
             await probe.close()
 
-    in_laptop(cluster.sb, scenario)
-    assert_clean(cluster.sb)
+    in_laptop(sb, scenario)
+    assert wait_until(lambda: len(re.findall(r"session \S+ (closed|refused)", log.read_text())) == 5, CLEAN_TIMEOUT), \
+        log.read_text()
+    assert leftovers(sb) == []

@@ -133,13 +133,14 @@ class Sandbox:
         self.start_ready("dns", [*PY, "-m", "mirrord_tun.sandbox.dns_server", hosts, zone])
 
     def start_agent(self, *extra: str, wrap: tuple[str, ...] = (), resume_timeout: float = SANDBOX_RESUME_TIMEOUT,
-                    listen: str | None = None) -> subprocess.Popen[bytes]:
-        """Start the agent in the node namespace (`wrap`: a command prefix, e.g. to confine it)."""
+                    listen: str | None = None, stderr: object = None) -> subprocess.Popen[bytes]:
+        """Start the agent in the node namespace (`wrap`: a command prefix, e.g. to confine it;
+        `stderr`: where its log goes, ours by default)."""
         return self.start_ready("node", [
             *wrap, *PY, "-m", "mirrord_tun", "agent", "--listen", listen or self.agent_address,
             "--authorized-key", self.keys.identity_pub, "--host-key", self.keys.host_key,
             "--netns", self.netns_path("pod"), "--resume-timeout", f"{resume_timeout:g}", *extra],
-            ready="listening", stderr=None)
+            ready="listening", stderr=stderr)
 
     def run_args(self, *command: str, verbose: bool = False) -> list[str]:
         """argv of `mirrord-ns run` from the laptop against this sandbox's agent."""
