@@ -12,6 +12,7 @@ router, joins the all-routers group). IPv6 devconf has no rtnetlink setter, so t
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 from typing import NamedTuple
 
@@ -107,4 +108,6 @@ def force_forwarding_usable() -> str | None:
     except FileNotFoundError:
         return "this kernel has no per-device IPv6 forwarding (net.ipv6.conf.*.force_forwarding, Linux 6.17)"
     except OSError as e:
+        if e.errno == errno.EROFS:  # how container runtimes mount it for unprivileged containers
+            return f"{_CONF} is read-only where the agent runs (in Kubernetes: run with --privileged)"
         return f"cannot write {path}: {e.strerror}"

@@ -359,7 +359,7 @@ def test_without_per_device_ipv6_forwarding_the_session_is_ipv4_only(confined6: 
     assert r.stdout.splitlines() == NO_IPV6_OUTPUT, r.stdout
     # Said once, with the agent's reason, so nobody wonders where IPv6 went.
     said = [l for l in r.stderr.splitlines() if "IPv4 only" in l]
-    assert len(said) == 1 and "force_forwarding" in said[0] and "Read-only file system" in said[0], r.stderr
+    assert len(said) == 1 and "read-only" in said[0] and "--privileged" in said[0], r.stderr
     assert_clean6(sb)
     assert pod_sysctls6(sb) == before
 
