@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-from conftest import RUN_TIMEOUT, SVC, Cluster, assert_clean, children, mrd_run, read_line, run_argv, run_env
+from conftest import (RUN_TIMEOUT, SVC, Cluster, assert_clean, children, kill_pids, mrd_run, pid_alive, read_line,
+                      run_argv, run_env)
 from conftest import wait_until
 from test_attach import ATTACH_TIMEOUT, detach, ip, make_app
 
@@ -247,8 +248,13 @@ def test_attach_never_writes_through_an_etc_swapped_for_a_symlink(cluster: Clust
             end_attach(sb, p)
             assert os.listdir(host_dir) == []
             assert set(os.listdir(ctr.root)) <= {"bin", "proc", "etc", "etc.real", "etc.link"}
-        ctr.proc.kill()
+        # Frozen first, so that no `mv` starts after we listed them; then the running one dies too,
+        # before it could rename /etc under the check below.
+        kill_pids([ctr.proc.pid], signal.SIGSTOP)
+        movers = children(ctr.proc.pid)
+        kill_pids([ctr.proc.pid, *movers])
         ctr.proc.wait()
+        assert wait_until(lambda: not any(pid_alive(m) for m in movers), 10)
         etc = ctr.root / "etc"
         if etc.is_symlink() or not etc.exists():  # stopped mid-swap: put its /etc back
             with contextlib.suppress(FileNotFoundError):
