@@ -23,11 +23,18 @@ with the fd. Every function runs in the target namespace's thread.
 IPv6, when the pod has a global or unique-local address: the session's TUN also
 carries a pair from TUNNEL_NET6 (the IPv4 pair's addresses in its last 32 bits),
 and a second table of the same name in the `ip6` family does for IPv6 what the
-`ip` table does for IPv4 (masquerade, forward/input/output filters, steal). IPv6 forwarding is switched on per device with `force_forwarding`
-(netns/ipv6.py), recorded in that table's comment and restored the same way;
-never with net.ipv6.conf.all.forwarding, which makes the pod a router on every
-link (its accept_ra and router answers change). Where force_forwarding is
-missing (Linux before 6.17) or /proc/sys is read-only, the session is IPv4 only.
+`ip` table does for IPv4 (masquerade, forward/input/output filters, steal).
+IPv6 forwarding (netns/ipv6.py, `agent --ipv6-forwarding`) is switched on per
+device with `force_forwarding` where the kernel has it (Linux 6.17), else with
+net.ipv6.conf.all.forwarding, which also switches every device's `forwarding`
+(the pod becomes a router on its links; `default` is put back at once, so links
+that appear meanwhile are not): accept_ra 1 is raised to 2 first wherever it is
+in force, so router advertisements keep the pod's addresses and routes. Either
+way what it overwrote is recorded in that table's comment and restored the same
+way, and the forward chain drops whatever the switch would newly forward other
+than our replies (with the global switch: between any two links not our TUNs).
+Where neither is possible (or wanted), or /proc/sys is read-only, the session is
+IPv4 only.
 """
 from __future__ import annotations
 
@@ -57,7 +64,7 @@ _SESSION_TABLE = re.compile(re.escape(TABLE_PREFIX) + r"[0-9a-f]+")
 # `ip_forward=untouched` marks tables of agents that never write the sysctl; older ones
 # wrote it whenever `fwd=0`, and the last of their tables to go must write it back.
 _COMMENT = re.compile(r"owner=(\S+) fwd=([01])(?: dev=(\S*))?( ip_forward=untouched)?")
-_COMMENT6 = re.compile(r"owner=(\S+) force_forwarding_on=(\S*)")
+_COMMENT6 = re.compile(r"owner=(\S+) force_forwarding_on=(\S*)(?: global=([01]) fwd=(\S*) ra=(\S*))?")
 # Link names are the namespace's, so chosen by whoever has NET_ADMIN there: only plain
 # ones go into an nft script or a comment (a name may hold quotes or braces).
 _PLAIN_LINK = re.compile(r"[A-Za-z0-9_.-]{1,15}")
@@ -69,7 +76,8 @@ _open6: dict[str, _Record6] = {}
 class SessionPlane:
     """The kernel state of one session; `close()` removes all of it."""
 
-    def __init__(self, sid: str) -> None:
+    def __init__(self, sid: str, ipv6_forwarding: str = "auto") -> None:
+        """`ipv6_forwarding`: one of netns.ipv6.FORWARDING_MODES."""
         if not _SESSION_TABLE.fullmatch(TABLE_PREFIX + sid):
             raise ValueError(f"bad session id {sid!r}")
         self.sid = sid
@@ -80,6 +88,7 @@ class SessionPlane:
         self.mtu = 1500
         self.pod_addrs: list[str] = []
         self.pod_addrs6: list[str] = []
+        self.ipv6_forwarding = ipv6_forwarding
         self.ipv6_off = ""  # why a pod with IPv6 gets an IPv4-only session
         # What the tables record, kept here as well: a container with NET_ADMIN may delete
         # the tables, and forwarding must still go back when the session ends.
@@ -96,8 +105,9 @@ class SessionPlane:
         self.pod_addrs = links.ipv4_addresses(exclude_prefix=TUN_PREFIX)
         self.mtu = links.uplink_mtu()
         self.pod_addrs6 = ipv6.global_addresses(exclude_prefix=TUN_PREFIX)
+        method = ""
         if self.pod_addrs6:
-            no_ipv6 = _why_no_ipv6(self.mtu)
+            method, no_ipv6 = _ipv6_method(self.ipv6_forwarding, self.mtu)
             if no_ipv6:
                 log.info("session %s is IPv4 only: %s", self.sid, no_ipv6)
                 self.pod_addrs6, self.ipv6_off = [], no_ipv6
@@ -105,6 +115,14 @@ class SessionPlane:
                 self.agent_addr6, self.client_addr6 = (str(TUNNEL_NET6[int(a)]) for a in (block[1], block[2]))
         own = [a for a in (self.agent_addr, self.agent_addr6) if a]
         try:
+            if self.client_addr6:
+                self.record6 = _open6[self.table] = record6 = _forwarding6_before_us(method)
+                nft.run(_ruleset6(self.table, TUN_PREFIX + self.sid, self.agent_addr6, self.client_addr6, record6,
+                                  self.pod_addrs6))
+                # Before the TUN exists: a link that has `forwarding` while the global switch
+                # is written joins the all-routers groups, which MLD would announce to the client.
+                if record6.global6 and not ipv6.get("all", "forwarding"):
+                    _switch_global_on(record6.global6)
             self.tun = Tun(TUN_PREFIX + self.sid)
             links.bring_up_tun(self.tun.name, own, self.mtu, peers=self.client_addrs)
             self.record = _open[self.table] = record = _forwarding_before_us()
@@ -112,12 +130,9 @@ class SessionPlane:
             present = set(links.links_except(TUN_PREFIX))
             for name in [self.tun.name, *(d for d in record.links_off if d in present)]:
                 links.set_device_forwarding(name, True)
-            if self.client_addr6:
-                self.record6 = _open6[self.table] = record6 = _forwarding6_before_us()
-                nft.run(_ruleset6(self.table, self.tun.name, self.agent_addr6, self.client_addr6, record6,
-                                  self.pod_addrs6))
-                for name in [self.tun.name, *(d for d in record6.links_off if d in present)]:
-                    ipv6.set_force_forwarding(name, True)
+            if self.record6 and method == "device":
+                for name in [self.tun.name, *(d for d in self.record6.links_off if d in present)]:
+                    ipv6.put(name, "force_forwarding", 1)
         except BaseException:
             self.close()
             raise
@@ -182,6 +197,10 @@ def _ruleset6(table: str, tun: str, agent: str, client: str, record: _Record6, p
     """The IPv4 table's rules for IPv6 (`pod_addrs`: the pod's IPv6 ones). ICMPv6 errors about the
     client's connections (Packet Too Big, unreachable, time exceeded) are `related` and pass."""
     switched_on = ", ".join(f'"{name}"' for name in record.links_off)
+    if record.global6:  # every link forwards now, also one that appears later
+        dropped = f'    iifname != "{TUN_PREFIX}*" oifname != "{TUN_PREFIX}*" drop\n'
+    else:
+        dropped = f'    iifname {{ {switched_on} }} oifname != "{TUN_PREFIX}*" drop\n' if switched_on else ""
     return (
         f"table ip6 {table} {{\n"
         f'  comment "{record.comment()}"\n'
@@ -196,7 +215,7 @@ def _ruleset6(table: str, tun: str, agent: str, client: str, record: _Record6, p
         f'    oifname "{tun}" ct state established,related accept\n'
         + steal.forward_rules(tun, client, "ip6")
         + f'    oifname "{tun}" drop\n'
-        + (f'    iifname {{ {switched_on} }} oifname != "{TUN_PREFIX}*" drop\n' if switched_on else "")
+        + dropped
         + "  }\n"
         + steal.declarations(f"{TUN_PREFIX}*", client, pod_addrs, "ip6")
         + "  chain input {\n"
@@ -211,13 +230,21 @@ def _ruleset6(table: str, tun: str, agent: str, client: str, record: _Record6, p
     )
 
 
-def _why_no_ipv6(mtu: int) -> str | None:
-    """None if this session can carry IPv6, else why not (the pod has an IPv6 address)."""
+def _ipv6_method(mode: str, mtu: int) -> tuple[str, str]:
+    """("device" or "global", "") if this session can carry IPv6 (the pod has an IPv6 address),
+    else ("", why not); `mode` is the agent's --ipv6-forwarding."""
     if mtu < 1280:
-        return f"the pod's MTU {mtu} is below IPv6's 1280"
+        return "", f"the pod's MTU {mtu} is below IPv6's 1280"
     if any(n.overlaps(TUNNEL_NET6) for n in ipv6.in_use(exclude_prefix=TUN_PREFIX) if n.prefixlen > 0):
-        return f"the pod's network already uses {TUNNEL_NET6}"
-    return ipv6.force_forwarding_usable()
+        return "", f"the pod's network already uses {TUNNEL_NET6}"
+    method = ipv6.forwarding_method(mode, ipv6.has_force_forwarding())
+    if method is None:
+        if mode == "off":
+            return "", "the agent runs with --ipv6-forwarding off"
+        return "", ("this kernel has no per-device IPv6 forwarding (net.ipv6.conf.*.force_forwarding, "
+                    "Linux 6.17) and the agent runs with --ipv6-forwarding device")
+    unusable = ipv6.forwarding_unusable(method)
+    return ("", unusable) if unusable else (method, "")
 
 
 def _free_block() -> ipaddress.IPv4Network:
@@ -241,12 +268,24 @@ class _Record(NamedTuple):
         return f"owner={self.owner} fwd={int(self.ip_forward)} dev={','.join(self.links_off)}{untouched}"
 
 
+class _Global6(NamedTuple):
+    """What writing net.ipv6.conf.all.forwarding=1 overwrote (it was 0)."""
+    default_forwarding: bool  # net.ipv6.conf.default.forwarding before
+    forwarding_on: list[str]  # links whose own forwarding was 1 before (writing all=0 resets them)
+    accept_ra: list[str]  # links whose accept_ra we raised from 1 to 2
+
+
 class _Record6(NamedTuple):
     owner: str
     links_off: list[str]  # links whose IPv6 force_forwarding was off before the first IPv6 session
+    global6: _Global6 | None  # set when a session switched conf.all.forwarding on
 
     def comment(self) -> str:
-        return f"owner={self.owner} force_forwarding_on={','.join(self.links_off)}"
+        # Short keys: nft keeps 128 characters of a comment.
+        text = f"owner={self.owner} force_forwarding_on={','.join(self.links_off)}"
+        if g := self.global6:
+            text += f" global={int(g.default_forwarding)} fwd={','.join(g.forwarding_on)} ra={','.join(g.accept_ra)}"
+        return text
 
 
 def _plain_links(names: list[str]) -> list[str]:
@@ -285,29 +324,78 @@ def _ours6() -> dict[str, _Record6]:
         if not _SESSION_TABLE.fullmatch(name):
             continue
         m = _COMMENT6.search(comment)
-        # Without a record, switch nothing off: we cannot prove we switched it on.
-        out[name] = _Record6(m[1], _plain_links([d for d in m[2].split(",") if d])) if m else _Record6("", [])
+        if not m:  # without a record, switch nothing off: we cannot prove we switched it on
+            out[name] = _Record6("", [], None)
+            continue
+        global6 = _Global6(m[3] == "1", _split_links(m[4]), _split_links(m[5])) if m[3] else None
+        out[name] = _Record6(m[1], _split_links(m[2]), global6)
     return out
 
 
-def _forwarding6_before_us() -> _Record6:
+def _split_links(text: str) -> list[str]:
+    return _plain_links([d for d in text.split(",") if d])
+
+
+def _forwarding6_before_us(method: str) -> _Record6:
+    """The record of the first IPv6 session, carried on by every later one; a session switching
+    forwarding on by `method` in a way no earlier one did adds what that overwrites."""
     existing = list({**_open6, **_ours6()}.values())
-    if existing:  # the first IPv6 session's record, carried on by every later one
-        return _Record6(owner.me(), sorted({d for r in existing for d in r.links_off}))
-    return _Record6(owner.me(), [d for d in _plain_links(links.links_except(TUN_PREFIX))
-                                 if ipv6.force_forwarding(d) is False])
+    if existing:
+        links_off = sorted({d for r in existing for d in r.links_off})
+        global6 = next((r.global6 for r in existing if r.global6), None)
+    else:
+        links_off, global6 = [], None
+        # A router already (all.forwarding=1) forwards on every link: nothing to switch on.
+        if method == "device" and not ipv6.get("all", "forwarding"):
+            links_off = [d for d in _plain_links(links.links_except(TUN_PREFIX)) if ipv6.get(d, "force_forwarding") == 0]
+    if method == "global" and not global6 and not ipv6.get("all", "forwarding"):
+        global6 = _global6_before_us()
+    return _Record6(owner.me(), links_off, global6)
+
+
+def _global6_before_us() -> _Global6:
+    names = _plain_links([d for d in ipv6.devices() if not d.startswith(TUN_PREFIX)])
+    forwarding = {d: ipv6.get(d, "forwarding") for d in names}
+    # accept_ra=1 is in force only where forwarding is off; with forwarding on, 2 keeps it so.
+    raise_ra = [d for d in names if forwarding[d] == 0 and ipv6.get(d, "accept_ra") == 1]
+    return _Global6(ipv6.get("default", "forwarding") == 1, [d for d in names if forwarding[d] == 1], raise_ra)
+
+
+def _switch_global_on(g: _Global6) -> None:
+    # accept_ra first: switching forwarding on also purges the routes learned from router
+    # advertisements on every link whose accept_ra is not 2.
+    for name in g.accept_ra:
+        ipv6.put(name, "accept_ra", 2)
+    ipv6.put("all", "forwarding", 1)
+    # The kernel copied it to default: links that appear now (our TUNs, a new veth) would be
+    # routers on their link. Forwarding itself needs all.forwarding alone.
+    if not g.default_forwarding:
+        ipv6.put("default", "forwarding", 0)
+
+
+def _restore_global(g: _Global6) -> None:
+    ipv6.put("all", "forwarding", 0)  # and, by the kernel, default's and every link's
+    if g.default_forwarding:
+        ipv6.put("default", "forwarding", 1)
+    for name, knob, value in [*((d, "forwarding", 1) for d in g.forwarding_on),
+                              *((d, "accept_ra", 1) for d in g.accept_ra)]:
+        with contextlib.suppress(FileNotFoundError):  # the link is gone or lost IPv6: nothing to undo
+            ipv6.put(name, knob, value)
 
 
 def _remove_tables6(doomed: dict[str, _Record6]) -> None:
-    """Delete `doomed` ip6 tables; with the last of them, switch off the force_forwarding they switched on."""
+    """Delete `doomed` ip6 tables; with the last of them, put back the forwarding they switched on."""
     others = (set(_ours6()) | set(_open6)) - set(doomed)
     for name in doomed:
         nft.delete_table("ip6", name)
     if doomed and not others:
+        global6 = next((r.global6 for r in doomed.values() if r.global6), None)
+        if global6:
+            _restore_global(global6)
         present = set(links.links_except(TUN_PREFIX))
         for name in sorted({d for r in doomed.values() for d in r.links_off} & present):
             with contextlib.suppress(FileNotFoundError):  # the link lost IPv6 meanwhile: nothing to undo
-                ipv6.set_force_forwarding(name, False)
+                ipv6.put(name, "force_forwarding", 0)
 
 
 def _remove_tables(doomed: dict[str, _Record]) -> None:

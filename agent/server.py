@@ -144,9 +144,11 @@ class _Server(asyncssh.SSHServer):
 
 
 class Agent:
-    def __init__(self, target: Target, resume_timeout: float = DEFAULT_RESUME_TIMEOUT) -> None:
+    def __init__(self, target: Target, resume_timeout: float = DEFAULT_RESUME_TIMEOUT,
+                 ipv6_forwarding: str = "auto") -> None:
         self.target = target
         self.resume_timeout = resume_timeout  # how long a session whose connection dropped is kept
+        self.ipv6_forwarding = ipv6_forwarding  # how sessions switch IPv6 forwarding on (netns.ipv6)
         self.resume_refused = 0
         self.authorized = asyncssh.SSHAuthorizedKeys()
         self.ns = NetNs.open(target.netns_path)

@@ -182,7 +182,7 @@ class AgentSession:
                 raise ValueError(f"client protocol {hello.get('version')} is older than {protocol.MIN_VERSION}")
             # Off the event loop: the file is the container's, and its file system may be slow.
             resolv_conf = await asyncio.to_thread(read_resolv_conf, self.agent.target)
-            plane = SessionPlane(self.sid)
+            plane = SessionPlane(self.sid, self.agent.ipv6_forwarding)
             await self.agent.ns.acall(plane.open)
         except Exception as e:  # noqa: BLE001 - every failure is reported to the client
             log.warning("session %s from %s refused: %s", self.sid, self.peer, e)

@@ -15,6 +15,7 @@ import click
 from mirrord_tun import __version__
 from mirrord_tun.config import ENV_PREFIX, config_option
 from mirrord_tun.kube.commands import complete_context, complete_namespace, complete_target
+from mirrord_tun.netns.ipv6 import FORWARDING_MODES
 
 T = TypeVar("T")
 PROG = "mirrord-ns"
@@ -443,11 +444,15 @@ def cleanup(namespace: str | None, context: str | None, kubeconfig: str | None, 
 @click.option("--resume-timeout", type=click.FloatRange(min=0, max=24 * 3600), default=60, show_default=True,
               metavar="SECONDS", help="Keep a session whose connection dropped this long for its client "
               "to resume (0: end it at once).")
+@click.option("--ipv6-forwarding", type=click.Choice(FORWARDING_MODES), default="auto", show_default=True,
+              help="How IPv6 sessions switch forwarding on in the pod: per device (force_forwarding, Linux "
+              "6.17+), with the global switch (net.ipv6.conf.all.forwarding, accept_ra kept working), "
+              "auto (device where the kernel has it, else global), or off (IPv4-only sessions).")
 @click.option("-v", "--verbose", count=True, help="-vv: debug lines and SSH details (sessions and "
               "their counters are always logged).")
 def agent(listen: str, authorized_key: str | None, authorized_key_data: str | None, host_key: str | None,
           netns: str | None, pid: int | None, container_id: str | None, resolv_conf: str | None,
-          idle_exit: float | None, resume_timeout: float, verbose: int) -> None:
+          idle_exit: float | None, resume_timeout: float, ipv6_forwarding: str, verbose: int) -> None:
     """Serve tunnel sessions (run starts it)."""
     _need_root()
     from mirrord_tun.agent import keys
@@ -471,7 +476,7 @@ def agent(listen: str, authorized_key: str | None, authorized_key_data: str | No
         from mirrord_tun.agent.server import Agent
 
         try:
-            _run_async(Agent(target, resume_timeout).serve(host, port, key, authorized, idle_exit))
+            _run_async(Agent(target, resume_timeout, ipv6_forwarding).serve(host, port, key, authorized, idle_exit))
         except (OSError, ValueError) as e:
             click.echo(f"mirrord-ns agent: {e}", err=True)
             return 2

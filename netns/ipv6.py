@@ -3,17 +3,20 @@
 Read from /proc/thread-self/net and /proc/sys/net/ipv6, which show the namespace of the
 thread that opens them (so call these through `NetNs.call`, as netns/links.py).
 
-Forwarding is switched on per device with `force_forwarding` (Linux 6.17): IPv6 forwards
-a packet when `conf.all.forwarding` or the incoming device's `force_forwarding` is on, and
-force_forwarding changes nothing else, unlike `forwarding`, which also makes the kernel a
-router on that link (it ignores router advertisements unless accept_ra=2, answers as a
-router, joins the all-routers group). IPv6 devconf has no rtnetlink setter, so these are
-/proc/sys writes; where /proc/sys is read-only, `force_forwarding_usable` says no.
+IPv6 forwards a packet when `conf.all.forwarding` or (Linux 6.17 and later) the incoming
+device's `force_forwarding` is on; a device's own `forwarding` only makes the kernel a
+router on that link: it ignores router advertisements unless accept_ra=2, answers as a
+router, joins the all-routers group, ignores redirects. force_forwarding changes nothing
+else ("device"); where it is missing, the one switch is conf.all.forwarding ("global"),
+which the kernel copies to `default` and every device's `forwarding`. IPv6 devconf has no
+rtnetlink setter, so these are /proc/sys writes; where /proc/sys is read-only,
+`forwarding_unusable` says so.
 """
 from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 from typing import NamedTuple
 
 _NET = "/proc/thread-self/net"
@@ -79,34 +82,56 @@ def enabled(device: str = "lo") -> bool:
         return False
 
 
-def forwarding_all() -> bool:
-    with open(f"{_CONF}/all/forwarding") as f:
-        return f.read().strip() == "1"
+# `agent --ipv6-forwarding`: auto is device where the kernel has force_forwarding, else global.
+FORWARDING_MODES = ("auto", "device", "global", "off")
 
 
-def force_forwarding(device: str) -> bool | None:
-    """None for a device without IPv6 (an MTU below 1280, say): nothing to forward there."""
+def forwarding_method(mode: str, has_force_forwarding: bool) -> str | None:
+    """How `mode` switches forwarding on, "device" or "global", on a kernel with or without
+    force_forwarding; None where it allows neither (the sessions are IPv4 only)."""
+    if mode not in FORWARDING_MODES:
+        raise ValueError(f"unknown IPv6 forwarding mode {mode!r}")
+    if mode == "auto":
+        return "device" if has_force_forwarding else "global"
+    if mode == "off" or mode == "device" and not has_force_forwarding:
+        return None
+    return mode
+
+
+def has_force_forwarding() -> bool:
+    return os.path.exists(f"{_CONF}/default/force_forwarding")
+
+
+def devices() -> list[str]:
+    """Every device with IPv6 configuration (lo too), as /proc/sys names them."""
     try:
-        with open(f"{_CONF}/{device}/force_forwarding") as f:
-            return f.read().strip() == "1"
+        return sorted(set(os.listdir(_CONF)) - {"all", "default"})
+    except FileNotFoundError:  # a kernel without IPv6
+        return []
+
+
+def get(device: str, knob: str) -> int | None:
+    """net.ipv6.conf.DEVICE.KNOB ("all" and "default" too); None where it does not exist
+    (a device without IPv6, an MTU below 1280 say, or a kernel without that knob)."""
+    try:
+        with open(f"{_CONF}/{device}/{knob}") as f:
+            return int(f.read())
     except FileNotFoundError:
         return None
 
 
-def set_force_forwarding(device: str, on: bool) -> None:
-    """OSError where the knob is missing (before Linux 6.17) or /proc/sys is read-only."""
-    with open(f"{_CONF}/{device}/force_forwarding", "w") as f:
-        f.write("1" if on else "0")
+def put(device: str, knob: str, value: int) -> None:
+    """OSError where the knob is missing or /proc/sys is read-only."""
+    with open(f"{_CONF}/{device}/{knob}", "w") as f:
+        f.write(str(value))
 
 
-def force_forwarding_usable() -> str | None:
-    """None if per-device IPv6 forwarding can be switched here, else why not."""
-    path = f"{_CONF}/default/force_forwarding"
+def forwarding_unusable(method: str) -> str | None:
+    """None if forwarding can be switched on by `method` here, else why not."""
+    path = f"{_CONF}/default/force_forwarding" if method == "device" else f"{_CONF}/all/forwarding"
     try:
         with open(path, "r+"):  # opening for writing is the check; nothing is written
             return None
-    except FileNotFoundError:
-        return "this kernel has no per-device IPv6 forwarding (net.ipv6.conf.*.force_forwarding, Linux 6.17)"
     except OSError as e:
         if e.errno == errno.EROFS:  # how container runtimes mount it for unprivileged containers
             return f"{_CONF} is read-only where the agent runs (in Kubernetes: run with --privileged)"

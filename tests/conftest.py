@@ -68,9 +68,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def make_cluster(agent_wrap: tuple[str, ...] = (), ipv6: bool = False,
-                 more_on_svc: list[str] | None = None) -> Iterator[Cluster]:
+                 more_on_svc: list[str] | None = None, agent_args: tuple[str, ...] = ()) -> Iterator[Cluster]:
     """Build a cluster (dual-stack with `ipv6`), yield it, remove it; `agent_wrap` prefixes the
-    agent's command line, `more_on_svc` is one more server for svc (it prints "ready")."""
+    agent's command line, `agent_args` are more options for it, `more_on_svc` is one more server
+    for svc (it prints "ready")."""
     sb = Sandbox(ipv6=ipv6)
     try:
         sb.build()
@@ -78,7 +79,7 @@ def make_cluster(agent_wrap: tuple[str, ...] = (), ipv6: bool = False,
         sb.start_ready("svc", [sys.executable, "-c", _UDP_ECHO])
         if more_on_svc:
             sb.start_ready("svc", more_on_svc)
-        yield Cluster(sb, sb.start_agent(wrap=agent_wrap))
+        yield Cluster(sb, sb.start_agent(*agent_args, wrap=agent_wrap))
     finally:
         sb.close()
 

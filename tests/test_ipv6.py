@@ -7,10 +7,15 @@ tests/test_security_forward.py): a neighbour routing our IPv6 tunnel prefix via 
 the pod's own processes, and spoofed sources reach nothing; the pod's IPv6 settings are
 exactly as before after a session and after the agent worker is killed. An IPv4-only
 pod gives today's behaviour: no IPv6 in the command's namespace at all.
+
+The agent's `--ipv6-forwarding global` (what `auto` picks on kernels before 6.17, which lack
+force_forwarding) runs the forwarding-sensitive tests too (BOTH_MODES): it switches
+net.ipv6.conf.all.forwarding, so every link forwards while a session runs.
 """
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -32,6 +37,7 @@ from test_security_forward import ATTACK, PORT, Victim, attack, pod_sysctls, ref
 
 from mirrord_tun import protocol
 from mirrord_tun.agent.dataplane import TUNNEL_NET6
+from mirrord_tun.netns.ipv6 import forwarding_method
 from mirrord_tun.protocol import ClientMsg
 from mirrord_tun.sandbox import ADDRS6, RESOLV_CONF6, Sandbox
 
@@ -53,18 +59,25 @@ class Victim6(Victim):
     svc = SVC6
 
 
-def make_cluster6(agent_wrap: tuple[str, ...] = ()) -> Iterator[Cluster]:
-    yield from make_cluster(agent_wrap, ipv6=True, more_on_svc=[sys.executable, "-c", _UDP_WHO])
+def make_cluster6(agent_wrap: tuple[str, ...] = (), forwarding: str = "auto") -> Iterator[Cluster]:
+    """`forwarding`: the agent's --ipv6-forwarding."""
+    yield from make_cluster(agent_wrap, ipv6=True, more_on_svc=[sys.executable, "-c", _UDP_WHO],
+                            agent_args=("--ipv6-forwarding", forwarding))
 
 
-@pytest.fixture(scope="module")
-def cluster6() -> Iterator[Cluster]:
-    yield from make_cluster6()
+# The param is the agent's --ipv6-forwarding; BOTH_MODES runs a test with global as well.
+@pytest.fixture(scope="module", params=["auto"])
+def cluster6(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    yield from make_cluster6(forwarding=request.param)
 
 
-@pytest.fixture
-def fresh_cluster6() -> Iterator[Cluster]:
-    yield from make_cluster6()
+@pytest.fixture(params=["auto"])
+def fresh_cluster6(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    yield from make_cluster6(forwarding=request.param)
+
+
+BOTH_MODES = pytest.mark.parametrize("cluster6", ["auto", "global"], indirect=True)
+BOTH_MODES_FRESH = pytest.mark.parametrize("fresh_cluster6", ["auto", "global"], indirect=True)
 
 
 def pod_sysctls6(sb: Sandbox) -> dict[str, str]:
@@ -86,8 +99,9 @@ def pod_sysctls6(sb: Sandbox) -> dict[str, str]:
 def assert_clean6(sb: Sandbox) -> None:
     """conftest's leftovers (links, tables of every family, IPv4 forwarding), and IPv6 forwarding."""
     def left() -> list[str]:
-        knob = sb.exec("pod", "cat", "/proc/sys/net/ipv6/conf/eth0/force_forwarding").stdout.strip()
-        return leftovers(sb) + ([] if knob == "0" else [f"eth0 force_forwarding={knob}"])
+        knobs = {k: sb.exec("pod", "cat", f"/proc/sys/net/ipv6/conf/{k}").stdout.strip()
+                 for k in ("eth0/force_forwarding", "all/forwarding")}
+        return leftovers(sb) + [f"{k}={v}" for k, v in knobs.items() if v != "0"]
     wait_until(lambda: not left(), CLEAN_TIMEOUT)
     assert left() == []
 
@@ -116,6 +130,7 @@ print("udp", s.recv(100).decode())
 """
 
 
+@BOTH_MODES
 def test_tcp_udp_and_ping_over_ipv6_leave_as_the_pods_ipv6_address(cluster6: Cluster) -> None:
     sb = cluster6.sb
     script = (f"curl -sS -m 10 'http://[{SVC6}]/' && {sys.executable} -c '{UDP_ASK}' "
@@ -199,6 +214,7 @@ def victim6(cluster6: Cluster, tmp_path: Path) -> Iterator[Victim]:
     cluster6.sb.stop(prog.proc)
 
 
+@BOTH_MODES
 def test_a_neighbour_routing_our_ipv6_prefix_via_the_pod_reaches_nothing(
         neighbour_route6: Sandbox, victim6: Victim) -> None:
     sb, prog = neighbour_route6, victim6
@@ -229,24 +245,49 @@ def test_the_pods_own_processes_cannot_call_into_the_session_over_ipv6(cluster6:
     assert_clean6(cluster6.sb)
 
 
-def test_the_pod_routes_no_ipv6_for_its_neighbours(cluster6: Cluster, victim6: Victim) -> None:
-    """eth0's force_forwarding forwards only the sessions' replies.
+NEW_LINK_POD6, NEW_LINK_CLIENT6 = "fd00:1::1", "fd00:1::2"
 
-    The neighbour ignores redirects: svc is on its own link, so the pod's kernel answers the
-    first packet with a redirect to svc itself (as any IPv6 router does, before the filter
-    that then drops the packet), and a neighbour that followed it would not test the pod."""
-    sb = cluster6.sb
+
+@contextlib.contextmanager
+def neighbour_routes_svc6_via_pod(sb: Sandbox, new_link: bool) -> Iterator[None]:
+    """The neighbour sends what it has for svc's IPv6 address to the pod: over the cluster network
+    (ignoring redirects: svc is on the same link, so the pod's kernel answers the first packet with
+    a redirect to svc itself, as any IPv6 router does before the filter that then drops the packet,
+    and a neighbour that followed it would not test the pod), or over a link of its own to the pod,
+    made now (after the session started, so in no list of the agent's), svc answering it directly."""
     client = sb.ns("client")
     knob = "net.ipv6.conf.eth0.accept_redirects"
     before = sb.exec("client", "sysctl", "-n", knob).stdout.strip()
-    sb.exec("client", "sysctl", "-qw", f"{knob}=0")
-    subprocess.run(["ip", "-n", client, "-6", "route", "add", f"{SVC6}/128", "via", POD6], check=True)
     try:
-        r = sb.exec("client", "curl", "-sS", "--max-time", "5", f"http://[{SVC6}]/")
-        assert r.returncode == 28, (r.returncode, r.stdout)  # timed out: the pod forwarded nothing
+        if new_link:
+            subprocess.run(["ip", "-n", sb.ns("pod"), "link", "add", "eth1", "type", "veth", "peer", "name", "eth1",
+                            "netns", client], check=True)
+            for ns, addr in ((sb.ns("pod"), NEW_LINK_POD6), (client, NEW_LINK_CLIENT6)):
+                subprocess.run(["ip", "-n", ns, "addr", "add", f"{addr}/64", "dev", "eth1", "nodad"], check=True)
+                subprocess.run(["ip", "-n", ns, "link", "set", "eth1", "up"], check=True)
+            ping = sb.exec("client", "ping", "-6", "-c", "1", "-W", "5", NEW_LINK_POD6)
+            assert ping.returncode == 0, ping.stdout  # the link works; what follows tests forwarding alone
+            route = ["via", NEW_LINK_POD6, "dev", "eth1", "src", NEIGHBOUR6]
+        else:
+            sb.exec("client", "sysctl", "-qw", f"{knob}=0")
+            route = ["via", POD6]
+        subprocess.run(["ip", "-n", client, "-6", "route", "add", f"{SVC6}/128", *route], check=True)
+        yield
     finally:
         subprocess.run(["ip", "-n", client, "-6", "route", "del", f"{SVC6}/128"], capture_output=True)
+        subprocess.run(["ip", "-n", sb.ns("pod"), "link", "del", "eth1"], capture_output=True)
         sb.exec("client", "sysctl", "-qw", f"{knob}={before}")
+
+
+@BOTH_MODES
+@pytest.mark.parametrize("new_link", [False, True], ids=["eth0", "new-link"])
+def test_the_pod_routes_no_ipv6_for_its_neighbours(cluster6: Cluster, victim6: Victim, new_link: bool) -> None:
+    """The links forwarding is switched on for (eth0's force_forwarding, or with global every link,
+    also one that appears during the session) forward only the sessions' replies."""
+    sb = cluster6.sb
+    with neighbour_routes_svc6_via_pod(sb, new_link):
+        r = sb.exec("client", "curl", "-sS", "--max-time", "5", f"http://[{SVC6}]/")
+        assert r.returncode == 28, (r.returncode, r.stdout)  # timed out: the pod forwarded nothing
     assert victim6.finish() == []
     assert_clean6(sb)
 
@@ -293,33 +334,75 @@ def test_the_agent_drops_ipv6_packets_not_from_the_sessions_address(cluster6: Cl
 
 # --- the pod's IPv6 settings: exactly as before
 
-def test_ipv6_sysctls_after_a_session_are_exactly_as_before(cluster6: Cluster) -> None:
+_CONF6 = "/proc/sys/net/ipv6/conf"
+# What a session changes, by the agent's --ipv6-forwarding (on a pod_with_router_settings).
+CHANGED_DURING = {
+    "auto": {"/proc/sys/net/ipv4/conf/eth0/forwarding": "1\n", f"{_CONF6}/eth0/force_forwarding": "1\n"},
+    # Every link forwards (lo did already); accept_ra=1 is ignored where forwarding is on, 2 keeps
+    # router advertisements working. Links that appear meanwhile inherit default, which stays.
+    "global": {"/proc/sys/net/ipv4/conf/eth0/forwarding": "1\n", f"{_CONF6}/all/forwarding": "1\n",
+               f"{_CONF6}/eth0/forwarding": "1\n", f"{_CONF6}/eth0/accept_ra": "2\n"},
+}
+
+
+@contextlib.contextmanager
+def pod_with_router_settings(sb: Sandbox) -> Iterator[None]:
+    """The pod accepts router advertisements (accept_ra=1, whatever the sandbox had) and lo
+    forwards of its own, which writing all.forwarding=0 after a global session would reset."""
+    knobs = {"net.ipv6.conf.eth0.accept_ra": "1", "net.ipv6.conf.default.accept_ra": "1",
+             "net.ipv6.conf.lo.forwarding": "1"}
+    before = {k: sb.exec("pod", "sysctl", "-n", k).stdout.strip() for k in knobs}
+    try:
+        for k, v in knobs.items():
+            sb.exec("pod", "sysctl", "-qw", f"{k}={v}")
+        yield
+    finally:
+        for k, v in before.items():
+            sb.exec("pod", "sysctl", "-qw", f"{k}={v}")
+
+
+def assert_changed_during(before: dict[str, str], during: dict[str, str], mode: str) -> None:
+    assert {k: v for k, v in during.items() if before[k] != v} == CHANGED_DURING[mode]
+
+
+@BOTH_MODES
+def test_ipv6_sysctls_after_a_session_are_exactly_as_before(cluster6: Cluster, request: pytest.FixtureRequest) -> None:
     sb = cluster6.sb
-    before = pod_sysctls6(sb)
-    p = start_run(sb, "sh", "-c", f"curl -sS -m 10 'http://[{SVC6}]/' && echo up && sleep 30")
-    assert read_line(p) == f"hello from svc, you are {POD6}\n"
-    assert read_line(p) == "up\n"
-    during = pod_sysctls6(sb)
-    changed = {k for k in before if before[k] != during[k]}
-    assert changed == {"/proc/sys/net/ipv4/conf/eth0/forwarding", "/proc/sys/net/ipv6/conf/eth0/force_forwarding"}, \
-        changed
-    sb.stop(p)
-    assert_clean6(sb)
-    assert pod_sysctls6(sb) == before
+    with pod_with_router_settings(sb):
+        before = pod_sysctls6(sb)
+        # One line: read_line's buffered reader may take two lines at once and wait for a third.
+        p = start_run(sb, "sh", "-c", f"r=$(curl -sS -m 10 'http://[{SVC6}]/') && echo \"$r, up\" && sleep 30")
+        assert read_line(p) == f"hello from svc, you are {POD6}, up\n"
+        assert_changed_during(before, pod_sysctls6(sb), request.node.callspec.params["cluster6"])
+        sb.stop(p)
+        assert_clean6(sb)
+        assert pod_sysctls6(sb) == before
 
 
-def test_ipv6_sysctls_after_a_killed_agent_worker_are_exactly_as_before(fresh_cluster6: Cluster) -> None:
+@BOTH_MODES_FRESH
+def test_ipv6_sysctls_after_a_killed_agent_worker_are_exactly_as_before(
+        fresh_cluster6: Cluster, request: pytest.FixtureRequest) -> None:
     sb, guard = fresh_cluster6.sb, fresh_cluster6.agent
-    before = pod_sysctls6(sb)
-    [worker] = children(guard.pid)
-    p = start_run(sb, "sh", "-c", f"curl -sS -m 10 'http://[{SVC6}]/' && sleep 60")
-    assert read_line(p) == f"hello from svc, you are {POD6}\n"
-    assert "table ip6 mirrord_ns_" in sb.exec("pod", "nft", "list", "tables").stdout
-    kill_pids([worker])
-    finish(p)
-    guard.wait(CLEAN_TIMEOUT)  # the guard removes the worker's tables and exits
-    assert leftovers(sb) == []
-    assert pod_sysctls6(sb) == before
+    with pod_with_router_settings(sb):
+        before = pod_sysctls6(sb)
+        [worker] = children(guard.pid)
+        p = start_run(sb, "sh", "-c", f"curl -sS -m 10 'http://[{SVC6}]/' && sleep 60")
+        assert read_line(p) == f"hello from svc, you are {POD6}\n"
+        assert "table ip6 mirrord_ns_" in sb.exec("pod", "nft", "list", "tables").stdout
+        assert_changed_during(before, pod_sysctls6(sb), request.node.callspec.params["fresh_cluster6"])
+        kill_pids([worker])
+        finish(p)
+        guard.wait(CLEAN_TIMEOUT)  # the guard removes the worker's tables, restores, and exits
+        assert leftovers(sb) == []
+        assert pod_sysctls6(sb) == before
+
+
+@pytest.mark.parametrize(("mode", "has_force_forwarding", "method"), [
+    ("auto", True, "device"), ("auto", False, "global"), ("device", True, "device"), ("device", False, None),
+    ("global", True, "global"), ("global", False, "global"), ("off", True, None), ("off", False, None)])
+def test_how_each_mode_switches_ipv6_forwarding_on(mode: str, has_force_forwarding: bool, method: str | None) -> None:
+    """auto is per device where the kernel has force_forwarding (6.17+), else the global switch."""
+    assert forwarding_method(mode, has_force_forwarding) == method
 
 
 # --- where IPv6 cannot be carried: exactly today's behaviour
@@ -345,21 +428,34 @@ def test_an_ipv4_only_pod_gives_no_ipv6_to_the_command(cluster: Cluster) -> None
     assert_clean(cluster.sb)
 
 
-@pytest.fixture
-def confined6() -> Iterator[Cluster]:
-    yield from make_cluster6(agent_wrap=READ_ONLY_PROC_SYS)
+# An agent that cannot or must not switch IPv6 forwarding on: its confinement, --ipv6-forwarding,
+# and what the one line `run` prints about it says.
+IPV4_ONLY_AGENTS = {
+    "read-only-auto": (READ_ONLY_PROC_SYS, "auto", ["read-only", "--privileged"]),
+    "read-only-global": (READ_ONLY_PROC_SYS, "global", ["read-only", "--privileged"]),
+    "off": ((), "off", ["--ipv6-forwarding off"]),
+}
 
 
-def test_without_per_device_ipv6_forwarding_the_session_is_ipv4_only(confined6: Cluster) -> None:
-    """A read-only /proc/sys (as where force_forwarding does not exist): no IPv6, no global switch."""
-    sb = confined6.sb
+@pytest.fixture(params=list(IPV4_ONLY_AGENTS.values()), ids=list(IPV4_ONLY_AGENTS))
+def ipv4_only_agent(request: pytest.FixtureRequest) -> Iterator[tuple[Cluster, list[str]]]:
+    wrap, forwarding, said = request.param
+    for cluster in make_cluster6(wrap, forwarding):
+        yield cluster, said
+
+
+def test_where_ipv6_forwarding_cannot_be_switched_on_the_session_is_ipv4_only(
+        ipv4_only_agent: tuple[Cluster, list[str]]) -> None:
+    """A read-only /proc/sys (in either mode) or --ipv6-forwarding off: no IPv6, nothing touched."""
+    cluster, reason = ipv4_only_agent
+    sb = cluster.sb
     before = pod_sysctls6(sb)
     r = mrd_run(sb, "sh", "-c", NO_IPV6)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == NO_IPV6_OUTPUT, r.stdout
     # Said once, with the agent's reason, so nobody wonders where IPv6 went.
     said = [l for l in r.stderr.splitlines() if "IPv4 only" in l]
-    assert len(said) == 1 and "read-only" in said[0] and "--privileged" in said[0], r.stderr
+    assert len(said) == 1 and all(words in said[0] for words in reason), r.stderr
     assert_clean6(sb)
     assert pod_sysctls6(sb) == before
 
