@@ -141,11 +141,19 @@ def start_run(sb: Sandbox, *command: str, env: dict[str, str] | None = None, **p
 
 
 def read_line(p: subprocess.Popen[bytes], timeout: float = RUN_TIMEOUT) -> str:
-    """The next stdout line of `p`, failing (not hanging) if none comes in time."""
+    """The next stdout line of `p`, failing (not hanging) if none comes in time; "" at its end.
+    Byte by byte from the fd: a buffered readline may take two lines at once, and select would
+    then not see the second one, which waits in the buffer."""
     assert p.stdout is not None
-    ready, _, _ = select.select([p.stdout], [], [], timeout)
-    assert ready, f"no output from {p.args[-1]!r} within {timeout} s"
-    return p.stdout.readline().decode()
+    fd, line, deadline = p.stdout.fileno(), b"", time.monotonic() + timeout
+    while not line.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+        assert ready, f"no output from {p.args[-1]!r} within {timeout} s"
+        byte = os.read(fd, 1)
+        if not byte:
+            break
+        line += byte
+    return line.decode()
 
 
 def finish(p: subprocess.Popen[bytes], timeout: float = RUN_TIMEOUT) -> tuple[int, str, str]:

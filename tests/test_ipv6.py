@@ -18,7 +18,6 @@ import ast
 import contextlib
 import hashlib
 import ipaddress
-import json
 import re
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from conftest import (CLEAN_TIMEOUT, POD, SVC, Cluster, assert_clean, children, 
 from test_attach import detach, in_app, make_app, snapshot, start_attach
 from test_bad_input import VNET, Probe, in_laptop
 from test_readonly_proc import READ_ONLY_PROC_SYS
-from test_security_forward import ATTACK, PORT, Victim, attack, pod_sysctls, refused_at_each_end
+from test_security_forward import IPV4_SYSCTLS, ATTACK, PORT, Victim, attack, pod_sysctls, refused_at_each_end
 
 from mirrord_tun import protocol
 from mirrord_tun.agent.dataplane import TUNNEL_NET6
@@ -82,18 +81,7 @@ BOTH_MODES_FRESH = pytest.mark.parametrize("fresh_cluster6", ["auto", "global"],
 
 def pod_sysctls6(sb: Sandbox) -> dict[str, str]:
     """Every net.ipv6.conf.*.* of the pod (TUNs left out), with test_security_forward's IPv4 ones."""
-    script = ("import glob, json\n"
-              "out = {}\n"
-              "for p in sorted(glob.glob('/proc/sys/net/ipv6/conf/*/*')):\n"
-              "    if '/conf/mrd' not in p:\n"
-              "        try:\n"
-              "            out[p] = open(p).read()\n"
-              "        except OSError as e:\n"
-              "            out[p] = type(e).__name__\n"
-              "print(json.dumps(out))\n")
-    r = sb.exec("pod", sys.executable, "-c", script)
-    assert r.returncode == 0, r.stderr
-    return {**pod_sysctls(sb), **json.loads(r.stdout)}
+    return pod_sysctls(sb, (*IPV4_SYSCTLS, "/proc/sys/net/ipv6/conf/*/*"))
 
 
 def assert_clean6(sb: Sandbox) -> None:
@@ -370,7 +358,6 @@ def test_ipv6_sysctls_after_a_session_are_exactly_as_before(cluster6: Cluster, r
     sb = cluster6.sb
     with pod_with_router_settings(sb):
         before = pod_sysctls6(sb)
-        # One line: read_line's buffered reader may take two lines at once and wait for a third.
         p = start_run(sb, "sh", "-c", f"r=$(curl -sS -m 10 'http://[{SVC6}]/') && echo \"$r, up\" && sleep 30")
         assert read_line(p) == f"hello from svc, you are {POD6}, up\n"
         assert_changed_during(before, pod_sysctls6(sb), request.node.callspec.params["cluster6"])

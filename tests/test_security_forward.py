@@ -275,18 +275,21 @@ def test_the_session_itself_reaches_the_pod_and_traceroute_works(cluster: Cluste
 
 # --- sysctls: exactly as before
 
-def pod_sysctls(sb: Sandbox) -> dict[str, str]:
-    """net.ipv4.ip_forward and every net.ipv4.conf.*.* of the pod namespace (TUNs left out)."""
-    script = ("import glob, json\n"
+IPV4_SYSCTLS = ("/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv4/conf/*/*")
+
+
+def pod_sysctls(sb: Sandbox, patterns: tuple[str, ...] = IPV4_SYSCTLS) -> dict[str, str]:
+    """The pod namespace's sysctls matching `patterns` (TUNs left out)."""
+    script = ("import glob, json, sys\n"
               "out = {}\n"
-              "for p in ['/proc/sys/net/ipv4/ip_forward', *sorted(glob.glob('/proc/sys/net/ipv4/conf/*/*'))]:\n"
+              "for p in sorted({q for pattern in sys.argv[1:] for q in glob.glob(pattern)}):\n"
               "    if '/conf/mrd' not in p:\n"
               "        try:\n"
               "            out[p] = open(p).read()\n"
               "        except OSError as e:\n"
               "            out[p] = type(e).__name__\n"
               "print(json.dumps(out))\n")
-    r = sb.exec("pod", sys.executable, "-c", script)
+    r = sb.exec("pod", sys.executable, "-c", script, *patterns)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 

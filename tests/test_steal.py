@@ -358,18 +358,25 @@ def test_bad_exclude_is_one_line_and_changes_nothing(sb: Sandbox, agent: Agent) 
 
 
 def test_a_hostile_pod_end_reaches_only_the_stolen_port(sb: Sandbox, agent: Agent, runs: list[Run]) -> None:
-    """A container with NET_ADMIN deletes the agent's table and a neighbour routes the tunnel
-    network via the pod: run's own guard lets in the stolen port and nothing else."""
     r = Run(sb, [sys.executable, "-c", _LISTENER])
     runs.append(r)
     assert r.proc.stdout is not None
     _, addr, pid = r.proc.stdout.readline().decode().split()
     assert wait_until(lambda: "stealing tcp/80" in r.log(), LIVENESS, 0.2), r.log()
-    subprocess.run(["ip", "-n", sb.ns("client"), "route", "add", TUNNEL_NET, "via", POD], check=True)
+    only_the_stolen_port_enters(sb, addr, pid, TUNNEL_NET, POD)
+
+
+def only_the_stolen_port_enters(sb: Sandbox, addr: str, pid: str, tunnel_net: str, pod: str) -> None:
+    """A container with NET_ADMIN deletes the agent's tables and a neighbour routes the tunnel
+    network via the pod's address `pod`: run's own guard (`pid`'s namespace, tunnel address
+    `addr`) lets in the stolen port and nothing else."""
+    route = ["ip", "-n", sb.ns("client"), *(["-6"] if ":" in pod else []), "route"]
+    subprocess.run([*route, "add", tunnel_net, "via", pod], check=True)
     try:
         for line in sb.exec("pod", "nft", "list", "tables").stdout.splitlines():
-            if "mirrord_ns_" in line:
-                assert sb.exec("pod", "nft", "delete", "table", "ip", line.split()[-1]).returncode == 0
+            family, name = line.split()[1:]
+            if name.startswith("mirrord_ns_"):
+                assert sb.exec("pod", "nft", "delete", "table", family, name).returncode == 0
 
         def connect(port: int) -> str:
             return sb.exec("client", sys.executable, "-c", _CONNECT, addr, str(port)).stdout.strip()
@@ -380,7 +387,7 @@ def test_a_hostile_pod_end_reaches_only_the_stolen_port(sb: Sandbox, agent: Agen
                         "mirrord_ns_inbound"], check=True)
         assert connect(9) == "ConnectionRefusedError"  # ...by its guard: without it, the kernel answers
     finally:
-        subprocess.run(["ip", "-n", sb.ns("client"), "route", "del", TUNNEL_NET], capture_output=True)
+        subprocess.run([*route, "del", tunnel_net], capture_output=True)
 
 
 # --- giving the port back

@@ -14,7 +14,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
-import subprocess
 import sys
 import time
 from typing import Iterator
@@ -22,8 +21,8 @@ from typing import Iterator
 import pytest
 from conftest import UDP_ECHO_PORT, leftovers, wait_until
 from test_steal import (HTTP, HTTP_SERVER, LIVENESS, OTHER_PORT, Agent, Run, agent, get,  # noqa: F401 - fixtures
-                        given_back_after, kill_every_agent_process, reset_when_the_session_dies, runs, steal_http, udp,
-                        _CONNECT)
+                        given_back_after, kill_every_agent_process, only_the_stolen_port_enters,
+                        reset_when_the_session_dies, runs, steal_http, udp)
 from test_steal_http import ME
 
 from mirrord_tun.agent.dataplane import TUNNEL_NET6
@@ -139,31 +138,13 @@ def test_an_in_flight_ipv6_connection_is_reset_when_the_session_dies(sb: Sandbox
 
 def test_a_hostile_pod_end_reaches_only_the_stolen_port_over_ipv6(sb: Sandbox, agent: Agent,
                                                                   runs: list[Run]) -> None:
-    """test_steal's hostile test over IPv6: the agent's tables deleted, a neighbour routing our
-    IPv6 tunnel prefix via the pod; run's guard lets in the stolen port and nothing else."""
     r = Run(sb, [sys.executable, "-c", _LISTENER6])
     runs.append(r)
     assert r.proc.stdout is not None
     _, addr, pid = r.proc.stdout.readline().decode().split()
     assert ipaddress.IPv6Address(addr) in TUNNEL_NET6
     assert wait_until(lambda: "stealing tcp/80" in r.log(), LIVENESS, 0.2), r.log()
-    subprocess.run(["ip", "-n", sb.ns("client"), "-6", "route", "add", str(TUNNEL_NET6), "via", POD6], check=True)
-    try:
-        for line in sb.exec("pod", "nft", "list", "tables").stdout.splitlines():
-            family, name = line.split()[1:]
-            if name.startswith("mirrord_ns_"):
-                assert sb.exec("pod", "nft", "delete", "table", family, name).returncode == 0
-
-        def connect(port: int) -> str:
-            return sb.exec("client", sys.executable, "-c", _CONNECT, addr, str(port)).stdout.strip()
-
-        assert connect(HTTP) == "reached"  # what the user asked to steal
-        assert connect(9) == "TimeoutError"  # dropped in run's namespace...
-        subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", "nft", "delete", "table", "inet",
-                        "mirrord_ns_inbound"], check=True)
-        assert connect(9) == "ConnectionRefusedError"  # ...by its guard: without it, the kernel answers
-    finally:
-        subprocess.run(["ip", "-n", sb.ns("client"), "-6", "route", "del", str(TUNNEL_NET6)], capture_output=True)
+    only_the_stolen_port_enters(sb, addr, pid, str(TUNNEL_NET6), POD6)
 
 
 def _get_with(sb: Sandbox, host: str, *headers: str) -> str:
