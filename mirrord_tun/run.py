@@ -361,7 +361,9 @@ class LocalSession:
             grace = self._session.resume_timeout if self._session else 0
             if not self._dropped or grace <= 0:
                 return f"lost the tunnel: {reason}"
-            print(f"mirrord-ns: lost the agent ({reason}); reconnecting…", file=sys.stderr, flush=True)
+            # Lines, not a redrawn status line: the command owns the terminal by now.
+            log.warning("lost the agent (%s); reconnecting…", reason)
+            since = asyncio.get_running_loop().time()
             reconnecting = asyncio.ensure_future(self._reconnect(grace))
             try:
                 await asyncio.wait([*others, reconnecting], return_when=asyncio.FIRST_COMPLETED)
@@ -374,6 +376,7 @@ class LocalSession:
             failed = reconnecting.result()
             if failed:
                 return f"cannot resume the session: {failed}"
+            log.warning("resumed after %.1f s", asyncio.get_running_loop().time() - since)
 
     async def _reconnect(self, grace: float) -> str | None:
         """Try again with backoff while the agent keeps the session; None once resumed, else why not."""

@@ -209,7 +209,7 @@ def test_command_and_its_connection_survive_an_outage(resumable: Cluster) -> Non
     _, err = p.communicate(timeout=60)
     assert p.returncode == 0, err.decode()
     err_text = err.decode()
-    assert err_text.count("reconnecting") == 1, err_text
+    assert err_text.count("reconnecting") == 1 and err_text.count("resumed after") == 1, err_text
     assert "Traceback" not in err_text
     assert_clean(sb)
 
@@ -342,7 +342,8 @@ def test_idle_exit_waits_for_a_detached_session(short_grace: Cluster) -> None:
 
 
 def test_each_attempt_opens_a_new_port_forward(fresh_cluster: Cluster, monkeypatch: pytest.MonkeyPatch,
-                                               capfd: pytest.CaptureFixture[str]) -> None:
+                                               capfd: pytest.CaptureFixture[str],
+                                               caplog: pytest.LogCaptureFixture) -> None:
     """Kubernetes mode: the port-forward dies (its websocket ends), run opens another and resumes."""
     sb = fresh_cluster.sb
     made: list[FakePortForward] = []
@@ -385,7 +386,8 @@ def test_each_attempt_opens_a_new_port_forward(fresh_cluster: Cluster, monkeypat
             forward.close()
     out, err = capfd.readouterr()
     assert out.count(f"you are {POD}") == 2, (out, err)
-    assert "reconnecting" in err and "Traceback" not in err, err
+    assert "Traceback" not in err, err
+    assert "reconnecting" in caplog.text and "resumed after" in caplog.text, caplog.text  # run's lines, in-process
     assert len(made) == 2  # one new port-forward, for the one attempt it took
     assert_clean(sb)
 
