@@ -36,7 +36,7 @@ from test_security_forward import IPV4_SYSCTLS, ATTACK, PORT, Victim, attack, po
 
 from mirrord_tun import protocol
 from mirrord_tun.agent.dataplane import TUNNEL_NET6
-from mirrord_tun.netns.ipv6 import forwarding_method
+from mirrord_tun.netns.ipv6 import forwarding_method, has_force_forwarding
 from mirrord_tun.protocol import ClientMsg
 from mirrord_tun.sandbox import ADDRS6, RESOLV_CONF6, Sandbox
 
@@ -86,10 +86,11 @@ def pod_sysctls6(sb: Sandbox) -> dict[str, str]:
 
 def assert_clean6(sb: Sandbox) -> None:
     """conftest's leftovers (links, tables of every family, IPv4 forwarding), and IPv6 forwarding."""
+    knobs = ["all/forwarding", *(["eth0/force_forwarding"] if has_force_forwarding() else [])]
+
     def left() -> list[str]:
-        knobs = {k: sb.exec("pod", "cat", f"/proc/sys/net/ipv6/conf/{k}").stdout.strip()
-                 for k in ("eth0/force_forwarding", "all/forwarding")}
-        return leftovers(sb) + [f"{k}={v}" for k, v in knobs.items() if v != "0"]
+        values = {k: sb.exec("pod", "cat", f"/proc/sys/net/ipv6/conf/{k}").stdout.strip() for k in knobs}
+        return leftovers(sb) + [f"{k}={v}" for k, v in values.items() if v != "0"]
     wait_until(lambda: not left(), CLEAN_TIMEOUT)
     assert left() == []
 
@@ -324,8 +325,8 @@ def test_the_agent_drops_ipv6_packets_not_from_the_sessions_address(cluster6: Cl
 
 _CONF6 = "/proc/sys/net/ipv6/conf"
 # What a session changes, by the agent's --ipv6-forwarding (on a pod_with_router_settings).
-CHANGED_DURING = {
-    "auto": {"/proc/sys/net/ipv4/conf/eth0/forwarding": "1\n", f"{_CONF6}/eth0/force_forwarding": "1\n"},
+CHANGED_DURING = {  # by method: what the agent's --ipv6-forwarding comes to on this kernel
+    "device": {"/proc/sys/net/ipv4/conf/eth0/forwarding": "1\n", f"{_CONF6}/eth0/force_forwarding": "1\n"},
     # Every link forwards (lo did already); accept_ra=1 is ignored where forwarding is on, 2 keeps
     # router advertisements working. Links that appear meanwhile inherit default, which stays.
     "global": {"/proc/sys/net/ipv4/conf/eth0/forwarding": "1\n", f"{_CONF6}/all/forwarding": "1\n",
@@ -350,7 +351,9 @@ def pod_with_router_settings(sb: Sandbox) -> Iterator[None]:
 
 
 def assert_changed_during(before: dict[str, str], during: dict[str, str], mode: str) -> None:
-    assert {k: v for k, v in during.items() if before[k] != v} == CHANGED_DURING[mode]
+    method = forwarding_method(mode, has_force_forwarding())  # auto is global before Linux 6.17
+    assert method is not None
+    assert {k: v for k, v in during.items() if before[k] != v} == CHANGED_DURING[method]
 
 
 @BOTH_MODES
