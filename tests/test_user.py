@@ -160,13 +160,19 @@ def test_closing_the_terminal_of_demo_leaves_nothing() -> None:
             _cleanup_after(p.pid)
 
 
-def test_sigterm_while_demo_builds_its_sandbox_leaves_nothing() -> None:
+@pytest.mark.parametrize("when", ["its-directory", "its-first-namespace"])
+def test_sigterm_while_demo_builds_its_sandbox_leaves_nothing(when: str) -> None:
+    """SIGTERM once the sandbox's directory exists, or as soon as its first namespace appears:
+    then `ip netns add` is usually still running, and what it made must not be lost."""
     p = subprocess.Popen([*CLI, "demo", "--", "sleep", "60"], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, env=run_env())
     try:
         assert wait_until(lambda: _sandbox_of(p.pid) is not None or p.poll() is not None, DEMO_TIMEOUT)
         prefix = _sandbox_of(p.pid)
         assert prefix, "demo made no sandbox"
+        if when == "its-first-namespace":
+            made = lambda: any(t.startswith("/run/netns/") for t in _traces(prefix))  # noqa: E731
+            assert wait_until(lambda: made() or p.poll() is not None, DEMO_TIMEOUT, 0.001)
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=RUN_TIMEOUT)
         assert p.returncode == 130, err

@@ -87,8 +87,11 @@ class Sandbox:
     def build(self) -> "Sandbox":
         try:
             for role in ("node", "pod", "svc", "dns", "client", "laptop"):
-                self._ip("netns", "add", self.ns(role))
+                if os.path.lexists(self.netns_path(role)):  # not ours: close() must leave it alone
+                    raise RuntimeError(f"network namespace {self.ns(role)} exists already")
+                # Listed first: a signal during `ip netns add` kills ip, which may have made it already.
                 self.namespaces.append(self.ns(role))
+                self._ip("netns", "add", self.ns(role))
                 self._ip("-n", self.ns(role), "link", "set", "lo", "up")
             node = self.ns("node")
             self._ip("-n", node, "link", "add", "br0", "type", "bridge")
