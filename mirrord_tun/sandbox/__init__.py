@@ -66,15 +66,19 @@ class Sandbox:
     def __init__(self, prefix: str | None = None, ipv6: bool = False) -> None:
         self.prefix = prefix or f"{PREFIX}{secrets.token_hex(3)}"
         self.ipv6 = ipv6
-        self.dir = tempfile.mkdtemp(prefix=f"{self.prefix}.")
-        os.chmod(self.dir, 0o755)
-        with open(os.path.join(self.dir, OWNER_FILE), "w") as f:
-            f.write(f"{os.getpid()} {_start_time(os.getpid())}\n")
         self.procs: list[subprocess.Popen[bytes]] = []
         self.namespaces: list[str] = []
         self._made_etc_netns = False
-        self.keys = self._make_keys()
         self.agent_address = f"{NODE_UPLINK}:{AGENT_PORT}"
+        self.dir = tempfile.mkdtemp(prefix=f"{self.prefix}.")
+        try:  # demo's SIGTERM arrives as KeyboardInterrupt, also while the keys are made
+            os.chmod(self.dir, 0o755)
+            with open(os.path.join(self.dir, OWNER_FILE), "w") as f:
+                f.write(f"{os.getpid()} {_start_time(os.getpid())}\n")
+            self.keys = self._make_keys()
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
 
     # --- naming
     def ns(self, role: str) -> str:
