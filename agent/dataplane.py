@@ -303,7 +303,7 @@ def _ours() -> dict[str, _Record]:
             continue
         m = _COMMENT.search(comment)
         # Without a record, assume forwarding was on: never switch off what we cannot prove we switched on.
-        out[name] = _Record(m[1], m[2] == "1", _plain_links([d for d in (m[3] or "").split(",") if d]),
+        out[name] = _Record(m[1], m[2] == "1", _split_links(m[3] or ""),
                             m[2] == "0" and not m[4]) if m else _Record("", True, [], False)
     return out
 
