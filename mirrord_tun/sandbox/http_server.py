@@ -54,19 +54,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    # A real server's backlog: socketserver's 5 overflowed now and then under the mirror tests'
-    # 20 clients at once (TcpExtListenOverflows 2 in 600 POSTs; 0 with 128).
+class Server(http.server.ThreadingHTTPServer):
+    """Also the recorder's. A real server's backlog: socketserver's 5 overflowed now and then
+    under the mirror tests' 20 clients at once (TcpExtListenOverflows 2 in 600 POSTs; 0 with 128)."""
     request_queue_size = 128
 
 
-class _Server6(_Server):
+class Server6(Server):
     address_family = socket.AF_INET6
 
 
 def main() -> None:
     host, port, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    server_class = _Server6 if ":" in host else _Server
+    server_class = Server6 if ":" in host else Server
     server = server_class((host, port), Handler)
     server.name = name  # type: ignore[attr-defined]
     print("ready", flush=True)

@@ -20,6 +20,8 @@ import sys
 import threading
 import time
 
+from mirrord_tun.sandbox.http_server import Server, Server6
+
 _lock = threading.Lock()
 
 
@@ -59,10 +61,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-class _Server6(http.server.ThreadingHTTPServer):
-    address_family = socket.AF_INET6
-
-
 def _never_read(port: int) -> None:
     srv = socket.create_server(("0.0.0.0", port), backlog=128)
     print("ready", flush=True)
@@ -92,11 +90,7 @@ def main() -> None:
         _never_read(port)
     else:
         ipv6 = "--ipv6" in sys.argv
-        server = (_Server6 if ipv6 else http.server.ThreadingHTTPServer)(("::" if ipv6 else "0.0.0.0", port),
-                                                                          _Handler, bind_and_activate=False)
-        server.request_queue_size = 128  # 20 clients at once must not overflow the accept queue
-        server.server_bind()
-        server.server_activate()
+        server = (Server6 if ipv6 else Server)(("::" if ipv6 else "0.0.0.0", port), _Handler)
         server.daemon_threads = True
         print("ready", flush=True)
         server.serve_forever()
