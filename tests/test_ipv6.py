@@ -324,8 +324,9 @@ def test_the_agent_drops_ipv6_packets_not_from_the_sessions_address(cluster6: Cl
 # --- the pod's IPv6 settings: exactly as before
 
 _CONF6 = "/proc/sys/net/ipv6/conf"
-# What a session changes, by the agent's --ipv6-forwarding (on a pod_with_router_settings).
-CHANGED_DURING = {  # by method: what the agent's --ipv6-forwarding comes to on this kernel
+# What a session changes on a pod_with_router_settings, by the method the agent's
+# --ipv6-forwarding comes to on this kernel.
+CHANGED_DURING = {
     "device": {"/proc/sys/net/ipv4/conf/eth0/forwarding": "1\n", f"{_CONF6}/eth0/force_forwarding": "1\n"},
     # Every link forwards (lo did already); accept_ra=1 is ignored where forwarding is on, 2 keeps
     # router advertisements working. Links that appear meanwhile inherit default, which stays.
