@@ -10,7 +10,11 @@ import re
 import sys
 from typing import Any, Callable, Coroutine, NoReturn, Sequence, TypeVar
 
-import click
+from mirrord_tun import libwarnings
+
+libwarnings.install()  # before any dependency is imported: their warnings are not the user's to read
+
+import click  # noqa: E402
 
 from mirrord_tun import __version__
 from mirrord_tun.config import ENV_PREFIX, config_option
@@ -30,6 +34,7 @@ def _logging(verbose: int, name: str, quiet: bool = False) -> None:
     log.setLevel(ours)
     # asyncssh narrates every connection step at INFO: only worth seeing with our own debug lines.
     logging.getLogger("asyncssh").setLevel(logging.DEBUG if ours == logging.DEBUG else floor)
+    libwarnings.logging_ready()
 
 
 def _quiet_libraries() -> None:
