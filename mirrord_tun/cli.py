@@ -64,7 +64,7 @@ def _status(cli: Callable[[], Any]) -> int:
         return 2
     except click.UsageError as e:
         hint = f" Try '{e.ctx.command_path} -h' for help." if e.ctx else ""
-        return _fail(e.format_message() + hint)
+        return _fail(_usage_message(e) + hint)
     except click.ClickException as e:
         return _fail(e.format_message())
     except (click.Abort, KeyboardInterrupt):  # click turns Ctrl-C outside a session into Abort
@@ -78,6 +78,15 @@ def _status(cli: Callable[[], Any]) -> int:
     except Exception as e:  # noqa: BLE001 - the last resort: no traceback reaches the user
         return _internal_error(e)
     return rv if isinstance(rv, int) else 0  # an int only from click's Exit (--help, --version)
+
+
+def _usage_message(e: click.UsageError) -> str:
+    if not isinstance(e, click.NoSuchOption) or not e.possibilities:
+        return e.format_message()
+    # difflib finds '--help' close to any short option ('--stel'): only the best match may be it.
+    best, *rest = e.possibilities
+    meant = [best, *(p for p in rest if p != "--help")]
+    return f"{e.message} (Did you mean {' or '.join(map(repr, meant))}?)"
 
 
 def _internal_error(e: Exception) -> int:
@@ -399,15 +408,17 @@ def run(agent: str | None, identity: str | None, agent_host_key: str | None, tar
 
 @main.command(context_settings=_with_command)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[--] [COMMAND [ARGS]...]")
-def demo(command: tuple[str, ...]) -> None:
+@click.option("-v", "--verbose", count=True, help="Also the tunnel's progress and counters; -vv adds debug lines.")
+def demo(command: tuple[str, ...], verbose: int) -> None:
     """Try it on a throwaway namespace cluster.
 
     Builds the cluster, runs COMMAND (default: a tour) through it and removes it again.
     """
     _need_root()
+    _logging(verbose, f"{PROG} demo")
     from mirrord_tun.demo import demo as run_demo
 
-    sys.exit(run_demo(list(command)))
+    sys.exit(run_demo(list(command), verbose))
 
 
 @main.command()

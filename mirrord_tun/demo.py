@@ -40,7 +40,7 @@ STEAL_HEADER = "x-mirrord-user: me"
 STEAL_START_TIMEOUT = 30.0
 
 
-def demo(command: list[str]) -> int:
+def demo(command: list[str], verbose: int = 0) -> int:
     run: list[subprocess.Popen[bytes]] = []  # `mirrord-ns run`, once started
 
     def stop(sig: int, _frame: FrameType | None) -> None:
@@ -55,13 +55,13 @@ def demo(command: list[str]) -> int:
     previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)
     try:
-        return _tour(command, run)
+        return _tour(command, run, verbose)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _tour(command: list[str], run: list[subprocess.Popen[bytes]]) -> int:
+def _tour(command: list[str], run: list[subprocess.Popen[bytes]], verbose: int) -> int:
     _say(f"building a sandbox cluster from namespaces: pod {ADDRS['pod']}, svc {ADDRS['svc']}, "
          f"dns {ADDRS['dns']}")
     with Sandbox() as sb:
@@ -71,7 +71,7 @@ def _tour(command: list[str], run: list[subprocess.Popen[bytes]]) -> int:
         _say(f"from the laptop namespace without mirrord-ns: {(direct.stderr or direct.stdout).strip()}")
         argv = command or ["sh", "-c", TOUR]
         _say(f"now through the tunnel: {' '.join(argv) if command else 'a short tour'}")
-        run.append(subprocess.Popen(sb.run_args(*argv)))
+        run.append(subprocess.Popen(sb.run_args(*argv, verbose=verbose)))
         sb.procs.append(run[0])  # whatever happens next, close() stops it first
         try:
             code = run[0].wait()
@@ -102,9 +102,12 @@ def _mirror(sb: Sandbox) -> int:
             answer = _curl(sb, data="hello pod")
             copy = _line(mirror, 1.0)
             if copy:
-                _say(f"a client POSTs to the pod, which answers: {answer}")
-                _say(f"the laptop program got a copy: {copy['len']} bytes from {copy['peer']}")
-                return 0
+                # The pod's server answers with the body's sha256: compare it, do not print it.
+                same = answer.partition(" ")[0] == copy["sha"]
+                _say("a client POSTs 'hello pod' to the pod, which answers it")
+                _say(f"the laptop program got a copy: {copy['len']} bytes from {copy['peer']}, "
+                     f"{'the same bytes the pod got' if same else 'NOT the bytes the pod got'}")
+                return 0 if same else 1
         _say("the mirror did not start")
         return 1
     finally:

@@ -52,7 +52,9 @@ class Principal:
         if self.user is None:
             return {path: _read(path) for path in paths}
         try:
-            answer = self.run([sys.executable, "-I", "-S", "-c", _READER, *paths], self.env,
+            # The base interpreter, not the venv's link to it: a clone in a 0700 home is root's
+            # to enter, not every user's, and -I -S needs nothing of the venv.
+            answer = self.run([os.path.realpath(sys.executable), "-I", "-S", "-c", _READER, *paths], self.env,
                               stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30)
             if answer.returncode != 0:
                 raise OSError(answer.stderr.strip().splitlines()[-1:] or f"exit status {answer.returncode}")

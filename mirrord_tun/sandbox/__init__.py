@@ -32,7 +32,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-import asyncssh
 
 CLUSTER_PREFIX = 24
 ADDRS = {"node": "198.18.0.1", "pod": "198.18.0.10", "svc": "198.18.0.20",
@@ -149,10 +148,10 @@ class Sandbox:
             "--netns", self.netns_path("pod"), "--resume-timeout", f"{resume_timeout:g}", *extra],
             ready="listening", stderr=stderr)
 
-    def run_args(self, *command: str, verbose: bool = False) -> list[str]:
-        """argv of `mirrord-ns run` from the laptop against this sandbox's agent."""
+    def run_args(self, *command: str, verbose: int = 0) -> list[str]:
+        """argv of `mirrord-ns run` from the laptop against this sandbox's agent (`verbose`: its -v count)."""
         return ["ip", "netns", "exec", self.ns("laptop"), *PY, "-m", "mirrord_tun", "run",
-                *(["-v"] if verbose else []), "--agent", self.agent_address,
+                *([f"-{'v' * verbose}"] if verbose else []), "--agent", self.agent_address,
                 "--identity", self.keys.identity, "--agent-host-key", self.keys.host_pub, "--", *command]
 
     # --- processes
@@ -218,6 +217,10 @@ class Sandbox:
             raise RuntimeError(f"ip {' '.join(args)}: {p.stderr.strip()}")
 
     def _make_keys(self) -> Keys:
+        # Imported here: the sandbox's servers (http_server, recorder, ...) are programs of their
+        # own that import this package, and asyncssh (with its dependencies' warnings) is not theirs.
+        import asyncssh
+
         paths = {}
         for name in ("identity", "host_key"):
             key = asyncssh.generate_private_key("ssh-ed25519")
