@@ -175,7 +175,7 @@ def leftovers(sb: Sandbox) -> list[str]:
     found += [line for line in tables.stdout.splitlines() if "mirrord_ns_" in line]
     for knob in ("ip_forward", "conf/eth0/forwarding"):
         fwd = sb.exec("pod", "cat", f"/proc/sys/net/ipv4/{knob}").stdout.strip()
-        if fwd != "0":  # a fresh namespace starts with 0; the agent must put that back
+        if fwd != "0":  # the sandbox starts the pod with 0; the agent must put that back
             found.append(f"{knob}={fwd}")
     return found
 

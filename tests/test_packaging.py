@@ -73,8 +73,8 @@ def test_wheel_holds_every_module_under_mirrord_tun(dist: Path) -> None:
 
 
 def test_sdist_holds_docs_manifests_and_sources(dist: Path) -> None:
-    base = f"mirrord-ns-{VERSION}/"
-    names = {n.removeprefix(base) for n in tarfile.open(_one(dist, "*.tar.gz")).getnames()}
+    # mirrord_ns-VERSION/ since setuptools 69.3 (PEP 625), mirrord-ns-VERSION/ before.
+    names = {n.partition("/")[2] for n in tarfile.open(_one(dist, "*.tar.gz")).getnames()}
     wanted = {"README.md", "SECURITY.md", "pyproject.toml", "MANIFEST.in", "agent/Dockerfile",
               *(p.relative_to(REPO).as_posix() for p in (REPO / "deploy").iterdir()),
               *(p.relative_to(REPO).as_posix() for p in _sources().values())}

@@ -96,6 +96,9 @@ class Sandbox:
                 self.namespaces.append(self.ns(role))
                 self._ip("netns", "add", self.ns(role))
                 self._ip("-n", self.ns(role), "link", "set", "lo", "up")
+                # A new namespace takes IPv4's conf from the host's (net.core.devconf_inherit_init_net=0):
+                # on a host that forwards (Kubernetes, Docker) every host here would start as a router.
+                self._ip("netns", "exec", self.ns(role), "sh", "-c", "echo 0 >/proc/sys/net/ipv4/ip_forward")
             node = self.ns("node")
             self._ip("-n", node, "link", "add", "br0", "type", "bridge")
             self._ip("-n", node, "addr", "add", f"{ADDRS['node']}/{CLUSTER_PREFIX}", "dev", "br0")
