@@ -158,9 +158,10 @@ def _connection_options(required: bool) -> Decorator:
     """How run, attach and sidecar name a running agent."""
     return _options(
         click.option("--agent", metavar="HOST:PORT", required=required, help="Address of a running agent."),
-        click.option("--identity", type=click.Path(exists=True, dir_okay=False), required=required,
+        # No exists=True: root's stat would answer for the user; the read as the user does.
+        click.option("--identity", type=click.Path(dir_okay=False), required=required,
                      help="Private key (OpenSSH format) the agent authorizes."),
-        click.option("--agent-host-key", type=click.Path(exists=True, dir_okay=False), required=required,
+        click.option("--agent-host-key", type=click.Path(dir_okay=False), required=required,
                      help="The agent's public host key; any other key is refused."),
     )
 
