@@ -1,0 +1,120 @@
+"""Threads for one SSH connection's file service: bounded in number, in requests and in time.
+
+A thread that asks a file system that never answers sleeps in the kernel until it does, and
+no thread can be cancelled. So each connection gets threads of its own (at most THREADS), at
+most WAITING requests in flight (a request past that is refused at once), and each request
+an answer within `timeout` (an SFTP failure past it) whether or not its thread ever comes
+back. One connection's hung mount then costs it at most THREADS threads; other sessions, a
+new `run` and the event loop never wait for it (the loop's own executor is never used). The
+threads are daemons, so a hung one never keeps the agent from exiting; a result that comes
+back after its request gave up is handed to `discard` (an fd is closed), in that thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from typing import Any, Callable, TypeVar
+
+import asyncssh
+
+T = TypeVar("T")
+THREADS = 4  # per connection
+WAITING = 32  # requests per connection in flight (asyncssh serves one at a time per channel)
+DEFAULT_TIMEOUT = 15.0  # seconds; a healthy read of MAX_READ bytes takes milliseconds
+
+
+class _Job:
+    def __init__(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], args: tuple[Any, ...],
+                 discard: Callable[[Any], None] | None) -> None:
+        self.loop, self.fn, self.args, self.discard = loop, fn, args, discard
+        self.future: asyncio.Future[Any] = loop.create_future()
+        self.lock = threading.Lock()
+        self.abandoned = self.finished = False
+
+    def run(self) -> None:
+        with self.lock:
+            if self.abandoned:
+                return  # given up before it started: never ask the file system
+        try:
+            result, error = self.fn(*self.args), None
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting request as it is
+            result, error = None, e
+        with self.lock:
+            late = self.abandoned
+            self.finished = not late
+        if late:
+            if error is None and self.discard is not None:
+                self.discard(result)
+            return
+        self.loop.call_soon_threadsafe(self._deliver, result, error)
+
+    def _deliver(self, result: Any, error: BaseException | None) -> None:
+        if not self.future.done():
+            self.future.set_exception(error) if error else self.future.set_result(result)
+
+    def give_up(self) -> bool:
+        """True if the job's result will never come (it is abandoned); False if it is on its way."""
+        with self.lock:
+            self.abandoned = not self.finished
+            return self.abandoned
+
+
+class Workers:
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT, threads: int = THREADS, waiting: int = WAITING) -> None:
+        self.timeout = timeout
+        self._max_threads, self._max_waiting = threads, waiting
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = self._idle = self._in_flight = 0
+
+    async def call(self, fn: Callable[..., T], *args: Any, discard: Callable[[T], None] | None = None) -> T:
+        """fn(*args) in one of this connection's threads; SFTPFailure if it is busy or too slow."""
+        with self._lock:
+            if self._in_flight >= self._max_waiting:
+                raise asyncssh.SFTPFailure(f"{self._in_flight} requests of this session wait for the container's "
+                                           "file system already")
+            self._in_flight += 1
+            spawn = self._idle == 0 and self._threads < self._max_threads
+            self._threads += spawn
+        job = _Job(asyncio.get_running_loop(), fn, args, discard)
+        self._jobs.put(job)
+        if spawn:
+            threading.Thread(target=self._work, name="mirrord-ns files", daemon=True).start()
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), self.timeout)  # type: ignore[no-any-return]
+        except asyncio.TimeoutError:
+            if job.give_up():
+                raise asyncssh.SFTPFailure(f"no answer from the container's file system within {self.timeout:g} s"
+                                           ) from None
+            return await job.future  # type: ignore[no-any-return]  # it finished just now
+        except asyncio.CancelledError:  # the channel closed meanwhile
+            if not job.give_up() and discard is not None:
+                job.future.add_done_callback(lambda f: _discard_later(f, discard))
+            raise
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            job = self._jobs.get()
+            with self._lock:
+                self._idle -= 1
+                if job is None:
+                    self._threads -= 1
+                    return
+            job.run()
+            with self._lock:
+                self._in_flight -= 1
+
+    def close(self) -> None:
+        """Idle threads end; a hung one ends when its file system answers (or never: a daemon)."""
+        with self._lock:
+            count = self._threads
+        for _ in range(count):
+            self._jobs.put(None)
+
+
+def _discard_later(future: asyncio.Future[T], discard: Callable[[T], None]) -> None:
+    if future.exception() is None:  # closing an fd may wait for its file system: not on the loop
+        threading.Thread(target=discard, args=(future.result(),), daemon=True).start()
