@@ -1,9 +1,11 @@
-"""A container's file system that never answers, from the attacker's side: a real FUSE mount
-(tests/hangfs.py: INIT answered, then nothing) inside the test container's own mount namespace.
+"""A container cannot stall or swamp the file service, from the attacker's side.
 
-Refused by default, it cannot take a thread of the agent; served on request (`--serve-fs fuse`),
-a request under it gets a clear failure after `--file-timeout`, and it stalls neither a new SSH
-connection's files nor a new `run`. No test waits on a clock: a hang shows as a test timeout.
+A file system that never answers: a real FUSE mount (tests/hangfs.py: INIT answered, then
+nothing) inside the test container's own mount namespace. Refused by default, it cannot take a
+thread of the agent; served on request (`--serve-fs fuse`), a request under it gets a clear
+failure after `--file-timeout`, and it stalls neither a new SSH connection's files nor a new
+`run`. No test waits on a clock: a hang shows as a test timeout. A huge directory: listed in
+chunks, the agent's memory does not grow with it.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from conftest import RUN_TIMEOUT, Cluster, read_line, run_env
+from conftest import RUN_TIMEOUT, Cluster, children, read_line, run_env
 from test_files import run_mount
 from test_security_paths import AGENT, Container, container, pid_agent
 
@@ -31,6 +33,8 @@ from mirrord_tun.connect import load_keys
 async def ask(conn, path):
     async with conn.start_sftp_client() as sftp:
         try:
+            if path.endswith("//"):  # only how many
+                return f"{path} listed {len([n async for n in sftp.scandir(path)])}"
             if path.endswith("/"):
                 return f"{path} listed {sorted(await sftp.listdir(path))}"
             async with sftp.open(path) as f:
@@ -136,3 +140,39 @@ def test_forty_channels_on_a_hung_file_delay_neither_a_new_session_nor_a_new_run
         finally:
             sb.stop(waiting)  # type: ignore[arg-type]
             sb.procs.remove(waiting)  # type: ignore[arg-type]
+
+
+ENTRIES = 60_000
+NAME = "n" * 200  # long names: what an entry costs in memory grows with it
+
+
+def peak_rss_kib(agent: subprocess.Popen[bytes]) -> int:
+    """The largest VmHWM among the agent's processes (its guard and its worker)."""
+    peaks = []
+    for pid in [agent.pid, *children(agent.pid)]:
+        with open(f"/proc/{pid}/status") as f:
+            peaks += [int(line.split()[1]) for line in f if line.startswith("VmHWM:")]
+    return max(peaks)
+
+
+def test_a_huge_directory_is_listed_without_the_agent_holding_it(cluster: Cluster) -> None:
+    """60,000 entries of 200-character names (some 100 MB as a whole list of SFTP names): the
+    agent's peak memory grows by far less than that, as it reads the directory a chunk at a time."""
+    sb = cluster.sb
+
+    def setup(root: Path) -> None:
+        (root / "huge").mkdir()
+        for i in range(ENTRIES):
+            (root / "huge" / f"{NAME}{i:06d}").touch()
+
+    with container(sb, sb.ns("pod"), setup) as ctr, pid_agent(sb, ctr.pid) as (agent, _log):
+        warm = subprocess.run(sftp(sb, "each", "/bin//"), capture_output=True, text=True, env=run_env(),
+                              timeout=RUN_TIMEOUT)
+        assert warm.stdout == "/bin// listed 2\n", warm.stderr  # ".", busybox
+        before = peak_rss_kib(agent)
+        out = subprocess.run(sftp(sb, "each", "/huge//"), capture_output=True, text=True, env=run_env(),
+                             timeout=RUN_TIMEOUT * 4)
+        assert out.stdout == f"/huge// listed {ENTRIES + 1}\n", out.stderr
+        grown = peak_rss_kib(agent) - before
+        print(f"agent peak memory grew by {grown} KiB listing {ENTRIES} entries")
+        assert grown < 20 * 1024, grown
