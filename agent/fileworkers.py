@@ -4,7 +4,8 @@ A thread that asks a file system that never answers sleeps in the kernel until i
 no thread can be cancelled. So each connection gets threads of its own (at most THREADS), at
 most WAITING requests in flight (a request past that is refused at once), and each request
 an answer within `timeout` (an SFTP failure past it) whether or not its thread ever comes
-back. One connection's hung mount then costs it at most THREADS threads; other sessions, a
+back (OSError ETIMEDOUT or EBUSY, which SFTP sends as a failure with its text). One
+connection's hung mount then costs it at most THREADS threads; other sessions, a
 new `run` and the event loop never wait for it (the loop's own executor is never used). The
 threads are daemons, so a hung one never keeps the agent from exiting; a result that comes
 back after its request gave up is handed to `discard` (an fd is closed), in that thread.
@@ -12,11 +13,10 @@ back after its request gave up is handed to `discard` (an fd is closed), in that
 from __future__ import annotations
 
 import asyncio
+import errno
 import queue
 import threading
 from typing import Any, Callable, TypeVar
-
-import asyncssh
 
 T = TypeVar("T")
 THREADS = 4  # per connection
@@ -69,10 +69,10 @@ class Workers:
         self._threads = self._idle = self._in_flight = 0
 
     async def call(self, fn: Callable[..., T], *args: Any, discard: Callable[[T], None] | None = None) -> T:
-        """fn(*args) in one of this connection's threads; SFTPFailure if it is busy or too slow."""
+        """fn(*args) in one of these threads; OSError EBUSY if too many wait, ETIMEDOUT if too slow."""
         with self._lock:
             if self._in_flight >= self._max_waiting:
-                raise asyncssh.SFTPFailure(f"{self._in_flight} requests of this session wait for the container's "
+                raise OSError(errno.EBUSY, f"{self._in_flight} requests of this session wait for the container's "
                                            "file system already")
             self._in_flight += 1
             spawn = self._idle == 0 and self._threads < self._max_threads
@@ -85,8 +85,8 @@ class Workers:
             return await asyncio.wait_for(asyncio.shield(job.future), self.timeout)  # type: ignore[no-any-return]
         except asyncio.TimeoutError:
             if job.give_up():
-                raise asyncssh.SFTPFailure(f"no answer from the container's file system within {self.timeout:g} s"
-                                           ) from None
+                raise TimeoutError(errno.ETIMEDOUT, "no answer from the container's file system within "
+                                                    f"{self.timeout:g} s") from None
             return await job.future  # type: ignore[no-any-return]  # it finished just now
         except asyncio.CancelledError:  # the channel closed meanwhile
             if not job.give_up() and discard is not None:

@@ -19,6 +19,7 @@ from mirrord_tun.netns.namespace import NetNs
 
 log = logging.getLogger("mirrord-ns.agent")
 DEFAULT_RESUME_TIMEOUT = 60.0
+RESOLVER_TIMEOUT = 5.0  # seconds a session's start waits for the container's resolv.conf
 
 
 class _Channel(FrameSession):
@@ -151,6 +152,8 @@ class Agent:
                  ipv6_forwarding: str = "auto", files_policy: files.Policy = files.Policy()) -> None:
         self.target = target
         self.files = files_policy  # what `run --mount`'s file service may ask (agent/files.py)
+        # The container's resolv.conf, read at each session's start: shared, small, quick to give up.
+        self.resolver_workers = fileworkers.Workers(min(RESOLVER_TIMEOUT, files_policy.timeout), threads=2, waiting=8)
         self.resume_timeout = resume_timeout  # how long a session whose connection dropped is kept
         self.ipv6_forwarding = ipv6_forwarding  # how sessions switch IPv6 forwarding on (netns.ipv6)
         self.resume_refused = 0

@@ -65,14 +65,17 @@ def sftp(sb: Sandbox, mode: str, *paths: str, **popen: object) -> list[str]:
 
 
 @contextlib.contextmanager
-def hung_container(sb: Sandbox) -> Iterator[tuple[Container, subprocess.Popen[str]]]:
+def hung_container(sb: Sandbox, resolv_link: bool = False) -> Iterator[tuple[Container, subprocess.Popen[str]]]:
     """The test container with a FUSE file system that never answers at /mnt/hang, and a link
-    into it at /etc/app/evil; yields it and the FUSE server (its stdout: one line per request)."""
+    into it at /etc/app/evil (and at /etc/resolv.conf, which every session's start reads, if
+    `resolv_link`); yields it and the FUSE server (its stdout: one line per request)."""
     def setup(root: Path) -> None:
         (root / "mnt" / "hang").mkdir(parents=True)
         (root / "etc" / "app").mkdir(parents=True)
         (root / "etc" / "app" / "config.yaml").write_text("ok\n")
         (root / "etc" / "app" / "evil").symlink_to("/mnt/hang/file")
+        if resolv_link:
+            (root / "etc" / "resolv.conf").symlink_to("/mnt/hang/resolv.conf")
 
     with container(sb, sb.ns("pod"), setup) as ctr:
         server = subprocess.Popen(["nsenter", f"--mount=/proc/{ctr.pid}/ns/mnt", "--", sys.executable, HANGFS,
@@ -89,8 +92,13 @@ def hung_container(sb: Sandbox) -> Iterator[tuple[Container, subprocess.Popen[st
 
 
 def test_a_hung_fuse_mount_is_refused_by_default(cluster: Cluster) -> None:
+    """Read directly, listed, reached through a link (also as the resolv.conf a session's start
+    reads): refused or not found, and not one request reaches the FUSE server."""
     sb = cluster.sb
-    with hung_container(sb) as (ctr, server), pid_agent(sb, ctr.pid):
+    with hung_container(sb, resolv_link=True) as (ctr, server), pid_agent(sb, ctr.pid):
+        done = subprocess.run(run_mount(sb, ["/etc/app"], "cat /etc/app/config.yaml"), capture_output=True,
+                              env=run_env(), timeout=RUN_TIMEOUT)
+        assert done.returncode == 0 and done.stdout == b"ok\n", done.stderr
         out = subprocess.run(sftp(sb, "each", "/mnt/hang/file", "/mnt/hang/", "/etc/app/evil", "/mnt/",
                                   "/etc/app/config.yaml"), capture_output=True, text=True, env=run_env(),
                              timeout=RUN_TIMEOUT)
