@@ -22,7 +22,7 @@ LIST_CHUNK entries at a time as the client asks.
 """
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import errno
 import os
 import posixpath
@@ -153,7 +153,10 @@ class ContainerFiles(asyncssh.SFTPServer):
         return await self._workers.call(os.pread, _fd(file_obj), min(size, MAX_READ), offset)
 
     async def close(self, file_obj: object) -> None:
-        await self._workers.call(os.close, _fd(file_obj))  # a FUSE file's close waits for its FLUSH
+        # A FUSE file's close waits for its FLUSH: in the workers, done even if the request gives
+        # up, and never an error (asyncssh closes every open file this way when the channel ends).
+        with contextlib.suppress(OSError):
+            await self._workers.call(os.close, _fd(file_obj), needed=True)
 
     async def fstat(self, file_obj: object) -> asyncssh.SFTPAttrs:
         return _attrs(await self._workers.call(os.fstat, _fd(file_obj)))

@@ -26,15 +26,15 @@ DEFAULT_TIMEOUT = 15.0  # seconds; a healthy read of MAX_READ bytes takes millis
 
 class _Job:
     def __init__(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], args: tuple[Any, ...],
-                 discard: Callable[[Any], None] | None) -> None:
-        self.loop, self.fn, self.args, self.discard = loop, fn, args, discard
+                 discard: Callable[[Any], None] | None, needed: bool) -> None:
+        self.loop, self.fn, self.args, self.discard, self.needed = loop, fn, args, discard, needed
         self.future: asyncio.Future[Any] = loop.create_future()
         self.lock = threading.Lock()
         self.abandoned = self.finished = False
 
     def run(self) -> None:
         with self.lock:
-            if self.abandoned:
+            if self.abandoned and not self.needed:
                 return  # given up before it started: never ask the file system
         try:
             result, error = self.fn(*self.args), None
@@ -68,16 +68,18 @@ class Workers:
         self._lock = threading.Lock()
         self._threads = self._idle = self._in_flight = 0
 
-    async def call(self, fn: Callable[..., T], *args: Any, discard: Callable[[T], None] | None = None) -> T:
-        """fn(*args) in one of these threads; OSError EBUSY if too many wait, ETIMEDOUT if too slow."""
+    async def call(self, fn: Callable[..., T], *args: Any, discard: Callable[[T], None] | None = None,
+                   needed: bool = False) -> T:
+        """fn(*args) in one of these threads; OSError EBUSY if too many wait, ETIMEDOUT if too slow.
+        A `needed` call (closing an fd) is never refused and runs even after its request gave up."""
         with self._lock:
-            if self._in_flight >= self._max_waiting:
+            if self._in_flight >= self._max_waiting and not needed:
                 raise OSError(errno.EBUSY, f"{self._in_flight} requests of this session wait for the container's "
                                            "file system already")
             self._in_flight += 1
             spawn = self._idle == 0 and self._threads < self._max_threads
             self._threads += spawn
-        job = _Job(asyncio.get_running_loop(), fn, args, discard)
+        job = _Job(asyncio.get_running_loop(), fn, args, discard, needed)
         self._jobs.put(job)
         if spawn:
             threading.Thread(target=self._work, name="mirrord-ns files", daemon=True).start()
