@@ -343,9 +343,11 @@ def _link_in_mount(mount: bytes, req: bytes, reply: bytes) -> bytes:
     by its text from the link's directory (sshfs names every file by its path in the container,
     which is its path under the mount here too); inside the mount it comes back normalized, all
     its `..` first, so no link met later can turn it outside."""
-    if reply[4] != _NAME or int.from_bytes(reply[9:13], "big") != 1:
-        return reply
+    if reply[4] != _NAME:
+        return reply  # an error status
     link, target = _string_at(req, 9), _string_at(reply, 13)
+    if int.from_bytes(reply[9:13], "big") != 1:
+        target = b"/"  # not an answer to READLINK: never passed on as one
     base = posixpath.dirname(link)
     whole = b"/" + posixpath.normpath(posixpath.join(base, target)).lstrip(b"/")  # normpath keeps a "//"
     inside = [p for p in (whole, base) if p == mount or p.startswith(mount + b"/")]
