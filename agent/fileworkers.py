@@ -47,7 +47,10 @@ class _Job:
             if error is None and self.discard is not None:
                 self.discard(result)
             return
-        self.loop.call_soon_threadsafe(self._deliver, result, error)
+        try:
+            self.loop.call_soon_threadsafe(self._deliver, result, error)
+        except RuntimeError:  # the loop is closed: the agent is stopping, nobody waits any more
+            pass
 
     def _deliver(self, result: Any, error: BaseException | None) -> None:
         if not self.future.done():
