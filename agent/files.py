@@ -188,8 +188,9 @@ class ContainerFiles(asyncssh.SFTPServer):
             while chunk := await self._workers.call(listing.next_chunk):
                 for name in chunk:
                     yield name
-        finally:
-            listing.close_soon()
+        finally:  # also when asyncssh drops the listing unfinished (CLOSE of the handle)
+            with contextlib.suppress(OSError):
+                await self._workers.call(listing.close, needed=True)
 
     # Writing: never
     write = fsetstat = setstat = lsetstat = remove = mkdir = rmdir = rename = posix_rename = _read_only
@@ -236,10 +237,6 @@ class _Listing:
         with self._lock:
             self._entries.close()
             os.close(self._fd)
-
-    def close_soon(self) -> None:
-        """Closed in a thread of its own: closing a directory may wait for its file system."""
-        threading.Thread(target=self.close, daemon=True).start()
 
 
 def _fd(file_obj: object) -> int:
