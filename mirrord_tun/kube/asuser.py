@@ -29,6 +29,8 @@ from mirrord_tun.netns.exec import User, invoking_user
 
 # The child's program: userfiles.py's own source, so the same code runs with or without sudo.
 _AS_USER = Path(userfiles.__file__).read_text()
+# Standard library only: the base interpreter, which the user may run where a venv (root's) is private.
+_PYTHON = getattr(sys, "_base_executable", None) or sys.executable
 _SUDO_ANCESTORS = 8  # sudo, its pty monitor, `ip netns exec`...: a few levels at most
 
 
@@ -58,7 +60,7 @@ class Principal:
         if self.user is None:
             return userfiles.serve(request)
         try:
-            answer = self.run([sys.executable, "-I", "-S", "-c", _AS_USER], self.env, input=json.dumps(request),
+            answer = self.run([_PYTHON, "-I", "-S", "-c", _AS_USER], self.env, input=json.dumps(request),
                               stderr=subprocess.PIPE, timeout=30)
             if answer.returncode != 0:
                 raise OSError(answer.stderr.strip().splitlines()[-1:] or f"exit status {answer.returncode}")
