@@ -128,7 +128,8 @@ class ContainerFiles(asyncssh.SFTPServer):
         that can hang. The first request builds the view (asyncssh serves a channel's requests in turn)."""
         if self._view is None:
             self._view, self._reader = await self._workers.call(
-                lambda: (fsview.open_view(self._pid, self._policy.serve_fs), reader_of(self._pid)))
+                lambda: (fsview.open_view(self._pid, self._policy.serve_fs), reader_of(self._pid)),
+                discard=lambda late: late[0].close())
         text = _path(path)
         why = self._view.refusal(posixpath.normpath("/" + text.lstrip("/")))
         if why:

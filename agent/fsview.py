@@ -119,31 +119,37 @@ def open_view(pid: int, allowed: frozenset[str]) -> View:
 
 
 def _copy(pid: int, refused: dict[str, list[str]]) -> View | OSError:
+    opened: list[int] = []
     try:
-        proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-        root = rootfs.open_root(f"/proc/{pid}/root")
+        for path, flags in (("/proc", os.O_PATH | os.O_DIRECTORY), (f"/proc/{pid}/ns/mnt", os.O_RDONLY),
+                            (f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY)):
+            opened.append(os.open(path, flags | os.O_CLOEXEC))
+        proc, ns, root = opened
+        unshare(CLONE_FS)  # this thread's root and cwd become its own
+        setns(ns, CLONE_NEWNS)
+        os.fchdir(root)  # unshare moves the cwd with us into the copy: the container's root there
+        unshare(CLONE_NEWNS)
+        mount(None, "/", None, MS_REC | MS_PRIVATE)  # an unmount here never reaches the container
+        os.chroot(".")
+        gone: list[str] = []
+        for point in sorted(refused, key=len):  # outermost first: a walk never enters a refused one
+            if not any(point.startswith(g.rstrip("/") + "/") for g in gone):  # gone with its parent
+                for _ in refused[point]:
+                    _umount(point)
+                gone.append(point)
+        view = View(os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC),
+                    {point: types[0] for point, types in refused.items()})
         try:
-            unshare(CLONE_FS)  # this thread's root and cwd become its own
-            setns(ns, CLONE_NEWNS)
-            os.fchdir(root)  # unshare moves the cwd with us into the copy: the container's root there
-            unshare(CLONE_NEWNS)
-            mount(None, "/", None, MS_REC | MS_PRIVATE)  # an unmount here never reaches the container
-            os.chroot(".")
-            gone: list[str] = []
-            for point in sorted(refused, key=len):  # outermost first: a walk never enters a refused one
-                if not any(point.startswith(g.rstrip("/") + "/") for g in gone):  # gone with its parent
-                    for _ in refused[point]:
-                        _umount(point)
-                    gone.append(point)
-            return View(os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC),
-                        {point: types[0] for point, types in refused.items()},
-                        os.open("thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc))
-        finally:
-            for fd in (proc, ns, root):
-                os.close(fd)
+            view._ns = os.open("thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
+        except OSError:
+            view.close()
+            raise
+        return view
     except OSError as e:
         return e
+    finally:
+        for fd in opened:
+            os.close(fd)
 
 
 def _umount(point: str) -> None:
