@@ -55,6 +55,14 @@ class _Job:
     def _deliver(self, result: Any, error: BaseException | None) -> None:
         if not self.future.done():
             self.future.set_exception(error) if error else self.future.set_result(result)
+        elif error is None and self.discard is not None:  # its request was cancelled meanwhile
+            # Closing an fd may wait for its file system: not on the loop.
+            threading.Thread(target=self.discard, args=(result,), daemon=True).start()
+
+    def expire(self, timeout: float) -> None:
+        if self.give_up() and not self.future.done():
+            self.future.set_exception(TimeoutError(errno.ETIMEDOUT, "no answer from the container's file "
+                                                                    f"system within {timeout:g} s"))
 
     def give_up(self) -> bool:
         """True if the job's result will never come (it is abandoned); False if it is on its way."""
@@ -82,21 +90,20 @@ class Workers:
             self._in_flight += 1
             spawn = self._idle == 0 and self._threads < self._max_threads
             self._threads += spawn
-        job = _Job(asyncio.get_running_loop(), fn, args, discard, needed)
+        loop = asyncio.get_running_loop()
+        job = _Job(loop, fn, args, discard, needed)
         self._jobs.put(job)
         if spawn:
             threading.Thread(target=self._work, name="mirrord-ns files", daemon=True).start()
+        # A timer, not wait_for: no task per request (every read of a mount comes through here).
+        timer = loop.call_later(self.timeout, job.expire, self.timeout)
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), self.timeout)  # type: ignore[no-any-return]
-        except asyncio.TimeoutError:
-            if job.give_up():
-                raise TimeoutError(errno.ETIMEDOUT, "no answer from the container's file system within "
-                                                    f"{self.timeout:g} s") from None
-            return await job.future  # type: ignore[no-any-return]  # it finished just now
+            return await job.future  # type: ignore[no-any-return]
         except asyncio.CancelledError:  # the channel closed meanwhile
-            if not job.give_up() and discard is not None:
-                job.future.add_done_callback(lambda f: _discard_later(f, discard))
+            job.give_up()
             raise
+        finally:
+            timer.cancel()
 
     def _work(self) -> None:
         while True:
@@ -119,7 +126,3 @@ class Workers:
         for _ in range(count):
             self._jobs.put(None)
 
-
-def _discard_later(future: asyncio.Future[T], discard: Callable[[T], None]) -> None:
-    if future.exception() is None:  # closing an fd may wait for its file system: not on the loop
-        threading.Thread(target=discard, args=(future.result(),), daemon=True).start()
