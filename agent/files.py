@@ -11,27 +11,36 @@ group and mode are checked against the fs uid and groups of the target process (
 /proc/PID/status) before it is opened or listed; CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH in
 its effective set lift the check, as they would for it. Search permission on the
 directories above a file is not checked. Only regular files of real file systems open
-(no FIFO, device, /proc or /sys file). Nothing is ever written: every write operation is
-EROFS. Blocking calls run in threads, off the event loop.
+(no FIFO, device, /proc or /sys file); a /proc link is never read (its magic links print
+node paths). Nothing is ever written: every write operation is EROFS.
+
+A container's file system may never answer. Paths are resolved in a copy of its mount tree
+without the kinds that can hang (fsview.py, unless `--serve-fs` asks for them); every call
+that touches a file system, opening the root included, runs in the connection's own bounded
+threads with a time limit (fileworkers.py), never on the event loop; listings are read
+LIST_CHUNK entries at a time as the client asks.
 """
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import errno
 import os
 import posixpath
 import stat
+import threading
 from dataclasses import dataclass
 from typing import AsyncIterator, NoReturn
 
 import asyncssh
 from asyncssh.stream import SSHServerStreamSession
 
+from mirrord_tun.agent import fileworkers, fsview
 from mirrord_tun.netns import rootfs
 
 SUBSYSTEM = "sftp"
 SFTP_VERSION = 3  # what sshfs speaks
 MAX_READ = 4 * 1024 * 1024  # per request, whatever the client asks (asyncssh's own limit)
+LIST_CHUNK = 128  # directory entries read per request (asyncssh sends at most 128 per READDIR)
 _DAC_BYPASS = (1 << 1) | (1 << 2)  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
 
 
@@ -65,9 +74,17 @@ def reader_of(pid: int) -> Reader:
     return Reader(int(fields["Uid"][3]), frozenset(gids), bool(int(fields["CapEff"][0], 16) & _DAC_BYPASS))
 
 
-def session_for(pid: int) -> SSHServerStreamSession:
-    """An SSH session that runs the read-only SFTP server on `pid`'s root."""
-    return SSHServerStreamSession(None, lambda chan: ContainerFiles(chan, pid), SFTP_VERSION)
+@dataclass(frozen=True)
+class Policy:
+    """What the file service may ask (agent --serve-fs, --file-timeout)."""
+
+    serve_fs: frozenset[str] = frozenset()  # kinds of file systems that can hang, served anyway (fsview.py)
+    timeout: float = fileworkers.DEFAULT_TIMEOUT
+
+
+def session_for(pid: int, policy: Policy, workers: fileworkers.Workers) -> SSHServerStreamSession:
+    """An SSH session that runs the read-only SFTP server on `pid`'s root, in `workers`' threads."""
+    return SSHServerStreamSession(None, lambda chan: ContainerFiles(chan, pid, policy, workers), SFTP_VERSION)
 
 
 def _read_only(*_args: object) -> NoReturn:
@@ -87,13 +104,16 @@ def _attrs(st: os.stat_result) -> asyncssh.SFTPAttrs:
 
 
 class ContainerFiles(asyncssh.SFTPServer):
-    def __init__(self, chan: asyncssh.SSHServerChannel, pid: int) -> None:
+    def __init__(self, chan: asyncssh.SSHServerChannel, pid: int, policy: Policy,
+                 workers: fileworkers.Workers) -> None:
         super().__init__(chan)
-        self._root = rootfs.open_root(f"/proc/{pid}/root")
-        self._reader = reader_of(pid)
+        self._pid, self._policy, self._workers = pid, policy, workers
+        self._view: fsview.View | None = None
+        self._reader = Reader(0, frozenset(), False)  # replaced with the process's in _root
 
     def exit(self) -> None:
-        os.close(self._root)
+        if self._view:
+            self._view.close()  # O_PATH and nsfs fds: closing them never waits for a file system
 
     def map_path(self, path: bytes) -> bytes:
         raise PermissionError(errno.EACCES, "not served")
@@ -103,91 +123,121 @@ class ContainerFiles(asyncssh.SFTPServer):
 
     format_group = format_user
 
-    # Reading
+    async def _root(self, path: bytes) -> tuple[int, str]:
+        """The root fd to resolve `path` in, and `path` as text; refused if it names a file system
+        that can hang. The first request builds the view (asyncssh serves a channel's requests in turn)."""
+        if self._view is None:
+            self._view, self._reader = await self._workers.call(
+                lambda: (fsview.open_view(self._pid, self._policy.serve_fs), reader_of(self._pid)),
+                discard=lambda late: late[0].close())
+        text = _path(path)
+        why = self._view.refusal(posixpath.normpath("/" + text.lstrip("/")))
+        if why:
+            raise PermissionError(errno.EACCES, why)
+        return self._view.root, text
+
+    # Reading: every call that may touch the container's file systems runs in the workers
 
     async def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> int:
         if pflags & ~asyncssh.FXF_READ:
             _read_only()
-        return await asyncio.to_thread(self._open, _path(path))
+        return await self._workers.call(self._open, *await self._root(path), discard=os.close)
 
-    def _open(self, path: str) -> int:
-        fd = rootfs.open_regular(self._root, path, os.O_RDONLY)
+    def _open(self, root: int, path: str) -> int:
+        fd = rootfs.open_regular(root, path, os.O_RDONLY)
         if not self._reader.may_read(os.fstat(fd)):
             os.close(fd)
             raise PermissionError(errno.EACCES, "the container's user may not read it")
         return fd
 
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
-        fd, size = _fd(file_obj), min(size, MAX_READ)
-        # What the page cache holds is copied here at once (RWF_NOWAIT never waits for the disk:
-        # twice sshfs's throughput of a thread hop per request); the rest is read in a thread.
-        buf = bytearray(size)
-        try:
-            got = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EOPNOTSUPP):
-                raise
-            got = 0
-        if got == size or offset + got >= os.fstat(fd).st_size:
-            return bytes(buf[:got])
-        return bytes(buf[:got]) + await asyncio.to_thread(os.pread, fd, size - got, offset + got)
+        return await self._workers.call(os.pread, _fd(file_obj), min(size, MAX_READ), offset)
 
-    def close(self, file_obj: object) -> None:
-        os.close(_fd(file_obj))
+    async def close(self, file_obj: object) -> None:
+        # A FUSE file's close waits for its FLUSH: in the workers, done even if the request gives
+        # up, and never an error (asyncssh closes every open file this way when the channel ends).
+        with contextlib.suppress(OSError):
+            await self._workers.call(os.close, _fd(file_obj), needed=True)
 
-    def fstat(self, file_obj: object) -> asyncssh.SFTPAttrs:
-        return _attrs(os.fstat(_fd(file_obj)))
+    async def fstat(self, file_obj: object) -> asyncssh.SFTPAttrs:
+        return _attrs(await self._workers.call(os.fstat, _fd(file_obj)))
 
     async def stat(self, path: bytes) -> asyncssh.SFTPAttrs:
-        return _attrs(await asyncio.to_thread(rootfs.stat_in, self._root, _path(path), True))
+        return _attrs(await self._workers.call(rootfs.stat_in, *await self._root(path), True))
 
     async def lstat(self, path: bytes) -> asyncssh.SFTPAttrs:
-        return _attrs(await asyncio.to_thread(rootfs.stat_in, self._root, _path(path), False))
+        return _attrs(await self._workers.call(rootfs.stat_in, *await self._root(path), False))
 
     async def readlink(self, path: bytes) -> bytes:
-        return os.fsencode(await asyncio.to_thread(rootfs.readlink_in, self._root, _path(path)))
+        return os.fsencode(await self._workers.call(rootfs.readlink_in, *await self._root(path)))
 
     def realpath(self, path: bytes) -> bytes:
         # Lexical: resolving it here would print where the container lives on the node.
         return posixpath.normpath(b"/" + path.lstrip(b"/"))
 
     async def statvfs(self, path: bytes) -> asyncssh.SFTPVFSAttrs:
-        return asyncssh.SFTPVFSAttrs.from_local(await asyncio.to_thread(self._statvfs, _path(path)))
+        return asyncssh.SFTPVFSAttrs.from_local(await self._workers.call(_statvfs, *await self._root(path)))
 
-    def _statvfs(self, path: str) -> os.statvfs_result:
-        fd = rootfs.openat2(self._root, path, os.O_PATH)
-        try:
-            return os.fstatvfs(fd)
-        finally:
-            os.close(fd)
-
-    def fstatvfs(self, file_obj: object) -> asyncssh.SFTPVFSAttrs:
-        return asyncssh.SFTPVFSAttrs.from_local(os.fstatvfs(_fd(file_obj)))
+    async def fstatvfs(self, file_obj: object) -> asyncssh.SFTPVFSAttrs:
+        return asyncssh.SFTPVFSAttrs.from_local(await self._workers.call(os.fstatvfs, _fd(file_obj)))
 
     async def scandir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
-        for name in await asyncio.to_thread(self._list, _path(path)):
-            yield name
-
-    def _list(self, path: str) -> list[asyncssh.SFTPName]:
-        fd = rootfs.open_dir(self._root, path)
+        """The listing in chunks of LIST_CHUNK entries, each read when asyncssh asks for more: a
+        directory of a million entries never sits in memory whole."""
+        listing = await self._workers.call(_Listing, *await self._root(path), self._reader, discard=_Listing.close)
         try:
-            st = os.fstat(fd)
-            if not self._reader.may_read(st):
-                raise PermissionError(errno.EACCES, "the container's user may not list it")
-            names = [asyncssh.SFTPName(b".", attrs=_attrs(st))]
-            # fstatat on one component under the directory's fd, never following it: nothing
-            # here walks a path the container could have bent.
-            with os.scandir(fd) as entries:
-                for entry in entries:
-                    names.append(asyncssh.SFTPName(os.fsencode(entry.name),
-                                                   attrs=_attrs(entry.stat(follow_symlinks=False))))
-            return names
-        finally:
-            os.close(fd)
+            while chunk := await self._workers.call(listing.next_chunk):
+                for name in chunk:
+                    yield name
+        finally:  # also when asyncssh drops the listing unfinished (CLOSE of the handle)
+            with contextlib.suppress(OSError):
+                await self._workers.call(listing.close, needed=True)
 
     # Writing: never
     write = fsetstat = setstat = lsetstat = remove = mkdir = rmdir = rename = posix_rename = _read_only
     symlink = link = fsync = lock = unlock = _read_only
+
+
+def _statvfs(root: int, path: str) -> os.statvfs_result:
+    fd = rootfs.openat2(root, path, os.O_PATH)
+    try:
+        return os.fstatvfs(fd)
+    finally:
+        os.close(fd)
+
+
+class _Listing:
+    """An open directory, read a chunk at a time (in the workers)."""
+
+    def __init__(self, root: int, path: str, reader: Reader) -> None:
+        self._fd = rootfs.open_dir(root, path)
+        try:
+            st = os.fstat(self._fd)
+            if not reader.may_read(st):
+                raise PermissionError(errno.EACCES, "the container's user may not list it")
+            self._entries = os.scandir(self._fd)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._first: list[asyncssh.SFTPName] = [asyncssh.SFTPName(b".", attrs=_attrs(st))]
+        self._lock = threading.Lock()  # a close never frees the directory under a read of it
+
+    def next_chunk(self) -> list[asyncssh.SFTPName]:
+        # fstatat on one component under the directory's fd, never following it: nothing here
+        # walks a path the container could have bent.
+        with self._lock:
+            chunk, self._first = self._first, []
+            for entry in self._entries:
+                chunk.append(asyncssh.SFTPName(os.fsencode(entry.name),
+                                               attrs=_attrs(entry.stat(follow_symlinks=False))))
+                if len(chunk) >= LIST_CHUNK:
+                    break
+            return chunk
+
+    def close(self) -> None:
+        with self._lock:
+            self._entries.close()
+            os.close(self._fd)
 
 
 def _fd(file_obj: object) -> int:

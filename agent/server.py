@@ -10,7 +10,7 @@ import asyncssh
 from asyncssh.stream import SSHServerStreamSession
 
 from mirrord_tun import protocol, sshopts
-from mirrord_tun.agent import dataplane, files
+from mirrord_tun.agent import dataplane, fileworkers, files
 from mirrord_tun.agent.admission import Admission, ThrottledLog, source_of
 from mirrord_tun.agent.session import AgentSession
 from mirrord_tun.agent.target import Target
@@ -19,15 +19,16 @@ from mirrord_tun.netns.namespace import NetNs
 
 log = logging.getLogger("mirrord-ns.agent")
 DEFAULT_RESUME_TIMEOUT = 60.0
+RESOLVER_TIMEOUT = 5.0  # seconds a session's start waits for the container's resolv.conf
 
 
 class _Channel(FrameSession):
     """Deny by default: only the mirrord-ns subsystem opens, and `sftp` (read-only, agent/files.py)
     when the agent works for a container (--pid); no shell, exec or pty."""
 
-    def __init__(self, agent: "Agent", peer: str, key_fingerprint: str) -> None:
+    def __init__(self, agent: "Agent", peer: str, key_fingerprint: str, workers: fileworkers.Workers) -> None:
         super().__init__()
-        self._agent, self._peer, self._key = agent, peer, key_fingerprint
+        self._agent, self._peer, self._key, self._workers = agent, peer, key_fingerprint, workers
         # Set when this channel is the file service: asyncssh's stream session runs the SFTP
         # server, and every channel event goes to it.
         self._files: SSHServerStreamSession | None = None
@@ -43,7 +44,7 @@ class _Channel(FrameSession):
 
     def subsystem_requested(self, subsystem: str) -> bool:
         if subsystem == files.SUBSYSTEM and self._agent.target.pid and self.chan:
-            self._files = files.session_for(self._agent.target.pid)
+            self._files = files.session_for(self._agent.target.pid, self._agent.files, self._workers)
             self._files.connection_made(self.chan)
             return True
         if subsystem != protocol.SUBSYSTEM:
@@ -104,6 +105,8 @@ class _Server(asyncssh.SSHServer):
         self._conn: asyncssh.SSHServerConnection | None = None
         self._host, self._peer = "?", "?"
         self._keys = _KeyOf(agent.authorized)
+        # This connection's file threads: its hung mount waits here, never in another's.
+        self._workers = fileworkers.Workers(agent.files.timeout)
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         sshopts.skip_ignore_padding(conn)
@@ -124,6 +127,7 @@ class _Server(asyncssh.SSHServer):
             self._agent.admission.leave(self._conn)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._workers.close()
         if self._conn:
             self._agent.admission.leave(self._conn)
 
@@ -140,13 +144,16 @@ class _Server(asyncssh.SSHServer):
         return False
 
     def session_requested(self) -> FrameSession:
-        return _Channel(self._agent, self._peer, self._keys.fingerprint)
+        return _Channel(self._agent, self._peer, self._keys.fingerprint, self._workers)
 
 
 class Agent:
     def __init__(self, target: Target, resume_timeout: float = DEFAULT_RESUME_TIMEOUT,
-                 ipv6_forwarding: str = "auto") -> None:
+                 ipv6_forwarding: str = "auto", files_policy: files.Policy = files.Policy()) -> None:
         self.target = target
+        self.files = files_policy  # what `run --mount`'s file service may ask (agent/files.py)
+        # The container's resolv.conf, read at each session's start: shared, small, quick to give up.
+        self.resolver_workers = fileworkers.Workers(min(RESOLVER_TIMEOUT, files_policy.timeout), threads=2, waiting=8)
         self.resume_timeout = resume_timeout  # how long a session whose connection dropped is kept
         self.ipv6_forwarding = ipv6_forwarding  # how sessions switch IPv6 forwarding on (netns.ipv6)
         self.resume_refused = 0

@@ -180,8 +180,13 @@ class AgentSession:
             version = min(int(hello.get("version", 0)), protocol.VERSION)
             if version < protocol.MIN_VERSION:
                 raise ValueError(f"client protocol {hello.get('version')} is older than {protocol.MIN_VERSION}")
-            # Off the event loop: the file is the container's, and its file system may be slow.
-            resolv_conf = await asyncio.to_thread(read_resolv_conf, self.agent.target)
+            # In bounded threads with a time limit: the file is the container's, and its file system may hang.
+            try:
+                resolv_conf = await self.agent.resolver_workers.call(read_resolv_conf, self.agent.target,
+                                                                     self.agent.files.serve_fs)
+            except OSError as e:  # busy or too slow: the session starts without it
+                log.warning("not reporting a resolver: %s", e.strerror)
+                resolv_conf = ""
             plane = SessionPlane(self.sid, self.agent.ipv6_forwarding)
             await self.agent.ns.acall(plane.open)
         except Exception as e:  # noqa: BLE001 - every failure is reported to the client

@@ -1,6 +1,7 @@
 """Which namespace the agent works in, and which resolver configuration the pod sees."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from dataclasses import dataclass
@@ -49,14 +50,34 @@ def resolve(netns: str | None, pid: int | None, resolv_conf: str | None) -> Targ
     return Target(path, root, conf, pid)
 
 
-def read_resolv_conf(target: Target) -> str:
+def read_resolv_conf(target: Target, serve_fs: frozenset[str] = frozenset()) -> str:
     """The target's resolver configuration, or "" (the session still starts). Blocking:
-    call it off the event loop; the file is the container's to choose."""
+    call it in bounded threads (fileworkers.py); the file is the container's to choose, and a
+    container's is read without the file systems that can hang (fsview.py) but `serve_fs`."""
     try:
-        data = rootfs.read_regular(target.resolv_root, target.resolv_path, RESOLV_CONF_MAX)
+        if target.pid and target.resolv_root == f"/proc/{target.pid}/root":
+            data = _read_in_view(target.pid, target.resolv_path, serve_fs)
+        else:
+            data = rootfs.read_regular(target.resolv_root, target.resolv_path, RESOLV_CONF_MAX)
     except FileNotFoundError:
         return ""
     except OSError as e:
         log.warning("not reporting a resolver: %s (in %s)", e, target.resolv_root)
         return ""
     return data.decode("utf-8", "replace")
+
+
+def _read_in_view(pid: int, path: str, serve_fs: frozenset[str]) -> bytes:
+    from mirrord_tun.agent import fsview
+
+    view = fsview.open_view(pid, serve_fs)
+    try:
+        if view.refusal(path):
+            raise PermissionError(errno.EACCES, view.refusal(path))
+        fd = rootfs.open_regular(view.root, path, os.O_RDONLY)
+    finally:
+        view.close()
+    try:
+        return rootfs.read_capped(fd, RESOLV_CONF_MAX, path)
+    finally:
+        os.close(fd)

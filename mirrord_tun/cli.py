@@ -21,6 +21,8 @@ from mirrord_tun.config import ENV_PREFIX, config_option
 from mirrord_tun.kube.commands import complete_context, complete_namespace, complete_target
 from mirrord_tun.netns.ipv6 import FORWARDING_MODES
 
+SERVE_FS_KINDS = ("fuse", "nfs", "smb", "9p", "ceph", "afs", "cluster", "all")  # agent/fsview.py's KINDS
+
 T = TypeVar("T")
 PROG = "mirrord-ns"
 log = logging.getLogger(PROG)  # "mirrord-ns.agent" and the other loggers of ours are its children
@@ -167,9 +169,10 @@ def _connection_options(required: bool) -> Decorator:
     """How run, attach and sidecar name a running agent."""
     return _options(
         click.option("--agent", metavar="HOST:PORT", required=required, help="Address of a running agent."),
-        click.option("--identity", type=click.Path(exists=True, dir_okay=False), required=required,
+        # No exists=True: root's stat would answer for the user; the read as the user does.
+        click.option("--identity", type=click.Path(dir_okay=False), required=required,
                      help="Private key (OpenSSH format) the agent authorizes."),
-        click.option("--agent-host-key", type=click.Path(exists=True, dir_okay=False), required=required,
+        click.option("--agent-host-key", type=click.Path(dir_okay=False), required=required,
                      help="The agent's public host key; any other key is refused."),
     )
 
@@ -338,6 +341,9 @@ variables, variables over the file."""
               "ConfigMap, Secret, projected and downward-API volumes are mounted by default. Not for "
               "attach or sidecar.")
 @click.option("--no-mount", is_flag=True, help="Do not mount the target container's volumes (--mount still adds paths).")
+@click.option("--serve-fs", type=click.Choice(SERVE_FS_KINDS), multiple=True,
+              help="Let the launched agent serve --mount files from these kinds of file systems, which can "
+              "hang and are refused by default (repeatable; see `agent --serve-fs`).")
 @_mirror_options
 @_verbosity_options
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[--] COMMAND [ARGS]...")
@@ -349,7 +355,7 @@ def run(agent: str | None, identity: str | None, agent_host_key: str | None, tar
         no_mirror: bool, mirror_spill_limit: int, steal: bool, steal_exclude: tuple[str, ...],
         http_header_filter: str | None,
         http_path_filter: str | None, verbose: int, quiet: bool, command: tuple[str, ...],
-        mount: tuple[str, ...] = (), no_mount: bool = False) -> None:
+        mount: tuple[str, ...] = (), no_mount: bool = False, serve_fs: tuple[str, ...] = ()) -> None:
     """Run COMMAND with a pod's network.
 
     COMMAND starts at `--` or at the first argument that is not an option; what follows it is
@@ -360,6 +366,8 @@ def run(agent: str | None, identity: str | None, agent_host_key: str | None, tar
     keys = (identity, agent_host_key)
     if (agent and not all(keys)) or (not agent and any(keys)):
         raise click.UsageError("--agent, --identity and --agent-host-key go together")
+    if agent and serve_fs:
+        raise click.UsageError("--serve-fs is for the agent run launches; give it to `mirrord-ns agent` itself")
     if not command and not dry_run:
         raise click.UsageError("missing COMMAND: mirrord-ns run [OPTIONS] [--] COMMAND [ARGS]...")
     if not dry_run:
@@ -392,7 +400,7 @@ def run(agent: str | None, identity: str | None, agent_host_key: str | None, tar
         plan = prepare(KubeOptions(target, namespace, container, context, kubeconfig,
                                    agent_image or DEFAULT_IMAGE, privileged, agent_address,
                                    not no_env, frozenset(env_exclude), frozenset(env_allow),
-                                   image_pull_secret, agent_annotation))
+                                   image_pull_secret, agent_annotation, serve_fs))
         if dry_run:
             click.echo(plan.manifests_yaml(), nl=False)
             return 0
@@ -464,11 +472,17 @@ def cleanup(namespace: str | None, context: str | None, kubeconfig: str | None, 
               help="How IPv6 sessions switch forwarding on in the pod: per device (force_forwarding, Linux "
               "6.17+), with the global switch (net.ipv6.conf.all.forwarding, accept_ra kept working), "
               "auto (device where the kernel has it, else global), or off (IPv4-only sessions).")
+@click.option("--serve-fs", type=click.Choice(SERVE_FS_KINDS), multiple=True,
+              help="Serve `run --mount` files from these kinds of file systems too, which can hang "
+              "(repeatable; refused by default: fuse, nfs, smb, 9p, ceph, afs, cluster; all).")
+@click.option("--file-timeout", type=click.FloatRange(min=0.1, max=3600), default=15, show_default=True,
+              metavar="SECONDS", help="Answer a file request that takes longer with an error.")
 @click.option("-v", "--verbose", count=True, help="-vv: debug lines and SSH details (sessions and "
               "their counters are always logged).")
 def agent(listen: str, authorized_key: str | None, authorized_key_data: str | None, host_key: str | None,
           netns: str | None, pid: int | None, container_id: str | None, resolv_conf: str | None,
-          idle_exit: float | None, resume_timeout: float, ipv6_forwarding: str, verbose: int) -> None:
+          idle_exit: float | None, resume_timeout: float, ipv6_forwarding: str, serve_fs: tuple[str, ...],
+          file_timeout: float, verbose: int) -> None:
     """Serve tunnel sessions (run starts it)."""
     _need_root()
     from mirrord_tun.agent import keys
@@ -489,10 +503,13 @@ def agent(listen: str, authorized_key: str | None, authorized_key_data: str | No
 
     def worker() -> int:
         _logging(max(verbose, 1), "mirrord-ns agent")
+        from mirrord_tun.agent.files import Policy
         from mirrord_tun.agent.server import Agent
 
+        files = Policy(frozenset(serve_fs), file_timeout)
         try:
-            _run_async(Agent(target, resume_timeout, ipv6_forwarding).serve(host, port, key, authorized, idle_exit))
+            _run_async(Agent(target, resume_timeout, ipv6_forwarding, files).serve(host, port, key, authorized,
+                                                                                   idle_exit))
         except (OSError, ValueError) as e:
             click.echo(f"mirrord-ns agent: {e}", err=True)
             return 2

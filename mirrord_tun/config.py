@@ -32,7 +32,7 @@ class ConfigError(click.ClickException):
 def config_option(f: F) -> F:
     """`-f/--config FILE` for a command whose options the file may set."""
     return click.option(
-        "-f", "--config", type=click.Path(exists=True, dir_okay=False), is_eager=True, expose_value=False,
+        "-f", "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
         callback=_use, help="TOML file of option values, keys named like the long options "
         "(target = \"pod/web\"); flags and MIRRORD_NS_* variables override it.")(f)
 
@@ -44,9 +44,13 @@ def _use(ctx: click.Context, _param: click.Parameter, path: str | None) -> None:
 
 def read(path: str, command: click.Command) -> dict[str, Any]:
     """The file as a click `default_map` for `command`: values checked, relative paths made absolute."""
+    from mirrord_tun.kube.asuser import principal
+
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        got = principal().read([path])[path]  # with the rights of the user behind sudo
+        if isinstance(got, OSError):
+            raise got
+        data = tomllib.loads(got.decode())
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: {getattr(e, 'strerror', None) or e}") from None
     options = settable(command)

@@ -52,15 +52,25 @@ def parse_hostport(value: str, default_port: int = 2222) -> tuple[str, int]:
 
 
 def load_keys(identity: str, host_key: str) -> tuple[asyncssh.SSHKey, asyncssh.SSHKey]:
+    """The identity and the pinned host key, read with the rights of the user behind sudo."""
+    from mirrord_tun.kube.asuser import principal
+
+    got = principal().read([identity, host_key])
     try:
-        key = asyncssh.read_private_key(identity)
+        key = asyncssh.import_private_key(_content(got[identity]))
     except (OSError, asyncssh.KeyImportError) as e:
-        raise SetupError(f"cannot read identity {identity}: {e}") from None
+        raise SetupError(f"cannot read identity {identity}: {getattr(e, 'strerror', None) or e}") from None
     try:
-        pinned = asyncssh.read_public_key(host_key)
+        pinned = asyncssh.import_public_key(_content(got[host_key]))
     except (OSError, asyncssh.KeyImportError) as e:
-        raise SetupError(f"cannot read agent host key {host_key}: {e}") from None
+        raise SetupError(f"cannot read agent host key {host_key}: {getattr(e, 'strerror', None) or e}") from None
     return key, pinned
+
+
+def _content(got: bytes | OSError) -> bytes:
+    if isinstance(got, OSError):
+        raise got
+    return got
 
 
 async def open_channel(address: str, key: asyncssh.SSHKey, pinned: asyncssh.SSHKey,

@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import posixpath
 import shutil
 import signal
 import socket
@@ -68,11 +69,11 @@ def volume_mount_paths(pod: Any, container: str) -> list[str]:
 
 
 # SFTP v3 (draft-ietf-secsh-filexfer-02): uint32 length, byte type, uint32 id (none in INIT/VERSION).
-_INIT, _VERSION, _OPEN, _CLOSE, _OPENDIR, _READDIR, _EXTENDED = 1, 2, 3, 4, 11, 12, 200
-_STATUS, _HANDLE = 101, 102
+_INIT, _VERSION, _OPEN, _CLOSE, _OPENDIR, _READDIR, _READLINK, _EXTENDED = 1, 2, 3, 4, 11, 12, 19, 200
+_STATUS, _HANDLE, _NAME = 101, 102, 104
 _HANDLE_FIRST = {_CLOSE, _READDIR, 5, 6, 8, 10}  # ... READ, WRITE, FSTAT, FSETSTAT: a handle after the id
 _HANDLE_EXTENSIONS = {b"fsync@openssh.com", b"fstatvfs@openssh.com"}  # a handle after the name
-_FX_OK = 0
+_FX_OK, _FX_NO_SUCH_FILE = 0, 2
 _FX_STALE = 0x100  # not an SFTP code: sshfs makes EIO of it
 # Bigger is a broken or hostile peer (sshfs asks for 256 KiB at most; the agent sends 4 MiB at most).
 _MAX_PACKET = 16 * 1024 * 1024
@@ -215,6 +216,8 @@ class _Sftp(asyncio.Protocol):
             self._handles.pop(_string_at(req, 9), None)
         elif kind == _READDIR and (h := self._handles.get(_string_at(req, 9))):
             h.reopen = None  # listed from the start by a new server, entries would come twice
+        elif kind == _READLINK:
+            p = _link_in_mount(os.fsencode(self.path), req, p)
         self._to_sshfs(p)
 
     # --- sshfs
@@ -330,6 +333,28 @@ def _split(buf: bytearray) -> list[bytes]:
         at = end
     del buf[:at]
     return out
+
+
+def _link_in_mount(mount: bytes, req: bytes, reply: bytes) -> bytes:
+    """The agent's answer to READLINK `req`, as the kernel here may follow it: a relative path
+    that stays inside the mount, or ENOENT. sshfs hands a link's text to this machine's kernel,
+    which resolves it against *this* machine: `/home/me/.ssh/id_ed25519` or `../../../etc/shadow`
+    from the container (or from a hostile agent) would open a laptop file. The target is resolved
+    by its text from the link's directory (sshfs names every file by its path in the container,
+    which is its path under the mount here too); inside the mount it comes back normalized, all
+    its `..` first, so no link met later can turn it outside."""
+    if reply[4] != _NAME:
+        return reply  # an error status
+    link, target = _string_at(req, 9), _string_at(reply, 13)
+    if int.from_bytes(reply[9:13], "big") != 1:
+        target = b"/"  # not an answer to READLINK: never passed on as one
+    base = posixpath.dirname(link)
+    whole = b"/" + posixpath.normpath(posixpath.join(base, target)).lstrip(b"/")  # normpath keeps a "//"
+    inside = [p for p in (whole, base) if p == mount or p.startswith(mount + b"/")]
+    if len(inside) < 2:
+        return _status(reply[5:9], _FX_NO_SUCH_FILE, b"a link out of the mount, not followed here")
+    rel = posixpath.relpath(whole, base)
+    return _string(bytes([_NAME]) + reply[5:9] + (1).to_bytes(4, "big") + _string(rel) + _string(rel) + bytes(4))
 
 
 def _handle_at(p: bytes) -> int | None:

@@ -30,7 +30,8 @@ _SYS_OPENAT2 = 437  # the same number on every architecture
 _RETRIES = 16  # EAGAIN: a rename raced a `..` walk and the kernel asks for another try
 # Kernel interfaces that fstat calls regular files: never a resolver file, and writing them
 # changes the host (statfs f_type values, linux/magic.h).
-_PSEUDO_FS = {0x9FA0: "proc", 0x62656572: "sysfs", 0x27E0EB: "cgroup", 0x63677270: "cgroup2",
+PROC_SUPER_MAGIC = 0x9FA0
+_PSEUDO_FS = {PROC_SUPER_MAGIC: "proc", 0x62656572: "sysfs", 0x27E0EB: "cgroup", 0x63677270: "cgroup2",
               0x64626720: "debugfs", 0x74726163: "tracefs", 0x73636673: "securityfs",
               0xCAFE4A11: "bpf", 0x62656570: "configfs", 0xDE5E81E4: "efivarfs", 0x6165676C: "pstore"}
 
@@ -100,9 +101,13 @@ def stat_in(root_fd: int, path: str, follow: bool = True) -> os.stat_result:
 
 
 def readlink_in(root_fd: int, path: str) -> str:
-    """The text of the symlink `path` inside `root_fd` (its last component is not followed)."""
+    """The text of the symlink `path` inside `root_fd` (its last component is not followed).
+    A /proc link is refused: its magic links (/proc/N/root, cwd, exe, fd/*) print paths as
+    *we* see them, the node's, and /proc/self names our own PID."""
     fd = openat2(root_fd, path, os.O_PATH | os.O_NOFOLLOW)
     try:
+        if _fs_type(fd) == PROC_SUPER_MAGIC:
+            raise PermissionError(errno.EACCES, f"{path}: a /proc link, not served (it would name a node path)")
         return os.readlink("", dir_fd=fd)
     finally:
         os.close(fd)

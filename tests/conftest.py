@@ -219,3 +219,14 @@ def kill_pids(pids: list[int], sig: int = signal.SIGKILL) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+@pytest.fixture
+def nobody_identity(cluster: Cluster) -> Iterator[None]:
+    """The sandbox's client key owned by nobody for one test: `run` under SUDO_UID=65534 reads
+    --identity with nobody's rights, as a real user's run reads their own key."""
+    os.chown(cluster.sb.keys.identity, 65534, 65534)
+    try:
+        yield
+    finally:
+        os.chown(cluster.sb.keys.identity, 0, 0)

@@ -448,3 +448,101 @@ def test_the_help_says_attach_and_sidecar_do_not_mount() -> None:
     out = subprocess.run([sys.executable, "-m", "mirrord_tun", "run", "--help"], capture_output=True, text=True,
                          env=run_env())
     assert "Not for attach or sidecar" in " ".join(out.stdout.split())
+
+
+READLINKS = """
+import asyncio, sys
+import asyncssh
+from mirrord_tun.connect import load_keys
+
+async def main() -> None:
+    key, pinned = load_keys(sys.argv[2], sys.argv[3])
+    host, port = sys.argv[1].rsplit(":", 1)
+    async with asyncssh.connect(host, int(port), username="x", client_keys=[key], known_hosts=([pinned], [], []),
+                                agent_path=None, config=None) as conn, conn.start_sftp_client() as sftp:
+        for path in sys.argv[4:]:
+            try:
+                print(path, "ANSWERED", await sftp.readlink(path))
+            except asyncssh.SFTPError as e:
+                print(path, "refused", e.code, e.reason)
+asyncio.run(main())
+"""
+
+
+def test_proc_magic_links_never_name_a_node_path(cluster: Cluster, big: bytes) -> None:
+    """The container has its own /proc: readlink of its root, cwd, exe and fd links (which the
+    kernel prints as the agent sees them: node paths) is refused; an ordinary link still answers."""
+    sb = cluster.sb
+
+    def setup(root: Path) -> None:
+        (root / "etc").mkdir()
+        (root / "etc" / "link").symlink_to("/etc/target")
+
+    with container(sb, sb.ns("pod"), setup, with_proc=True) as ctr, pid_agent(sb, ctr.pid):
+        links = [f"/proc/{p}/{name}" for p in (1, ctr.pid, "self", "thread-self")
+                 for name in ("root", "cwd", "exe", "fd/0", "fd/1", "ns/net")] + ["/proc/self", "/proc/mounts"]
+        out = subprocess.run(["ip", "netns", "exec", sb.ns("laptop"), sys.executable, "-c", READLINKS, AGENT,
+                              sb.keys.identity, sb.keys.host_pub, *links, "/etc/link"],
+                             capture_output=True, text=True, env=run_env(), timeout=RUN_TIMEOUT)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[-1] == "/etc/link ANSWERED /etc/target"
+        assert [line for line in lines[:-1] if "ANSWERED" in line] == []
+        assert str(ctr.root) not in out.stdout and sb.dir not in out.stdout
+
+
+def test_a_container_link_never_leads_to_a_laptop_file_through_the_mount(
+        cluster: Cluster, big: bytes, node_secret: tuple[str, str]) -> None:
+    """The node is this laptop here: abs-link and rel-link name a file that exists on the laptop
+    and not in the container. Through sshfs they are neither read nor shown as links out."""
+    sb = cluster.sb
+    node_path, secret = node_secret
+    with app_container(sb, big, node_path) as ctr, pid_agent(sb, ctr.pid):
+        script = ("for f in abs-link rel-link dir-link; do readlink /etc/app/$f && echo LINK $f; "
+                  "cat /etc/app/$f/ /etc/app/$f; done; ls -la /etc/app/ /etc/app/dir-link/; "
+                  "find -L /etc/app -maxdepth 1 -type f | sort; readlink /etc/app/own-link; cat /etc/app/own-link")
+        out = mrd(sb, ["/etc/app"], script)
+        text = out.stdout.decode() + out.stderr.decode()
+        assert secret not in text and node_path not in text and "LINK" not in text, text
+        assert out.stdout.decode().endswith("greeting: hello from the container\n"), text
+
+
+class _Pipe:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.sent.append(data)
+
+
+def _packet(kind: int, req_id: int, *fields: bytes) -> bytes:
+    body = bytes([kind]) + req_id.to_bytes(4, "big") + b"".join(len(f).to_bytes(4, "big") + f for f in fields)
+    return len(body).to_bytes(4, "big") + body
+
+
+@pytest.mark.parametrize("link,target,seen", [
+    (b"/etc/app/a", b"/home/me/.ssh/id_ed25519", None),  # absolute, to a laptop file
+    (b"/etc/app/a", b"../../../../../etc/shadow", None),  # relative, climbing out
+    (b"/etc/app/d/a", b"../../passwd", None),
+    (b"/etc/app/a", b"//etc/app/../shadow", None),
+    (b"/etc/app/d/a", b"/etc/app/config.yaml", b"../config.yaml"),  # inside: relative, stays inside
+    (b"/etc/app/d/a", b"s/../../x/./y", b"../x/y"),  # normalized: no `..` after a name
+    (b"/etc/app/a", b"/etc/app", b"."),
+])
+def test_the_relay_never_hands_the_kernel_a_link_out_of_the_mount(link: bytes, target: bytes,
+                                                                  seen: bytes | None) -> None:
+    """A hostile agent (or container) answers READLINK with a path this machine's kernel would
+    follow to a laptop file: sshfs gets ENOENT instead, or the same place as a path inside the mount."""
+    from mirrord_tun.mounts import _Sftp
+
+    relay = _Sftp("/etc/app")
+    relay.transport, relay.chan, relay._ready = _Pipe(), _Pipe(), True  # type: ignore[assignment]
+    relay.data_received(_packet(19, 7, link))  # READLINK from sshfs
+    assert relay.chan.sent  # type: ignore[union-attr]
+    name = bytes([104]) + (7).to_bytes(4, "big") + (1).to_bytes(4, "big") + _packet(0, 0, target, target)[9:]
+    relay.from_server(len(name + bytes(4)).to_bytes(4, "big") + name + bytes(4))  # NAME, one entry, no attrs
+    [answer] = relay.transport.sent  # type: ignore[union-attr]
+    if seen is None:
+        assert answer[4] == 101 and int.from_bytes(answer[9:13], "big") == 2  # STATUS, no such file
+    else:
+        assert answer[4] == 104 and answer[13:17] == len(seen).to_bytes(4, "big") and answer[17:17 + len(seen)] == seen

@@ -315,3 +315,60 @@ def test_without_the_kubernetes_client_one_line_says_how_to_install_it(args: lis
     r = subprocess.run([sys.executable, "-c", HIDE_CLIENT, *args, "--kubeconfig", str(tmp_path / "k")],
                        capture_output=True, text=True, timeout=60)
     one_line_error(r, "Kubernetes client is not installed", "pip install")
+
+
+# --- env -o under sudo: the attacker is a user allowed `sudo mirrord-ns` and nothing else
+@pytest.fixture
+def root_only(nobody_dir: Path) -> Iterator[Path]:
+    """A root-only folder (standing in for /etc) holding a root-owned 0644 file (for /etc/ld.so.preload)."""
+    path = Path(tempfile.mkdtemp(prefix="mrd-root-"))
+    try:
+        path.chmod(0o700)
+        (path / "preload").write_text("root's\n")
+        (path / "preload").chmod(0o644)
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def test_env_output_under_sudo_is_opened_as_the_user_through_no_path_trick(
+        api: Api, nobody_dir: Path, root_only: Path) -> None:
+    kubeconfig = sudo_kubeconfig(api, nobody_dir, {"token": "t"})
+    mine = nobody_dir / "rec"  # the user's own folder
+    (mine / "parent").symlink_to(root_only)  # a symlinked parent into the root-only folder
+    (mine / "last").symlink_to(root_only / "preload")  # a symlink as the last component
+    (mine / "dangling").symlink_to(root_only / "new")
+    os.link(root_only / "preload", mine / "hard")  # a hard link to the root-owned file (made by root:
+    # protected_hardlinks keeps the user from it, but a file system or an old link may not)
+    (mine / "roots").write_text("root's own, in the user's folder\n")  # root-owned, in the user's folder
+    before = (root_only / "preload").stat()
+
+    def env_to(out: Path) -> subprocess.CompletedProcess[str]:
+        return cli(api, "env", "-t", "pod/web", "-o", str(out), env=dict(SUDO_NOBODY, KUBECONFIG=kubeconfig))
+
+    for out in (mine / "parent" / "new", mine / "parent" / "preload", mine / "last", mine / "dangling",
+                mine / "hard", mine / "roots"):
+        one_line_error(env_to(out), f"cannot write {out}")
+    assert sorted(os.listdir(root_only)) == ["preload"]  # nothing created there
+    after = (root_only / "preload").stat()
+    assert (after.st_uid, after.st_mode, after.st_size, after.st_mtime_ns) == (
+        before.st_uid, before.st_mode, before.st_size, before.st_mtime_ns)
+    assert (root_only / "preload").read_text() == "root's\n"
+    assert (mine / "roots").stat().st_uid == 0 and (mine / "roots").read_text().startswith("root's own")
+
+    good = mine / "web.env"
+    r = env_to(good)
+    assert r.returncode == 0, r.stderr
+    st = good.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (NOBODY.pw_uid, NOBODY.pw_gid, 0o600)
+    assert "FROM_SECRET=s3cret" in good.read_text()
+
+
+def test_config_and_keys_under_sudo_are_read_as_the_user(api: Api, nobody_dir: Path, root_only: Path) -> None:
+    secret = root_only / "secret.toml"
+    secret.write_text('target = "pod/web"\n')  # valid config: root reading it would be accepted
+    for args, words in ((["run", "-f", str(secret), "--", "true"], "Permission denied"),
+                        (["run", "--agent", "198.18.0.1:1", "--identity", str(secret), "--agent-host-key",
+                          str(secret), "--", "true"], "cannot read identity")):
+        r = cli(api, *args, env=SUDO_NOBODY)
+        one_line_error(r, str(secret), words)

@@ -109,3 +109,14 @@ def test_the_admission_policy_still_admits_the_agent_with_these_settings(api: Ap
     meta, spec = pod_of(job)
     # The release's own image, as the policy pins it (the dry run used the default).
     assert Policy().refusals({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}) == []
+
+
+def test_file_systems_that_can_hang_are_served_only_when_run_asks() -> None:
+    """The launched agent refuses FUSE, NFS, SMB... mounts of the container unless `run --serve-fs`."""
+    def args(*serve_fs: str) -> list[str]:
+        job = manifest.agent_job(session="s", user="u", namespace="default", image="i", client_key="k",
+                                 target=None, privileged=False, serve_fs=serve_fs)
+        return list(job["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert "--serve-fs" not in args()
+    got = args("fuse", "nfs")
+    assert [got[i + 1] for i, a in enumerate(got) if a == "--serve-fs"] == ["fuse", "nfs"]

@@ -84,15 +84,16 @@ def _root_of(pid: int) -> int | None:
 
 
 @contextlib.contextmanager
-def pid_agent(sb: Sandbox, pid: int, resume_timeout: float = SANDBOX_RESUME_TIMEOUT
+def pid_agent(sb: Sandbox, pid: int, resume_timeout: float = SANDBOX_RESUME_TIMEOUT, extra: tuple[str, ...] = ()
               ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """An agent working in `pid`'s namespace (as one on a node does for a container); its log file."""
+    """An agent working in `pid`'s namespace (as one on a node does for a container), with `extra`
+    options; its log file."""
     log = Path(sb.dir) / f"agent-{pid}.log"
     with open(log, "w") as f:
         agent = sb.start_ready("node", [
             sys.executable, "-m", "mirrord_tun", "agent", "--listen", AGENT,
             "--authorized-key", sb.keys.identity_pub, "--host-key", sb.keys.host_key,
-            "--pid", str(pid), "--resume-timeout", str(resume_timeout)], ready="listening", stderr=f)
+            "--pid", str(pid), "--resume-timeout", str(resume_timeout), *extra], ready="listening", stderr=f)
     try:
         yield agent, log
     finally:

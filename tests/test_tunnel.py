@@ -188,7 +188,7 @@ def test_stdin_is_passed_through(cluster: Cluster) -> None:
     assert (r.returncode, r.stdout) == (0, data)
 
 
-def test_runs_as_the_sudo_user(cluster: Cluster) -> None:
+def test_runs_as_the_sudo_user(cluster: Cluster, nobody_identity: None) -> None:
     env = run_env(SUDO_UID="65534", SUDO_GID="65534", SUDO_USER="nobody")
     # No root group may survive the switch, and the user can still resolve and connect.
     out = ok(mrd_run(cluster.sb, "sh", "-c", "id -u; id -g; id -G; getent hosts svc; "

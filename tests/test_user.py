@@ -42,7 +42,7 @@ def ok(r: subprocess.CompletedProcess[str]) -> str:
 
 # --- the command as the invoking user
 
-def test_icmp_echo_socket_as_the_sudo_user(cluster: Cluster) -> None:
+def test_icmp_echo_socket_as_the_sudo_user(cluster: Cluster, nobody_identity: None) -> None:
     """What an unprivileged ping uses: an ICMP datagram socket, allowed by ping_group_range."""
     out = ok(mrd_run(cluster.sb, "sh", "-c", f"id -u; cat /proc/sys/net/ipv4/ping_group_range; "
                      f"/usr/bin/python3 -c \"{ICMP_ECHO}\"", env=NOBODY))
@@ -52,13 +52,13 @@ def test_icmp_echo_socket_as_the_sudo_user(cluster: Cluster) -> None:
 
 
 @pytest.mark.skipif(not shutil.which("ping"), reason="iputils-ping is not installed (scripts/install adds it)")
-def test_ping_as_the_sudo_user(cluster: Cluster) -> None:
+def test_ping_as_the_sudo_user(cluster: Cluster, nobody_identity: None) -> None:
     out = ok(mrd_run(cluster.sb, "sh", "-c", "id -u; ping -c 1 -W 5 svc", env=NOBODY))
     assert out.splitlines()[0] == "65534"
     assert "1 received" in out
 
 
-def test_tcp_udp_dns_as_the_sudo_user(cluster: Cluster) -> None:
+def test_tcp_udp_dns_as_the_sudo_user(cluster: Cluster, nobody_identity: None) -> None:
     out = ok(mrd_run(cluster.sb, "sh", "-c", f"id -u; getent hosts svc; curl -sS --max-time 10 http://{SVC}/; "
                      f"/usr/bin/python3 -c \"{UDP_ROUNDTRIP}\"", env=NOBODY))
     uid, host, http, udp = out.splitlines()

@@ -1,12 +1,13 @@
-"""Reading a kubeconfig and running its credential plugins for the user behind sudo.
+"""Files and commands the user behind sudo names: read, written and run with their rights.
 
 A kubeconfig names files (its own path in KUBECONFIG, certificate-authority,
 client-key, tokenFile) and commands (`users[].user.exec`: `aws eks get-token`,
 `gke-gcloud-auth-plugin`). Under sudo those are the invoking user's choices, so
 root must not act on them with its own rights: `client-key: /etc/shadow` would be
 a confused deputy, and a plugin run as root would use root's HOME and caches.
-Every such file is therefore read by a short child process that runs as the user
-(`Popen(user=, group=, extra_groups=)`, safe with threads alive), and every
+Every such file (and `env -o FILE`, `--config`, `--identity`) is therefore read or
+written by a short child process that runs as the user (`Popen(user=, group=,
+extra_groups=)`, safe with threads alive; the file work itself is userfiles.py), and every
 plugin runs as the user with the user's environment: the one sudo itself was
 started with, read from the nearest `sudo` ancestor in /proc (the user's PATH,
 AWS_PROFILE, CLOUDSDK_CONFIG...), else HOME/USER/LOGNAME and a plain PATH.
@@ -20,23 +21,16 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from mirrord_tun.kube import userfiles
 from mirrord_tun.netns.exec import User, invoking_user
 
-MAX_FILE = 1 << 24  # a kubeconfig or a certificate is a few KiB; this only stops /dev/zero
-# Runs as the user; only the standard library (python -I -S), one JSON answer on stdout.
-_READER = f"""
-import base64, json, sys
-out = {{}}
-for path in sys.argv[1:]:
-    try:
-        with open(path, "rb") as f:
-            out[path] = {{"data": base64.b64encode(f.read({MAX_FILE})).decode()}}
-    except OSError as e:
-        out[path] = {{"errno": e.errno, "error": e.strerror}}
-print(json.dumps(out))
-"""
+# The child's program: userfiles.py's own source, so the same code runs with or without sudo.
+_AS_USER = Path(userfiles.__file__).read_text()
+# Standard library only: the base interpreter, which the user may run where a venv (root's) is private.
+_PYTHON = getattr(sys, "_base_executable", None) or sys.executable
 _SUDO_ANCESTORS = 8  # sudo, its pty monitor, `ip netns exec`...: a few levels at most
 
 
@@ -49,22 +43,31 @@ class Principal:
 
     def read(self, paths: list[str]) -> dict[str, bytes | OSError]:
         """Each file's content, or the OSError opening it raised, read with the user's rights."""
-        if self.user is None:
-            return {path: _read(path) for path in paths}
-        try:
-            # The base interpreter, not the venv's link to it: a clone in a 0700 home is root's
-            # to enter, not every user's, and -I -S needs nothing of the venv.
-            answer = self.run([os.path.realpath(sys.executable), "-I", "-S", "-c", _READER, *paths], self.env,
-                              stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30)
-            if answer.returncode != 0:
-                raise OSError(answer.stderr.strip().splitlines()[-1:] or f"exit status {answer.returncode}")
-            got_all = json.loads(answer.stdout)
-        except (OSError, ValueError, subprocess.TimeoutExpired) as e:
-            raise OSError(f"cannot read {', '.join(paths)} as {self.user.name}: {e}") from None
         out: dict[str, bytes | OSError] = {}
-        for path, got in got_all.items():
+        for path, got in self._files({"read": paths}, ", ".join(paths), "read").items():
             out[path] = base64.b64decode(got["data"]) if "data" in got else OSError(got["errno"], got["error"], path)
         return out
+
+    def write_private(self, path: str, data: bytes) -> None:
+        """`path` holding `data`, mode 0600, written with the user's rights (never a symlink, never
+        chowned after the fact: the user's own open makes it theirs). OSError if it cannot be."""
+        got = self._files({"write": path, "data": base64.b64encode(data).decode()}, path, "write")
+        if got:
+            raise OSError(got["errno"], got["error"], path)
+
+    def _files(self, request: dict[str, Any], what: str, verb: str) -> dict[str, Any]:
+        """userfiles.serve(request), as the user: in a child dropped to them under sudo."""
+        if self.user is None:
+            return userfiles.serve(request)
+        try:
+            answer = self.run([_PYTHON, "-I", "-S", "-c", _AS_USER], self.env, input=json.dumps(request),
+                              stderr=subprocess.PIPE, timeout=30)
+            if answer.returncode != 0:
+                raise OSError(answer.stderr.strip().splitlines()[-1:] or f"exit status {answer.returncode}")
+            got: dict[str, Any] = json.loads(answer.stdout)
+            return got
+        except (OSError, ValueError, subprocess.TimeoutExpired) as e:
+            raise OSError(f"cannot {verb} {what} as {self.user.name}: {e}") from None
 
     def run(self, argv: list[str], env: dict[str, str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
         """argv as the user (stdout captured as text); raises OSError like Popen."""
@@ -116,10 +119,3 @@ def _real_uid(pid: int) -> int:
                 return int(line.split()[1])
     raise ValueError("no Uid line")
 
-
-def _read(path: str) -> bytes | OSError:
-    try:
-        with open(path, "rb") as f:
-            return f.read(MAX_FILE)
-    except OSError as e:
-        return e

@@ -150,7 +150,7 @@ def env(target: str, namespace: str | None, context: str | None, kubeconfig: str
     try:
         _write_private(out, text)
     except OSError as e:
-        _fail(f"cannot write {out}: {e.strerror}")
+        _fail(f"cannot write {out}: {e.strerror or e}")
 
 
 def dotenv(variables: dict[str, str]) -> str:
@@ -177,17 +177,11 @@ def _quote(value: str) -> str:
 
 
 def _write_private(path: str, text: str) -> None:
-    """Mode 0600 (the values may be secrets), also over an existing file; under sudo, the
-    invoking user's file."""
-    from mirrord_tun.netns.exec import invoking_user
+    """Mode 0600 (the values may be secrets), also over an existing file; under sudo opened by the
+    invoking user, so only a file they could write themselves is written."""
+    from mirrord_tun.kube.asuser import principal
 
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with open(fd, "w") as f:
-        os.fchmod(fd, 0o600)
-        user = invoking_user()
-        if user is not None:
-            os.fchown(fd, user.uid, user.gid)
-        f.write(text)
+    principal().write_private(path, text.encode())
 
 
 def _or_exit(verbose: int, fn: Callable[[], T]) -> T:

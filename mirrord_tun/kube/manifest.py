@@ -88,15 +88,15 @@ def tolerations(taints: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
 def agent_job(*, session: str, user: str, namespace: str, image: str, client_key: str,
               target: TargetPod | None, privileged: bool, direct: bool = False,
               node_taints: list[dict[str, Any]] | None = None, pull_secrets: Sequence[str] = (),
-              annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
+              annotations: Mapping[str, str] | None = None, serve_fs: Sequence[str] = ()) -> dict[str, Any]:
     """The Job manifest; `client_key` is the session's public key in OpenSSH format, `direct`
     whether the client dials the pod's address (--agent-address) rather than port-forwarding,
     `node_taints` the taints of the target's node (None: not known), `annotations` the pod's
-    besides the mesh opt-outs."""
+    besides the mesh opt-outs, `serve_fs` the agent's --serve-fs."""
     labels = session_labels(session, user)
     # The image's entrypoint is `mirrord-ns` (agent/Dockerfile).
     args = ["agent", "--listen", listen_address(direct), "--authorized-key-data", client_key,
-            "--idle-exit", str(IDLE_EXIT)]
+            "--idle-exit", str(IDLE_EXIT), *(a for kind in serve_fs for a in ("--serve-fs", kind))]
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "hostPID": True,  # the target container's processes, and so its namespaces, are visible

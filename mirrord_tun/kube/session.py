@@ -46,6 +46,7 @@ class KubeOptions:
     env_allow: frozenset[str]  # imported despite kube.env's deny-list
     pull_secrets: tuple[str, ...] = ()
     annotations: tuple[tuple[str, str], ...] = ()  # the agent pod's, besides the mesh opt-outs
+    serve_fs: tuple[str, ...] = ()  # file systems that can hang, served by --mount anyway (agent --serve-fs)
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def prepare(opts: KubeOptions) -> Plan:
         client_key=key.export_public_key("openssh").decode().strip(), target=target,
         privileged=opts.privileged, direct=opts.agent_address is not None,
         node_taints=_taints(cluster, target.node) if target else None, pull_secrets=opts.pull_secrets,
-        annotations=dict(opts.annotations))
+        annotations=dict(opts.annotations), serve_fs=opts.serve_fs)
     return Plan(opts, cluster, target, key, job)
 
 

@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass
 
 
+from mirrord_tun.netns.exec import invoking_user
+
 CLUSTER_PREFIX = 24
 ADDRS = {"node": "198.18.0.1", "pod": "198.18.0.10", "svc": "198.18.0.20",
          "dns": "198.18.0.53", "client": "198.18.0.30"}
@@ -230,6 +232,8 @@ class Sandbox:
             path = os.path.join(self.dir, name)
             key.write_private_key(path)
             os.chmod(path, 0o600)  # the folder is world-readable (the command's user reads it)
+            if user := invoking_user():  # under sudo `run` reads --identity as that user: theirs
+                os.chown(path, user.uid, user.gid)
             key.write_public_key(path + ".pub")
             paths[name] = path
         return Keys(paths["identity"], paths["identity"] + ".pub", paths["host_key"], paths["host_key"] + ".pub")
