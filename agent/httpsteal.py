@@ -1,32 +1,29 @@
-"""Filtered steal: route each HTTP/1.1 request of one client connection to the
+"""Filtered steal: route each HTTP/1.x request of one client connection to the
 local program or to the pod's own server.
 
 `proxy_connection` serves one accepted connection. Every request head is parsed
-with h11 (a fresh `h11.Connection` per request, so the parser never needs our
-responses to advance); `choose(head)` names the upstream; the request's raw
-bytes are forwarded unchanged. h11 decodes bodies for us but also reports what it
-has not consumed yet (`trailing_data`), which marks where a message ends: the
-bytes up to there are written to the upstream as they arrived, never
-re-serialized, and whatever follows is the next pipelined request.
-httptools (llhttp) parses a head ~25x faster (0.6 against 16 us; scripts/
-bench_httpsteal.py), but cannot say where in the bytes fed a message ended (its
-pause is not exposed) nor that a response answers HEAD; h11 costs ~56 us per
-request, the proxy as a whole adds ~0.11 ms (keep-alive) to 0.35 ms (new
-connection) at p50 and relays bodies at >3 Gbit/s on a 2-core machine.
+by http1.HeadReader (llhttp, strict: RFC 9112's smuggling vectors are answered
+400 and never forwarded); `choose(head)` names the upstream; the request's raw
+bytes are forwarded unchanged, its body framed by count or chunk scan (http1),
+so whatever follows is the next pipelined request. HTTP/1.0 and 1.1 are routed
+alike; keep-alive follows the client's and the server's words (1.0's
+`Connection: keep-alive` included).
 
 Requests are served one at a time, in order (a pipelined request waits for the
 previous response), so an upstream never holds two outstanding requests and
 every byte it sends until its response ends belongs to that response: responses
-are relayed chunk by chunk as read, and a second h11 connection (in the client
-role, told the method by a body-less "shadow" copy of the request) says only
-where the response ends (HEAD, 1xx, 204/304, chunked, read-until-close) and
-whether the protocol switched (101 to an Upgrade, 2xx to CONNECT), after which
-both sockets are spliced as raw byte streams.
+are relayed chunk by chunk as read, framed from their head and their request
+(HEAD, 1xx, 204/304, chunked, read-until-close); a 101 to an Upgrade or a 2xx
+to CONNECT switches the protocol, after which both sockets are spliced as raw
+byte streams.
 
-A connection whose first bytes cannot start an HTTP/1.x request, one h11 rejects
-before its first request, the HTTP/2 prior-knowledge preface, and a client that
-sends nothing within `sniff_timeout` (server-speaks-first protocols) are spliced
-to the pod untouched, bytes already read included.
+What cannot be routed goes to the pod untouched, bytes already read included:
+a connection whose first bytes cannot start an HTTP/1.x request, a request line
+that is not HTTP/1.0 or 1.1 or has a method llhttp does not know (also after
+good requests: the rest of the connection is the pod's), the HTTP/2 prior-
+knowledge preface, and a client that sends nothing within `sniff_timeout`
+(server-speaks-first protocols). A request head must arrive whole within
+`head_timeout` of its first byte (else 408).
 
 Upstreams are keyed by the Opener object `choose` returns: one connection per
 Opener per client connection, reused while it stays open, reopened after it
@@ -34,10 +31,9 @@ closes. Errors end the client connection quietly (400 for a malformed request,
 502 when the upstream cannot be opened or fails before its response began); no
 traceback is logged at default level.
 
-Limits: pipelined requests are not overlapped; a request h11 rejects after the
-first one gets a 400 even if the pod's server would have taken it; a client
-that goes away while its request waits for the response is noticed when the
-response comes, as a server would; give client StreamReaders `limit=CHUNK`.
+Limits: pipelined requests are not overlapped; a client that goes away while
+its request waits for the response is noticed when the response comes, as a
+server would; give client StreamReaders `limit=CHUNK`.
 """
 from __future__ import annotations
 
@@ -50,19 +46,18 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 from urllib.parse import urlsplit
 
-import h11
+from mirrord_tun.agent import http1
 
 log = logging.getLogger("mirrord-ns.agent")
 
 CHUNK = 256 * 1024
-MAX_HEAD = 64 * 1024
 SNIFF_TIMEOUT = 10.0
+HEAD_TIMEOUT = 10.0  # for a whole request head, from its first byte
 CLOSE_TIMEOUT = 5.0
 H2_PREFACE = b"PRI * HTTP/2.0\r\n"
 # A request line starts with a method token and a space; anything else (a TLS
 # ClientHello, a binary protocol) is not HTTP/1.x and must not wait for a CRLF.
 _METHOD_PREFIX = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}(?: |\Z)")
-_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 
 Reader = asyncio.StreamReader
 Writer = asyncio.StreamWriter
@@ -113,11 +108,12 @@ class _End(Exception):
 
 
 async def proxy_connection(client: tuple[Reader, Writer], choose: Chooser, pod: Opener,
-                           counters: collections.Counter, *, sniff_timeout: float = SNIFF_TIMEOUT) -> None:
-    proxy = _Proxy(client, choose, pod, counters)
+                           counters: collections.Counter, *, sniff_timeout: float = SNIFF_TIMEOUT,
+                           head_timeout: float = HEAD_TIMEOUT) -> None:
+    proxy = _Proxy(client, choose, pod, counters, head_timeout)
     try:
         await proxy.serve(sniff_timeout)
-    except (_End, OSError, EOFError, h11.ProtocolError) as e:
+    except (_End, OSError, EOFError) as e:
         log.debug("steal proxy: connection ended: %r", e)
     except Exception as e:  # a bug must not take the agent down nor print a traceback
         counters["steal_errors"] += 1
@@ -137,13 +133,13 @@ class _Upstream:
 
 class _Proxy:
     def __init__(self, client: tuple[Reader, Writer], choose: Chooser, pod: Opener,
-                 counters: collections.Counter) -> None:
+                 counters: collections.Counter, head_timeout: float) -> None:
         self.reader, self.writer = client
-        self.choose, self.pod, self.counters = choose, pod, counters
+        self.choose, self.pod, self.counters, self.head_timeout = choose, pod, counters, head_timeout
         self.upstreams: dict[Opener, _Upstream] = {}
-        # Read from the client and fed to the current request's parser, not yet
-        # forwarded; between requests, the start of the next one.
-        self.window = b""
+        # Read from the client, not yet forwarded: the start of the next request, or the
+        # rest of the current one's body.
+        self.buf = bytearray()
 
     async def serve(self, sniff_timeout: float) -> None:
         try:
@@ -155,54 +151,82 @@ class _Proxy:
             return
         if first is None or not _METHOD_PREFIX.match(first):
             return await self._passthrough(first or b"", "steal_passthrough")
-        self.window = first
-        served = 0
-        while await self._request(served):
-            served += 1
+        self.buf += first
+        while await self._request():
+            pass
 
-    async def _request(self, served: int) -> bool:
+    async def _read_head(self) -> http1.Head | None:
+        """The next request's head (its bytes stay in buf); None when the client closed first."""
+        reader = http1.HeadReader(request=True)
+        if not self.buf:
+            if not await self._read_client():
+                return None
+        async with asyncio.timeout(self.head_timeout):
+            while (head := reader.feed(self.buf)) is None:
+                if not await self._read_client():
+                    return None
+        return head
+
+    async def _read_client(self) -> int:
+        data = await self.reader.read(CHUNK)
+        self.buf += data
+        return len(data)
+
+    async def _request(self) -> bool:
         """Serve the next request; False when the client connection is done."""
-        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        if self.window:  # b"" would tell h11 the client closed
-            parser.receive_data(self.window)
         try:
-            event = await self._next_event(parser)
-            if served == 0 and isinstance(event, h11.Request) and event.method == b"PRI":
-                raise h11.RemoteProtocolError("HTTP/2 prior knowledge")
-        except h11.RemoteProtocolError as e:
-            if served == 0:
-                kind = "steal_http2" if self.window.startswith(H2_PREFACE) else "steal_passthrough"
-                await self._passthrough(self.window, kind)
-                return False
+            head = await self._read_head()
+        except http1.NotHttp1:
+            h2 = self.buf.startswith(H2_PREFACE)
+            await self._passthrough(bytes(self.buf), "steal_http2" if h2 else "steal_passthrough")
+            return False
+        except http1.Malformed as e:
             self.counters["steal_bad_requests"] += 1
             await self._reply(400, "Bad Request")
             raise _End(f"malformed request: {e}") from None
-        if isinstance(event, h11.ConnectionClosed):
+        except TimeoutError:
+            self.counters["steal_head_timeouts"] += 1
+            await self._reply(408, "Request Timeout")
+            raise _End("request head too slow") from None
+        if head is None:
             return False
-        if not isinstance(event, h11.Request):
-            raise _End(f"unexpected {event!r}")
-
-        head = _request_head(event)
-        opener = self.choose(head)
+        opener = self.choose(_request_head(head))
         self.counters["steal_requests_local" if opener is not None else "steal_requests_pod"] += 1
         up = await self._upstream(opener or self.pod)
-        # Forward the head (and any body bytes already here) before reading
-        # more: with `Expect: 100-continue` the client waits for the upstream.
-        done = self._pending_events(parser)
-        await self._forward_consumed(parser, up)
+        body = _Body(http1.NO_BODY if head.length == 0 else head.length)
+        # Forward the head (and the body bytes already here) before reading more:
+        # with `Expect: 100-continue` the client waits for the upstream.
+        done = await self._forward(body, up, head.size)
         if done:  # the common case, and no task to pay for
-            switched, keep = await self._relay_response(event, up)
+            switched, keep = await self._relay_response(head, up)
         else:
-            switched, keep = await self._both(asyncio.create_task(self._forward_body(parser, up)),
-                                              asyncio.create_task(self._relay_response(event, up)))
+            switched, keep = await self._both(asyncio.create_task(self._forward_body(body, up)),
+                                              asyncio.create_task(self._relay_response(head, up)))
         if switched:
             self.counters["steal_upgrades"] += 1
-            await _splice(self.reader, self.writer, up.reader, up.writer, self.window)
+            await _splice(self.reader, self.writer, up.reader, up.writer, bytes(self.buf))
             return False
         if not keep:
             await self._drop(opener or self.pod)
-        # An Upgrade refused by the upstream leaves h11 in MIGHT_SWITCH_PROTOCOL: still HTTP.
-        return keep and parser.their_state is not h11.MUST_CLOSE
+        return keep and head.keep_alive
+
+    async def _forward(self, body: "_Body", up: _Upstream, start: int = 0) -> bool:
+        """Write buf's bytes of the current request (its head first, `start` bytes) upstream,
+        as the client sent them; True once the request ended."""
+        end = body.end(self.buf, start)
+        cut = len(self.buf) if end < 0 else end
+        if cut:
+            up.writer.write(bytes(self.buf[:cut]))
+            del self.buf[:cut]
+            await up.writer.drain()
+        return end >= 0
+
+    async def _forward_body(self, body: "_Body", up: _Upstream) -> None:
+        while True:
+            if not await self._read_client():
+                raise _End("client closed in a request body")
+            if await self._forward(body, up):
+                return
 
     async def _both(self, body: asyncio.Task[None], response: asyncio.Task[tuple[bool, bool]]) -> tuple[bool, bool]:
         """Wait for the request body and the response; a response may end first
@@ -223,67 +247,49 @@ class _Proxy:
         switched, keep = response.result()
         return switched, keep and not body.cancelled()
 
-    async def _read(self, parser: h11.Connection) -> None:
-        data = await self.reader.read(CHUNK)
-        # Usually the window was emptied by the last forward: no copy.
-        self.window = self.window + data if self.window else data
-        parser.receive_data(data)
-
-    async def _next_event(self, parser: h11.Connection) -> object:
-        while (event := parser.next_event()) is h11.NEED_DATA:
-            await self._read(parser)
-        return event
-
-    @staticmethod
-    def _pending_events(parser: h11.Connection) -> bool:
-        """Take the events the buffered bytes complete; True once the message ended."""
-        while type(event := parser.next_event()) is h11.Data:
-            pass
-        return event is not h11.NEED_DATA  # EndOfMessage
-
-    async def _forward_consumed(self, parser: h11.Connection, up: _Upstream) -> None:
-        """Write what the parser consumed, as the client sent it."""
-        n = len(self.window) - len(parser.trailing_data[0])
-        if n:
-            up.writer.write(self.window[:n] if n < len(self.window) else self.window)
-            self.window = self.window[n:]
-            await up.writer.drain()
-
-    async def _forward_body(self, parser: h11.Connection, up: _Upstream) -> None:
-        while True:
-            await self._read(parser)
-            done = self._pending_events(parser)
-            await self._forward_consumed(parser, up)
-            if done:
-                return
-
-    async def _relay_response(self, request: h11.Request, up: _Upstream) -> tuple[bool, bool]:
+    async def _relay_response(self, request: http1.Head, up: _Upstream) -> tuple[bool, bool]:
         """Relay one response (with any 1xx before it) to the client, as read.
         Returns (protocol switched, both connections may be kept)."""
-        parser = h11.Connection(h11.CLIENT)
-        parser.send(h11.Request(method=request.method, target=request.target, http_version=request.http_version,
-                                headers=[(n, v) for n, v in request.headers if n not in _FRAMING]))
-        parser.send(h11.EndOfMessage())
-        held = b""  # until a first head parses, so that a garbled reply is a 502, not relayed
-        started = False
+        buf = bytearray()
         while True:
+            reader = http1.HeadReader(request=False)
             try:
-                data = await up.reader.read(CHUNK)
-                parser.receive_data(data)
-                outcome, heads = _response_events(parser)
-            except (h11.ProtocolError, ConnectionError) as e:
-                if not started:
-                    self.counters["steal_bad_gateway"] += 1
-                    await self._reply(502, "Bad Gateway")
+                while (head := reader.feed(buf)) is None:
+                    data = await up.reader.read(CHUNK)
+                    if not data:
+                        raise http1.Malformed("closed before responding")
+                    buf += data
+            except (http1.Malformed, http1.NotHttp1, ConnectionError) as e:
+                self.counters["steal_bad_gateway"] += 1
+                await self._reply(502, "Bad Gateway")
                 raise _End(f"upstream response: {e!r}") from None
-            held = held + data if held else data
-            started = started or heads
-            if started and held:
-                self.writer.write(held)
-                held = b""
+            if _switches(request, head):
+                self.writer.write(bytes(buf))
                 await self.writer.drain()
-            if outcome is not None:
-                return outcome
+                return True, False
+            if head.status >= 200:
+                break
+            self.writer.write(bytes(buf[:head.size]))  # a 1xx: the final response follows
+            del buf[:head.size]
+        length = http1.NO_BODY if request.method == "HEAD" else head.length
+        return False, await self._relay_body(_Body(length), up, buf, head) and head.keep_alive
+
+    async def _relay_body(self, body: "_Body", up: _Upstream, buf: bytearray, head: http1.Head) -> bool:
+        """Relay the response from buf (its head, `head.size` bytes) to its end; whether the
+        upstream's next bytes would be a next response's."""
+        start = head.size
+        while True:
+            end = body.end(buf, start)
+            self.writer.write(bytes(buf) if end < 0 or end == len(buf) else bytes(buf[:end]))
+            await self.writer.drain()
+            if end >= 0:
+                return end == len(buf)  # extra bytes: the upstream is out of step
+            buf = bytearray(await up.reader.read(CHUNK))
+            start = 0
+            if not buf:
+                if body.length == http1.UNTIL_CLOSE:
+                    return False
+                raise _End("upstream closed in a response body")
 
     async def _upstream(self, opener: Opener, http: bool = True) -> _Upstream:
         up = self.upstreams.get(opener)
@@ -306,6 +312,8 @@ class _Proxy:
             await _close(up.writer)
 
     async def _passthrough(self, already: bytes, counter: str) -> None:
+        """The rest of the connection, `already` first, to the pod untouched (its upstream
+        connection if one is open and idle)."""
         self.counters[counter] += 1
         up = await self._upstream(self.pod, http=False)
         await _splice(self.reader, self.writer, up.reader, up.writer, already)
@@ -322,31 +330,45 @@ class _Proxy:
         self.upstreams.clear()
 
 
-def _response_events(parser: h11.Connection) -> tuple[tuple[bool, bool] | None, bool]:
-    """Take the events of the bytes received: whether the response ended, as
-    (protocol switched, connections may be kept), and whether any event came."""
-    heads = False
-    while (event := parser.next_event()) is not h11.NEED_DATA:
-        heads = True
-        if parser.their_state is h11.SWITCHED_PROTOCOL:
-            return (True, False), True
-        if type(event) is h11.EndOfMessage:
-            return (False, parser.their_state is h11.DONE), True
-        if type(event) is h11.ConnectionClosed:
-            raise h11.RemoteProtocolError("closed before responding")
-    return None, heads
+class _Body:
+    """Where one message's body ends in the bytes that follow its head, across reads."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self._left = length
+        self._chunked = http1.Chunked() if length == http1.CHUNKED else None
+
+    def end(self, data: bytes | bytearray, start: int) -> int:
+        """The offset in `data` just past the body, or -1 if all of data[start:] is body."""
+        if self._chunked is not None:
+            return self._chunked.feed(data, start)
+        if self.length == http1.NO_BODY:
+            return start
+        if self.length == http1.UNTIL_CLOSE:
+            return -1
+        if self._left <= len(data) - start:
+            end, self._left = start + self._left, 0
+            return end
+        self._left -= len(data) - start
+        return -1
 
 
-def _request_head(event: h11.Request) -> RequestHead:
-    target = event.target.decode("latin-1")
+def _switches(request: http1.Head, response: http1.Head) -> bool:
+    """The response switches the connection to another protocol (RFC 9110 §15.2.2, §9.3.6)."""
+    if request.method == "CONNECT":
+        return 200 <= response.status < 300
+    return response.status == 101 and "upgrade" in request.tokens("connection")
+
+
+def _request_head(head: http1.Head) -> RequestHead:
+    target = head.target
     if target.startswith("/"):
         path = target.partition("?")[0]
-    elif target == "*" or event.method == b"CONNECT":
+    elif target == "*" or head.method == "CONNECT":
         path = target
     else:  # absolute-form, as sent to proxies
         path = urlsplit(target).path
-    headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers.raw_items()]
-    return RequestHead(event.method.decode("latin-1"), target, path, headers)
+    return RequestHead(head.method, target, path, head.headers)
 
 
 async def _pipe(reader: Reader, writer: Writer) -> None:

@@ -101,6 +101,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(out)))
         if self.path == "/close":
             self.send_header("Connection", "close")
+        elif self.request_version == "HTTP/1.0" and not self.close_connection:
+            self.send_header("Connection", "keep-alive")  # as real servers say it to a 1.0 client (ab -k)
         self.end_headers()
         if send_body:
             self.wfile.write(out)
