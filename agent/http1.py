@@ -19,7 +19,8 @@ import httptools
 MAX_HEAD = 64 * 1024  # a head (request line and headers) above this is refused
 MAX_LINE = 4096  # a chunk-size line, a trailer line
 MAX_TRAILERS = 16 * 1024
-_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32} [^ \r\n]{1,8192} HTTP/1\.[01]\r\n")
+# HTTP/1.x by its request line (a bare LF too: llhttp then refuses it, and it is answered 400).
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32} [^ \r\n]{1,8192} HTTP/1\.[01]\r?\n")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 NO_BODY, UNTIL_CLOSE, CHUNKED = -1, -2, -3  # Body.length's special values; >= 0: a Content-Length
 

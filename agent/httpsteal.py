@@ -113,6 +113,9 @@ async def proxy_connection(client: tuple[Reader, Writer], choose: Chooser, pod: 
     proxy = _Proxy(client, choose, pod, counters, head_timeout)
     try:
         await proxy.serve(sniff_timeout)
+    except http1.Malformed as e:  # a body going bad once part of it went up: both connections end
+        counters["steal_bad_requests"] += 1
+        log.debug("steal proxy: connection ended: %r", e)
     except (_End, OSError, EOFError) as e:
         log.debug("steal proxy: connection ended: %r", e)
     except Exception as e:  # a bug must not take the agent down nor print a traceback
@@ -196,7 +199,12 @@ class _Proxy:
         body = _Body(http1.NO_BODY if head.length == 0 else head.length)
         # Forward the head (and the body bytes already here) before reading more:
         # with `Expect: 100-continue` the client waits for the upstream.
-        done = await self._forward(body, up, head.size)
+        try:
+            done = await self._forward(body, up, head.size)
+        except http1.Malformed as e:  # in the body bytes that came with the head: nothing went up
+            self.counters["steal_bad_requests"] += 1
+            await self._reply(400, "Bad Request")
+            raise _End(f"malformed request body: {e}") from None
         if done:  # the common case, and no task to pay for
             switched, keep = await self._relay_response(head, up)
         else:

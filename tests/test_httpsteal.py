@@ -189,7 +189,8 @@ class _Collect(logging.Handler):
 class Proxy:
     """proxy_connection behind a listening socket, on an event loop of its own thread."""
 
-    def __init__(self, pod_port: int, local_port: int, filt: HttpFilter, sniff_timeout: float = 2.0) -> None:
+    def __init__(self, pod_port: int, local_port: int, filt: HttpFilter, sniff_timeout: float = 2.0,
+                 head_timeout: float = 10.0) -> None:
         self.counters: collections.Counter = collections.Counter()
         self.failures: list[BaseException] = []
         self.live: set[asyncio.Task] = set()
@@ -203,7 +204,7 @@ class Proxy:
 
         self.pod = lambda: opener(pod_port)
         self.local = lambda: opener(local_port)
-        self.sniff_timeout = sniff_timeout
+        self.sniff_timeout, self.head_timeout = sniff_timeout, head_timeout
         self.loop = uvloop.new_event_loop()  # as in the agent
         ready = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
@@ -217,7 +218,7 @@ class Proxy:
         self.live.add(asyncio.current_task())
         try:
             await proxy_connection((reader, writer), self.choose, self.pod, self.counters,
-                                   sniff_timeout=self.sniff_timeout)
+                                   sniff_timeout=self.sniff_timeout, head_timeout=self.head_timeout)
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # the contract: it never raises
