@@ -70,37 +70,10 @@ class RequestHead:
     target: str
     path: str  # the target's path, query excluded, not percent-decoded
     headers: list[tuple[str, str]]  # as the client spelled the names
+    path_query: str = ""  # the path and, when there is one, "?" and the query
 
 
 Chooser = Callable[[RequestHead], "Opener | None"]  # None: the pod's own server
-
-
-@dataclass(frozen=True)
-class HttpFilter:
-    """A request matches when every given regex finds a match (re.search):
-    `header` in some `Name: value` line, case-insensitively; `path` in the
-    path, case-sensitively. A filter with neither matches every request."""
-
-    header: re.Pattern[str] | None
-    path: re.Pattern[str] | None
-
-    def matches(self, head: RequestHead) -> bool:
-        if self.path is not None and not self.path.search(head.path):
-            return False
-        return self.header is None or any(self.header.search(f"{n}: {v}") for n, v in head.headers)
-
-    @classmethod
-    def compile(cls, header: str | None, path: str | None) -> "HttpFilter":
-        return cls(_compile("--http-header-filter", header, re.IGNORECASE), _compile("--http-path-filter", path, 0))
-
-
-def _compile(option: str, pattern: str | None, flags: int) -> re.Pattern[str] | None:
-    if pattern is None:
-        return None
-    try:
-        return re.compile(pattern, flags)
-    except (re.error, OverflowError, RecursionError) as e:  # a{99999999999} overflows
-        raise ValueError(f"{option} {pattern!r} is not a valid regex: {e}".replace("\n", " ")) from None
 
 
 class _End(Exception):
@@ -371,12 +344,13 @@ def _switches(request: http1.Head, response: http1.Head) -> bool:
 def _request_head(head: http1.Head) -> RequestHead:
     target = head.target
     if target.startswith("/"):
-        path = target.partition("?")[0]
+        path, path_query = target.partition("?")[0], target
     elif target == "*" or head.method == "CONNECT":
-        path = target
+        path = path_query = target
     else:  # absolute-form, as sent to proxies
-        path = urlsplit(target).path
-    return RequestHead(head.method, target, path, head.headers)
+        parts = urlsplit(target)
+        path, path_query = parts.path, parts.path + (f"?{parts.query}" if parts.query else "")
+    return RequestHead(head.method, target, path, head.headers, path_query)
 
 
 async def _pipe(reader: Reader, writer: Writer) -> None:

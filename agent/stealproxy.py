@@ -47,12 +47,14 @@ import collections
 import contextlib
 import errno
 import logging
+import resource
 import socket
 import struct
 from typing import Awaitable, Callable
 
 
-from mirrord_tun.agent.httpsteal import (CHUNK, Chooser, HttpFilter, Opener, Reader, RequestHead, Writer,
+from mirrord_tun.agent.httpfilter import HttpFilter
+from mirrord_tun.agent.httpsteal import (CHUNK, Chooser, Opener, Reader, RequestHead, Writer,
                                          proxy_connection)
 from mirrord_tun.netns import nft
 from mirrord_tun.netns.namespace import NetNs
@@ -69,6 +71,20 @@ SO_ORIGINAL_DST = 80  # also IP6T_SO_ORIGINAL_DST, at SOL_IPV6
 LISTEN_ATTEMPTS = 8  # an IPv4 listener's port may be taken for IPv6: another pick
 CONNECT_TIMEOUT = 5.0
 SPARE_SOCKETS = 16
+MAX_PROXIED, MAX_PROXIED_PER_SOURCE = 4096, 1024  # connections: see connection_caps
+FD_RESERVE = 256  # fds left to SSH, sessions and the admission caps
+MIN_CAP = 16
+
+
+def connection_caps() -> tuple[int, int]:
+    """(per source, in all) the connections a session's redirect sends the proxy at once, from
+    the fds this process may hold (server._raise_fd_limit ran): each costs up to two, and
+    SSH sessions and the admission caps need the rest. Past either cap, connections go to
+    the pod's server directly, in the kernel (steal.declarations): a flood costs us nothing
+    more, and the pod sees what it would without a session."""
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    total = max(MIN_CAP, min(MAX_PROXIED, (nofile - FD_RESERVE) // 3))
+    return max(MIN_CAP, min(MAX_PROXIED_PER_SOURCE, total // 2)), total
 
 
 def _nft_table(family: str) -> str:

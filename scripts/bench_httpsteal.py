@@ -72,7 +72,8 @@ def _serve(name: str) -> None:
 def _proxy(pod_port: int, local_port: int) -> None:
     import uvloop
 
-    from mirrord_tun.agent.httpsteal import CHUNK, HttpFilter, proxy_connection
+    from mirrord_tun.agent.httpfilter import HttpFilter
+    from mirrord_tun.agent.httpsteal import CHUNK, proxy_connection
 
     filt = HttpFilter.compile("^x-dev: me$", None)
     counters: collections.Counter = collections.Counter()

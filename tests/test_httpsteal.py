@@ -26,7 +26,8 @@ import pytest
 import uvloop
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from mirrord_tun.agent.httpsteal import CHUNK, HttpFilter, RequestHead, proxy_connection
+from mirrord_tun.agent.httpfilter import HttpFilter, parse_single
+from mirrord_tun.agent.httpsteal import CHUNK, RequestHead, proxy_connection
 
 HOST = "127.0.0.1"
 TIMEOUT = 20.0
@@ -528,8 +529,8 @@ def test_unreachable_upstream_gets_502(servers):
         p.stop()
 
 
-def _head(path: str = "/", headers: list[tuple[str, str]] | None = None) -> RequestHead:
-    return RequestHead("GET", path, path.partition("?")[0], headers or [])
+def _head(path: str = "/", headers: list[tuple[str, str]] | None = None, method: str = "GET") -> RequestHead:
+    return RequestHead(method, path, path.partition("?")[0], headers or [], path)
 
 
 def test_header_filter_is_case_insensitive_per_line():
@@ -539,14 +540,34 @@ def test_header_filter_is_case_insensitive_per_line():
     assert not f.matches(_head(headers=[("X-Other", "x-dev: alice")]))  # the whole line, anchored
 
 
-def test_path_filter_searches_the_path_only():
+def test_path_filter_searches_the_path_and_the_path_with_its_query():
     f = HttpFilter.compile(None, r"^/api/v\d+/")
     assert f.matches(_head("/api/v2/users?debug=1"))
     assert not f.matches(_head("/web/api/v2/"))
-    assert not f.matches(_head("/x?next=/api/v1/"))  # the query is not the path
+    assert not f.matches(_head("/API/v2/"))  # case-sensitive unless asked
+    assert HttpFilter.compile(None, r"(?i)^/api/").matches(_head("/API/v2/"))
+    anchored = HttpFilter.compile(None, r"^/search$")  # mirrord: path or path+query, either matching
+    assert anchored.matches(_head("/search?q=x")) and not anchored.matches(_head("/search/x"))
+    query = HttpFilter.compile(None, r"[?&]debug=me\b")
+    assert query.matches(_head("/x?a=1&debug=me")) and not query.matches(_head("/x?debug=you"))
     both = HttpFilter.compile("x-dev: me", "users")
     assert both.matches(_head("/users", [("X-Dev", "me")]))
     assert not both.matches(_head("/users", [("X-Dev", "you")])) and not both.matches(_head("/", [("X-Dev", "me")]))
+
+
+def test_method_all_of_and_any_of():
+    post = HttpFilter.compile(method="post")
+    assert post.matches(_head(method="POST")) and not post.matches(_head(method="GET"))
+    all_of = HttpFilter.compile(all_of=(("header", "^x-user: me$"), ("path", "^/api/"), ("method", "GET")))
+    assert all_of.matches(_head("/api/x", [("X-User", "me")]))
+    assert not all_of.matches(_head("/api/x", [("X-User", "me")], "PUT"))
+    assert not all_of.matches(_head("/web", [("X-User", "me")]))
+    any_of = HttpFilter.compile(any_of=(("path", "^/mine"), ("header", "^x-user: me$")))
+    assert any_of.matches(_head("/mine")) and any_of.matches(_head("/x", [("x-user", "ME")]))
+    assert not any_of.matches(_head("/x", [("x-user", "you")]))
+    mixed = HttpFilter.compile("^x-team: a$", any_of=(("method", "GET"), ("method", "HEAD")))
+    assert mixed.matches(_head(headers=[("X-Team", "a")], method="HEAD"))
+    assert not mixed.matches(_head(headers=[("X-Team", "a")], method="POST"))
 
 
 def test_path_filter_routes_through_the_proxy(servers):
@@ -566,6 +587,13 @@ def test_bad_regex_is_a_one_line_value_error(header, path):
     with pytest.raises(ValueError) as e:
         HttpFilter.compile(header, path)
     assert "\n" not in str(e.value) and "regex" in str(e.value)
+
+
+@pytest.mark.parametrize("spec", ["nothing", "cookie=x", "path=[", "method=GE T", "method="])
+def test_bad_single_filter_is_a_one_line_value_error(spec):
+    with pytest.raises(ValueError) as e:
+        parse_single("--http-filter-any-of", spec)
+    assert "\n" not in str(e.value) and str(e.value).startswith("--http-filter-any-of ")
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
