@@ -27,7 +27,7 @@ import uvloop
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mirrord_tun.agent.httpfilter import HttpFilter, parse_single
-from mirrord_tun.agent.httpsteal import CHUNK, RequestHead, proxy_connection
+from mirrord_tun.agent.httpsteal import HttpProxy, RequestHead
 
 HOST = "127.0.0.1"
 TIMEOUT = 20.0
@@ -188,25 +188,29 @@ class _Collect(logging.Handler):
 
 
 class Proxy:
-    """proxy_connection behind a listening socket, on an event loop of its own thread."""
+    """HttpProxy behind a listening socket, on an event loop of its own thread."""
 
     def __init__(self, pod_port: int, local_port: int, filt: HttpFilter, sniff_timeout: float = 2.0,
                  head_timeout: float = 10.0) -> None:
         self.counters: collections.Counter = collections.Counter()
-        self.failures: list[BaseException] = []
-        self.live: set[asyncio.Task] = set()
+        self.failures: list[BaseException] = []  # what the loop's exception handler saw
+        self.live: set[HttpProxy] = set()
         self.filt = filt
         # Anything at WARNING or above (asyncio's own complaints included) would reach a user's log.
         self.logged = _Collect()
         logging.getLogger().addHandler(self.logged)
 
-        async def opener(port: int):
-            return await asyncio.open_connection(HOST, port, limit=CHUNK)
+        def opener(port: int):
+            async def open_(factory):
+                transport, _ = await asyncio.get_running_loop().create_connection(factory, HOST, port)
+                return transport
+            return open_
 
-        self.pod = lambda: opener(pod_port)
-        self.local = lambda: opener(local_port)
+        self.pod, self.local = opener(pod_port), opener(local_port)
         self.sniff_timeout, self.head_timeout = sniff_timeout, head_timeout
         self.loop = uvloop.new_event_loop()  # as in the agent
+        self.loop.set_exception_handler(lambda _loop, ctx: self.failures.append(ctx.get("exception") or
+                                                                                RuntimeError(ctx["message"])))
         ready = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
         self.thread.start()
@@ -215,27 +219,22 @@ class Proxy:
     def choose(self, head: RequestHead):
         return self.local if self.filt.matches(head) else None
 
-    async def _handle(self, reader, writer) -> None:
-        self.live.add(asyncio.current_task())
-        try:
-            await proxy_connection((reader, writer), self.choose, self.pod, self.counters,
-                                   sniff_timeout=self.sniff_timeout, head_timeout=self.head_timeout)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as e:  # the contract: it never raises
-            self.failures.append(e)
-        finally:
-            self.live.discard(asyncio.current_task())
+    def _setup(self, transport):
+        self.live.add(transport.get_protocol())
+        return self.choose, self.pod
+
+    def _protocol(self) -> HttpProxy:
+        return HttpProxy(self._setup, self.counters, self.live.discard, self.sniff_timeout, self.head_timeout)
 
     def _run(self, ready: threading.Event) -> None:
         asyncio.set_event_loop(self.loop)
-        self.server = self.loop.run_until_complete(asyncio.start_server(self._handle, HOST, 0, limit=CHUNK))
+        self.server = self.loop.run_until_complete(self.loop.create_server(self._protocol, HOST, 0))
         self.port = self.server.sockets[0].getsockname()[1]
         ready.set()
         self.loop.run_forever()
 
     def idle(self) -> bool:
-        """Every client connection the proxy served has ended (sockets and tasks)."""
+        """Every client connection the proxy served has ended (its sockets and its links)."""
         deadline = time.monotonic() + TIMEOUT
         while self.live and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -246,14 +245,13 @@ class Proxy:
 
         async def down():
             self.server.close()
-            for task in list(self.live):
-                task.cancel()
-            await asyncio.gather(*self.live, return_exceptions=True)
+            for conn in list(self.live):
+                conn.abort()
         asyncio.run_coroutine_threadsafe(down(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         logging.getLogger().removeHandler(self.logged)
-        assert not self.failures
+        assert not self.failures, self.failures
         assert not self.logged.records, [r.getMessage() for r in self.logged.records]
 
 
