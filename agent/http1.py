@@ -43,13 +43,10 @@ class Head:
     method: str = ""  # requests
     target: str = ""  # requests, as sent
     status: int = 0  # responses
-    headers: list[tuple[str, str]] = field(default_factory=list)  # names as spelled, latin-1
+    headers: list[tuple[str, str]] = field(default_factory=list)  # requests: names as spelled, latin-1
     keep_alive: bool = False
+    upgrade: bool = False  # `Connection: upgrade`
     length: int = NO_BODY  # NO_BODY, UNTIL_CLOSE, CHUNKED or a Content-Length
-
-    def tokens(self, name: str) -> set[str]:
-        """The comma-separated tokens of every `name` header, lowercased."""
-        return {t.strip().lower() for n, v in self.headers if n.lower() == name for t in v.split(",")}
 
 
 class _Callbacks:
@@ -69,15 +66,15 @@ class _Callbacks:
 
 
 class HeadReader:
-    """Feed the growing buffer of one connection until a head is complete."""
+    """Feed the growing buffer of one client connection until a request head is complete."""
 
-    def __init__(self, request: bool) -> None:
-        self._request, self._cb, self._fed = request, _Callbacks(), 0
-        self._parser = (httptools.HttpRequestParser if request else httptools.HttpResponseParser)(self._cb)
+    def __init__(self) -> None:
+        self._cb, self._fed = _Callbacks(), 0
+        self._parser = httptools.HttpRequestParser(self._cb)
 
     def feed(self, buf: bytes | bytearray) -> Head | None:
         """The head once `buf` (all bytes since the head began) holds all of it, else None."""
-        if self._request and self._fed == 0 and b"\n" in buf[:8300]:
+        if self._fed == 0 and b"\n" in buf[:8300]:
             if not _REQUEST_LINE.match(buf):
                 raise NotHttp1("not an HTTP/1.x request line")
         end = buf.find(b"\r\n\r\n", max(0, self._fed - 3))
@@ -97,40 +94,80 @@ class HeadReader:
             if end >= 0:
                 raise Malformed("head did not end at its empty line")
             return None
-        return self._head(stop)
-
-    def _head(self, size: int) -> Head:
-        head = Head(size=size, version=self._parser.get_http_version(),
+        head = Head(size=stop, version=self._parser.get_http_version(),
+                    method=self._parser.get_method().decode("latin-1"), target=self._cb.url.decode("latin-1"),
                     headers=[(n.decode("latin-1"), v.decode("latin-1")) for n, v in self._cb.headers])
-        if self._request:
-            head.method, head.target = self._parser.get_method().decode("latin-1"), self._cb.url.decode("latin-1")
-        else:
-            head.status = self._parser.get_status_code()
         if head.version not in ("1.0", "1.1"):
-            raise (NotHttp1 if self._request else Malformed)(f"HTTP/{head.version}")
-        connection = head.tokens("connection")
-        head.keep_alive = "close" not in connection and (head.version == "1.1" or "keep-alive" in connection)
-        head.length = _length(head, self._request)
+            raise NotHttp1(f"HTTP/{head.version}")
+        _frame(head, self._cb.headers, request=True)  # llhttp refused two lengths, signs, CL with TE
         return head
 
 
-def _length(head: Head, request: bool) -> int:
-    """The body's framing from the head (RFC 9112 §6.3); a response's also depends on its
-    request (HEAD, CONNECT), which the caller applies."""
-    if not request and (head.status < 200 or head.status in (204, 304)):
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: [^\r\n]*)?\r\n")
+
+
+def response_head(buf: bytes | bytearray) -> Head | None:
+    """The response head at the start of `buf` once it is all there, else None.
+
+    Responses come from the pod's server or the session's program, not from the client, and
+    only their framing matters here (their bytes are relayed as they are): a plain scan of
+    the lines, strict where the framing is concerned (one Content-Length, no obs-fold)."""
+    if len(buf) >= 7 and not buf.startswith(b"HTTP/1.") or len(buf) < 7 and not b"HTTP/1.".startswith(buf):
+        raise Malformed("not an HTTP/1.x response")
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buf) > MAX_HEAD:
+            raise Malformed(f"response head over {MAX_HEAD} bytes")
+        return None
+    m = _STATUS_LINE.match(buf)
+    if m is None:
+        raise Malformed("bad status line")
+    raw = []
+    lines = bytes(buf[m.end():end]).split(b"\r\n") if m.end() < end else []
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name[-1:] in (b" ", b"\t") or line[:1] in (b" ", b"\t") or b"\n" in line:
+            raise Malformed("bad response header line")
+        raw.append((name, value.strip()))
+    head = Head(size=end + 4, version="1." + chr(m[1][0]), status=int(m[2]))
+    _frame(head, raw, request=False)
+    return head
+
+
+def _frame(head: Head, raw: list[tuple[bytes, bytes]], request: bool) -> None:
+    """keep_alive, upgrade and length from the raw headers, in one pass (RFC 9112 §6.3, §9.3)."""
+    connection: list[bytes] = []
+    codings: list[bytes] = []
+    lengths: set[bytes] = set()
+    for name, value in raw:
+        name = name.lower()
+        if name == b"connection":
+            connection += [t.strip() for t in value.lower().split(b",")]
+        elif name == b"transfer-encoding":
+            codings += [t.strip() for t in value.lower().split(b",")]
+        elif name == b"content-length":
+            lengths.add(value.strip())
+    head.keep_alive = b"close" not in connection and (head.version == "1.1" or b"keep-alive" in connection)
+    head.upgrade = b"upgrade" in connection
+    head.length = _length(head.version, head.status, codings, lengths, request)
+
+
+def _length(version: str, status: int, codings: list[bytes], lengths: set[bytes], request: bool) -> int:
+    """The body's framing; a response's also depends on its request (HEAD), which the caller applies."""
+    if not request and (status < 200 or status in (204, 304)):
         return NO_BODY
-    codings = [t.strip().lower() for n, v in head.headers if n.lower() == "transfer-encoding" for t in v.split(",")]
     if codings:
-        if head.version == "1.0":
+        if version == "1.0":
             raise Malformed("Transfer-Encoding in an HTTP/1.0 message")  # §6.1: the framing is faulty
-        if codings[-1] == "chunked":
+        if codings[-1] == b"chunked":
             return CHUNKED
         if request:
             raise Malformed("Transfer-Encoding not ending in chunked")
         return UNTIL_CLOSE
-    lengths = {v.strip() for n, v in head.headers if n.lower() == "content-length"}
+    if len(lengths) > 1 or lengths and not lengths.copy().pop().isdigit():
+        raise Malformed("bad or differing Content-Length")
     if lengths:
-        return int(lengths.pop())  # llhttp refused a second one and anything but digits
+        return int(lengths.pop())
     return NO_BODY if request else UNTIL_CLOSE
 
 

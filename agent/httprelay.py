@@ -82,7 +82,6 @@ class Response:
     def __init__(self, request: http1.Head, client: asyncio.Transport) -> None:
         self.request, self.client = request, client
         self.buf = bytearray()  # a head not yet complete
-        self.reader = http1.HeadReader(request=False)
         self.body: Body | None = None
         self.head: http1.Head | None = None
         self.started = False
@@ -95,7 +94,7 @@ class Response:
     def _head(self, data: bytes) -> str | None:
         self.buf += data
         while True:
-            head = self.reader.feed(self.buf)
+            head = http1.response_head(self.buf)
             if head is None:
                 return None
             self.started = True
@@ -106,7 +105,6 @@ class Response:
                 break
             self.client.write(bytes(self.buf[:head.size]))  # a 1xx: the final response follows
             del self.buf[:head.size]
-            self.reader = http1.HeadReader(request=False)
         self.head = head
         self.body = Body(http1.NO_BODY if self.request.method == "HEAD" else head.length)
         data, self.buf = bytes(self.buf), bytearray()
@@ -154,4 +152,4 @@ def _switches(request: http1.Head, response: http1.Head) -> bool:
     """The response switches the connection to another protocol (RFC 9110 §15.2.2, §9.3.6)."""
     if request.method == "CONNECT":
         return 200 <= response.status < 300
-    return response.status == 101 and "upgrade" in request.tokens("connection")
+    return response.status == 101 and request.upgrade

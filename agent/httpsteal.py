@@ -90,7 +90,7 @@ class HttpProxy(asyncio.Protocol):
         self.link: Link | None = None  # the current request's upstream (or the raw stream's)
         self.response_link: Link | None = None  # the link whose bytes are self.response's
         self.request: http1.Head | None = None
-        self.reader = http1.HeadReader(request=True)
+        self.reader = http1.HeadReader()
         self.body: Body | None = None
         self.response: Response | None = None
         self.client_eof = False
@@ -195,7 +195,7 @@ class HttpProxy(asyncio.Protocol):
                 self.timer = self.loop.call_later(self.head_timeout, self._head_too_slow)
             return
         self._cancel_timer()
-        self.request, self.reader = head, http1.HeadReader(request=True)
+        self.request, self.reader = head, http1.HeadReader()
         self.body = Body(head.length)
         opener = self.choose(_request_head(head))
         self.counters["steal_requests_local" if opener is not None else "steal_requests_pod"] += 1
