@@ -77,8 +77,14 @@ Setup = Callable[[asyncio.Transport], "tuple[Chooser, Opener] | None"]
 SNIFF, HEAD, BODY, WAIT, RAW, CLOSED = "sniff", "head", "body", "wait", "raw", "closed"
 
 
-class HttpProxy(asyncio.Protocol):
-    """One client connection of a filtered port."""
+class _Client(asyncio.Protocol):
+    """A client connection's state and plumbing: its upstream links (opened, reused, spliced
+    raw), pausing, and ending; HttpProxy adds the HTTP."""
+
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+    choose: Chooser
+    pod: Opener
 
     def __init__(self, setup: Setup, counters: collections.Counter, on_close: Callable[["HttpProxy"], None],
                  sniff_timeout: float = SNIFF_TIMEOUT, head_timeout: float = HEAD_TIMEOUT) -> None:
@@ -98,7 +104,6 @@ class HttpProxy(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.opening: set[asyncio.Task[None]] = set()
 
-    # ------------------------------------------------------------------ the client's events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
         self.loop = asyncio.get_running_loop()
@@ -109,33 +114,6 @@ class HttpProxy(asyncio.Protocol):
             return
         self.choose, self.pod = routing
         self.timer = self.loop.call_later(self.sniff_timeout, self._passthrough, "steal_passthrough")
-
-    def data_received(self, data: bytes) -> None:
-        if self.state == RAW:
-            if self.link is not None:
-                self.link.write(data)
-            else:
-                self.buf += data
-            return
-        self.buf += data
-        if self.state == SNIFF:
-            self._cancel_timer()
-            if not _METHOD_PREFIX.match(self.buf):
-                return self._passthrough("steal_passthrough")
-            self.state = HEAD
-        self._advance()
-
-    def eof_received(self) -> bool:
-        self.client_eof = True
-        if self.state == RAW:
-            if self.link is not None and self.link.transport is not None and self.link.transport.can_write_eof():
-                self.link.transport.write_eof()
-            return self._raw_done()
-        if self.state == BODY:
-            self._end("client closed in a request body")
-        elif self.state in (SNIFF, HEAD) and self.response is None:
-            self._end("client done")
-        return True  # a response may still be on its way
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = CLOSED
@@ -169,6 +147,110 @@ class HttpProxy(asyncio.Protocol):
     def abort(self) -> None:
         """End this connection at once (its session left)."""
         self.transport.abort()
+
+    def _use(self, opener: Opener, then: Callable[[Link], None]) -> None:
+        """Call `then` with an open link of `opener`: the idle one, or a new one."""
+        link = self.links.get(opener)
+        if link is not None and link.idle():
+            return then(link)
+        if link is not None:
+            link.close()
+        self.pause_client("opening")
+        task = self.loop.create_task(self._open(opener, then))
+        self.opening.add(task)
+        task.add_done_callback(self.opening.discard)
+
+    async def _open(self, opener: Opener, then: Callable[[Link], None]) -> None:
+        link = Link(self, opener)
+        try:
+            await opener(lambda: link)
+        except (OSError, asyncio.TimeoutError) as e:
+            if self.state != CLOSED:
+                self._refuse(502, "Bad Gateway", f"cannot open upstream: {e!r}", "steal_bad_gateway",
+                             http=self.state != RAW)
+            return
+        if self.state == CLOSED:
+            link.close()
+            return
+        self.links[opener] = link
+        self.resume_client("opening")
+        then(link)
+
+    def _passthrough(self, counter: str) -> None:
+        """The rest of the connection, the bytes read included, to the pod untouched (its idle
+        upstream connection if there is one)."""
+        self._cancel_timer()
+        self.counters[counter] += 1
+        self.state = RAW
+
+        def splice(link: Link) -> None:
+            self.link = link
+            self.links.pop(link.key, None)
+            if self.buf:
+                link.write(bytes(self.buf))
+                self.buf.clear()
+            if self.client_eof and link.transport is not None and link.transport.can_write_eof():
+                link.transport.write_eof()
+        self._use(self.pod, splice)
+
+    def _raw_done(self) -> bool:
+        """Both directions of a raw stream ended: close."""
+        if self.client_eof and self.link is not None and self.link.eof:
+            self._end("stream done")
+        return True
+
+    def _refuse(self, status: int, reason: str, why: str, counter: str = "steal_bad_requests",
+                http: bool = True) -> None:
+        self.counters[counter] += 1
+        if http and not self.transport.is_closing():
+            body = f"{status} {reason} (mirrord-ns steal)\n".encode()
+            self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                                 b"Connection: close\r\n\r\n%s" % (status, reason.encode(), len(body), body))
+        self._end(why)
+
+    def _end(self, why: str) -> None:
+        log.debug("steal proxy: connection ended: %s", why)
+        self.state = CLOSED
+        self._cancel_timer()
+        self.transport.close()  # after what is buffered; connection_lost closes the links
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class HttpProxy(_Client):
+    """One client connection of a filtered port."""
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == BODY and not self.buf and self.link is not None:
+            return self._body_data(data)  # the bulk of a large body: no copy into buf
+        if self.state == RAW:
+            if self.link is not None:
+                self.link.write(data)
+            else:
+                self.buf += data
+            return
+        self.buf += data
+        if self.state == SNIFF:
+            self._cancel_timer()
+            if not _METHOD_PREFIX.match(self.buf):
+                return self._passthrough("steal_passthrough")
+            self.state = HEAD
+        self._advance()
+
+    def eof_received(self) -> bool:
+        self.client_eof = True
+        if self.state == RAW:
+            if self.link is not None and self.link.transport is not None and self.link.transport.can_write_eof():
+                self.link.transport.write_eof()
+            return self._raw_done()
+        if self.state == BODY:
+            self._end("client closed in a request body")
+        elif self.state in (SNIFF, HEAD) and self.response is None:
+            self._end("client done")
+        return True  # a response may still be on its way
 
     # ------------------------------------------------------------------ requests
     def _advance(self) -> None:
@@ -224,9 +306,25 @@ class HttpProxy(asyncio.Protocol):
             self.link.write(bytes(self.buf[:cut]))
             del self.buf[:cut]
         if end >= 0:
-            self.state = WAIT
-            if self.response is None:  # it already ended: the next request
-                self._next()
+            self._request_sent()
+
+    def _request_sent(self) -> None:
+        self.state = WAIT
+        if self.response is None:  # it already ended: the next request
+            self._next()
+
+    def _body_data(self, data: bytes) -> None:
+        assert self.body is not None and self.link is not None
+        try:
+            end = self.body.end(data, 0)
+        except http1.Malformed as e:
+            self.counters["steal_bad_requests"] += 1
+            return self._end(f"malformed request body: {e}")
+        if end < 0:
+            return self.link.write(data)
+        self.link.write(data[:end])
+        self.buf += data[end:]
+        self._request_sent()
 
     def _next(self) -> None:
         """The request and its response are done: on to the next one."""
@@ -300,81 +398,9 @@ class HttpProxy(asyncio.Protocol):
             return self._refuse(502, "Bad Gateway", why, "steal_bad_gateway")
         self._end(why)
 
-    # ------------------------------------------------------------------ plumbing
-    def _use(self, opener: Opener, then: Callable[[Link], None]) -> None:
-        """Call `then` with an open link of `opener`: the idle one, or a new one."""
-        link = self.links.get(opener)
-        if link is not None and link.idle():
-            return then(link)
-        if link is not None:
-            link.close()
-        self.pause_client("opening")
-        task = self.loop.create_task(self._open(opener, then))
-        self.opening.add(task)
-        task.add_done_callback(self.opening.discard)
-
-    async def _open(self, opener: Opener, then: Callable[[Link], None]) -> None:
-        link = Link(self, opener)
-        try:
-            await opener(lambda: link)
-        except (OSError, asyncio.TimeoutError) as e:
-            if self.state != CLOSED:
-                self._refuse(502, "Bad Gateway", f"cannot open upstream: {e!r}", "steal_bad_gateway",
-                             http=self.state != RAW)
-            return
-        if self.state == CLOSED:
-            link.close()
-            return
-        self.links[opener] = link
-        self.resume_client("opening")
-        then(link)
-
-    def _passthrough(self, counter: str) -> None:
-        """The rest of the connection, the bytes read included, to the pod untouched (its idle
-        upstream connection if there is one)."""
-        self._cancel_timer()
-        self.counters[counter] += 1
-        self.state = RAW
-
-        def splice(link: Link) -> None:
-            self.link = link
-            self.links.pop(link.key, None)
-            if self.buf:
-                link.write(bytes(self.buf))
-                self.buf.clear()
-            if self.client_eof and link.transport is not None and link.transport.can_write_eof():
-                link.transport.write_eof()
-        self._use(self.pod, splice)
-
-    def _raw_done(self) -> bool:
-        """Both directions of a raw stream ended: close."""
-        if self.client_eof and self.link is not None and self.link.eof:
-            self._end("stream done")
-        return True
-
     def _head_too_slow(self) -> None:
         self.timer = None
         self._refuse(408, "Request Timeout", "request head too slow", "steal_head_timeouts")
-
-    def _refuse(self, status: int, reason: str, why: str, counter: str = "steal_bad_requests",
-                http: bool = True) -> None:
-        self.counters[counter] += 1
-        if http and not self.transport.is_closing():
-            body = f"{status} {reason} (mirrord-ns steal)\n".encode()
-            self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-                                 b"Connection: close\r\n\r\n%s" % (status, reason.encode(), len(body), body))
-        self._end(why)
-
-    def _end(self, why: str) -> None:
-        log.debug("steal proxy: connection ended: %s", why)
-        self.state = CLOSED
-        self._cancel_timer()
-        self.transport.close()  # after what is buffered; connection_lost closes the links
-
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
 
 
 def _request_head(head: http1.Head) -> RequestHead:

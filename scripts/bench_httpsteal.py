@@ -11,15 +11,13 @@ through the proxy with requests that do not match, alternating per round:
 
 - p50/p99 of small GETs, a new TCP connection each, and on one keep-alive connection;
 - throughput of MB-sized POST bodies (Content-Length, then chunked) on one connection;
-- p50 of matching small requests (to the local server), for reference.
+- p50 of matching small requests (to the local server), for reference;
+- wrk, `--connections` keep-alive clients (200) for `--seconds`, straight to the pod's
+  server and through the proxy (`--workers` processes on one SO_REUSEPORT port), req/s and
+  p50/p99, alternating per round (`--wrk-only` for just this).
 
-Then a parser micro-benchmark, h11 vs httptools, on the proxy's two jobs:
-parsing small request heads and finding the end of a large chunked body.
-httptools is far faster at both, but cannot say where in the bytes fed a message
-ended (llhttp's pause is not exposed; only an upgrade reports an offset), nor
-be told that a response answers HEAD; h11's `trailing_data` gives the exact
-boundary, which forwarding pipelined requests as raw bytes needs (see the
-module docstring of agent/httpsteal.py).
+Then a parser micro-benchmark, h11 (the proxy's parser before) vs httptools (llhttp,
+its parser now), on small request heads and on a large chunked body.
 """
 from __future__ import annotations
 
@@ -347,6 +345,11 @@ def main() -> None:
     for kind in ("cl", "chunked"):
         print(f"{args.mb} MB POST {kind:7}: direct {r[f'direct_{kind}_gbits']:.2f} Gbit/s, "
               f"proxy {r[f'proxy_{kind}_gbits']:.2f} Gbit/s (x{r[f'ratio_{kind}_throughput']})")
+    w = result["wrk"]
+    print(f"wrk {w['connections']} keep-alive clients, {w['proxy_workers']} proxy process(es): direct "
+          f"{w['direct']['rps']:.0f} req/s p50 {w['direct']['p50_ms']} p99 {w['direct']['p99_ms']} ms; proxy (to the "
+          f"pod) {w['proxy']['rps']:.0f} req/s p50 {w['proxy']['p50_ms']} p99 {w['proxy']['p99_ms']} ms "
+          f"(x{w['ratio_rps']} req/s, x{w['ratio_p99']} p99); matched {w['proxy_matched']['rps']:.0f} req/s")
     print("parsers:", json.dumps(result["parsers"]))
 
 
