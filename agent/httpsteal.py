@@ -339,7 +339,7 @@ class HttpProxy(_Client):
 
     # ------------------------------------------------------------------ upstream events
     def upstream_data(self, link: Link, data: bytes) -> None:
-        if self.state == RAW:
+        if self.state == RAW and link is self.link:
             self.transport.write(data)
             return
         if self.response is None or link is not self.response_link:
@@ -354,7 +354,7 @@ class HttpProxy(_Client):
             self._response_done(link, outcome)
 
     def upstream_eof(self, link: Link) -> None:
-        if self.state == RAW:
+        if self.state == RAW and link is self.link:
             if self.transport.can_write_eof():
                 self.transport.write_eof()
             self._raw_done()
