@@ -338,8 +338,15 @@ class HttpProxy(_Client):
         self._advance()
 
     # ------------------------------------------------------------------ upstream events
+    def _raw_link(self, link: Link) -> bool:
+        """`link` carries the raw stream (a pod link still opening for it is claimed here: its
+        server may speak first, before the opener's caller resumes)."""
+        if self.state == RAW and self.link is None and link.key is self.pod:
+            self.link = link
+        return self.state == RAW and link is self.link
+
     def upstream_data(self, link: Link, data: bytes) -> None:
-        if self.state == RAW and link is self.link:
+        if self._raw_link(link):
             self.transport.write(data)
             return
         if self.response is None or link is not self.response_link:
@@ -354,7 +361,7 @@ class HttpProxy(_Client):
             self._response_done(link, outcome)
 
     def upstream_eof(self, link: Link) -> None:
-        if self.state == RAW and link is self.link:
+        if self._raw_link(link):
             if self.transport.can_write_eof():
                 self.transport.write_eof()
             self._raw_done()
