@@ -44,6 +44,7 @@ from typing import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from mirrord_tun.agent import http1
+from mirrord_tun.agent.h2steal import H2Router
 from mirrord_tun.agent.httprelay import Body, Link, Response
 
 log = logging.getLogger("mirrord-ns.agent")
@@ -74,7 +75,7 @@ Chooser = Callable[[RequestHead], "Opener | None"]  # None: the pod's own server
 Setup = Callable[[asyncio.Transport], "tuple[Chooser, Opener] | None"]
 
 # What the client side is doing.
-SNIFF, HEAD, BODY, WAIT, RAW, CLOSED = "sniff", "head", "body", "wait", "raw", "closed"
+SNIFF, HEAD, BODY, WAIT, RAW, H2, CLOSED = "sniff", "head", "body", "wait", "raw", "h2", "closed"
 
 
 class _Client(asyncio.Protocol):
@@ -83,6 +84,7 @@ class _Client(asyncio.Protocol):
 
     transport: asyncio.Transport
     loop: asyncio.AbstractEventLoop
+    h2: H2Router
     choose: Chooser
     pod: Opener
 
@@ -224,6 +226,8 @@ class HttpProxy(_Client):
     """One client connection of a filtered port."""
 
     def data_received(self, data: bytes) -> None:
+        if self.state == H2:
+            return self.h2.client_data(data)
         if self.state == BODY and not self.buf and self.link is not None:
             return self._body_data(data)  # the bulk of a large body: no copy into buf
         if self.state == RAW:
@@ -246,8 +250,8 @@ class HttpProxy(_Client):
             if self.link is not None and self.link.transport is not None and self.link.transport.can_write_eof():
                 self.link.transport.write_eof()
             return self._raw_done()
-        if self.state == BODY:
-            self._end("client closed in a request body")
+        if self.state in (BODY, H2):
+            self._end("client closed")
         elif self.state in (SNIFF, HEAD) and self.response is None:
             self._end("client done")
         return True  # a response may still be on its way
@@ -268,8 +272,9 @@ class HttpProxy(_Client):
         try:
             head = self.reader.feed(self.buf)
         except http1.NotHttp1:
-            h2 = self.buf.startswith(H2_PREFACE)
-            return self._passthrough("steal_http2" if h2 else "steal_passthrough")
+            if self.buf.startswith(H2_PREFACE) and self.request is None:
+                return self._http2()
+            return self._passthrough("steal_passthrough")
         except http1.Malformed as e:
             return self._refuse(400, "Bad Request", f"malformed request: {e}")
         if head is None:
@@ -338,6 +343,15 @@ class HttpProxy(_Client):
         self._advance()
 
     # ------------------------------------------------------------------ upstream events
+    def _http2(self) -> None:
+        """HTTP/2 with prior knowledge: every stream routed by the filter (h2steal)."""
+        self.counters["steal_http2"] += 1
+        self.state = H2
+        self.h2 = H2Router(self.transport, self.choose, self.pod, self._use, _h2_request_head, self.counters,
+                           self._end)
+        data, self.buf = bytes(self.buf), bytearray()
+        self.h2.client_data(data)
+
     def _raw_link(self, link: Link) -> bool:
         """`link` carries the raw stream (a pod link still opening for it is claimed here: its
         server may speak first, before the opener's caller resumes)."""
@@ -346,6 +360,8 @@ class HttpProxy(_Client):
         return self.state == RAW and link is self.link
 
     def upstream_data(self, link: Link, data: bytes) -> None:
+        if self.state == H2:
+            return self.h2.upstream_data(link, data)
         if self._raw_link(link):
             self.transport.write(data)
             return
@@ -361,6 +377,8 @@ class HttpProxy(_Client):
             self._response_done(link, outcome)
 
     def upstream_eof(self, link: Link) -> None:
+        if self.state == H2:
+            return self.h2.upstream_lost(link)
         if self._raw_link(link):
             if self.transport.can_write_eof():
                 self.transport.write_eof()
@@ -375,6 +393,8 @@ class HttpProxy(_Client):
         if self.links.get(link.key) is link:
             del self.links[link.key]
         self.resume_client(f"link {id(link)}")
+        if self.state == H2:
+            return self.h2.upstream_lost(link)
         if self.state == RAW and link is self.link:
             self._end("upstream gone")
         elif self.response is not None and link is self.response_link:
@@ -408,6 +428,10 @@ class HttpProxy(_Client):
     def _head_too_slow(self) -> None:
         self.timer = None
         self._refuse(408, "Request Timeout", "request head too slow", "steal_head_timeouts")
+
+
+def _h2_request_head(method: str, target: str, headers: list[tuple[str, str]]) -> RequestHead:
+    return RequestHead(method, target, target.partition("?")[0], headers, target)
 
 
 def _request_head(head: http1.Head) -> RequestHead:
