@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -22,6 +23,7 @@ import h2.events
 import pytest
 
 from test_httpsteal import HOST, TIMEOUT, Proxy
+from test_steal import agent, runs, sb  # noqa: F401 - fixtures (the sandbox, for the end-to-end test)
 
 from mirrord_tun.agent.httpfilter import HttpFilter
 
@@ -64,6 +66,15 @@ class _Serve(asyncio.Protocol):
             self.c.send_data(sid, out, end_stream=True)
 
 
+def serve_forever(name: str, port: int) -> None:
+    """The same server as a process (in a sandbox namespace): prints "ready" once listening."""
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(lambda: _Serve(name), "0.0.0.0", port)
+        print("ready", flush=True)
+        await server.serve_forever()
+    asyncio.run(main())
+
+
 class H2Server:
     def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()
@@ -95,13 +106,14 @@ def h2proxy() -> Iterator[Proxy]:
     local.stop()
 
 
-def _exchange(port: int, requests: list[tuple[str, str, list[tuple[str, str]], list[bytes]]]) -> dict[int, dict]:
+def _exchange(port: int, requests: list[tuple[str, str, list[tuple[str, str]], list[bytes]]],
+              host: str = HOST) -> dict[int, dict]:
     """Send every request on one connection, interleaving their DATA frames; each stream's
     response headers, body and trailers by stream id (1, 3, 5, ...)."""
     c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
     c.initiate_connection()
     out: dict[int, dict] = {}
-    with socket.create_connection((HOST, port), timeout=TIMEOUT) as s:
+    with socket.create_connection((host, port), timeout=TIMEOUT) as s:
         sids = []
         for method, path, headers, _ in requests:
             sid = c.get_next_available_stream_id()
@@ -167,3 +179,38 @@ def test_curl_http2_prior_knowledge(h2proxy: Proxy, mine: bool) -> None:
                        capture_output=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
     assert r.stdout == _answer("local" if mine else "pod", "POST", "/grpc.Svc/Call", b"hello")
+
+
+# ---------------------------------------------------------------------------- end to end
+H2_PORT = 9090
+_IMPORT = f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+
+
+def test_h2_streams_routed_by_the_agent_end_to_end(sb, agent, runs) -> None:  # noqa: F811
+    """Through the real agent (transparent connections from the client's address) and `run`."""
+    from conftest import wait_until
+    from test_steal import LIVENESS, POD, Run
+    from mirrord_tun.sandbox import PY
+
+    pod_server = sb.start_ready("pod", [*PY, "-c", _IMPORT + f"import test_steal_h2 as t; t.serve_forever('pod', {H2_PORT})"])
+    try:
+        run = Run(sb, [*PY, "-c", _IMPORT + f"import test_steal_h2 as t; t.serve_forever('local', {H2_PORT})"],
+                  "--port", str(H2_PORT), "--http-header-filter", "^x-dev: me$", name="h2")
+        runs.append(run)
+        exchange = _IMPORT + ("import json, test_steal_h2 as t; out = t._exchange_at(sys.argv[1], int(sys.argv[2])); "
+                              "print(json.dumps(out))")
+
+        def routed() -> list:
+            r = sb.exec("client", *PY, "-c", exchange, POD, str(H2_PORT))
+            return json.loads(r.stdout) if r.returncode == 0 else [r.stderr]
+        want = [_answer("local", "GET", "/a", b"").decode(), _answer("pod", "GET", "/b", b"").decode(),
+                (_answer("local", "POST", "/stream/S", b"xy") * 3).decode()]
+        assert wait_until(lambda: routed() == want, LIVENESS, 0.5), (routed(), run.log())
+    finally:
+        sb.stop(pod_server)
+
+
+def _exchange_at(host: str, port: int) -> list[str]:
+    out = _exchange(port, [("GET", "/a", [("x-dev", "me")], []), ("GET", "/b", [], []),
+                           ("POST", "/stream/S", [("x-dev", "me")], [b"x", b"y"])], host)
+    return [o["body"].decode() for o in out.values()]
