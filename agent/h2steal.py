@@ -140,6 +140,9 @@ class H2Router:
         self._flush_all()
 
     def _up_event(self, link: Link, up: h2.connection.H2Connection, event: object) -> None:
+        if isinstance(event, h2.events.ConnectionTerminated):
+            link.reusable = False  # GOAWAY: its streams finish, new ones get a new connection
+            return
         stream = self.by_up.get((id(link), getattr(event, "stream_id", 0) or 0))
         if isinstance(event, h2.events.WindowUpdated):
             for s in ([stream] if stream else [s for s in self.streams.values() if s.link is link]):
