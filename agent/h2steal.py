@@ -42,19 +42,85 @@ class _Stream:
         self.ended = False  # the client's side of the stream ended (queued for the upstream)
 
 
-class H2Router:
-    """The HTTP/2 side of one client connection (httpsteal.HttpProxy hands it over)."""
+class _Relay:
+    """Both sides' HTTP/2 connections and the per-stream queues between them."""
 
-    def __init__(self, client: asyncio.Transport, choose: Chooser, pod: object,
-                 use: Callable[[object, Callable[[Link], None]], None], request_head: Callable[..., object],
-                 counters: collections.Counter, end: Callable[[str], None]) -> None:
-        self.client, self.choose, self.pod, self.use = client, choose, pod, use
-        self.request_head, self.counters, self.end = request_head, counters, end
+    def __init__(self, client: asyncio.Transport) -> None:
+        self.client = client
         self.down = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
         self.down.initiate_connection()
         self.ups: dict[int, tuple[Link, h2.connection.H2Connection]] = {}  # by id(link)
         self.streams: dict[int, _Stream] = {}  # by down stream id
         self.by_up: dict[tuple[int, int], _Stream] = {}  # (id(link), up stream id)
+
+    def _pump_up(self, stream: _Stream) -> None:
+        if stream.up is not None:
+            self._pump(stream.to_up, stream.up, stream.up_id, self.down, stream.down_id)
+
+    def _pump_down(self, stream: _Stream) -> None:
+        if stream.up is not None:
+            done = self._pump(stream.to_down, self.down, stream.down_id, stream.up, stream.up_id)
+            if done:
+                self._forget(stream)
+
+    def _pump(self, queue: collections.deque, to: h2.connection.H2Connection, to_id: int,
+              source: h2.connection.H2Connection, source_id: int) -> bool:
+        """Send what the window allows; True once the stream's end went."""
+        while queue:
+            item = queue[0]
+            if item is None:
+                queue.popleft()
+                self._quiet(lambda: to.end_stream(to_id))
+                return True
+            if item[0] == "trailers":
+                queue.popleft()
+                self._quiet(lambda: to.send_headers(to_id, item[1], end_stream=True))
+                return True
+            data, flow = item
+            room = min(to.local_flow_control_window(to_id), to.max_outbound_frame_size) if data else 0
+            if data and room <= 0:
+                return False
+            piece = data[:room] if data else data
+            self._quiet(lambda: to.send_data(to_id, piece))
+            if len(piece) < len(data):
+                queue[0] = (data[len(piece):], flow - len(piece))
+                flow = len(piece)
+            else:
+                queue.popleft()
+            if flow:
+                self._quiet(lambda: source.acknowledge_received_data(flow, source_id))
+        return False
+
+    def _forget(self, stream: _Stream) -> None:
+        self.streams.pop(stream.down_id, None)
+        if stream.link is not None:
+            self.by_up.pop((id(stream.link), stream.up_id), None)
+
+    @staticmethod
+    def _quiet(action: Callable[[], object]) -> None:
+        """A stream the other side already closed or reset: nothing left to relay on it."""
+        try:
+            action()
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError) as e:
+            log.debug("steal proxy: HTTP/2 stream: %r", e)
+
+    def _flush_all(self) -> None:
+        if data := self.down.data_to_send():
+            self.client.write(data)
+        for link, up in self.ups.values():
+            if data := up.data_to_send():
+                link.write(data)
+
+
+class H2Router(_Relay):
+    """The HTTP/2 side of one client connection (httpsteal.HttpProxy hands it over)."""
+
+    def __init__(self, client: asyncio.Transport, choose: Chooser, pod: object,
+                 use: Callable[[object, Callable[[Link], None]], None], request_head: Callable[..., object],
+                 counters: collections.Counter, end: Callable[[str], None]) -> None:
+        super().__init__(client)
+        self.choose, self.pod, self.use = choose, pod, use
+        self.request_head, self.counters, self.end = request_head, counters, end
 
     def client_data(self, data: bytes) -> None:
         try:
@@ -173,62 +239,3 @@ class H2Router:
             self._forget(stream)
             self._quiet(lambda: self.down.reset_stream(stream.down_id, h2.errors.ErrorCodes.REFUSED_STREAM))
         self._flush_all()
-
-    # ------------------------------------------------------------------ relaying
-    def _pump_up(self, stream: _Stream) -> None:
-        if stream.up is not None:
-            self._pump(stream.to_up, stream.up, stream.up_id, self.down, stream.down_id)
-
-    def _pump_down(self, stream: _Stream) -> None:
-        if stream.up is not None:
-            done = self._pump(stream.to_down, self.down, stream.down_id, stream.up, stream.up_id)
-            if done:
-                self._forget(stream)
-
-    def _pump(self, queue: collections.deque, to: h2.connection.H2Connection, to_id: int,
-              source: h2.connection.H2Connection, source_id: int) -> bool:
-        """Send what the window allows; True once the stream's end went."""
-        while queue:
-            item = queue[0]
-            if item is None:
-                queue.popleft()
-                self._quiet(lambda: to.end_stream(to_id))
-                return True
-            if item[0] == "trailers":
-                queue.popleft()
-                self._quiet(lambda: to.send_headers(to_id, item[1], end_stream=True))
-                return True
-            data, flow = item
-            room = min(to.local_flow_control_window(to_id), to.max_outbound_frame_size) if data else 0
-            if data and room <= 0:
-                return False
-            piece = data[:room] if data else data
-            self._quiet(lambda: to.send_data(to_id, piece))
-            if len(piece) < len(data):
-                queue[0] = (data[len(piece):], flow - len(piece))
-                flow = len(piece)
-            else:
-                queue.popleft()
-            if flow:
-                self._quiet(lambda: source.acknowledge_received_data(flow, source_id))
-        return False
-
-    def _forget(self, stream: _Stream) -> None:
-        self.streams.pop(stream.down_id, None)
-        if stream.link is not None:
-            self.by_up.pop((id(stream.link), stream.up_id), None)
-
-    @staticmethod
-    def _quiet(action: Callable[[], object]) -> None:
-        """A stream the other side already closed or reset: nothing left to relay on it."""
-        try:
-            action()
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError) as e:
-            log.debug("steal proxy: HTTP/2 stream: %r", e)
-
-    def _flush_all(self) -> None:
-        if data := self.down.data_to_send():
-            self.client.write(data)
-        for link, up in self.ups.values():
-            if data := up.data_to_send():
-                link.write(data)

@@ -222,41 +222,10 @@ class _Client(asyncio.Protocol):
             self.timer = None
 
 
-class HttpProxy(_Client):
-    """One client connection of a filtered port."""
+class _Requests(_Client):
+    """The HTTP/1 requests of a client connection: heads read, routed and forwarded with their
+    bodies, one at a time; HttpProxy adds the upstreams' side."""
 
-    def data_received(self, data: bytes) -> None:
-        if self.state == H2:
-            return self.h2.client_data(data)
-        if self.state == BODY and not self.buf and self.link is not None:
-            return self._body_data(data)  # the bulk of a large body: no copy into buf
-        if self.state == RAW:
-            if self.link is not None:
-                self.link.write(data)
-            else:
-                self.buf += data
-            return
-        self.buf += data
-        if self.state == SNIFF:
-            self._cancel_timer()
-            if not _METHOD_PREFIX.match(self.buf):
-                return self._passthrough("steal_passthrough")
-            self.state = HEAD
-        self._advance()
-
-    def eof_received(self) -> bool:
-        self.client_eof = True
-        if self.state == RAW:
-            if self.link is not None and self.link.transport is not None and self.link.transport.can_write_eof():
-                self.link.transport.write_eof()
-            return self._raw_done()
-        if self.state in (BODY, H2):
-            self._end("client closed")
-        elif self.state in (SNIFF, HEAD) and self.response is None:
-            self._end("client done")
-        return True  # a response may still be on its way
-
-    # ------------------------------------------------------------------ requests
     def _advance(self) -> None:
         """Take the buffered client bytes as far as the state allows."""
         if self.state == HEAD and self.response is None:
@@ -342,7 +311,6 @@ class HttpProxy(_Client):
             return self._end("client done")
         self._advance()
 
-    # ------------------------------------------------------------------ upstream events
     def _http2(self) -> None:
         """HTTP/2 with prior knowledge: every stream routed by the filter (h2steal)."""
         self.counters["steal_http2"] += 1
@@ -352,6 +320,46 @@ class HttpProxy(_Client):
         data, self.buf = bytes(self.buf), bytearray()
         self.h2.client_data(data)
 
+    def _head_too_slow(self) -> None:
+        self.timer = None
+        self._refuse(408, "Request Timeout", "request head too slow", "steal_head_timeouts")
+
+
+class HttpProxy(_Requests):
+    """One client connection of a filtered port."""
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == H2:
+            return self.h2.client_data(data)
+        if self.state == BODY and not self.buf and self.link is not None:
+            return self._body_data(data)  # the bulk of a large body: no copy into buf
+        if self.state == RAW:
+            if self.link is not None:
+                self.link.write(data)
+            else:
+                self.buf += data
+            return
+        self.buf += data
+        if self.state == SNIFF:
+            self._cancel_timer()
+            if not _METHOD_PREFIX.match(self.buf):
+                return self._passthrough("steal_passthrough")
+            self.state = HEAD
+        self._advance()
+
+    def eof_received(self) -> bool:
+        self.client_eof = True
+        if self.state == RAW:
+            if self.link is not None and self.link.transport is not None and self.link.transport.can_write_eof():
+                self.link.transport.write_eof()
+            return self._raw_done()
+        if self.state in (BODY, H2):
+            self._end("client closed")
+        elif self.state in (SNIFF, HEAD) and self.response is None:
+            self._end("client done")
+        return True  # a response may still be on its way
+
+    # ------------------------------------------------------------------ upstream events
     def _raw_link(self, link: Link) -> bool:
         """`link` carries the raw stream (a pod link still opening for it is claimed here: its
         server may speak first, before the opener's caller resumes)."""
@@ -425,9 +433,6 @@ class HttpProxy(_Client):
             return self._refuse(502, "Bad Gateway", why, "steal_bad_gateway")
         self._end(why)
 
-    def _head_too_slow(self) -> None:
-        self.timer = None
-        self._refuse(408, "Request Timeout", "request head too slow", "steal_head_timeouts")
 
 
 def _h2_request_head(method: str, target: str, headers: list[tuple[str, str]]) -> RequestHead:
