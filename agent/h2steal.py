@@ -180,8 +180,14 @@ class H2Router(_Relay):
             end = bool(stream.to_up) and stream.to_up[0] is None
             if end:
                 stream.to_up.popleft()
-            up.send_headers(stream.up_id, event.headers, end_stream=end)
-            self._pump_up(stream)
+            try:
+                up.send_headers(stream.up_id, event.headers, end_stream=end)
+            except h2.exceptions.ProtocolError as e:  # e.g. past the upstream's concurrent streams
+                log.debug("steal proxy: HTTP/2 stream refused upstream: %r", e)
+                self._forget(stream)
+                self._quiet(lambda: self.down.reset_stream(stream.down_id, h2.errors.ErrorCodes.REFUSED_STREAM))
+            else:
+                self._pump_up(stream)
             self._flush_all()
         self.use(opener or self.pod, start)
 

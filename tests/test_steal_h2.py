@@ -214,3 +214,4 @@ def _exchange_at(host: str, port: int) -> list[str]:
     out = _exchange(port, [("GET", "/a", [("x-dev", "me")], []), ("GET", "/b", [], []),
                            ("POST", "/stream/S", [("x-dev", "me")], [b"x", b"y"])], host)
     return [o["body"].decode() for o in out.values()]
+
