@@ -1,72 +1,64 @@
-"""Filtered steal: route each HTTP/1.1 request of one client connection to the
+"""Filtered steal: route each HTTP/1.x request of one client connection to the
 local program or to the pod's own server.
 
-`proxy_connection` serves one accepted connection. Every request head is parsed
-with h11 (a fresh `h11.Connection` per request, so the parser never needs our
-responses to advance); `choose(head)` names the upstream; the request's raw
-bytes are forwarded unchanged. h11 decodes bodies for us but also reports what it
-has not consumed yet (`trailing_data`), which marks where a message ends: the
-bytes up to there are written to the upstream as they arrived, never
-re-serialized, and whatever follows is the next pipelined request.
-httptools (llhttp) parses a head ~25x faster (0.6 against 16 us; scripts/
-bench_httpsteal.py), but cannot say where in the bytes fed a message ended (its
-pause is not exposed) nor that a response answers HEAD; h11 costs ~56 us per
-request, the proxy as a whole adds ~0.11 ms (keep-alive) to 0.35 ms (new
-connection) at p50 and relays bodies at >3 Gbit/s on a 2-core machine.
+`HttpProxy` is the asyncio protocol of one accepted connection. Every request head
+is parsed by http1.HeadReader (llhttp, strict: RFC 9112's smuggling vectors are
+answered 400 and never forwarded); `choose(head)` names the upstream; the
+request's raw bytes are forwarded unchanged, its body framed by count or chunk
+scan (http1), so whatever follows is the next pipelined request. HTTP/1.0 and
+1.1 are routed alike; keep-alive follows the client's and the server's words
+(1.0's `Connection: keep-alive` included). It is all callbacks, no task per
+request: the proxy's cost is a parse per head and a write per read.
 
-Requests are served one at a time, in order (a pipelined request waits for the
-previous response), so an upstream never holds two outstanding requests and
-every byte it sends until its response ends belongs to that response: responses
-are relayed chunk by chunk as read, and a second h11 connection (in the client
-role, told the method by a body-less "shadow" copy of the request) says only
-where the response ends (HEAD, 1xx, 204/304, chunked, read-until-close) and
-whether the protocol switched (101 to an Upgrade, 2xx to CONNECT), after which
-both sockets are spliced as raw byte streams.
+Requests are served one at a time, in order (a pipelined request waits in the
+buffer for the previous response), so an upstream never holds two outstanding
+requests and every byte it sends until its response ends belongs to that
+response (httprelay.Response frames it: HEAD, 1xx, 204/304, chunked,
+read-until-close). A 101 to an Upgrade or a 2xx to CONNECT switches the
+protocol: both connections then carry raw bytes, half-closes included.
 
-A connection whose first bytes cannot start an HTTP/1.x request, one h11 rejects
-before its first request, the HTTP/2 prior-knowledge preface, and a client that
-sends nothing within `sniff_timeout` (server-speaks-first protocols) are spliced
-to the pod untouched, bytes already read included.
+What cannot be routed goes to the pod untouched, bytes already read included:
+a connection whose first bytes cannot start an HTTP/1.x request, a request line
+that is not HTTP/1.0 or 1.1 or has a method llhttp does not know (also after
+good requests: the rest of the connection is the pod's), the HTTP/2 prior-
+knowledge preface, and a client that sends nothing within `sniff_timeout`
+(server-speaks-first protocols). A request head must arrive whole within
+`head_timeout` of its first byte (else 408) and within http1.MAX_HEAD (else
+400). Upstream connections are opened on a head's completion, one per opener
+(keyed by the object `choose` returns), reused while they stay open. Reading
+pauses while an upstream or the client cannot take more (asyncio's write-buffer
+marks), and while a pipelined request waits: a connection holds at most one head.
 
-Upstreams are keyed by the Opener object `choose` returns: one connection per
-Opener per client connection, reused while it stays open, reopened after it
-closes. Errors end the client connection quietly (400 for a malformed request,
-502 when the upstream cannot be opened or fails before its response began); no
-traceback is logged at default level.
-
-Limits: pipelined requests are not overlapped; a request h11 rejects after the
-first one gets a 400 even if the pod's server would have taken it; a client
-that goes away while its request waits for the response is noticed when the
-response comes, as a server would; give client StreamReaders `limit=CHUNK`.
+Errors end the client connection quietly (400 for a malformed request, 502 when
+the upstream cannot be opened or fails before its response began); no traceback
+is logged at default level.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import re
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 from urllib.parse import urlsplit
 
-import h11
+from mirrord_tun.agent import http1
+from mirrord_tun.agent.h2steal import H2Router
+from mirrord_tun.agent.httprelay import Body, Link, Response
 
 log = logging.getLogger("mirrord-ns.agent")
 
-CHUNK = 256 * 1024
-MAX_HEAD = 64 * 1024
 SNIFF_TIMEOUT = 10.0
-CLOSE_TIMEOUT = 5.0
+HEAD_TIMEOUT = 10.0  # for a whole request head, from its first byte
 H2_PREFACE = b"PRI * HTTP/2.0\r\n"
 # A request line starts with a method token and a space; anything else (a TLS
 # ClientHello, a binary protocol) is not HTTP/1.x and must not wait for a CRLF.
 _METHOD_PREFIX = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}(?: |\Z)")
-_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 
-Reader = asyncio.StreamReader
-Writer = asyncio.StreamWriter
-Opener = Callable[[], Awaitable[tuple[Reader, Writer]]]
+# Opens an upstream connection with the given protocol factory (in stealproxy: a
+# transparent socket from the client's address).
+Opener = Callable[[Callable[[], Link]], Awaitable[asyncio.BaseTransport]]
 
 
 @dataclass(frozen=True)
@@ -75,311 +67,385 @@ class RequestHead:
     target: str
     path: str  # the target's path, query excluded, not percent-decoded
     headers: list[tuple[str, str]]  # as the client spelled the names
+    path_query: str = ""  # the path and, when there is one, "?" and the query
 
 
 Chooser = Callable[[RequestHead], "Opener | None"]  # None: the pod's own server
+# At connection_made: (choose, the pod's opener) for this client, or None to refuse it.
+Setup = Callable[[asyncio.Transport], "tuple[Chooser, Opener] | None"]
+
+# What the client side is doing.
+SNIFF, HEAD, BODY, WAIT, RAW, H2, CLOSED = "sniff", "head", "body", "wait", "raw", "h2", "closed"
 
 
-@dataclass(frozen=True)
-class HttpFilter:
-    """A request matches when every given regex finds a match (re.search):
-    `header` in some `Name: value` line, case-insensitively; `path` in the
-    path, case-sensitively. A filter with neither matches every request."""
+class _Client(asyncio.Protocol):
+    """A client connection's state and plumbing: its upstream links (opened, reused, spliced
+    raw), pausing, and ending; HttpProxy adds the HTTP."""
 
-    header: re.Pattern[str] | None
-    path: re.Pattern[str] | None
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+    h2: H2Router
+    choose: Chooser
+    pod: Opener
 
-    def matches(self, head: RequestHead) -> bool:
-        if self.path is not None and not self.path.search(head.path):
-            return False
-        return self.header is None or any(self.header.search(f"{n}: {v}") for n, v in head.headers)
+    def __init__(self, setup: Setup, counters: collections.Counter, on_close: Callable[["HttpProxy"], None],
+                 sniff_timeout: float = SNIFF_TIMEOUT, head_timeout: float = HEAD_TIMEOUT) -> None:
+        self.setup, self.counters, self.on_close = setup, counters, on_close
+        self.sniff_timeout, self.head_timeout = sniff_timeout, head_timeout
+        self.state = SNIFF
+        self.buf = bytearray()  # from the client, not yet forwarded
+        self.links: dict[object, Link] = {}
+        self.link: Link | None = None  # the current request's upstream (or the raw stream's)
+        self.response_link: Link | None = None  # the link whose bytes are self.response's
+        self.request: http1.Head | None = None
+        self.reader = http1.HeadReader()
+        self.body: Body | None = None
+        self.response: Response | None = None
+        self.client_eof = False
+        self.paused: set[str] = set()
+        self.timer: asyncio.TimerHandle | None = None
+        self.opening: set[asyncio.Task[None]] = set()
 
-    @classmethod
-    def compile(cls, header: str | None, path: str | None) -> "HttpFilter":
-        return cls(_compile("--http-header-filter", header, re.IGNORECASE), _compile("--http-path-filter", path, 0))
-
-
-def _compile(option: str, pattern: str | None, flags: int) -> re.Pattern[str] | None:
-    if pattern is None:
-        return None
-    try:
-        return re.compile(pattern, flags)
-    except (re.error, OverflowError, RecursionError) as e:  # a{99999999999} overflows
-        raise ValueError(f"{option} {pattern!r} is not a valid regex: {e}".replace("\n", " ")) from None
-
-
-class _End(Exception):
-    """The client connection ends here; the reason is logged at debug level."""
-
-
-async def proxy_connection(client: tuple[Reader, Writer], choose: Chooser, pod: Opener,
-                           counters: collections.Counter, *, sniff_timeout: float = SNIFF_TIMEOUT) -> None:
-    proxy = _Proxy(client, choose, pod, counters)
-    try:
-        await proxy.serve(sniff_timeout)
-    except (_End, OSError, EOFError, h11.ProtocolError) as e:
-        log.debug("steal proxy: connection ended: %r", e)
-    except Exception as e:  # a bug must not take the agent down nor print a traceback
-        counters["steal_errors"] += 1
-        log.warning("steal proxy: connection failed: %s", e)
-        log.debug("steal proxy: connection failed", exc_info=True)
-    finally:
-        await proxy.close()
-
-
-class _Upstream:
-    def __init__(self, reader: Reader, writer: Writer) -> None:
-        self.reader, self.writer = reader, writer
-
-    def usable(self) -> bool:
-        return not (self.reader.at_eof() or self.writer.is_closing())
-
-
-class _Proxy:
-    def __init__(self, client: tuple[Reader, Writer], choose: Chooser, pod: Opener,
-                 counters: collections.Counter) -> None:
-        self.reader, self.writer = client
-        self.choose, self.pod, self.counters = choose, pod, counters
-        self.upstreams: dict[Opener, _Upstream] = {}
-        # Read from the client and fed to the current request's parser, not yet
-        # forwarded; between requests, the start of the next one.
-        self.window = b""
-
-    async def serve(self, sniff_timeout: float) -> None:
-        try:
-            async with asyncio.timeout(sniff_timeout):
-                first = await self.reader.read(CHUNK)
-        except TimeoutError:
-            first = None
-        if first == b"":
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.loop = asyncio.get_running_loop()
+        routing = self.setup(self.transport)
+        if routing is None:
+            self.state = CLOSED
+            self.transport.abort()
             return
-        if first is None or not _METHOD_PREFIX.match(first):
-            return await self._passthrough(first or b"", "steal_passthrough")
-        self.window = first
-        served = 0
-        while await self._request(served):
-            served += 1
+        self.choose, self.pod = routing
+        self.timer = self.loop.call_later(self.sniff_timeout, self._passthrough, "steal_passthrough")
 
-    async def _request(self, served: int) -> bool:
-        """Serve the next request; False when the client connection is done."""
-        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        if self.window:  # b"" would tell h11 the client closed
-            parser.receive_data(self.window)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = CLOSED
+        self._cancel_timer()
+        for link in self.links.values():
+            link.close()
+        if self.link is not None:
+            self.link.close()
+        self.on_close(self)
+
+    def pause_writing(self) -> None:
+        for link in self.links.values():
+            if link.transport is not None:
+                link.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        for link in self.links.values():
+            if link.transport is not None and not link.transport.is_closing():
+                link.transport.resume_reading()
+
+    def pause_client(self, why: str) -> None:
+        if not self.paused and self.state != CLOSED:
+            self.transport.pause_reading()
+        self.paused.add(why)
+
+    def resume_client(self, why: str) -> None:
+        self.paused.discard(why)
+        if not self.paused and self.state != CLOSED and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        """End this connection at once (its session left)."""
+        self.transport.abort()
+
+    def _use(self, opener: Opener, then: Callable[[Link], None]) -> None:
+        """Call `then` with an open link of `opener`: the idle one, or a new one."""
+        link = self.links.get(opener)
+        if link is not None and link.idle():
+            return then(link)
+        if link is not None:
+            link.close()
+        self.pause_client("opening")
+        task = self.loop.create_task(self._open(opener, then))
+        self.opening.add(task)
+        task.add_done_callback(self.opening.discard)
+
+    async def _open(self, opener: Opener, then: Callable[[Link], None]) -> None:
+        link = Link(self, opener)
         try:
-            event = await self._next_event(parser)
-            if served == 0 and isinstance(event, h11.Request) and event.method == b"PRI":
-                raise h11.RemoteProtocolError("HTTP/2 prior knowledge")
-        except h11.RemoteProtocolError as e:
-            if served == 0:
-                kind = "steal_http2" if self.window.startswith(H2_PREFACE) else "steal_passthrough"
-                await self._passthrough(self.window, kind)
-                return False
-            self.counters["steal_bad_requests"] += 1
-            await self._reply(400, "Bad Request")
-            raise _End(f"malformed request: {e}") from None
-        if isinstance(event, h11.ConnectionClosed):
-            return False
-        if not isinstance(event, h11.Request):
-            raise _End(f"unexpected {event!r}")
-
-        head = _request_head(event)
-        opener = self.choose(head)
-        self.counters["steal_requests_local" if opener is not None else "steal_requests_pod"] += 1
-        up = await self._upstream(opener or self.pod)
-        # Forward the head (and any body bytes already here) before reading
-        # more: with `Expect: 100-continue` the client waits for the upstream.
-        done = self._pending_events(parser)
-        await self._forward_consumed(parser, up)
-        if done:  # the common case, and no task to pay for
-            switched, keep = await self._relay_response(event, up)
-        else:
-            switched, keep = await self._both(asyncio.create_task(self._forward_body(parser, up)),
-                                              asyncio.create_task(self._relay_response(event, up)))
-        if switched:
-            self.counters["steal_upgrades"] += 1
-            await _splice(self.reader, self.writer, up.reader, up.writer, self.window)
-            return False
-        if not keep:
-            await self._drop(opener or self.pod)
-        # An Upgrade refused by the upstream leaves h11 in MIGHT_SWITCH_PROTOCOL: still HTTP.
-        return keep and parser.their_state is not h11.MUST_CLOSE
-
-    async def _both(self, body: asyncio.Task[None], response: asyncio.Task[tuple[bool, bool]]) -> tuple[bool, bool]:
-        """Wait for the request body and the response; a response may end first
-        (an early error reply) but a failing side ends both."""
-        pending = {body, response}
-        try:
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()  # re-raises the side's failure
-                if response in done and not response.result()[1]:
-                    break  # the upstream closes: the rest of the body has nowhere to go
-        finally:
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
-        switched, keep = response.result()
-        return switched, keep and not body.cancelled()
-
-    async def _read(self, parser: h11.Connection) -> None:
-        data = await self.reader.read(CHUNK)
-        # Usually the window was emptied by the last forward: no copy.
-        self.window = self.window + data if self.window else data
-        parser.receive_data(data)
-
-    async def _next_event(self, parser: h11.Connection) -> object:
-        while (event := parser.next_event()) is h11.NEED_DATA:
-            await self._read(parser)
-        return event
-
-    @staticmethod
-    def _pending_events(parser: h11.Connection) -> bool:
-        """Take the events the buffered bytes complete; True once the message ended."""
-        while type(event := parser.next_event()) is h11.Data:
-            pass
-        return event is not h11.NEED_DATA  # EndOfMessage
-
-    async def _forward_consumed(self, parser: h11.Connection, up: _Upstream) -> None:
-        """Write what the parser consumed, as the client sent it."""
-        n = len(self.window) - len(parser.trailing_data[0])
-        if n:
-            up.writer.write(self.window[:n] if n < len(self.window) else self.window)
-            self.window = self.window[n:]
-            await up.writer.drain()
-
-    async def _forward_body(self, parser: h11.Connection, up: _Upstream) -> None:
-        while True:
-            await self._read(parser)
-            done = self._pending_events(parser)
-            await self._forward_consumed(parser, up)
-            if done:
-                return
-
-    async def _relay_response(self, request: h11.Request, up: _Upstream) -> tuple[bool, bool]:
-        """Relay one response (with any 1xx before it) to the client, as read.
-        Returns (protocol switched, both connections may be kept)."""
-        parser = h11.Connection(h11.CLIENT)
-        parser.send(h11.Request(method=request.method, target=request.target, http_version=request.http_version,
-                                headers=[(n, v) for n, v in request.headers if n not in _FRAMING]))
-        parser.send(h11.EndOfMessage())
-        held = b""  # until a first head parses, so that a garbled reply is a 502, not relayed
-        started = False
-        while True:
-            try:
-                data = await up.reader.read(CHUNK)
-                parser.receive_data(data)
-                outcome, heads = _response_events(parser)
-            except (h11.ProtocolError, ConnectionError) as e:
-                if not started:
-                    self.counters["steal_bad_gateway"] += 1
-                    await self._reply(502, "Bad Gateway")
-                raise _End(f"upstream response: {e!r}") from None
-            held = held + data if held else data
-            started = started or heads
-            if started and held:
-                self.writer.write(held)
-                held = b""
-                await self.writer.drain()
-            if outcome is not None:
-                return outcome
-
-    async def _upstream(self, opener: Opener, http: bool = True) -> _Upstream:
-        up = self.upstreams.get(opener)
-        if up is not None and up.usable():
-            return up
-        await self._drop(opener)
-        try:
-            up = _Upstream(*await opener())
+            await opener(lambda: link)
         except (OSError, asyncio.TimeoutError) as e:
-            self.counters["steal_bad_gateway"] += 1
-            if http:
-                await self._reply(502, "Bad Gateway")
-            raise _End(f"cannot open upstream: {e!r}") from None
-        self.upstreams[opener] = up
-        return up
+            if self.state != CLOSED:
+                self._refuse(502, "Bad Gateway", f"cannot open upstream: {e!r}", "steal_bad_gateway",
+                             http=self.state != RAW)
+            return
+        if self.state == CLOSED:
+            link.close()
+            return
+        self.links[opener] = link
+        self.resume_client("opening")
+        then(link)
 
-    async def _drop(self, opener: Opener) -> None:
-        up = self.upstreams.pop(opener, None)
-        if up is not None:
-            await _close(up.writer)
-
-    async def _passthrough(self, already: bytes, counter: str) -> None:
+    def _passthrough(self, counter: str) -> None:
+        """The rest of the connection, the bytes read included, to the pod untouched (its idle
+        upstream connection if there is one)."""
+        self._cancel_timer()
         self.counters[counter] += 1
-        up = await self._upstream(self.pod, http=False)
-        await _splice(self.reader, self.writer, up.reader, up.writer, already)
+        self.state = RAW
 
-    async def _reply(self, status: int, reason: str) -> None:
-        body = f"{status} {reason} (mirrord-ns steal)\n".encode()
-        self.writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-                          b"Connection: close\r\n\r\n%s" % (status, reason.encode(), len(body), body))
-        with contextlib.suppress(OSError):
-            await self.writer.drain()
+        def splice(link: Link) -> None:
+            self.link = link
+            self.links.pop(link.key, None)
+            if self.buf:
+                link.write(bytes(self.buf))
+                self.buf.clear()
+            if self.client_eof and link.transport is not None and link.transport.can_write_eof():
+                link.transport.write_eof()
+        self._use(self.pod, splice)
 
-    async def close(self) -> None:
-        await asyncio.gather(_close(self.writer), *(_close(u.writer) for u in self.upstreams.values()))
-        self.upstreams.clear()
+    def _raw_done(self) -> bool:
+        """Both directions of a raw stream ended: close."""
+        if self.client_eof and self.link is not None and self.link.eof:
+            self._end("stream done")
+        return True
+
+    def _refuse(self, status: int, reason: str, why: str, counter: str = "steal_bad_requests",
+                http: bool = True) -> None:
+        self.counters[counter] += 1
+        if http and not self.transport.is_closing():
+            body = f"{status} {reason} (mirrord-ns steal)\n".encode()
+            self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                                 b"Connection: close\r\n\r\n%s" % (status, reason.encode(), len(body), body))
+        self._end(why)
+
+    def _end(self, why: str) -> None:
+        log.debug("steal proxy: connection ended: %s", why)
+        self.state = CLOSED
+        self._cancel_timer()
+        self.transport.close()  # after what is buffered; connection_lost closes the links
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
-def _response_events(parser: h11.Connection) -> tuple[tuple[bool, bool] | None, bool]:
-    """Take the events of the bytes received: whether the response ended, as
-    (protocol switched, connections may be kept), and whether any event came."""
-    heads = False
-    while (event := parser.next_event()) is not h11.NEED_DATA:
-        heads = True
-        if parser.their_state is h11.SWITCHED_PROTOCOL:
-            return (True, False), True
-        if type(event) is h11.EndOfMessage:
-            return (False, parser.their_state is h11.DONE), True
-        if type(event) is h11.ConnectionClosed:
-            raise h11.RemoteProtocolError("closed before responding")
-    return None, heads
+class _Requests(_Client):
+    """The HTTP/1 requests of a client connection: heads read, routed and forwarded with their
+    bodies, one at a time; HttpProxy adds the upstreams' side."""
+
+    def _advance(self) -> None:
+        """Take the buffered client bytes as far as the state allows."""
+        if self.state == HEAD and self.response is None:
+            self._head()
+        elif self.state == BODY:
+            self._forward_body()
+        if self.state == WAIT and len(self.buf) > http1.MAX_HEAD:
+            self.pause_client("pipelined")  # the next request waits for this response: hold no more
+
+    def _head(self) -> None:
+        if not self.buf:
+            return
+        try:
+            head = self.reader.feed(self.buf)
+        except http1.NotHttp1:
+            if self.buf.startswith(H2_PREFACE) and self.request is None:
+                return self._http2()
+            return self._passthrough("steal_passthrough")
+        except http1.Malformed as e:
+            return self._refuse(400, "Bad Request", f"malformed request: {e}")
+        if head is None:
+            if self.timer is None:
+                self.timer = self.loop.call_later(self.head_timeout, self._head_too_slow)
+            return
+        self._cancel_timer()
+        self.request, self.reader = head, http1.HeadReader()
+        self.body = Body(head.length)
+        opener = self.choose(_request_head(head))
+        self.counters["steal_requests_local" if opener is not None else "steal_requests_pod"] += 1
+        self._use(opener or self.pod, self._send_head)
+
+    def _send_head(self, link: Link) -> None:
+        assert self.request is not None
+        self.link = self.response_link = link
+        self.response = Response(self.request, self.transport)
+        self.state = BODY
+        # The head (and the body bytes already here) go now: with `Expect: 100-continue`
+        # the client waits for the upstream before sending the rest.
+        self._forward_body(self.request.size)
+
+    def _forward_body(self, start: int = 0) -> None:
+        assert self.body is not None and self.link is not None
+        try:
+            end = self.body.end(self.buf, start)
+        except http1.Malformed as e:
+            if start:  # nothing of this request went up yet: the client may still hear why
+                return self._refuse(400, "Bad Request", f"malformed request body: {e}")
+            self.counters["steal_bad_requests"] += 1
+            return self._end(f"malformed request body: {e}")
+        cut = len(self.buf) if end < 0 else end
+        if cut:
+            self.link.write(bytes(self.buf[:cut]))
+            del self.buf[:cut]
+        if end >= 0:
+            self._request_sent()
+
+    def _request_sent(self) -> None:
+        self.state = WAIT
+        if self.response is None:  # it already ended: the next request
+            self._next()
+
+    def _body_data(self, data: bytes) -> None:
+        assert self.body is not None and self.link is not None
+        try:
+            end = self.body.end(data, 0)
+        except http1.Malformed as e:
+            self.counters["steal_bad_requests"] += 1
+            return self._end(f"malformed request body: {e}")
+        if end < 0:
+            return self.link.write(data)
+        self.link.write(data[:end])
+        self.buf += data[end:]
+        self._request_sent()
+
+    def _next(self) -> None:
+        """The request and its response are done: on to the next one."""
+        assert self.request is not None
+        if not self.request.keep_alive:
+            return self._end("request not keep-alive")
+        self.state, self.request, self.body = HEAD, None, None
+        self.resume_client("pipelined")
+        if self.client_eof and not self.buf:
+            return self._end("client done")
+        self._advance()
+
+    def _http2(self) -> None:
+        """HTTP/2 with prior knowledge: every stream routed by the filter (h2steal)."""
+        self.counters["steal_http2"] += 1
+        self.state = H2
+        self.h2 = H2Router(self.transport, self.choose, self.pod, self._use, _h2_request_head, self.counters,
+                           self._end)
+        data, self.buf = bytes(self.buf), bytearray()
+        self.h2.client_data(data)
+
+    def _head_too_slow(self) -> None:
+        self.timer = None
+        self._refuse(408, "Request Timeout", "request head too slow", "steal_head_timeouts")
 
 
-def _request_head(event: h11.Request) -> RequestHead:
-    target = event.target.decode("latin-1")
+class HttpProxy(_Requests):
+    """One client connection of a filtered port."""
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == H2:
+            return self.h2.client_data(data)
+        if self.state == BODY and not self.buf and self.link is not None:
+            return self._body_data(data)  # the bulk of a large body: no copy into buf
+        if self.state == RAW:
+            if self.link is not None:
+                self.link.write(data)
+            else:
+                self.buf += data
+            return
+        self.buf += data
+        if self.state == SNIFF:
+            self._cancel_timer()
+            if not _METHOD_PREFIX.match(self.buf):
+                return self._passthrough("steal_passthrough")
+            self.state = HEAD
+        self._advance()
+
+    def eof_received(self) -> bool:
+        self.client_eof = True
+        if self.state == RAW:
+            if self.link is not None and self.link.transport is not None and self.link.transport.can_write_eof():
+                self.link.transport.write_eof()
+            return self._raw_done()
+        if self.state in (BODY, H2):
+            self._end("client closed")
+        elif self.state in (SNIFF, HEAD) and self.response is None:
+            self._end("client done")
+        return True  # a response may still be on its way
+
+    # ------------------------------------------------------------------ upstream events
+    def _raw_link(self, link: Link) -> bool:
+        """`link` carries the raw stream (a pod link still opening for it is claimed here: its
+        server may speak first, before the opener's caller resumes)."""
+        if self.state == RAW and self.link is None and link.key is self.pod:
+            self.link = link
+        return self.state == RAW and link is self.link
+
+    def upstream_data(self, link: Link, data: bytes) -> None:
+        if self.state == H2:
+            return self.h2.upstream_data(link, data)
+        if self._raw_link(link):
+            self.transport.write(data)
+            return
+        if self.response is None or link is not self.response_link:
+            link.reusable = False  # bytes nobody asked for
+            link.close()
+            return
+        try:
+            outcome = self.response.feed(data)
+        except http1.Malformed as e:
+            return self._bad_gateway(f"upstream response: {e}")
+        if outcome is not None:
+            self._response_done(link, outcome)
+
+    def upstream_eof(self, link: Link) -> None:
+        if self.state == H2:
+            return self.h2.upstream_lost(link)
+        if self._raw_link(link):
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self._raw_done()
+        elif self.response is not None and link is self.response_link:
+            if self.response.until_close():
+                self._response_done(link, Response.DONE)
+            else:
+                self._bad_gateway("upstream closed before its response ended")
+
+    def upstream_lost(self, link: Link) -> None:
+        if self.links.get(link.key) is link:
+            del self.links[link.key]
+        self.resume_client(f"link {id(link)}")
+        if self.state == H2:
+            return self.h2.upstream_lost(link)
+        if self.state == RAW and link is self.link:
+            self._end("upstream gone")
+        elif self.response is not None and link is self.response_link:
+            self.upstream_eof(link)
+
+    def _response_done(self, link: Link, outcome: str) -> None:
+        response, self.response = self.response, None
+        assert response is not None
+        if outcome == Response.SWITCHED:
+            self.counters["steal_upgrades"] += 1
+            self.state = RAW
+            self.links.pop(link.key, None)
+            if self.buf:
+                link.write(bytes(self.buf))
+                self.buf.clear()
+            return
+        if outcome != Response.KEEP or response.until_close():
+            link.reusable = False
+            link.close()
+            if response.until_close() or self.state == BODY:
+                return self._end("response ended with its connection")
+        if self.state == WAIT:
+            self._next()
+
+    def _bad_gateway(self, why: str) -> None:
+        response, self.response = self.response, None
+        if response is not None and not response.started:
+            return self._refuse(502, "Bad Gateway", why, "steal_bad_gateway")
+        self._end(why)
+
+
+
+def _h2_request_head(method: str, target: str, headers: list[tuple[str, str]]) -> RequestHead:
+    return RequestHead(method, target, target.partition("?")[0], headers, target)
+
+
+def _request_head(head: http1.Head) -> RequestHead:
+    target = head.target
     if target.startswith("/"):
-        path = target.partition("?")[0]
-    elif target == "*" or event.method == b"CONNECT":
-        path = target
+        path, path_query = target.partition("?")[0], target
+    elif target == "*" or head.method == "CONNECT":
+        path = path_query = target
     else:  # absolute-form, as sent to proxies
-        path = urlsplit(target).path
-    headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers.raw_items()]
-    return RequestHead(event.method.decode("latin-1"), target, path, headers)
-
-
-async def _pipe(reader: Reader, writer: Writer) -> None:
-    while data := await reader.read(CHUNK):
-        writer.write(data)
-        await writer.drain()
-    if writer.can_write_eof() and not writer.is_closing():
-        writer.write_eof()  # half-close, as the peer did
-
-
-async def _splice(a_reader: Reader, a_writer: Writer, b_reader: Reader, b_writer: Writer, to_b: bytes) -> None:
-    """Relay raw bytes both ways (`to_b` first, toward b) until both directions
-    ended; a failing direction ends the other."""
-    if to_b:
-        b_writer.write(to_b)
-        await b_writer.drain()
-    tasks = {asyncio.create_task(_pipe(a_reader, b_writer)), asyncio.create_task(_pipe(b_reader, a_writer))}
-    try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            task.result()
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait(tasks)
-
-
-async def _close(writer: Writer) -> None:
-    writer.close()
-    try:
-        async with asyncio.timeout(CLOSE_TIMEOUT):
-            await writer.wait_closed()
-    except TimeoutError:
-        writer.transport.abort()  # a peer that never reads must not hold us
-    except OSError:
-        pass
+        parts = urlsplit(target)
+        path, path_query = parts.path, parts.path + (f"?{parts.query}" if parts.query else "")
+    return RequestHead(head.method, target, path, head.headers, path_query)

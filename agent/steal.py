@@ -41,7 +41,7 @@ from typing import Callable, NamedTuple
 
 from mirrord_tun import protocol
 from mirrord_tun.agent import stealproxy
-from mirrord_tun.agent.httpsteal import HttpFilter
+from mirrord_tun.agent.httpfilter import HttpFilter
 from mirrord_tun.netns import nft
 from mirrord_tun.netns.namespace import NetNs
 from mirrord_tun.protocol import StealRequest, StealState
@@ -70,7 +70,13 @@ def declarations(tunnels: str, client: str, pod_addrs: list[str], family: str = 
     dnat = "".join(f"    {family} daddr {{ {pods} }} meta l4proto {p} dnat to {to} : {p} dport map @steal_{p}\n"
                    for p in PROTOCOLS) if pod_addrs else ""
     if pod_addrs:
-        dnat += f"    {family} daddr {{ {pods} }} meta l4proto tcp redirect to : tcp dport map @filter_tcp\n"
+        # Past a cap, a new connection to a filtered port is not redirected: the pod's server
+        # gets it straight from the kernel, as without a session (stealproxy.connection_caps).
+        per_source, total = stealproxy.connection_caps()
+        dnat += (f"    {family} daddr {{ {pods} }} tcp dport @filter_tcp "
+                 f"meter proxy_per_source {{ {family} saddr ct count over {per_source} }} return\n"
+                 f"    {family} daddr {{ {pods} }} tcp dport @filter_tcp ct count over {total} return\n"
+                 f"    {family} daddr {{ {pods} }} meta l4proto tcp redirect to : tcp dport map @filter_tcp\n")
     return out + (
         "  chain steal {\n"
         "    type nat hook prerouting priority dstnat; policy accept;\n"
@@ -252,7 +258,7 @@ class SessionSteal:
                 if f"tcp/{port}" in refused:
                     continue
                 try:  # the wire format checked the regexes, but not with the flags used here
-                    wanted[port] = (HttpFilter.compile(f.header, f.path), f.local)
+                    wanted[port] = (HttpFilter.compile(f.header, f.path, f.method, f.all_of, f.any_of), f.local)
                 except ValueError as e:
                     refused[f"tcp/{port}"] = str(e)[:protocol.MAX_REASON]
             try:

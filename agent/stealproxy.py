@@ -8,7 +8,7 @@ several tables all lead to it, the first one that matches does the NAT. The
 listener only serves connections that were redirected from P (SO_ORIGINAL_DST),
 so a neighbour calling the listener's own port gets nothing.
 
-Every request goes through httpsteal.proxy_connection; `PortProxy.choose` tries
+Every connection is an httpsteal.HttpProxy; `PortProxy.choose` tries
 the sessions' filters in the order they came and names the first match's opener,
 or the pod. Both openers connect transparently, from the client's real address:
 
@@ -47,13 +47,15 @@ import collections
 import contextlib
 import errno
 import logging
+import resource
 import socket
 import struct
 from typing import Awaitable, Callable
 
 
-from mirrord_tun.agent.httpsteal import (CHUNK, Chooser, HttpFilter, Opener, Reader, RequestHead, Writer,
-                                         proxy_connection)
+from mirrord_tun.agent.httpfilter import HttpFilter
+from mirrord_tun.agent.httprelay import Link
+from mirrord_tun.agent.httpsteal import Chooser, HttpProxy, Opener, RequestHead
 from mirrord_tun.netns import nft
 from mirrord_tun.netns.namespace import NetNs
 from mirrord_tun.netns import routes
@@ -69,6 +71,20 @@ SO_ORIGINAL_DST = 80  # also IP6T_SO_ORIGINAL_DST, at SOL_IPV6
 LISTEN_ATTEMPTS = 8  # an IPv4 listener's port may be taken for IPv6: another pick
 CONNECT_TIMEOUT = 5.0
 SPARE_SOCKETS = 16
+MAX_PROXIED, MAX_PROXIED_PER_SOURCE = 4096, 1024  # connections: see connection_caps
+FD_RESERVE = 256  # fds left to SSH, sessions and the admission caps
+MIN_CAP = 16
+
+
+def connection_caps() -> tuple[int, int]:
+    """(per source, in all) the connections a session's redirect sends the proxy at once, from
+    the fds this process may hold (server._raise_fd_limit ran): each costs up to two, and
+    SSH sessions and the admission caps need the rest. Past either cap, connections go to
+    the pod's server directly, in the kernel (steal.declarations): a flood costs us nothing
+    more, and the pod sees what it would without a session."""
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    total = max(MIN_CAP, min(MAX_PROXIED, (nofile - FD_RESERVE) // 3))
+    return max(MIN_CAP, min(MAX_PROXIED_PER_SOURCE, total // 2)), total
 
 
 def _nft_table(family: str) -> str:
@@ -177,10 +193,11 @@ class Route:
 
     def __init__(self, holder: str, http_filter: HttpFilter, clients: dict[int, str], local: int) -> None:
         self.holder, self.filter, self.clients, self.local = holder, http_filter, clients, local
-        self.connections: set[asyncio.Task[None]] = set()
+        self.connections: set[HttpProxy] = set()
 
 
-Connect = Callable[[int, str, int, tuple[str, int]], Awaitable[tuple[Reader, Writer]]]
+# (mark, client address, port to avoid, destination, protocol factory): a connected transport.
+Connect = Callable[[int, str, int, tuple[str, int], Callable[[], Link]], Awaitable[asyncio.BaseTransport]]
 
 
 class PortProxy:
@@ -191,37 +208,39 @@ class PortProxy:
         self.port, self.servers, self.listen_port = port, servers, listen_port
         self._connect, self._counters, self._on_idle = connect, counters, on_idle
         self.routes: list[Route] = []
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[HttpProxy] = set()  # its client connections
         self.closed = False  # no longer accepting; its connections may still run (to the pod)
 
-    async def handle(self, reader: Reader, writer: Writer) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.tasks.add(task)
+    def connection(self) -> HttpProxy:
+        """The protocol of one accepted connection."""
+        return HttpProxy(self._setup, self._counters, self._closed)
+
+    def _setup(self, transport: asyncio.Transport) -> tuple[Chooser, Opener] | None:
+        conn = transport.get_protocol()
+        assert isinstance(conn, HttpProxy)
+        self.tasks.add(conn)
         try:
-            sock = writer.get_extra_info("socket")
-            dest, peer = original_destination(sock), writer.get_extra_info("peername")
-            if dest[1] != self.port or dest == writer.get_extra_info("sockname")[:2]:
-                self._counters["steal_not_redirected"] += 1  # someone called the listener's own port
-                writer.transport.abort()
-                return
-
-            async def pod() -> tuple[Reader, Writer]:
-                return await self._connect(POD_MARK, peer[0], peer[1], dest)
-
-            choose = self._chooser(task, peer)
-            await proxy_connection((reader, writer), choose, pod, self._counters)
+            dest, peer = original_destination(transport.get_extra_info("socket")), transport.get_extra_info("peername")
         except OSError as e:
             log.debug("steal proxy on port %d: %s", self.port, e)
-            writer.transport.abort()
-        finally:
-            self.tasks.discard(task)
-            for route in self.routes:
-                route.connections.discard(task)
-            if self.closed and not self.tasks:
-                self._on_idle(self)
+            return None
+        if dest[1] != self.port or dest == transport.get_extra_info("sockname")[:2]:
+            self._counters["steal_not_redirected"] += 1  # someone called the listener's own port
+            return None
 
-    def _chooser(self, task: asyncio.Task[None], peer: tuple[str, int]) -> Chooser:
+        async def pod(factory: Callable[[], Link]) -> asyncio.BaseTransport:
+            return await self._connect(POD_MARK, peer[0], peer[1], dest, factory)
+
+        return self._chooser(conn, peer), pod
+
+    def _closed(self, conn: HttpProxy) -> None:
+        self.tasks.discard(conn)
+        for route in self.routes:
+            route.connections.discard(conn)
+        if self.closed and not self.tasks:
+            self._on_idle(self)
+
+    def _chooser(self, conn: HttpProxy, peer: tuple[str, int]) -> Chooser:
         # One opener per route for this connection: the proxy keys its upstreams by opener.
         openers: dict[int, Opener] = {}
 
@@ -231,7 +250,7 @@ class PortProxy:
             for route in self.routes:
                 # A session whose tunnel lacks the client's family cannot take its connection.
                 if family in route.clients and route.filter.matches(head):
-                    route.connections.add(task)
+                    route.connections.add(conn)
                     opener = openers.get(id(route))
                     if opener is None:
                         opener = openers[id(route)] = self._local_opener(route, peer)
@@ -241,13 +260,14 @@ class PortProxy:
         return choose
 
     def _local_opener(self, route: Route, peer: tuple[str, int]) -> Opener:
-        async def opener() -> tuple[Reader, Writer]:
-            return await self._connect(LOCAL_MARK, peer[0], peer[1], (route.clients[_family(peer[0])], route.local))
+        async def opener(factory: Callable[[], Link]) -> asyncio.BaseTransport:
+            dest = (route.clients[_family(peer[0])], route.local)
+            return await self._connect(LOCAL_MARK, peer[0], peer[1], dest, factory)
         return opener
 
-    def drop(self, holder: str) -> list[asyncio.Task[None]]:
+    def drop(self, holder: str) -> list[HttpProxy]:
         """Forget `holder`'s route; returns the connections that sent it requests, to be ended."""
-        doomed = [t for r in self.routes if r.holder == holder for t in r.connections if not t.done()]
+        doomed = [c for r in self.routes if r.holder == holder for c in r.connections]
         self.routes = [r for r in self.routes if r.holder != holder]
         return doomed
 
@@ -330,8 +350,8 @@ class Proxies:
         servers = []
         try:
             for sock in socks:
-                servers.append(await asyncio.start_server(lambda r, w: holder[0].handle(r, w), sock=sock,
-                                                          limit=CHUNK))
+                servers.append(await asyncio.get_running_loop().create_server(lambda: holder[0].connection(),
+                                                                              sock=sock))
         except BaseException:
             for server in servers:
                 server.close()
@@ -344,14 +364,16 @@ class Proxies:
         log.info("filtered steal: pod port %d served by the proxy on port %d", port, listen_port)
         return proxy
 
-    async def _connect(self, mark: int, source: str, avoid_port: int, dest: tuple[str, int]) -> tuple[Reader, Writer]:
+    async def _connect(self, mark: int, source: str, avoid_port: int, dest: tuple[str, int],
+                       factory: Callable[[], Link]) -> asyncio.BaseTransport:
         for _ in range(3):
             sock = await self._socket(_family(source))
             try:
                 if _make_transparent(sock, mark, source, avoid_port):
                     async with asyncio.timeout(CONNECT_TIMEOUT):
                         await asyncio.get_running_loop().sock_connect(sock, dest)
-                    return await asyncio.open_connection(sock=sock, limit=CHUNK)
+                    transport, _ = await asyncio.get_running_loop().create_connection(factory, sock=sock)
+                    return transport
             except BaseException:
                 sock.close()
                 raise
@@ -372,8 +394,6 @@ class Proxies:
             spare += await self._ns.acall(_new_sockets, SPARE_SOCKETS - len(spare), family)
 
 
-async def _end(tasks: list[asyncio.Task[None]]) -> None:
-    for task in tasks:
-        task.cancel()
-    if tasks:
-        await asyncio.wait(tasks)
+async def _end(conns: list[HttpProxy]) -> None:
+    for conn in conns:
+        conn.abort()  # their links close with them, in connection_lost

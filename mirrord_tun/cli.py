@@ -5,6 +5,7 @@ anything of ours (usage errors included), 130 for Ctrl-C, the command's own stat
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -188,9 +189,9 @@ def _steal_excludes(_ctx: click.Context, _param: click.Parameter, specs: tuple[s
         raise click.BadParameter(str(e)) from None
 
 
-def _http_filter(_ctx: click.Context, param: click.Parameter, pattern: str | None) -> str | None:
+def _regex(_ctx: click.Context, param: click.Parameter, pattern: str | None) -> str | None:
     """A regex the agent will accept, checked here: a bad one must fail before the pod changes."""
-    from mirrord_tun.agent.httpsteal import HttpFilter
+    from mirrord_tun.agent.httpfilter import HttpFilter
     from mirrord_tun.protocol import MAX_REGEX
 
     if pattern is None:
@@ -199,10 +200,70 @@ def _http_filter(_ctx: click.Context, param: click.Parameter, pattern: str | Non
         raise click.BadParameter(f"at most {MAX_REGEX} characters")
     try:
         HttpFilter.compile(pattern if param.name == "http_header_filter" else None,
-                           pattern if param.name == "http_path_filter" else None)
+                           pattern if param.name == "http_path_filter" else None,
+                           pattern if param.name == "http_method_filter" else None)
     except ValueError as e:
         raise click.BadParameter(str(e).split(" ", 1)[1]) from None  # without the option name
     return pattern
+
+
+def _singles(_ctx: click.Context, param: click.Parameter, specs: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    from mirrord_tun.agent.httpfilter import parse_single
+    from mirrord_tun.protocol import MAX_REGEX, MAX_SINGLE_FILTERS
+
+    if len(specs) > MAX_SINGLE_FILTERS:
+        raise click.BadParameter(f"at most {MAX_SINGLE_FILTERS}")
+    out = []
+    for spec in specs:
+        if len(spec) > MAX_REGEX:
+            raise click.BadParameter(f"at most {MAX_REGEX} characters")
+        try:
+            out.append(parse_single(param.opts[0], spec))
+        except ValueError as e:
+            raise click.BadParameter(str(e).split(" ", 1)[1]) from None
+    return tuple(out)
+
+
+def _http_filter_options(f: Callable[..., None]) -> Callable[..., None]:
+    """The filtered-steal options, handed to the command as one `http_filter` (run.HttpFilterSpec)."""
+    names = ("http_header_filter", "http_path_filter", "http_path_filter_ignore_case", "http_method_filter",
+             "http_filter_all_of", "http_filter_any_of", "http_filter_ports")
+
+    @functools.wraps(f)
+    def collapse(**kw: Any) -> None:
+        from mirrord_tun.run import HttpFilterSpec
+
+        header, path, ignore_case, method, all_of, any_of, ports = (kw.pop(n) for n in names)
+        if ignore_case and path is None:
+            raise click.UsageError("--http-path-filter-ignore-case needs --http-path-filter")
+        if ignore_case:
+            path = f"(?i){path}"
+        spec = HttpFilterSpec(header, path, method, all_of, any_of, tuple(sorted(set(ports))))
+        if ports and not spec.given():
+            raise click.UsageError("--http-filter-ports needs a filter (--http-header-filter, ...)")
+        f(http_filter=spec, **kw)
+
+    return _options(
+        click.option("--http-header-filter", metavar="REGEX", callback=_regex,
+                     help="With --steal: steal only the HTTP requests with a header `Name: value` matching "
+                     "REGEX (case-insensitive); the pod's server answers the others."),
+        click.option("--http-path-filter", metavar="REGEX", callback=_regex,
+                     help="With --steal: steal only the HTTP requests whose path, or path and query, "
+                     "matches REGEX (case-sensitive; see the next option)."),
+        click.option("--http-path-filter-ignore-case", is_flag=True, help="Match --http-path-filter "
+                     "case-insensitively (as mirrord does)."),
+        click.option("--http-method-filter", metavar="METHOD", callback=_regex,
+                     help="With --steal: steal only the HTTP requests with this method (any case)."),
+        click.option("--http-filter-all-of", metavar="KIND=PATTERN", multiple=True, callback=_singles,
+                     help="With --steal: a filter (header=REGEX, path=REGEX, method=M) every stolen request "
+                     "matches; repeatable. All filters given must match."),
+        click.option("--http-filter-any-of", metavar="KIND=PATTERN", multiple=True, callback=_singles,
+                     help="With --steal: like --http-filter-all-of, but a request matching any one of these "
+                     "is enough (with the other filters)."),
+        click.option("--http-filter-ports", metavar="P", type=click.IntRange(1, 65535), multiple=True,
+                     help="The pod ports whose HTTP requests are filtered (repeatable); default 80, 8080 and "
+                     "every --port. Other served ports stay the pod's; other --port ports are stolen whole."),
+    )(collapse)
 
 
 def _size(_ctx: click.Context, _param: click.Parameter, text: str) -> int:
@@ -226,25 +287,20 @@ _mirror_options = _options(
     click.option("--steal-exclude", metavar="CIDR", multiple=True, callback=_steal_excludes,
                  help="With --steal: connections from these sources keep going to the pod (repeatable; "
                  "in Kubernetes the pod's node, whose kubelet probes it, is excluded by default)."),
-    click.option("--http-header-filter", metavar="REGEX", callback=_http_filter,
-                 help="With --steal: steal only the HTTP/1.1 requests with a `Name: value` header line "
-                 "matching REGEX (case-insensitive); the pod's server answers the others."),
-    click.option("--http-path-filter", metavar="REGEX", callback=_http_filter,
-                 help="With --steal: steal only the HTTP/1.1 requests whose path matches REGEX (with "
-                 "--http-header-filter: both must match)."),
+    _http_filter_options,
 )
 
 
-def _steal_options(steal: bool, port: dict[int, int], exclude: tuple[str, ...], header: str | None = None,
-                   path: str | None = None, default_exclude: tuple[str, ...] = ()) -> Any:
-    """run's StealOptions for --steal, else None."""
+def _steal_options(steal: bool, port: dict[int, int], exclude: tuple[str, ...], http: Any,
+                   default_exclude: tuple[str, ...] = ()) -> Any:
+    """run's StealOptions for --steal, else None; `http`: a run.HttpFilterSpec."""
     if not steal:
-        if exclude or header is not None or path is not None:
-            raise click.UsageError("--steal-exclude, --http-header-filter and --http-path-filter need --steal")
+        if exclude or http.given():
+            raise click.UsageError("--steal-exclude and the --http-*-filter options need --steal")
         return None
     from mirrord_tun.run import StealOptions
 
-    return StealOptions(port, tuple(dict.fromkeys(default_exclude + exclude)), header, path)
+    return StealOptions(port, tuple(dict.fromkeys(default_exclude + exclude)), http)
 
 
 def _mounts(paths: tuple[str, ...], volumes: tuple[str, ...]) -> Any:
@@ -353,8 +409,7 @@ def run(agent: str | None, identity: str | None, agent_host_key: str | None, tar
         agent_annotation: tuple[tuple[str, str], ...], agent_address: str | None, no_env: bool,
         env_exclude: tuple[str, ...], env_allow: tuple[str, ...], dry_run: bool, port: dict[int, int],
         no_mirror: bool, mirror_spill_limit: int, steal: bool, steal_exclude: tuple[str, ...],
-        http_header_filter: str | None,
-        http_path_filter: str | None, verbose: int, quiet: bool, command: tuple[str, ...],
+        http_filter: Any, verbose: int, quiet: bool, command: tuple[str, ...],
         mount: tuple[str, ...] = (), no_mount: bool = False, serve_fs: tuple[str, ...] = ()) -> None:
     """Run COMMAND with a pod's network.
 
@@ -377,15 +432,14 @@ def run(agent: str | None, identity: str | None, agent_host_key: str | None, tar
     from mirrord_tun.run import LocalSession
 
     mirror_ports = None if no_mirror or steal else port
-    filters = (http_header_filter, http_path_filter)
-    _steal_options(steal, port, steal_exclude, *filters)  # usage errors before anything starts
+    _steal_options(steal, port, steal_exclude, http_filter)  # usage errors before anything starts
 
     async def go(address: str, key: Any, pinned: Any, probes: tuple[str, ...] = (),
                  volumes: tuple[str, ...] = (), progress: Any = None, **link: Any) -> int:
         new_sock = link.pop("reconnect", None)
         session = LocalSession(list(command), address, key, pinned, mirror_ports=mirror_ports,
                                spill_limit=mirror_spill_limit,
-                               steal=_steal_options(steal, port, steal_exclude, *filters, probes), **link)
+                               steal=_steal_options(steal, port, steal_exclude, http_filter, probes), **link)
         session.new_sock = new_sock
         session.mounts = _mounts(mount, () if no_mount else volumes)
         if progress is not None:
@@ -529,7 +583,7 @@ def agent(listen: str, authorized_key: str | None, authorized_key_data: str | No
 def attach(netns: str | None, pid: int | None, container: str | None, agent: str, identity: str,
            agent_host_key: str, no_dns: bool, port: dict[int, int], no_mirror: bool, mirror_spill_limit: int,
            steal: bool,
-           steal_exclude: tuple[str, ...], http_header_filter: str | None, http_path_filter: str | None,
+           steal_exclude: tuple[str, ...], http_filter: Any,
            verbose: int, quiet: bool) -> None:
     """Give a running container a pod's network.
 
@@ -541,7 +595,7 @@ def attach(netns: str | None, pid: int | None, container: str | None, agent: str
     from mirrord_tun.connect import load_keys
     from mirrord_tun.run import LocalSession
 
-    stealing = _steal_options(steal, port, steal_exclude, http_header_filter, http_path_filter)
+    stealing = _steal_options(steal, port, steal_exclude, http_filter)
 
     async def go() -> int:
         target = at.resolve(netns, pid, container, dns=not no_dns)
@@ -564,7 +618,7 @@ def attach(netns: str | None, pid: int | None, container: str | None, agent: str
 def sidecar(hold: bool, agent: str | None, identity: str | None, agent_host_key: str | None,
             no_dns: bool, port: dict[int, int], no_mirror: bool, mirror_spill_limit: int, steal: bool,
             steal_exclude: tuple[str, ...],
-            http_header_filter: str | None, http_path_filter: str | None, verbose: int, quiet: bool) -> None:
+            http_filter: Any, verbose: int, quiet: bool) -> None:
     """Keep this container in a pod's network.
 
     For compose: attaches again whenever the tunnel drops.
@@ -580,7 +634,7 @@ def sidecar(hold: bool, agent: str | None, identity: str | None, agent_host_key:
     from mirrord_tun.connect import load_keys
     from mirrord_tun.run import LocalSession
 
-    stealing = _steal_options(steal, port, steal_exclude, http_header_filter, http_path_filter)
+    stealing = _steal_options(steal, port, steal_exclude, http_filter)
 
     async def go() -> int:
         key, pinned = load_keys(identity, agent_host_key)

@@ -12,7 +12,9 @@ only when the negotiated version has them: version 2 adds the inbound mirror
 (SUBSCRIBE, MIRROR; see docs/mirror.md), version 3 steal (STEAL,
 STEAL_STATE), version 4 resume: WELCOME carries a per-session secret and the
 agent's grace period, and a client whose connection dropped opens a new one
-(with the same key) and sends RESUME instead of HELLO.
+(with the same key) and sends RESUME instead of HELLO. Version 5: a filtered
+steal may carry `method`, `all_of` and `any_of` (an older agent would ignore
+them and steal more than asked, so the client sends them only from 5 on).
 
 IPv6 needs no new version: an agent whose session carries IPv6 adds optional
 fields to WELCOME (`client_addr6`, `agent_addr6`, `pod_addrs6`), which older
@@ -29,11 +31,12 @@ import re
 import struct
 from typing import Any, Callable, Iterator
 
-VERSION = 4
+VERSION = 5
 MIN_VERSION = 1
 MIRROR_VERSION = 2  # first version with SUBSCRIBE and MIRROR
 STEAL_VERSION = 3  # first version with STEAL and STEAL_STATE
 RESUME_VERSION = 4  # first version with RESUME, and a secret and resume_timeout in WELCOME
+FILTER_VERSION = 5  # first version whose filtered steals have method, all_of and any_of
 MAX_RESUME_TIMEOUT = 24 * 3600
 SUBSYSTEM = "mirrord-ns"
 MAX_BODY = 1 << 20  # bigger frames are skipped whole and counted, never buffered
@@ -402,26 +405,76 @@ def regex(value: object, what: str) -> str | None:
     return value
 
 
+MAX_SINGLE_FILTERS = 16  # in one all_of or any_of
+
+
 @dataclasses.dataclass(frozen=True)
 class FilteredSteal:
-    """HTTP requests to pod port `port` that match go to local port `local`, the rest to the pod."""
+    """HTTP requests to pod port `port` that match go to local port `local`, the rest to the pod
+    (agent/httpfilter.py says what matching is)."""
 
     port: int
     local: int
     header: str | None  # against each `Name: value` header line, case-insensitively
-    path: str | None  # against the request path
+    path: str | None  # against the request path, and the path with its query
+    method: str | None = None  # version 5 on, like all_of and any_of
+    all_of: tuple[tuple[str, str], ...] = ()  # (kind, pattern): "header", "path" or "method"
+    any_of: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out: dict[str, Any] = {"port": self.port, "local": self.local, "header": self.header, "path": self.path}
+        if self.method is not None:
+            out["method"] = self.method
+        for name in ("all_of", "any_of"):
+            if getattr(self, name):
+                out[name] = [{kind: pattern} for kind, pattern in getattr(self, name)]
+        return out
+
+    def extended(self) -> bool:
+        """Has what only a version-5 agent understands."""
+        return self.method is not None or bool(self.all_of or self.any_of)
 
     @classmethod
     def from_json(cls, d: object) -> "FilteredSteal":
         if type(d) is not dict:
             raise Malformed("a filtered steal must be an object")
         header, path = regex(d.get("header"), "header filter"), regex(d.get("path"), "path filter")
-        if header is None and path is None:
-            raise Malformed("a filtered steal needs a header or a path filter")
-        return cls(_port(d.get("port"), "filtered port"), _port(d.get("local"), "filtered local port"), header, path)
+        method = _method(d.get("method"))
+        all_of, any_of = _singles(d.get("all_of"), "all_of"), _singles(d.get("any_of"), "any_of")
+        if header is None and path is None and method is None and not all_of and not any_of:
+            raise Malformed("a filtered steal needs a header, path or method filter, all_of or any_of")
+        return cls(_port(d.get("port"), "filtered port"), _port(d.get("local"), "filtered local port"), header, path,
+                   method, all_of, any_of)
+
+
+def _method(value: object) -> str | None:
+    if value is None:
+        return None
+    if type(value) is not str or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}", value):
+        raise Malformed(f"method filter {_short(value)} is not an HTTP method")
+    return value
+
+
+def _singles(value: object, what: str) -> tuple[tuple[str, str], ...]:
+    """all_of / any_of: a list of one-key objects {"header"|"path"|"method": pattern}."""
+    if value is None:
+        return ()
+    if type(value) is not list or not 0 < len(value) <= MAX_SINGLE_FILTERS:
+        raise Malformed(f"{what} must be a list of 1 to {MAX_SINGLE_FILTERS} filters")
+    out = []
+    for item in value:
+        if type(item) is not dict or len(item) != 1:
+            raise Malformed(f"each {what} filter must be an object with one of header, path, method")
+        (kind, pattern), = item.items()
+        if type(pattern) is not str:
+            raise Malformed(f"each {what} filter's pattern must be a string")
+        if kind == "method":
+            out.append((kind, str(_method(pattern))))
+        elif kind in ("header", "path"):
+            out.append((kind, str(regex(pattern, f"{what} {kind} filter"))))
+        else:
+            raise Malformed(f"each {what} filter must be an object with one of header, path, method")
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)

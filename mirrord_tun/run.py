@@ -55,25 +55,49 @@ UNSTEAL_WAIT = 0.5  # at the end, for the agent to confirm it gave the ports bac
 Steer = Callable[[str], "Callable[[], None] | None"]
 
 
+DEFAULT_HTTP_PORTS = (80, 8080)  # mirrord's http_filter.ports default
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpFilterSpec:
+    """The --http-*-filter options as given (checked with httpfilter.HttpFilter.compile)."""
+
+    header: str | None = None
+    path: str | None = None
+    method: str | None = None
+    all_of: tuple[tuple[str, str], ...] = ()  # (kind, pattern)
+    any_of: tuple[tuple[str, str], ...] = ()
+    ports: tuple[int, ...] = ()  # --http-filter-ports; empty: DEFAULT_HTTP_PORTS and every --port
+
+    def given(self) -> bool:
+        return any((self.header is not None, self.path is not None, self.method is not None, self.all_of, self.any_of))
+
+
 @dataclasses.dataclass(frozen=True)
 class StealOptions:
     """`--steal`: the pod's connections to the program's ports go to the program instead."""
 
     ports: dict[int, int]  # --port: pod port -> local port, stolen (over TCP) whether served or not
     exclude: tuple[str, ...] = ()  # source CIDRs that keep reaching the pod (checked with protocol.cidr)
-    # --http-header-filter, --http-path-filter (checked with HttpFilter.compile): with either, TCP
-    # ports are stolen per HTTP request, only the requests that match; UDP ports still whole.
-    header_filter: str | None = None
-    path_filter: str | None = None
+    # With a filter, the HTTP ports' requests are stolen one by one, only those that match; the
+    # other TCP ports are stolen whole if named with --port, else left to the pod; UDP whole.
+    http: HttpFilterSpec = HttpFilterSpec()
+
+    def http_ports(self) -> set[int]:
+        return set(self.http.ports) if self.http.ports else {*DEFAULT_HTTP_PORTS, *self.ports}
 
     def request(self, tcp: dict[int, int], udp: dict[int, int]) -> protocol.StealRequest:
-        if self.header_filter is None and self.path_filter is None:
+        if not self.http.given():
             return protocol.StealRequest(tcp, udp, self.exclude)
-        if len(tcp) > protocol.MAX_FILTERED:
-            log.warning("filtering the lowest %d of %d ports", protocol.MAX_FILTERED, len(tcp))
-        filtered = tuple(protocol.FilteredSteal(p, l, self.header_filter, self.path_filter)
-                         for p, l in sorted(tcp.items())[:protocol.MAX_FILTERED])
-        return protocol.StealRequest({}, udp, self.exclude, filtered)
+        http = self.http_ports()
+        filtered_ports = sorted(p for p in tcp if p in http)
+        if len(filtered_ports) > protocol.MAX_FILTERED:
+            log.warning("filtering the lowest %d of %d ports", protocol.MAX_FILTERED, len(filtered_ports))
+        h = self.http
+        filtered = tuple(protocol.FilteredSteal(p, tcp[p], h.header, h.path, h.method, h.all_of, h.any_of)
+                         for p in filtered_ports[:protocol.MAX_FILTERED])
+        whole = {p: l for p, l in tcp.items() if p not in http and p in self.ports}
+        return protocol.StealRequest(whole, udp, self.exclude, filtered)
 
 
 class Stealer:
@@ -317,6 +341,10 @@ class LocalSession:
                 if welcome.version < protocol.STEAL_VERSION:
                     raise SetupError(f"the agent speaks protocol {welcome.version}, too old to steal "
                                      f"(needs {protocol.STEAL_VERSION})")
+                h = self.steal.http
+                if welcome.version < protocol.FILTER_VERSION and (h.method is not None or h.all_of or h.any_of):
+                    raise SetupError(f"the agent speaks protocol {welcome.version}, too old for method, all-of "
+                                     f"and any-of filters (needs {protocol.FILTER_VERSION})")
                 self.stealer = Stealer(ns, welcome.client_addrs, self.steal, self.write)
                 await self.stealer.start()
             elif self.mirror_ports is not None and welcome.version < protocol.MIRROR_VERSION:

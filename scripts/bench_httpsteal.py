@@ -11,15 +11,13 @@ through the proxy with requests that do not match, alternating per round:
 
 - p50/p99 of small GETs, a new TCP connection each, and on one keep-alive connection;
 - throughput of MB-sized POST bodies (Content-Length, then chunked) on one connection;
-- p50 of matching small requests (to the local server), for reference.
+- p50 of matching small requests (to the local server), for reference;
+- wrk, `--connections` keep-alive clients (200) for `--seconds`, straight to the pod's
+  server and through the proxy (`--workers` processes on one SO_REUSEPORT port), req/s and
+  p50/p99, alternating per round (`--wrk-only` for just this).
 
-Then a parser micro-benchmark, h11 vs httptools, on the proxy's two jobs:
-parsing small request heads and finding the end of a large chunked body.
-httptools is far faster at both, but cannot say where in the bytes fed a message
-ended (llhttp's pause is not exposed; only an upgrade reports an offset), nor
-be told that a response answers HEAD; h11's `trailing_data` gives the exact
-boundary, which forwarding pipelined requests as raw bytes needs (see the
-module docstring of agent/httpsteal.py).
+Then a parser micro-benchmark, h11 (the proxy's parser before) vs httptools (llhttp,
+its parser now), on small request heads and on a large chunked body.
 """
 from __future__ import annotations
 
@@ -28,6 +26,7 @@ import asyncio
 import collections
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -69,34 +68,63 @@ def _serve(name: str) -> None:
     uvloop.run(main())
 
 
-def _proxy(pod_port: int, local_port: int) -> None:
+def _proxy(pod_port: int, local_port: int, workers: int = 1) -> None:
+    """The proxy; with `workers` > 1, that many processes on one SO_REUSEPORT port."""
     import uvloop
 
-    from mirrord_tun.agent.httpsteal import CHUNK, HttpFilter, proxy_connection
+    from mirrord_tun.agent.httpfilter import HttpFilter
+    from mirrord_tun.agent.httpsteal import HttpProxy
 
     filt = HttpFilter.compile("^x-dev: me$", None)
     counters: collections.Counter = collections.Counter()
 
-    async def pod():
-        return await asyncio.open_connection(HOST, pod_port, limit=CHUNK)
+    def listener(port: int) -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((HOST, port))
+        sock.listen(1024)
+        return sock
 
-    async def local():
-        return await asyncio.open_connection(HOST, local_port, limit=CHUNK)
+    first = listener(0)
+    port = first.getsockname()[1]
+    socks = [first] + [listener(port) for _ in range(workers - 1)]
+    for sock in socks[1:]:
+        if os.fork() == 0:
+            socks = [sock]
+            break
+    else:
+        socks = [first]
+        print(port, flush=True)
 
-    async def handle(reader, writer) -> None:
-        await proxy_connection((reader, writer), lambda head: local if filt.matches(head) else None, pod, counters)
+    def opener(port: int):
+        async def open_(factory):
+            transport, _ = await asyncio.get_running_loop().create_connection(factory, HOST, port)
+            return transport
+        return open_
+
+    pod, local = opener(pod_port), opener(local_port)
+
+    def setup(_transport):
+        return (lambda head: local if filt.matches(head) else None), pod
 
     async def main() -> None:
-        server = await asyncio.start_server(handle, HOST, 0, limit=CHUNK)
-        print(server.sockets[0].getsockname()[1], flush=True)
+        server = await asyncio.get_running_loop().create_server(
+            lambda: HttpProxy(setup, counters, lambda _conn: None), sock=socks[0])
         await server.serve_forever()
 
     uvloop.run(main())
 
 
 def _start(*role: str) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *role], stdout=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *role], stdout=subprocess.PIPE,
+                            start_new_session=True)  # its own group: the proxy's forked workers too
     return proc, int(proc.stdout.readline())
+
+
+def _stop(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
 
 
 # --------------------------------------------------------------------------- client
@@ -147,6 +175,50 @@ def _post(port: int, body: memoryview, chunked: bool) -> float:
         return len(body) * 8 / (time.perf_counter() - t0) / 1e9
 
 
+def _wrk(port: int, connections: int, seconds: int, mine: bool = False) -> dict[str, float]:
+    """wrk's req/s and latency percentiles (ms), `connections` keep-alive clients on 2 threads."""
+    header = "X-Dev: me" if mine else "X-Dev: other"
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-H", header,
+                          f"http://{HOST}:{port}/x"], capture_output=True, text=True, timeout=seconds + 60)
+    if out.returncode != 0 or "Requests/sec:" not in out.stdout:
+        raise RuntimeError(f"wrk failed: {out.stderr.strip() or out.stdout.strip()}")
+    result = {"rps": float(out.stdout.split("Requests/sec:")[1].split()[0])}
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] in ("50%", "99%"):
+            value, unit = float(parts[1].rstrip("usm")), parts[1].lstrip("0123456789.")
+            result[f"p{parts[0][:-1]}_ms"] = round(value * {"us": 1e-3, "ms": 1, "s": 1e3}[unit], 3)
+    bad = [line for line in out.stdout.splitlines() if "Non-2xx" in line or "Socket errors" in line]
+    if bad:
+        result["errors"] = " ".join(bad)  # type: ignore[assignment]
+    return result
+
+
+def load(connections: int, seconds: int, rounds: int, workers: int) -> dict:
+    """wrk against the pod's server directly and through the proxy (requests that go to the
+    pod, and matching ones), alternating, in one run; medians over the rounds."""
+    pod, pod_port = _start("serve", "pod")
+    local, local_port = _start("serve", "local")
+    proxy, proxy_port = _start("proxy", str(pod_port), str(local_port), str(workers))
+    runs: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
+    try:
+        for _ in range(rounds):
+            runs["direct"].append(_wrk(pod_port, connections, seconds))
+            runs["proxy"].append(_wrk(proxy_port, connections, seconds))
+            runs["proxy_matched"].append(_wrk(proxy_port, connections, seconds, mine=True))
+    finally:
+        _stop(proxy, pod, local)
+    out: dict = {"connections": connections, "seconds": seconds, "rounds": rounds, "proxy_workers": workers}
+    for via, results in runs.items():
+        out[via] = {k: round(median([r[k] for r in results]), 3) for k in ("rps", "p50_ms", "p99_ms")}
+        errors = [r["errors"] for r in results if "errors" in r]
+        if errors:
+            out[via]["errors"] = errors
+    out["ratio_rps"] = round(out["proxy"]["rps"] / out["direct"]["rps"], 3)
+    out["ratio_p99"] = round(out["proxy"]["p99_ms"] / out["direct"]["p99_ms"], 3)
+    return out
+
+
 def _ms(values: list[float]) -> dict[str, float]:
     return {"p50": round(median(values), 3), "p99": round(percentile(values, 99), 3)}
 
@@ -154,7 +226,7 @@ def _ms(values: list[float]) -> dict[str, float]:
 def measure(requests: int, mb: int, rounds: int) -> dict:
     pod, pod_port = _start("serve", "pod")
     local, local_port = _start("serve", "local")
-    proxy, proxy_port = _start("proxy", str(pod_port), str(local_port))
+    proxy, proxy_port = _start("proxy", str(pod_port), str(local_port), "1")
     try:
         body = memoryview(os.urandom(mb * 1024 * 1024))
         runs: dict[str, list[float]] = collections.defaultdict(list)
@@ -166,9 +238,7 @@ def measure(requests: int, mb: int, rounds: int) -> dict:
                 runs[f"{via}_chunked_gbits"].append(_post(port, body, chunked=True))
             runs["proxy_matched_keepalive_ms"] += _latency(proxy_port, requests, keepalive=True, mine=True)
     finally:
-        for p in (proxy, pod, local):
-            p.kill()
-            p.wait()
+        _stop(proxy, pod, local)
     out: dict = {}
     for key, values in runs.items():
         out[key] = _ms(values) if key.endswith("_ms") else round(median(values), 2)
@@ -246,14 +316,22 @@ def main() -> None:
     if sys.argv[1:2] == ["serve"]:
         return _serve(sys.argv[2])
     if sys.argv[1:2] == ["proxy"]:
-        return _proxy(int(sys.argv[2]), int(sys.argv[3]))
+        return _proxy(*map(int, sys.argv[2:5]))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=1000, help="small requests per kind and round")
     ap.add_argument("--mb", type=int, default=100, help="POST body size")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--connections", type=int, default=200, help="wrk's keep-alive clients")
+    ap.add_argument("--seconds", type=int, default=5, help="per wrk run")
+    ap.add_argument("--workers", type=int, default=1, help="proxy processes on one SO_REUSEPORT port (wrk only)")
+    ap.add_argument("--wrk-only", action="store_true", help="only the wrk comparison")
     args = ap.parse_args()
-    result = {"proxy": measure(args.requests, args.mb, args.rounds), "parsers": parsers(mb=args.mb)}
+    if args.wrk_only:
+        print(json.dumps(load(args.connections, args.seconds, args.rounds, args.workers), indent=1))
+        return
+    result = {"proxy": measure(args.requests, args.mb, args.rounds), "parsers": parsers(mb=args.mb),
+              "wrk": load(args.connections, args.seconds, args.rounds, args.workers)}
     if args.json:
         print(json.dumps(result, indent=1))
         return
@@ -267,6 +345,11 @@ def main() -> None:
     for kind in ("cl", "chunked"):
         print(f"{args.mb} MB POST {kind:7}: direct {r[f'direct_{kind}_gbits']:.2f} Gbit/s, "
               f"proxy {r[f'proxy_{kind}_gbits']:.2f} Gbit/s (x{r[f'ratio_{kind}_throughput']})")
+    w = result["wrk"]
+    print(f"wrk {w['connections']} keep-alive clients, {w['proxy_workers']} proxy process(es): direct "
+          f"{w['direct']['rps']:.0f} req/s p50 {w['direct']['p50_ms']} p99 {w['direct']['p99_ms']} ms; proxy (to the "
+          f"pod) {w['proxy']['rps']:.0f} req/s p50 {w['proxy']['p50_ms']} p99 {w['proxy']['p99_ms']} ms "
+          f"(x{w['ratio_rps']} req/s, x{w['ratio_p99']} p99); matched {w['proxy_matched']['rps']:.0f} req/s")
     print("parsers:", json.dumps(result["parsers"]))
 
 

@@ -26,7 +26,8 @@ import pytest
 import uvloop
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from mirrord_tun.agent.httpsteal import CHUNK, HttpFilter, RequestHead, proxy_connection
+from mirrord_tun.agent.httpfilter import HttpFilter, parse_single
+from mirrord_tun.agent.httpsteal import HttpProxy, RequestHead
 
 HOST = "127.0.0.1"
 TIMEOUT = 20.0
@@ -101,6 +102,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(out)))
         if self.path == "/close":
             self.send_header("Connection", "close")
+        elif self.request_version == "HTTP/1.0" and not self.close_connection:
+            self.send_header("Connection", "keep-alive")  # as real servers say it to a 1.0 client (ab -k)
         self.end_headers()
         if send_body:
             self.wfile.write(out)
@@ -185,24 +188,29 @@ class _Collect(logging.Handler):
 
 
 class Proxy:
-    """proxy_connection behind a listening socket, on an event loop of its own thread."""
+    """HttpProxy behind a listening socket, on an event loop of its own thread."""
 
-    def __init__(self, pod_port: int, local_port: int, filt: HttpFilter, sniff_timeout: float = 2.0) -> None:
+    def __init__(self, pod_port: int, local_port: int, filt: HttpFilter, sniff_timeout: float = 2.0,
+                 head_timeout: float = 10.0) -> None:
         self.counters: collections.Counter = collections.Counter()
-        self.failures: list[BaseException] = []
-        self.live: set[asyncio.Task] = set()
+        self.failures: list[BaseException] = []  # what the loop's exception handler saw
+        self.live: set[HttpProxy] = set()
         self.filt = filt
         # Anything at WARNING or above (asyncio's own complaints included) would reach a user's log.
         self.logged = _Collect()
         logging.getLogger().addHandler(self.logged)
 
-        async def opener(port: int):
-            return await asyncio.open_connection(HOST, port, limit=CHUNK)
+        def opener(port: int):
+            async def open_(factory):
+                transport, _ = await asyncio.get_running_loop().create_connection(factory, HOST, port)
+                return transport
+            return open_
 
-        self.pod = lambda: opener(pod_port)
-        self.local = lambda: opener(local_port)
-        self.sniff_timeout = sniff_timeout
+        self.pod, self.local = opener(pod_port), opener(local_port)
+        self.sniff_timeout, self.head_timeout = sniff_timeout, head_timeout
         self.loop = uvloop.new_event_loop()  # as in the agent
+        self.loop.set_exception_handler(lambda _loop, ctx: self.failures.append(ctx.get("exception") or
+                                                                                RuntimeError(ctx["message"])))
         ready = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
         self.thread.start()
@@ -211,27 +219,22 @@ class Proxy:
     def choose(self, head: RequestHead):
         return self.local if self.filt.matches(head) else None
 
-    async def _handle(self, reader, writer) -> None:
-        self.live.add(asyncio.current_task())
-        try:
-            await proxy_connection((reader, writer), self.choose, self.pod, self.counters,
-                                   sniff_timeout=self.sniff_timeout)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as e:  # the contract: it never raises
-            self.failures.append(e)
-        finally:
-            self.live.discard(asyncio.current_task())
+    def _setup(self, transport):
+        self.live.add(transport.get_protocol())
+        return self.choose, self.pod
+
+    def _protocol(self) -> HttpProxy:
+        return HttpProxy(self._setup, self.counters, self.live.discard, self.sniff_timeout, self.head_timeout)
 
     def _run(self, ready: threading.Event) -> None:
         asyncio.set_event_loop(self.loop)
-        self.server = self.loop.run_until_complete(asyncio.start_server(self._handle, HOST, 0, limit=CHUNK))
+        self.server = self.loop.run_until_complete(self.loop.create_server(self._protocol, HOST, 0))
         self.port = self.server.sockets[0].getsockname()[1]
         ready.set()
         self.loop.run_forever()
 
     def idle(self) -> bool:
-        """Every client connection the proxy served has ended (sockets and tasks)."""
+        """Every client connection the proxy served has ended (its sockets and its links)."""
         deadline = time.monotonic() + TIMEOUT
         while self.live and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -242,14 +245,13 @@ class Proxy:
 
         async def down():
             self.server.close()
-            for task in list(self.live):
-                task.cancel()
-            await asyncio.gather(*self.live, return_exceptions=True)
+            for conn in list(self.live):
+                conn.abort()
         asyncio.run_coroutine_threadsafe(down(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         logging.getLogger().removeHandler(self.logged)
-        assert not self.failures
+        assert not self.failures, self.failures
         assert not self.logged.records, [r.getMessage() for r in self.logged.records]
 
 
@@ -473,8 +475,7 @@ def raw_pod(servers) -> Iterator[tuple[RawServer, Proxy]]:
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(32)), "steal_passthrough"),  # TLS ClientHello
     (b"*1\r\n$4\r\nPING\r\n", "steal_passthrough"),  # Redis
     (b"GET\x00\x01binary\r\n\r\n", "steal_passthrough"),  # HTTP-looking start, then not HTTP
-    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00", "steal_http2"),
-])
+])  # HTTP/2's preface is routed per stream: tests/test_steal_h2.py
 def test_non_http_passed_through_to_pod_untouched(raw_pod, first, counter):
     pod, proxy = raw_pod
     rest = os.urandom(300_000)
@@ -525,8 +526,8 @@ def test_unreachable_upstream_gets_502(servers):
         p.stop()
 
 
-def _head(path: str = "/", headers: list[tuple[str, str]] | None = None) -> RequestHead:
-    return RequestHead("GET", path, path.partition("?")[0], headers or [])
+def _head(path: str = "/", headers: list[tuple[str, str]] | None = None, method: str = "GET") -> RequestHead:
+    return RequestHead(method, path, path.partition("?")[0], headers or [], path)
 
 
 def test_header_filter_is_case_insensitive_per_line():
@@ -536,14 +537,34 @@ def test_header_filter_is_case_insensitive_per_line():
     assert not f.matches(_head(headers=[("X-Other", "x-dev: alice")]))  # the whole line, anchored
 
 
-def test_path_filter_searches_the_path_only():
+def test_path_filter_searches_the_path_and_the_path_with_its_query():
     f = HttpFilter.compile(None, r"^/api/v\d+/")
     assert f.matches(_head("/api/v2/users?debug=1"))
     assert not f.matches(_head("/web/api/v2/"))
-    assert not f.matches(_head("/x?next=/api/v1/"))  # the query is not the path
+    assert not f.matches(_head("/API/v2/"))  # case-sensitive unless asked
+    assert HttpFilter.compile(None, r"(?i)^/api/").matches(_head("/API/v2/"))
+    anchored = HttpFilter.compile(None, r"^/search$")  # mirrord: path or path+query, either matching
+    assert anchored.matches(_head("/search?q=x")) and not anchored.matches(_head("/search/x"))
+    query = HttpFilter.compile(None, r"[?&]debug=me\b")
+    assert query.matches(_head("/x?a=1&debug=me")) and not query.matches(_head("/x?debug=you"))
     both = HttpFilter.compile("x-dev: me", "users")
     assert both.matches(_head("/users", [("X-Dev", "me")]))
     assert not both.matches(_head("/users", [("X-Dev", "you")])) and not both.matches(_head("/", [("X-Dev", "me")]))
+
+
+def test_method_all_of_and_any_of():
+    post = HttpFilter.compile(method="post")
+    assert post.matches(_head(method="POST")) and not post.matches(_head(method="GET"))
+    all_of = HttpFilter.compile(all_of=(("header", "^x-user: me$"), ("path", "^/api/"), ("method", "GET")))
+    assert all_of.matches(_head("/api/x", [("X-User", "me")]))
+    assert not all_of.matches(_head("/api/x", [("X-User", "me")], "PUT"))
+    assert not all_of.matches(_head("/web", [("X-User", "me")]))
+    any_of = HttpFilter.compile(any_of=(("path", "^/mine"), ("header", "^x-user: me$")))
+    assert any_of.matches(_head("/mine")) and any_of.matches(_head("/x", [("x-user", "ME")]))
+    assert not any_of.matches(_head("/x", [("x-user", "you")]))
+    mixed = HttpFilter.compile("^x-team: a$", any_of=(("method", "GET"), ("method", "HEAD")))
+    assert mixed.matches(_head(headers=[("X-Team", "a")], method="HEAD"))
+    assert not mixed.matches(_head(headers=[("X-Team", "a")], method="POST"))
 
 
 def test_path_filter_routes_through_the_proxy(servers):
@@ -563,6 +584,13 @@ def test_bad_regex_is_a_one_line_value_error(header, path):
     with pytest.raises(ValueError) as e:
         HttpFilter.compile(header, path)
     assert "\n" not in str(e.value) and "regex" in str(e.value)
+
+
+@pytest.mark.parametrize("spec", ["nothing", "cookie=x", "path=[", "method=GE T", "method="])
+def test_bad_single_filter_is_a_one_line_value_error(spec):
+    with pytest.raises(ValueError) as e:
+        parse_single("--http-filter-any-of", spec)
+    assert "\n" not in str(e.value) and str(e.value).startswith("--http-filter-any-of ")
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))

@@ -251,3 +251,40 @@ def test_why_a_session_has_no_ipv6_travels_and_is_bounded() -> None:
     for bad in (["x"], "x" * (protocol.MAX_REASON + 1)):
         with pytest.raises(protocol.Malformed):
             protocol.Welcome.from_json({**w.to_json(), "ipv6_off": bad})
+
+
+# --------------------------------------------------------------------------- filtered steals
+def test_a_filtered_steal_with_method_all_of_and_any_of_round_trips() -> None:
+    f = protocol.FilteredSteal(80, 8080, "^x-user: me$", None, "GET", (("path", "^/api/"), ("method", "PUT")),
+                               (("header", "^x-team: a$"),))
+    request = protocol.StealRequest(filtered=(f,))
+    assert protocol.parse_steal(protocol.steal(request)[5:]) == request
+    assert f.extended() and not protocol.FilteredSteal(80, 8080, "x", None).extended()
+    assert protocol.VERSION >= protocol.FILTER_VERSION
+
+
+@pytest.mark.parametrize("bad", [
+    {"port": 80, "local": 80},  # no filter at all
+    {"port": 80, "local": 80, "method": "G T"},
+    {"port": 80, "local": 80, "any_of": []},
+    {"port": 80, "local": 80, "any_of": [{"cookie": "x"}]},
+    {"port": 80, "local": 80, "all_of": [{"path": "x", "header": "y"}]},
+    {"port": 80, "local": 80, "all_of": [{"path": None}]},
+    {"port": 80, "local": 80, "any_of": [{"path": "("}]},
+    {"port": 80, "local": 80, "any_of": [{"method": "GET"}] * (protocol.MAX_SINGLE_FILTERS + 1)},
+])
+def test_a_bad_filtered_steal_is_malformed(bad: dict) -> None:
+    with pytest.raises(protocol.Malformed):
+        protocol.FilteredSteal.from_json(bad)
+
+
+def test_which_ports_a_filter_takes() -> None:
+    from mirrord_tun.run import HttpFilterSpec, StealOptions
+
+    served = {80: 80, 2525: 2525, 8080: 8080, 9000: 9000}
+    default = StealOptions({9000: 9000}, http=HttpFilterSpec(header="x")).request(served, {})
+    assert [f.port for f in default.filtered] == [80, 8080, 9000] and default.tcp == {}  # 2525 stays the pod's
+    named = StealOptions({2525: 2525}, http=HttpFilterSpec(header="x", ports=(80,))).request(served, {})
+    assert [f.port for f in named.filtered] == [80] and named.tcp == {2525: 2525}  # --port, not HTTP: whole
+    whole = StealOptions({}).request(served, {})
+    assert whole.tcp == served and not whole.filtered

@@ -1,0 +1,155 @@
+"""The steal proxy's upstream side: one connection to the pod's server or to a session's
+program (`Link`), and the relay of one response from it to the client (`Response`).
+
+Both are plain asyncio protocols driven by callbacks, with no task and no await per
+request: bytes are written on as they arrive, framed by http1 (a count, a chunk scan)
+without Python per byte. The client side (httpsteal.HttpProxy) owns the links and
+decides what a finished response means for the connection.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from mirrord_tun.agent import http1
+
+
+class Owner(Protocol):
+    """What a Link reports to (httpsteal.HttpProxy)."""
+
+    def upstream_data(self, link: "Link", data: bytes) -> None: ...
+    def upstream_eof(self, link: "Link") -> None: ...
+    def upstream_lost(self, link: "Link") -> None: ...
+    def pause_client(self, why: str) -> None: ...
+    def resume_client(self, why: str) -> None: ...
+
+
+class Link(asyncio.Protocol):
+    """One upstream connection; `key`: the opener it came from."""
+
+    def __init__(self, owner: Owner, key: object) -> None:
+        self.owner, self.key = owner, key
+        self.transport: asyncio.Transport | None = None
+        self.eof = False  # the upstream half-closed
+        self.reusable = True  # False once a response left it out of step or said close
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.owner.upstream_data(self, data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.owner.upstream_eof(self)
+        return True  # our side may still be writing (a half-closed byte stream)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.owner.upstream_lost(self)
+
+    def pause_writing(self) -> None:
+        self.owner.pause_client(f"link {id(self)}")
+
+    def resume_writing(self) -> None:
+        self.owner.resume_client(f"link {id(self)}")
+
+    def idle(self) -> bool:
+        return self.transport is not None and not (self.lost or self.eof or self.transport.is_closing()) \
+            and self.reusable
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Response:
+    """Relays the response to one request from `link` to `client`, as the bytes come.
+
+    `feed` returns None while the response goes on, else how it ended: SWITCHED (the
+    connection is now a byte stream), KEEP (the link may carry the next request) or
+    DONE (it may not). Raises http1.Malformed for a response that cannot be framed;
+    `started` then says whether the client already got part of it.
+    """
+
+    SWITCHED, KEEP, DONE = "switched", "keep", "done"
+
+    def __init__(self, request: http1.Head, client: asyncio.Transport) -> None:
+        self.request, self.client = request, client
+        self.buf = bytearray()  # a head not yet complete
+        self.body: Body | None = None
+        self.head: http1.Head | None = None
+        self.started = False
+
+    def feed(self, data: bytes) -> str | None:
+        if self.body is None:
+            return self._head(data)
+        return self._body(data, 0)
+
+    def _head(self, data: bytes) -> str | None:
+        self.buf += data
+        while True:
+            head = http1.response_head(self.buf)
+            if head is None:
+                return None
+            self.started = True
+            if _switches(self.request, head):
+                self.client.write(bytes(self.buf))
+                return self.SWITCHED
+            if head.status >= 200:
+                break
+            self.client.write(bytes(self.buf[:head.size]))  # a 1xx: the final response follows
+            del self.buf[:head.size]
+        self.head = head
+        self.body = Body(http1.NO_BODY if self.request.method == "HEAD" else head.length)
+        data, self.buf = bytes(self.buf), bytearray()
+        return self._body(data, head.size)
+
+    def _body(self, data: bytes, start: int) -> str | None:
+        assert self.body is not None and self.head is not None
+        end = self.body.end(data, start)
+        if end < 0:
+            self.client.write(data)
+            return None
+        self.client.write(data if end == len(data) else data[:end])
+        # Bytes past the response's end: the upstream is out of step, never reused.
+        return self.KEEP if end == len(data) and self.head.keep_alive else self.DONE
+
+    def until_close(self) -> bool:
+        """The response ends when the upstream closes (and so ends well then)."""
+        return self.body is not None and self.body.length == http1.UNTIL_CLOSE
+
+
+class Body:
+    """Where one message's body ends in the bytes that follow its head, across reads."""
+
+    def __init__(self, length: int) -> None:
+        self.length = http1.NO_BODY if length == 0 else length
+        self._left = length
+        self._chunked = http1.Chunked() if length == http1.CHUNKED else None
+
+    def end(self, data: bytes | bytearray, start: int) -> int:
+        """The offset in `data` just past the body, or -1 if all of data[start:] is body."""
+        if self._chunked is not None:
+            return self._chunked.feed(data, start)
+        if self.length == http1.NO_BODY:
+            return start
+        if self.length == http1.UNTIL_CLOSE:
+            return -1
+        if self._left <= len(data) - start:
+            end, self._left = start + self._left, 0
+            return end
+        self._left -= len(data) - start
+        return -1
+
+
+def _switches(request: http1.Head, response: http1.Head) -> bool:
+    """The response switches the connection to another protocol (RFC 9110 §15.2.2, §9.3.6)."""
+    if request.method == "CONNECT":
+        return 200 <= response.status < 300
+    return response.status == 101 and request.upgrade

@@ -1,0 +1,217 @@
+"""HTTP/2 with prior knowledge (h2c, gRPC-shaped streams) through the steal proxy: each stream
+routed by the filter, one connection carrying streams for the pod and for the local program.
+
+The servers are h2 (python-hyper) servers answering "NAME METHOD PATH LENGTH SHA256"; a
+path starting /stream answers in three DATA frames and ends with gRPC-style trailers.
+Clients: an h2 client on a plain socket (streams interleaved on one connection) and curl.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+from typing import Iterator
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+
+from test_httpsteal import HOST, TIMEOUT, Proxy
+from test_steal import agent, runs, sb  # noqa: F401 - fixtures (the sandbox, for the end-to-end test)
+
+from mirrord_tun.agent.httpfilter import HttpFilter
+
+
+def _answer(name: str, method: str, path: str, body: bytes) -> bytes:
+    return f"{name} {method} {path} {len(body)} {hashlib.sha256(body).hexdigest()}\n".encode()
+
+
+class _Serve(asyncio.Protocol):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = transport
+        self.c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        self.c.initiate_connection()
+        self.t.write(self.c.data_to_send())  # type: ignore[attr-defined]
+        self.requests: dict[int, list] = {}
+
+    def data_received(self, data: bytes) -> None:
+        for e in self.c.receive_data(data):
+            if isinstance(e, h2.events.RequestReceived):
+                self.requests[e.stream_id] = [dict(e.headers), b""]
+            elif isinstance(e, h2.events.DataReceived):
+                self.requests[e.stream_id][1] += e.data
+                self.c.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+            elif isinstance(e, h2.events.StreamEnded):
+                self._respond(e.stream_id, *self.requests.pop(e.stream_id))
+        self.t.write(self.c.data_to_send())  # type: ignore[attr-defined]
+
+    def _respond(self, sid: int, headers: dict, body: bytes) -> None:
+        out = _answer(self.name, headers[":method"], headers[":path"], body)
+        streaming = headers[":path"].startswith("/stream")
+        self.c.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc" if streaming else "text/plain")])
+        if streaming:
+            for _ in range(3):
+                self.c.send_data(sid, out)
+            self.c.send_headers(sid, [("grpc-status", "0")], end_stream=True)
+        else:
+            self.c.send_data(sid, out, end_stream=True)
+
+
+def serve_forever(name: str, port: int) -> None:
+    """The same server as a process (in a sandbox namespace): prints "ready" once listening."""
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(lambda: _Serve(name), "0.0.0.0", port)
+        print("ready", flush=True)
+        await server.serve_forever()
+    asyncio.run(main())
+
+
+class H2Server:
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.server = self.loop.run_until_complete(self.loop.create_server(lambda: _Serve(name), HOST, 0))
+            self.port = self.server.sockets[0].getsockname()[1]
+            ready.set()
+            self.loop.run_forever()
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def h2proxy() -> Iterator[Proxy]:
+    pod, local = H2Server("pod"), H2Server("local")
+    p = Proxy(pod.port, local.port, HttpFilter.compile("^x-dev: me$", None))
+    yield p
+    p.stop()
+    pod.stop()
+    local.stop()
+
+
+def _exchange(port: int, requests: list[tuple[str, str, list[tuple[str, str]], list[bytes]]],
+              host: str = HOST) -> dict[int, dict]:
+    """Send every request on one connection, interleaving their DATA frames; each stream's
+    response headers, body and trailers by stream id (1, 3, 5, ...)."""
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    c.initiate_connection()
+    out: dict[int, dict] = {}
+    with socket.create_connection((host, port), timeout=TIMEOUT) as s:
+        sids = []
+        for method, path, headers, _ in requests:
+            sid = c.get_next_available_stream_id()
+            sids.append(sid)
+            out[sid] = {"body": b"", "trailers": {}}
+            c.send_headers(sid, [(":method", method), (":path", path), (":scheme", "http"),
+                                 (":authority", "pod"), *headers])
+        pending = [list(parts) for *_, parts in requests]
+        while any(pending) or any("done" not in o for o in out.values()):
+            for sid, parts in zip(sids, pending):  # one frame's worth per stream per turn
+                if parts and c.local_flow_control_window(sid) >= len(parts[0]):
+                    c.send_data(sid, parts.pop(0), end_stream=not parts)
+                elif not parts and "sent" not in out[sid]:
+                    out[sid]["sent"] = True
+                    if not requests[sids.index(sid)][3]:
+                        c.end_stream(sid)
+            s.sendall(c.data_to_send())
+            data = s.recv(65536)
+            if not data:
+                break
+            for e in c.receive_data(data):
+                if isinstance(e, h2.events.ResponseReceived):
+                    out[e.stream_id]["headers"] = dict(e.headers)
+                elif isinstance(e, h2.events.DataReceived):
+                    out[e.stream_id]["body"] += e.data
+                    c.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+                elif isinstance(e, h2.events.TrailersReceived):
+                    out[e.stream_id]["trailers"] = dict(e.headers)
+                elif isinstance(e, h2.events.StreamEnded):
+                    out[e.stream_id]["done"] = True
+            s.sendall(c.data_to_send())
+    return out
+
+
+def test_streams_of_one_connection_go_where_their_headers_say(h2proxy: Proxy) -> None:
+    big = os.urandom(300_000)  # past the 64 KiB windows: flow control end to end
+    pieces = [big[i:i + 16_384] for i in range(0, len(big), 16_384)]
+    requests = [
+        ("GET", "/a?x=1", [("x-dev", "me")], []),
+        ("POST", "/b", [("x-dev", "you")], pieces),
+        ("POST", "/stream/Echo", [("x-dev", "me"), ("content-type", "application/grpc")], [b"m1", b"m2"]),
+        ("POST", "/stream/Other", [("content-type", "application/grpc")], [b"p1"]),
+        ("POST", "/c", [("X-DEV", "me")], pieces),
+    ]
+    out = _exchange(h2proxy.port, requests)
+    assert out[1]["body"] == _answer("local", "GET", "/a?x=1", b"")
+    assert out[3]["body"] == _answer("pod", "POST", "/b", big)
+    assert out[5]["body"] == _answer("local", "POST", "/stream/Echo", b"m1m2") * 3
+    assert out[5]["trailers"] == {"grpc-status": "0"}
+    assert out[7]["body"] == _answer("pod", "POST", "/stream/Other", b"p1") * 3
+    assert out[7]["trailers"] == {"grpc-status": "0"}
+    assert out[9]["body"] == _answer("local", "POST", "/c", big)
+    assert all(o.get("done") and o["headers"][":status"] == "200" for o in out.values()), out
+    assert h2proxy.counters["steal_h2_streams_local"] == 3 and h2proxy.counters["steal_h2_streams_pod"] == 2
+    assert h2proxy.idle()
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
+@pytest.mark.parametrize("mine", [True, False])
+def test_curl_http2_prior_knowledge(h2proxy: Proxy, mine: bool) -> None:
+    r = subprocess.run(["curl", "-sS", "--fail", "--http2-prior-knowledge", "-H", "x-dev: me" if mine else "x-dev: no",
+                        "--data-binary", "hello", f"http://{HOST}:{h2proxy.port}/grpc.Svc/Call"],
+                       capture_output=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == _answer("local" if mine else "pod", "POST", "/grpc.Svc/Call", b"hello")
+
+
+# ---------------------------------------------------------------------------- end to end
+H2_PORT = 9090
+_IMPORT = f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+
+
+def test_h2_streams_routed_by_the_agent_end_to_end(sb, agent, runs) -> None:  # noqa: F811
+    """Through the real agent (transparent connections from the client's address) and `run`."""
+    from conftest import wait_until
+    from test_steal import LIVENESS, POD, Run
+    from mirrord_tun.sandbox import PY
+
+    pod_server = sb.start_ready("pod", [*PY, "-c", _IMPORT + f"import test_steal_h2 as t; t.serve_forever('pod', {H2_PORT})"])
+    try:
+        run = Run(sb, [*PY, "-c", _IMPORT + f"import test_steal_h2 as t; t.serve_forever('local', {H2_PORT})"],
+                  "--port", str(H2_PORT), "--http-header-filter", "^x-dev: me$", name="h2")
+        runs.append(run)
+        exchange = _IMPORT + ("import json, test_steal_h2 as t; out = t._exchange_at(sys.argv[1], int(sys.argv[2])); "
+                              "print(json.dumps(out))")
+
+        def routed() -> list:
+            r = sb.exec("client", *PY, "-c", exchange, POD, str(H2_PORT))
+            return json.loads(r.stdout) if r.returncode == 0 else [r.stderr]
+        want = [_answer("local", "GET", "/a", b"").decode(), _answer("pod", "GET", "/b", b"").decode(),
+                (_answer("local", "POST", "/stream/S", b"xy") * 3).decode()]
+        assert wait_until(lambda: routed() == want, LIVENESS, 0.5), (routed(), run.log())
+    finally:
+        sb.stop(pod_server)
+
+
+def _exchange_at(host: str, port: int) -> list[str]:
+    out = _exchange(port, [("GET", "/a", [("x-dev", "me")], []), ("GET", "/b", [], []),
+                           ("POST", "/stream/S", [("x-dev", "me")], [b"x", b"y"])], host)
+    return [o["body"].decode() for o in out.values()]
+
