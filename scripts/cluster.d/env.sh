@@ -28,7 +28,8 @@ net/bridge/bridge-nf-call-ip6tables net/netfilter/nf_conntrack_max
 net/netfilter/nf_conntrack_tcp_timeout_established net/netfilter/nf_conntrack_tcp_timeout_close_wait
 net/ipv6/conf/all/forwarding"
 # Host paths containerd and CNI use whatever their configuration says.
-HOST_PATHS="/run/containerd /run/netns /var/lib/cni /run/cni /etc/cni /opt/containerd /var/log/pods /var/log/containers"
+HOST_PATHS="/run/containerd /run/netns /var/lib/cni /run/cni /etc/cni /opt/containerd /var/log/pods
+/var/log/containers /var/lib/kubelet /var/lib/containerd /etc/kubernetes"
 
 progress() { echo "scripts/cluster: $(date -u +%H:%M:%S) $*" >&2; }
 die() { echo "scripts/cluster: $*" >&2; exit 1; }

@@ -25,15 +25,25 @@ start() {  # name command...
     echo $! >"$RUN/pid/$name.pid"
 }
 
-wait_for() {  # what seconds command...
-    what=$1 secs=$2; shift 2
-    i=0
+# A configuration file from its template with @NAME@ filled in from the variables, replaced
+# only when it differs (kube-proxy exits when its file changes; containerd reloads CNI).
+render() {  # template destination
+    sed -e "s#@RUN@#$RUN#g; s#@LIB@#$LIB#g; s#@NODE_IP@#$NODE_IP#g; s#@NODE@#$NODE#g; s#@DNS_IP@#$DNS_IP#g" \
+        -e "s#@BRIDGE@#$BRIDGE#g; s#@POD_CIDR@#$POD_CIDR#g; s#@CGROUP_ROOT@#$CGROUP_ROOT#g" "$1" >"$2.new"
+    if cmp -s "$2.new" "$2"; then rm -f "$2.new"; else mv "$2.new" "$2"; fi
+}
+
+wait_for() {  # component seconds command...: until command succeeds, while component lives
+    what=$1 deadline=$(( $(date +%s) + $2 )); shift 2
     while ! "$@" >/dev/null 2>&1; do
-        i=$((i + 1))
-        [ "$i" -gt $((secs * 2)) ] && { tail -n 20 "$RUN/log/$what.log" >&2 2>/dev/null
-                                        die "$what did not come up in ${secs}s (log: $RUN/log/$what.log)"; }
-        alive "$what" || [ "$what" = dns ] || [ "$what" = node ] || { tail -n 20 "$RUN/log/$what.log" >&2
-                         die "$what exited (log: $RUN/log/$what.log)"; }
+        if ! alive "$what"; then
+            tail -n 20 "$RUN/log/$what.log" >&2 || true
+            die "$what exited (log: $RUN/log/$what.log)"
+        fi
+        if [ "$(date +%s)" -gt "$deadline" ]; then
+            tail -n 20 "$RUN/log/$what.log" >&2 || true
+            die "$what: no '$*' within its time (log: $RUN/log/$what.log)"
+        fi
         sleep 0.5
     done
 }
@@ -89,10 +99,8 @@ start_controllers() {
 
 start_containerd() {
     mkdir -p "$RUN/containerd" "$LIB/containerd" "$LIB/cni/net.d"
-    sed -e "s#@RUN@#$RUN#g; s#@LIB@#$LIB#g" scripts/cluster.d/containerd.toml >"$RUN/containerd/config.toml"
-    sed -e "s#@LIB@#$LIB#g; s#@BRIDGE@#$BRIDGE#g; s#@POD_CIDR@#$POD_CIDR#g; s#@NODE_IP@#$NODE_IP#g" \
-        scripts/cluster.d/cni.conflist >"$LIB/cni/10-mirrord-ns.conflist"
-    mv "$LIB/cni/10-mirrord-ns.conflist" "$LIB/cni/net.d/"  # whole, not half-written, for containerd's watcher
+    render scripts/cluster.d/containerd.toml "$RUN/containerd/config.toml"
+    render scripts/cluster.d/cni.conflist "$LIB/cni/net.d/10-mirrord-ns.conflist"
     start containerd /usr/bin/containerd --config "$RUN/containerd/config.toml"
     wait_for containerd 60 ctr --address "$CONTAINERD_SOCK" version
 }
@@ -119,18 +127,16 @@ import_images() {
 }
 
 start_node() {
-    sed -e "s#@RUN@#$RUN#g; s#@LIB@#$LIB#g; s#@NODE_IP@#$NODE_IP#g; s#@DNS_IP@#$DNS_IP#g; s#@CGROUP_ROOT@#$CGROUP_ROOT#g" \
-        scripts/cluster.d/kubelet.yaml >"$RUN/kubelet.yaml"
+    render scripts/cluster.d/kubelet.yaml "$RUN/kubelet.yaml"
     start kubelet "$BIN/kubelet" --config "$RUN/kubelet.yaml" --kubeconfig "$RUN/kubelet.kubeconfig" \
         --root-dir "$LIB/kubelet" --cert-dir "$LIB/kubelet/pki" --node-ip "$NODE_IP" \
         --hostname-override "$NODE" --v 1
-    sed -e "s#@RUN@#$RUN#g; s#@POD_CIDR@#$POD_CIDR#g; s#@NODE@#$NODE#g; s#@NODE_IP@#$NODE_IP#g" \
-        scripts/cluster.d/kube-proxy.yaml >"$RUN/kube-proxy.yaml"
+    render scripts/cluster.d/kube-proxy.yaml "$RUN/kube-proxy.yaml"
     start kube-proxy "$BIN/kube-proxy" --config "$RUN/kube-proxy.yaml" --v 1
 }
 
 start_dns() {
-    sed -e "s#@RUN@#$RUN#g; s#@NODE_IP@#$NODE_IP#g" scripts/cluster.d/Corefile >"$RUN/Corefile"
+    render scripts/cluster.d/Corefile "$RUN/Corefile"
     start coredns "$BIN/coredns" -conf "$RUN/Corefile"
     sed -e "s#@DNS_IP@#$DNS_IP#g; s#@NODE_IP@#$NODE_IP#g" scripts/cluster.d/bootstrap.yaml | kubectl apply -f - >/dev/null
     kubectl apply -f deploy/rbac.yaml -f deploy/rbac-env.yaml >/dev/null
@@ -163,9 +169,10 @@ cmd_up() {
     t0=$(date +%s)
     mkdir -p "$RUN/pid" "$RUN/log" "$LIB"
     record_before
+    # The kubelet wants its cgroupRoot in every hierarchy; the components go into one of their own.
     for c in /sys/fs/cgroup/*/; do
-        case "$c" in */unified/|*/systemd/) continue ;; esac
-        mkdir -p "$c$SYS_CGROUP"
+        [ "$c" = /sys/fs/cgroup/unified/ ] && continue
+        mkdir -p "$c$SYS_CGROUP" "$c$CGROUP_ROOT"
     done
     make_pki
     chmod 644 "$RUN/user.kubeconfig"  # read by the invoking user's side of `sudo mirrord-ns`
@@ -177,8 +184,8 @@ cmd_up() {
     import_images
     start_node
     start_dns
-    wait_for node 180 node_ready
-    wait_for dns 120 dns_answers
+    wait_for kubelet 180 node_ready
+    wait_for coredns 120 dns_answers
     progress "up in $(( $(date +%s) - t0 )) s: node $NODE Ready, DNS $DNS_IP answers;" \
         "kubeconfigs $RUN/admin.kubeconfig, $RUN/user.kubeconfig"
 }

@@ -1,0 +1,306 @@
+"""End to end against a real Kubernetes (tests/real_cluster.py: scripts/cluster's single
+node, or the user's cluster): `mirrord-ns run --target pod|deploy|statefulset/...` with the
+restricted user's kubeconfig, the agent image in the node's runtime, a real kubelet's
+port-forward, real PodSecurity, RBAC and ValidatingAdmissionPolicy. Workloads are busybox
+(httpd with a CGI that answers with the client's address) made by the admin kubeconfig in
+a namespace of this module's own."""
+from __future__ import annotations
+
+import contextlib
+import re
+import select
+import signal
+import subprocess
+from typing import Iterator
+
+import pytest
+import yaml
+
+from real_cluster import (ROOT, RealCluster, agents_left, delete_namespace, eventually, new_namespace,  # noqa: F401
+                          real_cluster, wait_ready)
+
+# busybox httpd listens on IPv6 and names an IPv4 client [::ffff:a.b.c.d]: the CGI unwraps it.
+# Under /etc: a volume's mount point is made here by shadowing its parent, never / itself.
+CONFIG_DIR = "/etc/mrd-e2e"
+SERVE = r"""
+mkdir -p /tmp/www/cgi-bin
+cat >/tmp/www/cgi-bin/ip <<'EOF'
+#!/bin/sh
+addr=${REMOTE_ADDR#[}; addr=${addr%]}; addr=${addr#::ffff:}
+printf 'Content-Type: text/plain\r\n\r\nyou are %s\n' "$addr"
+EOF
+chmod +x /tmp/www/cgi-bin/ip
+echo "hello from $1" >/tmp/www/index.html
+exec httpd -f -p 8080 -h /tmp/www
+"""
+
+
+def workloads(image: str) -> str:
+    """echo (a Service answering with the caller's address), pod/web with env references and
+    a ConfigMap volume, deploy/api, statefulset/db, and a client pod to call them from."""
+    container = {"image": image, "imagePullPolicy": "IfNotPresent", "command": ["sh", "/scripts/serve.sh"],
+                 "volumeMounts": [{"name": "scripts", "mountPath": "/scripts"}],
+                 "ports": [{"containerPort": 8080}]}
+    scripts = {"name": "scripts", "configMap": {"name": "scripts"}}
+
+    def pod_spec(name: str, **more: object) -> dict:
+        c = {**container, "name": "app", "args": [name], **more}
+        volumes = [scripts] + ([{"name": "cfg", "configMap": {"name": "cfg"}}] if "env" in more else [])
+        return {"containers": [c], "volumes": volumes, "terminationGracePeriodSeconds": 1}
+
+    env = {"env": [
+        {"name": "LITERAL", "value": "hello"},
+        {"name": "FROM_CM", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "greeting"}}},
+        {"name": "FROM_SECRET", "valueFrom": {"secretKeyRef": {"name": "sec", "key": "token"}}},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+        "volumeMounts": [{"name": "scripts", "mountPath": "/scripts"},
+                         {"name": "cfg", "mountPath": CONFIG_DIR}]}
+
+    def workload(kind: str, name: str, **spec: object) -> dict:
+        template = {"metadata": {"labels": {"app": name}}, "spec": pod_spec(name)}
+        return {"apiVersion": "apps/v1", "kind": kind, "metadata": {"name": name},
+                "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}}, "template": template, **spec}}
+
+    def service(name: str) -> dict:
+        return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+                "spec": {"selector": {"app": name}, "ports": [{"port": 8080, "targetPort": 8080}]}}
+
+    docs = [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "scripts"}, "data": {"serve.sh": SERVE}},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"greeting": "v1"}},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "sec"}, "stringData": {"token": "s3cret"}},
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "labels": {"app": "web"}},
+         "spec": pod_spec("web", **env)},
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client", "labels": {"app": "client"}},
+         "spec": {"containers": [{"name": "client", "image": image, "imagePullPolicy": "IfNotPresent",
+                                  "command": ["sleep", "3600"]}], "terminationGracePeriodSeconds": 1}},
+        workload("Deployment", "echo"), workload("Deployment", "api"),
+        workload("StatefulSet", "db", serviceName="db"),
+        service("echo"), service("web"), service("db"),
+    ]
+    return yaml.safe_dump_all(docs)
+
+
+@pytest.fixture(scope="module")
+def ns(real_cluster: RealCluster) -> Iterator[str]:
+    k = real_cluster
+    name = new_namespace(k)
+    try:
+        k.kubectl("apply", "-n", name, "-f", "-", input=workloads(k.testapp_image))
+        wait_ready(k, name, "app in (web,client,echo,api,db)")
+        yield name
+    finally:
+        delete_namespace(k, name)
+
+
+def pod_ip(k: RealCluster, ns: str, selector: str) -> str:
+    [pod] = k.json("get", "pods", "-n", ns, "-l", selector)["items"]
+    return pod["status"]["podIP"]
+
+
+def run(k: RealCluster, ns: str, target: str, script: str, *opts: str) -> subprocess.CompletedProcess[str]:
+    return k.mrd("run", "-n", ns, "-t", target, *opts, "--", "sh", "-c", script)
+
+
+def assert_no_agent_left(k: RealCluster, ns: str) -> None:
+    # run deletes the Job (and so its pod) on the way out; the pod's deletion takes its
+    # grace period (terminationGracePeriodSeconds 10).
+    assert eventually(lambda: not agents_left(k, ns), timeout=60), agents_left(k, ns)
+
+
+CALL_ECHO = ("curl -s --max-time 20 http://echo:8080/cgi-bin/ip; "
+             "curl -s --max-time 20 http://echo.{ns}.svc.cluster.local:8080/cgi-bin/ip")
+
+
+@pytest.mark.parametrize("target,selector", [("pod/web", "app=web"), ("deploy/api", "app=api"),
+                                             ("statefulset/db", "app=db")])
+def test_target_reaches_a_service_by_name_as_the_pod(real_cluster: RealCluster, ns: str, target: str,
+                                                      selector: str) -> None:
+    k = real_cluster
+    r = run(k, ns, target, CALL_ECHO.format(ns=ns))
+    assert r.returncode == 0, r.stderr
+    # Both names resolved by the pod's resolver (search path, then FQDN); the Service's pod
+    # saw the target pod's own address.
+    assert r.stdout.split("\n")[:2] == [f"you are {pod_ip(k, ns, selector)}"] * 2, (r.stdout, r.stderr)
+    assert_no_agent_left(k, ns)
+
+
+def test_env_from_configmap_secret_and_fieldref(real_cluster: RealCluster, ns: str) -> None:
+    k = real_cluster
+    r = run(k, ns, "pod/web", 'echo "env:$LITERAL:$FROM_CM:$FROM_SECRET:$POD_NAME"')
+    assert r.returncode == 0, r.stderr
+    assert "env:hello:v1:s3cret:web" in r.stdout
+
+
+def test_ls_and_env(real_cluster: RealCluster, ns: str) -> None:
+    k = real_cluster
+    r = k.mrd("ls", "-n", ns)
+    assert r.returncode == 0, r.stderr
+    listed = set(r.stdout.split())
+    assert {"pod/web", "deploy/api", "statefulset/db"} <= listed, r.stdout
+    r = k.mrd("env", "-n", ns, "-t", "deploy/api")
+    assert r.returncode == 0, r.stderr
+    r = k.mrd("env", "-n", ns, "-t", "pod/web")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^FROM_SECRET=['\"]?s3cret['\"]?$", r.stdout, re.M), r.stdout
+
+
+@contextlib.contextmanager
+def session(k: RealCluster, ns: str, target: str, script: str, *opts: str) -> Iterator[subprocess.Popen[str]]:
+    """`run` with a command that prints "started" once it is up, then keeps going."""
+    argv = k.mrd_argv("run", "-n", ns, "-t", target, *opts, "--", "sh", "-c", script)
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        for line in p.stdout:  # a server's own banner may come first
+            if line == "started\n":
+                break
+        else:
+            raise AssertionError(f"no session: {p.stderr.read() if p.stderr else ''}")
+        yield p
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        p.communicate(timeout=30)
+
+
+def client_get(k: RealCluster, ns: str, path: str, *headers: str) -> str:
+    """The body of GET path from the client pod to the web Service's ClusterIP. With nc: a
+    static busybox's wget crashes here writing to stdout, and its name lookups need NSS."""
+    ip = k.kubectl("get", "service", "web", "-n", ns, "-o", "jsonpath={.spec.clusterIP}").stdout
+    request = "".join(f"{line}\r\n" for line in (f"GET {path} HTTP/1.1", "Host: web", "Connection: close",
+                                                  *headers, ""))
+    r = k.kubectl("exec", "-n", ns, "client", "--", "sh", "-c", f'printf "%s" "$1" | nc -w 10 {ip} 8080',
+                  "sh", request, check=False)
+    return r.stdout.replace("\r\n", "\n").partition("\n\n")[2]  # text mode may have done it already
+
+
+LOCAL_SERVER = ("mkdir -p /tmp/mrd-e2e-www && echo stolen >/tmp/mrd-e2e-www/index.html && "
+                "(busybox httpd -f -p 8080 -h /tmp/mrd-e2e-www &) && sleep 1 && echo started && exec sleep 300")
+
+
+def test_steal_from_a_client_in_another_pod(real_cluster: RealCluster, ns: str) -> None:
+    k = real_cluster
+    with session(k, ns, "pod/web", LOCAL_SERVER, "--steal", "--port", "8080"):
+        assert eventually(lambda: client_get(k, ns, "/") == "stolen\n", timeout=60)
+    assert eventually(lambda: client_get(k, ns, "/") == "hello from web\n", timeout=60)
+    assert_no_agent_left(k, ns)
+
+
+def test_header_filtered_steal(real_cluster: RealCluster, ns: str) -> None:
+    k = real_cluster
+    with session(k, ns, "pod/web", LOCAL_SERVER, "--steal", "--port", "8080",
+                 "--http-header-filter", "^x-mrd-e2e: yes$"):
+        assert eventually(lambda: client_get(k, ns, "/", "X-Mrd-E2e: yes") == "stolen\n",
+                          timeout=60)
+        assert client_get(k, ns, "/") == "hello from web\n"
+
+
+def test_mirror_sees_the_other_pods_request(real_cluster: RealCluster, ns: str) -> None:
+    k = real_cluster
+    client_ip = pod_ip(k, ns, "app=client")
+    server = "python3 -u -m http.server 8080 --directory /tmp 2>&1 & sleep 1; echo started; wait"
+    with session(k, ns, "pod/web", server, "--port", "8080") as p:
+        # The pod still answers; the local copy of the server sees the same request.
+        assert eventually(lambda: client_get(k, ns, "/?mirror-probe") == "hello from web\n")
+        seen = eventually(lambda: _line_with(p, "mirror-probe"), timeout=60)
+    assert seen and seen.startswith(client_ip), seen
+
+
+def _line_with(p: subprocess.Popen[str], word: str) -> str:
+    assert p.stdout is not None
+    while select.select([p.stdout], [], [], 2)[0]:
+        line = p.stdout.readline()
+        if word in line:
+            return line
+        if not line:
+            break
+    return ""
+
+
+def test_mount_of_a_configmap_volume_with_live_update(real_cluster: RealCluster, ns: str) -> None:
+    k = real_cluster
+    script = (f'cat {CONFIG_DIR}/greeting; echo; echo started; '
+              f'i=0; while ! grep -q v2 {CONFIG_DIR}/greeting && [ $i -lt 150 ]; do sleep 1; i=$((i+1)); done; '
+              f'cat {CONFIG_DIR}/greeting; echo')
+    with session(k, ns, "pod/web", script) as p:
+        k.kubectl("patch", "configmap", "cfg", "-n", ns, "-p", '{"data": {"greeting": "v2"}}')
+        out, _ = p.communicate(timeout=200)
+    k.kubectl("patch", "configmap", "cfg", "-n", ns, "-p", '{"data": {"greeting": "v1"}}')
+    assert out.strip().endswith("v2"), out
+
+
+def test_ctrl_c_deletes_the_agent(real_cluster: RealCluster, ns: str) -> None:
+    k = real_cluster
+    with session(k, ns, "pod/web", "echo started; exec sleep 300") as p:
+        p.send_signal(signal.SIGINT)
+        assert p.wait(60) == 130
+    assert_no_agent_left(k, ns)
+
+
+def test_podsecurity_restricted_namespace_is_one_line_with_its_fix(real_cluster: RealCluster) -> None:
+    k = real_cluster
+    name = new_namespace(k, {"pod-security.kubernetes.io/enforce": "restricted"})
+    try:
+        restricted = {"runAsNonRoot": True, "runAsUser": 65534, "allowPrivilegeEscalation": False,
+                      "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "app", "labels": {"app": "app"}},
+               "spec": {"containers": [{"name": "app", "image": k.testapp_image, "command": ["sleep", "3600"],
+                                        "imagePullPolicy": "IfNotPresent", "securityContext": restricted}],
+                        "terminationGracePeriodSeconds": 1}}
+        k.kubectl("apply", "-n", name, "-f", "-", input=yaml.safe_dump(pod))
+        wait_ready(k, name, "app=app")
+        r = run(k, name, "pod/app", "true")
+        assert r.returncode != 0
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1, r.stderr
+        assert "PodSecurity" in lines[0] and "pod-security.kubernetes.io/enforce=privileged" in lines[0], lines
+        assert_no_agent_left(k, name)
+    finally:
+        delete_namespace(k, name)
+
+
+def policy_for(image: str) -> str:
+    text = (ROOT / "deploy" / "admission-policy.yaml").read_text()
+    return text.replace("'ghcr.io/mirrord-ns/agent:0.1.0'", f"'{image}'")
+
+
+def agent_pod_as_run_makes_it(k: RealCluster, ns: str) -> dict:
+    r = run(k, ns, "pod/web", "true", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    [job] = [d for d in yaml.safe_load_all(r.stdout) if d and d.get("kind") == "Job"]
+    template = job["spec"]["template"]
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "agent-shaped", "labels": template["metadata"]["labels"]},
+            "spec": template["spec"]}
+
+
+def test_admission_policy_admits_the_agent_and_refuses_a_tampered_one(real_cluster: RealCluster,
+                                                                      ns: str) -> None:
+    k = real_cluster
+    k.kubectl("apply", "-f", "-", input=policy_for(k.agent_image))
+    k.kubectl("label", "namespace", ns, "mirrord-ns/agents=allowed")
+    try:
+        pod = agent_pod_as_run_makes_it(k, ns)
+        tampered = yaml.safe_load(yaml.safe_dump(pod))
+        tampered["spec"]["containers"][0]["args"].append("--debug-shell")
+
+        def refused() -> str:
+            r = k.kubectl("create", "--dry-run=server", "-n", ns, "-f", "-", input=yaml.safe_dump(tampered),
+                          check=False)
+            return r.stderr if r.returncode != 0 else ""
+        # The policy takes effect a moment after it is created.
+        assert "ValidatingAdmissionPolicy" in str(eventually(refused, timeout=60)), refused()
+        r = k.kubectl("create", "--dry-run=server", "-n", ns, "-f", "-", input=yaml.safe_dump(pod), check=False)
+        assert r.returncode == 0, r.stderr
+        # And a real session, its agent admitted by the real API server.
+        r = run(k, ns, "pod/web", CALL_ECHO.format(ns=ns))
+        assert r.returncode == 0, r.stderr
+        assert f"you are {pod_ip(k, ns, 'app=web')}" in r.stdout
+    finally:
+        k.kubectl("label", "namespace", ns, "mirrord-ns/agents-", check=False)
+        k.kubectl("delete", "-f", "-", "--ignore-not-found", input=policy_for(k.agent_image), check=False)
