@@ -58,9 +58,10 @@ class RealCluster:
         """`mirrord-ns ARGS` as the user, to completion."""
         return subprocess.run(self.mrd_argv(*args), capture_output=True, text=True, timeout=timeout)
 
-    def mrd_argv(self, command: str, *args: str) -> list[str]:
+    def mrd_argv(self, command: str, *args: str, kubeconfig: str | None = None) -> list[str]:
         extra = ["--agent-image", self.agent_image] if command == "run" else []
-        return [sys.executable, "-m", "mirrord_tun", command, "--kubeconfig", self.user_kubeconfig, *extra, *args]
+        return [sys.executable, "-m", "mirrord_tun", command, "--kubeconfig", kubeconfig or self.user_kubeconfig,
+                *extra, *args]
 
 
 def eventually(check: Callable[[], object], timeout: float = 120, step: float = 1) -> object:

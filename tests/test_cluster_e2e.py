@@ -6,18 +6,23 @@ port-forward, real PodSecurity, RBAC and ValidatingAdmissionPolicy. Workloads ar
 a namespace of this module's own."""
 from __future__ import annotations
 
+import base64
 import contextlib
+import os
 import re
 import select
 import signal
 import subprocess
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 import yaml
 
-from real_cluster import (ROOT, RealCluster, agents_left, delete_namespace, eventually, new_namespace,  # noqa: F401
-                          real_cluster, wait_ready)
+from mirrord_tun.agent.server import DEFAULT_RESUME_TIMEOUT as RESUME_TIMEOUT
+from mirrord_tun.kube import manifest
+from real_cluster import (ROOT, RUN_DIR, SESSION_TIMEOUT, RealCluster, agents_left,  # noqa: F401
+                          delete_namespace, eventually, new_namespace, real_cluster, wait_ready)
 
 # busybox httpd listens on IPv6 and names an IPv4 client [::ffff:a.b.c.d]: the CGI unwraps it.
 # Under /etc: a volume's mount point is made here by shadowing its parent, never / itself.
@@ -304,3 +309,94 @@ def test_admission_policy_admits_the_agent_and_refuses_a_tampered_one(real_clust
     finally:
         k.kubectl("label", "namespace", ns, "mirrord-ns/agents-", check=False)
         k.kubectl("delete", "-f", "-", "--ignore-not-found", input=policy_for(k.agent_image), check=False)
+
+
+def test_kill_9_of_run_leaves_no_agent_after_the_grace(real_cluster: RealCluster, ns: str) -> None:
+    k = real_cluster
+    with session(k, ns, "pod/web", "echo started; exec sleep 600") as p:
+        assert agents_left(k, ns)
+        p.kill()  # no cleanup by run at all: the agent's idle exit and the Job's TTL must do it
+        p.wait(10)
+    # The documented bound: the agent keeps the session for run to resume (grace), exits
+    # --idle-exit later, and the finished Job goes after ttlSecondsAfterFinished.
+    bound = RESUME_TIMEOUT + manifest.IDLE_EXIT + manifest.TTL_AFTER_FINISHED + 60
+    assert eventually(lambda: not agents_left(k, ns), timeout=bound, step=5), agents_left(k, ns)
+
+
+def _user_kubeconfig(k: RealCluster, user: str, path: Path) -> None:
+    """A kubeconfig for a new user whose certificate the cluster's own signer issued (the
+    CertificateSigningRequest API, so it works on any cluster whose admin we are)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, user)])).sign(key, hashes.SHA256())
+    request = {"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+               "metadata": {"name": user},
+               "spec": {"request": base64.b64encode(csr.public_bytes(serialization.Encoding.PEM)).decode(),
+                        "signerName": "kubernetes.io/kube-apiserver-client", "usages": ["client auth"]}}
+    k.kubectl("apply", "-f", "-", input=yaml.safe_dump(request))
+    try:
+        k.kubectl("certificate", "approve", user)
+        cert = eventually(lambda: k.json("get", "csr", user).get("status", {}).get("certificate"), timeout=60)
+        assert cert, "the cluster's signer issued no certificate (kube-controller-manager --cluster-signing-*)"
+    finally:
+        k.kubectl("delete", "csr", user, "--ignore-not-found", check=False)
+    config = yaml.safe_load(Path(k.admin_kubeconfig).read_text())
+    context = next(c for c in config["contexts"] if c["name"] == config["current-context"])
+    cluster = next(c for c in config["clusters"] if c["name"] == context["context"]["cluster"])
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "clusters": [cluster],
+        "users": [{"name": user, "user": {"client-certificate-data": cert,
+                                          "client-key-data": base64.b64encode(key_pem).decode()}}],
+        "contexts": [{"name": user, "context": {"cluster": cluster["name"], "user": user}}],
+        "current-context": user}))
+
+
+def test_a_role_missing_a_verb_gives_one_line_naming_it(real_cluster: RealCluster, ns: str,
+                                                        tmp_path: Path) -> None:
+    k = real_cluster
+    user = f"mrd-e2e-noverb-{ns[-8:]}"
+    [user_role] = [d for d in yaml.safe_load_all((ROOT / "deploy" / "rbac.yaml").read_text())
+                   if d["metadata"]["name"] == "mirrord-ns-user"]
+    rules = user_role["rules"]
+    # Everything deploy/rbac.yaml grants but reading pods/log (where the agent's host key is).
+    rules = [r for r in rules if r["resources"] != ["pods/log"]]
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": user},
+            "rules": rules}
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": user},
+               "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": user}}
+    k.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all([role, binding]))
+    kubeconfig = tmp_path / "kubeconfig"
+    _user_kubeconfig(k, user, kubeconfig)
+    r = subprocess.run(k.mrd_argv("run", "-n", ns, "-t", "pod/web", "--no-env", "--", "true",
+                                  kubeconfig=str(kubeconfig)), capture_output=True, text=True, timeout=SESSION_TIMEOUT)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "forbidden" in lines[0] and "pods/log" in lines[0], r.stderr
+    assert_no_agent_left(k, ns)
+
+
+@pytest.mark.skipif(not (RUN_DIR / "pid" / "kubelet.pid").exists() and bool(os.environ.get(
+    "MIRRORD_NS_E2E_KUBECONFIG")), reason="cuts the port-forward by restarting scripts/cluster's kubelet")
+def test_reconnects_after_the_port_forward_is_cut(real_cluster: RealCluster, ns: str) -> None:
+    k = real_cluster
+    # Ask the echo Service once a second; the kubelet (which carries the port-forward) is
+    # killed and started again meanwhile.
+    script = ("echo started; i=0; while [ $i -lt 40 ]; do "
+              "curl -s --max-time 5 http://echo:8080/cgi-bin/ip || echo failed; sleep 1; i=$((i+1)); done")
+    with session(k, ns, "pod/web", script, "-v") as p:
+        kubelet = int((RUN_DIR / "pid" / "kubelet.pid").read_text())
+        os.kill(kubelet, signal.SIGKILL)
+        assert eventually(lambda: not Path(f"/proc/{kubelet}").exists(), timeout=30)
+        subprocess.run([str(ROOT / "scripts" / "cluster"), "up"], check=True, capture_output=True, timeout=300)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    assert out.strip().splitlines()[-1] == f"you are {pod_ip(k, ns, 'app=web')}", (out, err)
+    assert "reconnect" in err.lower() or "resum" in err.lower(), err

@@ -31,11 +31,9 @@ unmount_ours() {
     # our state directories (overlay rootfs, shm, kubelet volumes, their propagated copies).
     awk '{print $5}' /proc/self/mountinfo | sed 's/\\040/ /g' | awk -v r="$RUN" -v l="$LIB" '
         index($0, r "/") == 1 || $0 == r || index($0, l "/") == 1 || $0 == l || $0 ~ "^/run/netns/cni-" \
-            || $0 ~ "^/run/containerd/" { print length($0) " " $0 }' | sort -rn | cut -d' ' -f2- |
+            { print length($0) " " $0 }' | sort -rn | cut -d' ' -f2- |
     while IFS= read -r m; do
-        case "$m" in /run/netns/*|/run/containerd/*)
-            grep -qxF "$m" "$LIB/before/entries" 2>/dev/null && continue ;;
-        esac
+        case "$m" in /run/netns/*) grep -qxF "$m" "$LIB/before/entries" 2>/dev/null && continue ;; esac
         umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || echo "scripts/cluster: cannot unmount $m" >&2
     done
 }
@@ -58,21 +56,25 @@ restore_sysctls() {
 }
 
 remove_host_paths() {
-    [ -f "$LIB/before/paths" ] || return 0
+    b="$LIB/before"
+    [ -f "$b/paths" ] || return 0
+    # Paths the kubelet, containerd and CNI use whatever they are told: ours if new since `up`.
     for p in $HOST_PATHS; do
-        [ -e "$p" ] || continue
-        if grep -qxF "$p" "$LIB/before/paths"; then
-            # There before: remove only the entries we added (netns files, shim sockets).
-            case "$p" in /run/netns|/run/containerd)
-                find "$p" -mindepth 1 -maxdepth 2 2>/dev/null | while IFS= read -r e; do
-                    case "$e" in "$p"/s|"$p"/runc) continue ;; esac
-                    grep -qxF "$e" "$LIB/before/entries" || rm -rf "$e"
-                done ;;
-            esac
-        else
-            rm -rf "$p"
-        fi
+        case "$p" in /run/netns|/run/containerd) continue ;; esac
+        if [ -e "$p" ] && ! grep -qxF "$p" "$b/paths"; then rm -rf "$p"; fi
     done
+    # Shared with everyone (other tests' namespaces, Docker's shims): only what is ours and dead,
+    # containerd's pod netns files (cni-*) and shim sockets nobody listens on any more.
+    for f in /run/netns/cni-*; do
+        if [ -e "$f" ] && ! grep -qxF "$f" "$b/entries"; then rm -f "$f" || true; fi
+    done
+    for s in /run/containerd/s/*; do
+        if [ -S "$s" ] && ! grep -qF " $s" /proc/net/unix; then rm -f "$s"; fi
+    done
+    for d in /run/containerd/s /run/containerd /run/netns; do
+        grep -qxF "$d" "$b/paths" "$b/entries" || rmdir "$d" 2>/dev/null || true
+    done
+    return 0
 }
 
 remove_cgroups() {

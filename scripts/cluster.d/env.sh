@@ -34,5 +34,10 @@ HOST_PATHS="/run/containerd /run/netns /var/lib/cni /run/cni /etc/cni /opt/conta
 progress() { echo "scripts/cluster: $(date -u +%H:%M:%S) $*" >&2; }
 die() { echo "scripts/cluster: $*" >&2; exit 1; }
 pid_of() { cat "$RUN/pid/$1.pid" 2>/dev/null || true; }
-alive() { p=$(pid_of "$1"); [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
+# Alive: that pid runs that component still (not a zombie, not a reused pid).
+alive() {
+    p=$(pid_of "$1")
+    [ -n "$p" ] && [ -r "/proc/$p/cmdline" ] && tr '\0' ' ' <"/proc/$p/cmdline" | grep -q "/$1 " &&
+        ! grep -q '^State:[[:space:]]*Z' "/proc/$p/status" 2>/dev/null
+}
 kubectl() { "$BIN/kubectl" --kubeconfig "$RUN/admin.kubeconfig" "$@"; }
