@@ -52,6 +52,11 @@ make_bridge() {
     ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
     ip addr show dev "$BRIDGE" | grep -q "inet $NODE_IP/" || ip addr add "$NODE_IP/20" dev "$BRIDGE"
     ip link set "$BRIDGE" up
+    # Forwarding on the bridge alone (IPv4 asks the device a packet came in on), never the host's
+    # net.ipv4.ip_forward: every network namespace made meanwhile would inherit that one (the
+    # sandbox tests' namespaces among them). Hence also "isGateway": false in the CNI config,
+    # since the bridge plugin switches ip_forward on for a gateway; the address is ours already.
+    echo 1 >"/proc/sys/net/ipv4/conf/$BRIDGE/forwarding"
     # The Service range goes to the bridge too: a host packet to a ClusterIP that kube-proxy
     # does not translate stays on this host instead of following the default route.
     ip route replace "$SERVICE_CIDR" dev "$BRIDGE" src "$NODE_IP"
