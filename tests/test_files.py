@@ -448,3 +448,13 @@ def test_the_help_says_attach_and_sidecar_do_not_mount() -> None:
     out = subprocess.run([sys.executable, "-m", "mirrord_tun", "run", "--help"], capture_output=True, text=True,
                          env=run_env())
     assert "Not for attach or sidecar" in " ".join(out.stdout.split())
+
+
+def test_a_volume_whose_mount_point_would_shadow_root_is_left_out() -> None:
+    # A pod's ConfigMap at /config: making /config here would mean a tmpfs over /, which
+    # mirrord-ns never does; run then warns and goes on (found on a real cluster).
+    from mirrord_tun.mounts import _placeable
+
+    assert not _placeable("/mrd-test-no-such-dir/config")
+    assert _placeable("/etc/mrd-test-no-such-dir/config")
+    assert _placeable("/etc")

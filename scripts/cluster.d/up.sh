@@ -127,6 +127,7 @@ import_images() {
         scripts/docker-up
         /usr/bin/docker image inspect "$AGENT_IMAGE" >/dev/null 2>&1 || MIRRORD_NS_IMAGE=$AGENT_IMAGE scripts/build-images
         /usr/bin/docker save "$AGENT_IMAGE" -o "$t/agent.tar"
+        scripts/docker-down  # our lease back: a dockerd that docker-up started for this stops
         ctrk images import "$t/agent.tar" >/dev/null; }
     rm -rf "$t"
 }
