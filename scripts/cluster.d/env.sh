@@ -7,6 +7,10 @@ BRIDGE=mrdk0
 NODE_IP=198.19.64.1                    # the bridge's address: node IP, API server, DNS
 POD_CIDR=198.19.64.0/20
 SERVICE_CIDR=198.19.80.0/20
+# Dual-stack: the IPv6 side in fd00::/8, the test plan's IPv6 range.
+NODE_IP6=fd00:198:19:64::1
+POD_CIDR6=fd00:198:19:64::/64
+SERVICE_CIDR6=fd00:198:19:80::/112
 API_SERVICE_IP=198.19.80.1
 DNS_IP=198.19.80.10
 NODE=mirrord-ns-node

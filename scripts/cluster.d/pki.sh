@@ -57,7 +57,7 @@ make_pki() {
     cert admin "/O=system:masters/CN=mirrord-ns-admin"
     cert controller-manager "/CN=system:kube-controller-manager"
     cert scheduler "/CN=system:kube-scheduler"
-    cert kubelet "/O=system:nodes/CN=system:node:$NODE" "IP:$NODE_IP,DNS:$NODE"
+    cert kubelet "/O=system:nodes/CN=system:node:$NODE" "IP:$NODE_IP,IP:$NODE_IP6,DNS:$NODE"
     cert kube-proxy "/CN=system:kube-proxy"
     cert coredns "/CN=mirrord-ns:coredns"
     cert dev "/CN=dev"

@@ -29,7 +29,8 @@ start() {  # name command...
 # only when it differs (kube-proxy exits when its file changes; containerd reloads CNI).
 render() {  # template destination
     sed -e "s#@RUN@#$RUN#g; s#@LIB@#$LIB#g; s#@NODE_IP@#$NODE_IP#g; s#@NODE@#$NODE#g; s#@DNS_IP@#$DNS_IP#g" \
-        -e "s#@BRIDGE@#$BRIDGE#g; s#@POD_CIDR@#$POD_CIDR#g; s#@CGROUP_ROOT@#$CGROUP_ROOT#g" "$1" >"$2.new"
+        -e "s#@BRIDGE@#$BRIDGE#g; s#@POD_CIDR@#$POD_CIDR#g; s#@CGROUP_ROOT@#$CGROUP_ROOT#g" \
+        -e "s#@NODE_IP6@#$NODE_IP6#g; s#@POD_CIDR6@#$POD_CIDR6#g" "$1" >"$2.new"
     if cmp -s "$2.new" "$2"; then rm -f "$2.new"; else mv "$2.new" "$2"; fi
 }
 
@@ -51,15 +52,20 @@ wait_for() {  # component seconds command...: until command succeeds, while comp
 make_bridge() {
     ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
     ip addr show dev "$BRIDGE" | grep -q "inet $NODE_IP/" || ip addr add "$NODE_IP/20" dev "$BRIDGE"
+    ip -6 addr show dev "$BRIDGE" | grep -q "inet6 $NODE_IP6/" || ip -6 addr add "$NODE_IP6/64" dev "$BRIDGE" nodad
     ip link set "$BRIDGE" up
     # Forwarding on the bridge alone (IPv4 asks the device a packet came in on), never the host's
     # net.ipv4.ip_forward: every network namespace made meanwhile would inherit that one (the
     # sandbox tests' namespaces among them). Hence also "isGateway": false in the CNI config,
     # since the bridge plugin switches ip_forward on for a gateway; the address is ours already.
     echo 1 >"/proc/sys/net/ipv4/conf/$BRIDGE/forwarding"
+    # IPv6 forwards by conf/all only. New namespaces start from IPv6's defaults, not the host's,
+    # so this one reaches no test namespace; `down` puts it back.
+    echo 1 >/proc/sys/net/ipv6/conf/all/forwarding
     # The Service range goes to the bridge too: a host packet to a ClusterIP that kube-proxy
     # does not translate stays on this host instead of following the default route.
     ip route replace "$SERVICE_CIDR" dev "$BRIDGE" src "$NODE_IP"
+    ip -6 route replace "$SERVICE_CIDR6" dev "$BRIDGE" src "$NODE_IP6"
 }
 
 start_etcd() {
@@ -75,7 +81,7 @@ start_apiserver() {
     p=$LIB/pki
     start kube-apiserver "$BIN/kube-apiserver" --etcd-servers "http://$ETCD_CLIENT" \
         --bind-address "$NODE_IP" --advertise-address "$NODE_IP" --secure-port 6443 \
-        --service-cluster-ip-range "$SERVICE_CIDR" --allow-privileged=true \
+        --service-cluster-ip-range "$SERVICE_CIDR,$SERVICE_CIDR6" --allow-privileged=true \
         --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
         --client-ca-file "$p/ca.crt" --tls-cert-file "$p/apiserver.crt" --tls-private-key-file "$p/apiserver.key" \
         --kubelet-client-certificate "$p/apiserver-kubelet-client.crt" \
@@ -135,7 +141,7 @@ import_images() {
 start_node() {
     render scripts/cluster.d/kubelet.yaml "$RUN/kubelet.yaml"
     start kubelet "$BIN/kubelet" --config "$RUN/kubelet.yaml" --kubeconfig "$RUN/kubelet.kubeconfig" \
-        --root-dir "$LIB/kubelet" --cert-dir "$LIB/kubelet/pki" --node-ip "$NODE_IP" \
+        --root-dir "$LIB/kubelet" --cert-dir "$LIB/kubelet/pki" --node-ip "$NODE_IP,$NODE_IP6" \
         --hostname-override "$NODE" --v 1
     render scripts/cluster.d/kube-proxy.yaml "$RUN/kube-proxy.yaml"
     start kube-proxy "$BIN/kube-proxy" --config "$RUN/kube-proxy.yaml" --v 1
