@@ -79,6 +79,8 @@ def _cluster_up() -> bool:
     was_up = subprocess.run([str(SCRIPT), "status"], capture_output=True).returncode == 0
     r = subprocess.run([str(SCRIPT), "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if r.returncode != 0:
+        if not was_up:  # a half-started cluster would stay behind the failed session
+            subprocess.run([str(SCRIPT), "down"], capture_output=True, check=False)
         tail = "\n".join(r.stdout.strip().splitlines()[-15:])
         pytest.fail(f"scripts/cluster up failed (exit {r.returncode}); the real-cluster tests need it, or "
                     f"MIRRORD_NS_E2E_KUBECONFIG, or MIRRORD_NS_E2E=skip:\n{tail}", pytrace=False)
