@@ -397,8 +397,13 @@ class Mounts:
         if covering:
             _warn(f"not mounting the target's volumes over this machine's files: {' '.join(covering)} "
                   "(--mount PATH to have them anyway)")
+        # A volume at /config needs /config here: making it would mean shadowing /, which we never do.
+        rootless = [v for v in self.volumes if v not in self.paths and v not in covering and not _placeable(v)]
+        if rootless:
+            _warn(f"not mounting the target's volumes at {' '.join(rootless)}: no such directory on this "
+                  "machine (mirrord-ns never shadows /; create it to have the volume there)")
         explicit = bool(self.paths)
-        self.paths = _distinct(self.paths + [v for v in self.volumes if v not in covering])
+        self.paths = _distinct(self.paths + [v for v in self.volumes if v not in covering and v not in rootless])
         if not self.paths:
             return
         try:
@@ -495,6 +500,15 @@ def _vacant(path: str) -> bool:
         return not os.path.lexists(path)  # a dangling symlink is not vacant
     except OSError:
         return False
+
+
+def _placeable(path: str) -> bool:
+    """Whether _mount_point can make `path` here: it exists, or its nearest existing ancestor
+    is a directory other than / (the one directory never shadowed)."""
+    ancestor = os.path.normpath(path)
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    return ancestor == os.path.normpath(path) or (os.path.realpath(ancestor) != "/" and os.path.isdir(ancestor))
 
 
 def _distinct(paths: list[str]) -> list[str]:

@@ -546,3 +546,13 @@ def test_the_relay_never_hands_the_kernel_a_link_out_of_the_mount(link: bytes, t
         assert answer[4] == 101 and int.from_bytes(answer[9:13], "big") == 2  # STATUS, no such file
     else:
         assert answer[4] == 104 and answer[13:17] == len(seen).to_bytes(4, "big") and answer[17:17 + len(seen)] == seen
+
+
+def test_a_volume_whose_mount_point_would_shadow_root_is_left_out() -> None:
+    # A pod's ConfigMap at /config: making /config here would mean a tmpfs over /, which
+    # mirrord-ns never does; run then warns and goes on (found on a real cluster).
+    from mirrord_tun.mounts import _placeable
+
+    assert not _placeable("/mrd-test-no-such-dir/config")
+    assert _placeable("/etc/mrd-test-no-such-dir/config")
+    assert _placeable("/etc")

@@ -6,12 +6,15 @@ asyncio's transports do not accept. A dup of its fd as a real socket does.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
 from kubernetes.stream import portforward
 
 from mirrord_tun.kube.cluster import Cluster, api_errors
+
+DRAIN_TIMEOUT = 2.0  # seconds for the proxy thread to see our EOF and close its end
 
 
 class Forward:
@@ -27,5 +30,16 @@ class Forward:
         return self._pf.error(self.port)
 
     def close(self) -> None:
+        """Hang up the way the proxy thread expects. Our last fd closing while bytes it sent us
+        are unread makes its recv fail with ECONNRESET, a traceback on the user's terminal
+        (seen with a real kubelet): so first our EOF, then whatever it still sends read and
+        dropped until it closes its end."""
+        original = self._pf.socket(self.port)
+        if original.fileno() != -1:
+            with socket.socket(fileno=os.dup(original.fileno())) as s, contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_WR)
+                s.settimeout(DRAIN_TIMEOUT)
+                while s.recv(65536):
+                    pass
         self.sock.close()
         self._pf.close()
