@@ -41,7 +41,10 @@ def run(url: str, count: int, concurrency: int, max_body: int, seed: int) -> dic
     parsed = urllib.parse.urlsplit(url)
     t0 = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda n: _post(parsed, rng.randbytes(n)), sizes[:count]))
+        # Each body from a generator of its own: a shared one would hand bodies out in the order the
+        # threads happen to run, and two runs of the same seed would send different bodies.
+        results = list(pool.map(lambda i: _post(parsed, random.Random(f"{seed}/{i}").randbytes(sizes[i])),
+                                range(min(count, len(sizes)))))
     return dict(results=results, wall=time.monotonic() - t0)
 
 
