@@ -191,7 +191,7 @@ def _steal_excludes(_ctx: click.Context, _param: click.Parameter, specs: tuple[s
 
 def _regex(_ctx: click.Context, param: click.Parameter, pattern: str | None) -> str | None:
     """A regex the agent will accept, checked here: a bad one must fail before the pod changes."""
-    from mirrord_tun.agent.httpfilter import HttpFilter
+    from mirrord_tun.agent.steal.filters import HttpFilter
     from mirrord_tun.protocol import MAX_REGEX
 
     if pattern is None:
@@ -208,7 +208,7 @@ def _regex(_ctx: click.Context, param: click.Parameter, pattern: str | None) -> 
 
 
 def _singles(_ctx: click.Context, param: click.Parameter, specs: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
-    from mirrord_tun.agent.httpfilter import parse_single
+    from mirrord_tun.agent.steal.filters import parse_single
     from mirrord_tun.protocol import MAX_REGEX, MAX_SINGLE_FILTERS
 
     if len(specs) > MAX_SINGLE_FILTERS:
