@@ -45,7 +45,8 @@ import random
 import re
 from typing import Callable, NamedTuple
 
-from mirrord_tun.agent import owner, steal, stealproxy
+from mirrord_tun.agent import owner
+from mirrord_tun.agent.steal import proxy as steal_proxy, rules as steal_rules
 from mirrord_tun.netns import ipv6, links, nft
 from mirrord_tun.netns.tun import Tun
 
@@ -174,19 +175,19 @@ def _ruleset(table: str, tun: str, block: ipaddress.IPv4Network, record: _Record
         f'    iifname "{tun}" ip saddr != {client} drop\n'
         f'    iifname "{tun}" oifname "{TUN_PREFIX}*" drop\n'  # never from one session into another
         f'    oifname "{tun}" ct state established,related accept\n'
-        + steal.forward_rules(tun, str(client))
+        + steal_rules.forward_rules(tun, str(client))
         + f'    oifname "{tun}" drop\n'
         # Links that forwarded nothing before us forward only our replies (above) now.
         + (f'    iifname {{ {switched_on} }} oifname != "{TUN_PREFIX}*" drop\n' if switched_on else "")
         + "  }\n"
-        + steal.declarations(f"{TUN_PREFIX}*", str(client), pod_addrs)
+        + steal_rules.declarations(f"{TUN_PREFIX}*", str(client), pod_addrs)
         + "  chain input {\n"
         "    type filter hook input priority filter; policy accept;\n"
         f'    ip daddr {agent} iifname != "{tun}" drop\n'
         "  }\n"
         "  chain output {\n"
         "    type filter hook output priority filter; policy accept;\n"
-        + steal.output_rules(tun, str(client))
+        + steal_rules.output_rules(tun, str(client))
         # The pod's own processes answer the client (established, ICMP errors), never call it.
         + f'    oifname "{tun}" ct state new drop\n'
         "  }\n}\n"
@@ -213,18 +214,18 @@ def _ruleset6(table: str, tun: str, agent: str, client: str, record: _Record6, p
         f'    iifname "{tun}" ip6 saddr != {client} drop\n'
         f'    iifname "{tun}" oifname "{TUN_PREFIX}*" drop\n'
         f'    oifname "{tun}" ct state established,related accept\n'
-        + steal.forward_rules(tun, client, "ip6")
+        + steal_rules.forward_rules(tun, client, "ip6")
         + f'    oifname "{tun}" drop\n'
         + dropped
         + "  }\n"
-        + steal.declarations(f"{TUN_PREFIX}*", client, pod_addrs, "ip6")
+        + steal_rules.declarations(f"{TUN_PREFIX}*", client, pod_addrs, "ip6")
         + "  chain input {\n"
         "    type filter hook input priority filter; policy accept;\n"
         f'    ip6 daddr {agent} iifname != "{tun}" drop\n'
         "  }\n"
         "  chain output {\n"
         "    type filter hook output priority filter; policy accept;\n"
-        + steal.output_rules(tun, client, "ip6")
+        + steal_rules.output_rules(tun, client, "ip6")
         + f'    oifname "{tun}" ct state new drop\n'
         "  }\n}\n"
     )
@@ -421,7 +422,7 @@ def remove_leftovers() -> list[str]:
     dead6 = {name: record for name, record in _ours6().items() if not owner.alive(record.owner)}
     _remove_tables6(dead6)
     if not _ours() and not _open:
-        stealproxy.remove_routing()  # a filtered steal's, which only a live agent's sessions use
+        steal_proxy.remove_routing()  # a filtered steal's, which only a live agent's sessions use
     if dead:
         # Their TUNs went with the dead process; a live session's TUN holds the agent end
         # (.1) of its /30, whose client (.2) still owns its stolen connections (an IPv6 client's
@@ -439,7 +440,7 @@ def remove_leftovers() -> list[str]:
 
 def _reset_stolen(stolen_by: Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], bool]) -> None:
     try:
-        n = steal.reset_stolen(stolen_by)
+        n = steal_rules.reset_stolen(stolen_by)
     except Exception as e:  # noqa: BLE001 - no conntrack netlink here: the connections time out instead
         log.warning("cannot reset stolen connections: %s", e)
         return

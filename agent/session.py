@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from mirrord_tun import protocol
 from mirrord_tun.agent.dataplane import SessionPlane
 from mirrord_tun.agent.sniffer import Sniffer
-from mirrord_tun.agent.steal import SessionSteal
+from mirrord_tun.agent.steal.rules import SessionSteal
 from mirrord_tun.agent.target import read_resolv_conf
 from mirrord_tun.channel import FrameSession
 from mirrord_tun.protocol import AgentMsg, ClientMsg

@@ -18,7 +18,8 @@ log = logging.getLogger("mirrord-ns")
 def clean_cluster(context: str | None, kubeconfig: str | None, namespace: str | None) -> list[str]:
     try:
         from mirrord_tun.kube.cleanup import delete_agents
-        from mirrord_tun.kube.cluster import KubeError, connect
+        from mirrord_tun.kube.cluster import connect
+        from mirrord_tun.kube.errors import KubeError
         from mirrord_tun.kube.manifest import current_user
     except ImportError:
         log.warning("the kubernetes client is not installed (pip install 'mirrord-ns[kubernetes]'); "

@@ -5,9 +5,7 @@ anything of ours (usage errors included), 130 for Ctrl-C, the command's own stat
 """
 from __future__ import annotations
 
-import functools
 import logging
-import re
 import sys
 from typing import Any, Callable, Coroutine, NoReturn, Sequence, TypeVar
 
@@ -21,8 +19,8 @@ from mirrord_tun import __version__
 from mirrord_tun.config import ENV_PREFIX, config_option
 from mirrord_tun.kube.commands import complete_context, complete_namespace, complete_target
 from mirrord_tun.netns.ipv6 import FORWARDING_MODES
-
-SERVE_FS_KINDS = ("fuse", "nfs", "smb", "9p", "ceph", "afs", "cluster", "all")  # agent/fsview.py's KINDS
+from mirrord_tun.options import (SERVE_FS_KINDS, ConnectionArgs, KubeArgs, MirrorArgs, MountArgs, StealArgs,
+                                 connection_options, kube_options, mount_options, options, traffic_options)
 
 T = TypeVar("T")
 PROG = "mirrord-ns"
@@ -144,188 +142,8 @@ def _need_root() -> None:
         raise click.ClickException("needs root (namespaces, TUN devices): run it with sudo")
 
 
-def _mirror_ports(_ctx: click.Context, _param: click.Parameter, specs: tuple[str, ...]) -> dict[int, int]:
-    """--port values as {pod port: local port}."""
-    from mirrord_tun.mirror.ports import parse_port
-
-    try:
-        return dict(parse_port(spec) for spec in specs)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-
-
-Decorator = Callable[[Callable[..., None]], Callable[..., None]]
-
-
-def _options(*opts: Decorator) -> Decorator:
-    """Several click options as one decorator, listed in the order given."""
-    def add(f: Callable[..., None]) -> Callable[..., None]:
-        for opt in reversed(opts):
-            f = opt(f)
-        return f
-    return add
-
-
-def _connection_options(required: bool) -> Decorator:
-    """How run, attach and sidecar name a running agent."""
-    return _options(
-        click.option("--agent", metavar="HOST:PORT", required=required, help="Address of a running agent."),
-        # No exists=True: root's stat would answer for the user; the read as the user does.
-        click.option("--identity", type=click.Path(dir_okay=False), required=required,
-                     help="Private key (OpenSSH format) the agent authorizes."),
-        click.option("--agent-host-key", type=click.Path(dir_okay=False), required=required,
-                     help="The agent's public host key; any other key is refused."),
-    )
-
-
-def _steal_excludes(_ctx: click.Context, _param: click.Parameter, specs: tuple[str, ...]) -> tuple[str, ...]:
-    from mirrord_tun.protocol import MAX_EXCLUDE, Malformed, cidr
-
-    if len(specs) > MAX_EXCLUDE:
-        raise click.BadParameter(f"at most {MAX_EXCLUDE}")
-    try:
-        return tuple(cidr(spec) for spec in specs)
-    except Malformed as e:
-        raise click.BadParameter(str(e)) from None
-
-
-def _regex(_ctx: click.Context, param: click.Parameter, pattern: str | None) -> str | None:
-    """A regex the agent will accept, checked here: a bad one must fail before the pod changes."""
-    from mirrord_tun.agent.httpfilter import HttpFilter
-    from mirrord_tun.protocol import MAX_REGEX
-
-    if pattern is None:
-        return None
-    if len(pattern) > MAX_REGEX:
-        raise click.BadParameter(f"at most {MAX_REGEX} characters")
-    try:
-        HttpFilter.compile(pattern if param.name == "http_header_filter" else None,
-                           pattern if param.name == "http_path_filter" else None,
-                           pattern if param.name == "http_method_filter" else None)
-    except ValueError as e:
-        raise click.BadParameter(str(e).split(" ", 1)[1]) from None  # without the option name
-    return pattern
-
-
-def _singles(_ctx: click.Context, param: click.Parameter, specs: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
-    from mirrord_tun.agent.httpfilter import parse_single
-    from mirrord_tun.protocol import MAX_REGEX, MAX_SINGLE_FILTERS
-
-    if len(specs) > MAX_SINGLE_FILTERS:
-        raise click.BadParameter(f"at most {MAX_SINGLE_FILTERS}")
-    out = []
-    for spec in specs:
-        if len(spec) > MAX_REGEX:
-            raise click.BadParameter(f"at most {MAX_REGEX} characters")
-        try:
-            out.append(parse_single(param.opts[0], spec))
-        except ValueError as e:
-            raise click.BadParameter(str(e).split(" ", 1)[1]) from None
-    return tuple(out)
-
-
-def _http_filter_options(f: Callable[..., None]) -> Callable[..., None]:
-    """The filtered-steal options, handed to the command as one `http_filter` (run.HttpFilterSpec)."""
-    names = ("http_header_filter", "http_path_filter", "http_path_filter_ignore_case", "http_method_filter",
-             "http_filter_all_of", "http_filter_any_of", "http_filter_ports")
-
-    @functools.wraps(f)
-    def collapse(**kw: Any) -> None:
-        from mirrord_tun.run import HttpFilterSpec
-
-        header, path, ignore_case, method, all_of, any_of, ports = (kw.pop(n) for n in names)
-        if ignore_case and path is None:
-            raise click.UsageError("--http-path-filter-ignore-case needs --http-path-filter")
-        if ignore_case:
-            path = f"(?i){path}"
-        spec = HttpFilterSpec(header, path, method, all_of, any_of, tuple(sorted(set(ports))))
-        if ports and not spec.given():
-            raise click.UsageError("--http-filter-ports needs a filter (--http-header-filter, ...)")
-        f(http_filter=spec, **kw)
-
-    return _options(
-        click.option("--http-header-filter", metavar="REGEX", callback=_regex,
-                     help="With --steal: steal only the HTTP requests with a header `Name: value` matching "
-                     "REGEX (case-insensitive); the pod's server answers the others."),
-        click.option("--http-path-filter", metavar="REGEX", callback=_regex,
-                     help="With --steal: steal only the HTTP requests whose path, or path and query, "
-                     "matches REGEX (case-sensitive; see the next option)."),
-        click.option("--http-path-filter-ignore-case", is_flag=True, help="Match --http-path-filter "
-                     "case-insensitively (as mirrord does)."),
-        click.option("--http-method-filter", metavar="METHOD", callback=_regex,
-                     help="With --steal: steal only the HTTP requests with this method (any case)."),
-        click.option("--http-filter-all-of", metavar="KIND=PATTERN", multiple=True, callback=_singles,
-                     help="With --steal: a filter (header=REGEX, path=REGEX, method=M) every stolen request "
-                     "matches; repeatable. All filters given must match."),
-        click.option("--http-filter-any-of", metavar="KIND=PATTERN", multiple=True, callback=_singles,
-                     help="With --steal: like --http-filter-all-of, but a request matching any one of these "
-                     "is enough (with the other filters)."),
-        click.option("--http-filter-ports", metavar="P", type=click.IntRange(1, 65535), multiple=True,
-                     help="The pod ports whose HTTP requests are filtered (repeatable); default 80, 8080 and "
-                     "every --port. Other served ports stay the pod's; other --port ports are stolen whole."),
-    )(collapse)
-
-
-def _size(_ctx: click.Context, _param: click.Parameter, text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    m = re.fullmatch(r"(\d+)([KMG]?)(?:i?B)?", text.strip(), re.I)
-    if not m or int(m[1]) == 0:
-        raise click.BadParameter(f"{text!r}: expected a size such as 512M or 2G")
-    return int(m[1]) * units[m[2].upper()]
-
-
-_mirror_options = _options(
-    click.option("--port", metavar="P|LOCAL:REMOTE", multiple=True, callback=_mirror_ports,
-                 help="Also mirror (or steal) pod port P, or pod port REMOTE onto local port LOCAL; "
-                 "repeatable. Ports served in the namespace are mirrored (stolen) without it."),
-    click.option("--no-mirror", is_flag=True, help="Do not mirror the pod's inbound traffic."),
-    click.option("--mirror-spill-limit", metavar="SIZE", callback=_size, default="1G", show_default=True,
-                 help="How far (bytes, or with K/M/G) the program may fall behind the mirrored traffic in "
-                 "all, kept on disk, before the connection with the most waiting is given up."),
-    click.option("--steal", is_flag=True, help="Answer the pod's traffic instead of mirroring it: new "
-                 "connections to the served ports (and --port) go to COMMAND, not to the pod."),
-    click.option("--steal-exclude", metavar="CIDR", multiple=True, callback=_steal_excludes,
-                 help="With --steal: connections from these sources keep going to the pod (repeatable; "
-                 "in Kubernetes the pod's node, whose kubelet probes it, is excluded by default)."),
-    _http_filter_options,
-)
-
-
-def _steal_options(steal: bool, port: dict[int, int], exclude: tuple[str, ...], http: Any,
-                   default_exclude: tuple[str, ...] = ()) -> Any:
-    """run's StealOptions for --steal, else None; `http`: a run.HttpFilterSpec."""
-    if not steal:
-        if exclude or http.given():
-            raise click.UsageError("--steal-exclude and the --http-*-filter options need --steal")
-        return None
-    from mirrord_tun.run import StealOptions
-
-    return StealOptions(port, tuple(dict.fromkeys(default_exclude + exclude)), http)
-
-
-def _mounts(paths: tuple[str, ...], volumes: tuple[str, ...]) -> Any:
-    """run's Mounts for --mount and the target's volumes, else None."""
-    if not paths and not volumes:
-        return None
-    from mirrord_tun.mounts import Mounts
-
-    return Mounts(list(paths), list(volumes))
-
-
-def _annotations(_ctx: click.Context, _param: click.Parameter, specs: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
-    """--agent-annotation values as (key, value) pairs; the key as Kubernetes spells one."""
-    if not specs:  # run --agent must not pay for importing the Kubernetes side
-        return ()
-    from mirrord_tun.kube.manifest import annotation
-
-    try:
-        return tuple(annotation(spec) for spec in specs)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-
-
 _no_dns_option = click.option("--no-dns", is_flag=True, help="Leave the namespace's /etc/resolv.conf as it is.")
-_verbosity_options = _options(
+_verbosity_options = options(
     click.option("-v", "--verbose", count=True, help="Progress and per-session counters on stderr; "
                  "-vv adds debug lines and SSH details."),
     click.option("-q", "--quiet", is_flag=True, help="Errors only."),
@@ -370,92 +188,53 @@ variables, variables over the file."""
 @main.command(aliases=["exec"], epilog=RUN_EPILOG,
               context_settings={**_with_command, "auto_envvar_prefix": ENV_PREFIX})
 @config_option
-@_connection_options(required=False)
-@click.option("-t", "--target", metavar="KIND/NAME", shell_complete=complete_target, help="pod/NAME, deploy/NAME or statefulset/NAME "
-              "(none: targetless, the agent's own pod is the identity).")
-@click.option("-n", "--namespace", shell_complete=complete_namespace,
-              help="The target's namespace (default: the context's).")
-@click.option("--container", help="The target container in a multi-container pod.")
-@click.option("--context", shell_complete=complete_context, help="kubeconfig context (default: the current one).")
-@click.option("--kubeconfig", type=click.Path(dir_okay=False), help="kubeconfig file (default: as kubectl).")
-@click.option("--agent-image", metavar="IMAGE", help="Agent image (default: the release's own).")
-@click.option("--privileged", is_flag=True, help="Run the agent pod privileged (not just with its capabilities).")
-@click.option("--image-pull-secret", metavar="NAME", multiple=True,
-              help="Secret in the namespace for pulling the agent image (repeatable).")
-@click.option("--agent-annotation", metavar="KEY=VALUE", multiple=True, callback=_annotations,
-              help="Annotation on the agent pod (repeatable). Service-mesh injection is off by default "
-              "(e.g. sidecar.istio.io/inject=\"false\"); giving such a key overrides it.")
-@click.option("--agent-address", metavar="HOST:PORT", help="Reach the launched agent here, not by port-forward.")
-@click.option("--no-env", is_flag=True, help="Do not give COMMAND the target container's environment.")
-@click.option("--env-exclude", metavar="NAME", multiple=True, help="Leave out this variable (repeatable).")
-@click.option("--env-allow", metavar="NAME", multiple=True, help="Import this variable although it is a "
-              "loader, shell or interpreter hook (LD_PRELOAD, BASH_ENV, NODE_OPTIONS...) (repeatable).")
-@click.option("--dry-run", is_flag=True, help="Print the agent manifest as YAML and exit; create nothing.")
-@click.option("--mount", "mount", metavar="PATH", multiple=True,
-              help="Show COMMAND the target container's directory PATH at PATH, read-only and live "
-              "(repeatable; the agent needs --pid or --container-id). With --target the container's "
-              "ConfigMap, Secret, projected and downward-API volumes are mounted by default. Not for "
-              "attach or sidecar.")
-@click.option("--no-mount", is_flag=True, help="Do not mount the target container's volumes (--mount still adds paths).")
-@click.option("--serve-fs", type=click.Choice(SERVE_FS_KINDS), multiple=True,
-              help="Let the launched agent serve --mount files from these kinds of file systems, which can "
-              "hang and are refused by default (repeatable; see `agent --serve-fs`).")
-@_mirror_options
+@connection_options(required=False)
+@kube_options
+@mount_options
+@traffic_options
 @_verbosity_options
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[--] COMMAND [ARGS]...")
-def run(agent: str | None, identity: str | None, agent_host_key: str | None, target: str | None,
-        namespace: str | None, container: str | None, context: str | None, kubeconfig: str | None,
-        agent_image: str | None, privileged: bool, image_pull_secret: tuple[str, ...],
-        agent_annotation: tuple[tuple[str, str], ...], agent_address: str | None, no_env: bool,
-        env_exclude: tuple[str, ...], env_allow: tuple[str, ...], dry_run: bool, port: dict[int, int],
-        no_mirror: bool, mirror_spill_limit: int, steal: bool, steal_exclude: tuple[str, ...],
-        http_filter: Any, verbose: int, quiet: bool, command: tuple[str, ...],
-        mount: tuple[str, ...] = (), no_mount: bool = False, serve_fs: tuple[str, ...] = ()) -> None:
+def run(connection: ConnectionArgs, kube: KubeArgs, mounts: MountArgs, mirror: MirrorArgs, steal: StealArgs,
+        verbose: int, quiet: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND with a pod's network.
 
     COMMAND starts at `--` or at the first argument that is not an option; what follows it is
     COMMAND's own: sudo mirrord-ns run -t deploy/web curl -s http://api/
     """
-    if agent and (target or dry_run):
+    agent, keys = connection.agent, (connection.identity, connection.host_key)
+    if agent and (kube.target or kube.dry_run):
         raise click.UsageError("--agent names a running agent; --target and --dry-run launch one")
-    keys = (identity, agent_host_key)
     if (agent and not all(keys)) or (not agent and any(keys)):
         raise click.UsageError("--agent, --identity and --agent-host-key go together")
-    if agent and serve_fs:
+    if agent and mounts.serve_fs:
         raise click.UsageError("--serve-fs is for the agent run launches; give it to `mirrord-ns agent` itself")
-    if not command and not dry_run:
+    if not command and not kube.dry_run:
         raise click.UsageError("missing COMMAND: mirrord-ns run [OPTIONS] [--] COMMAND [ARGS]...")
-    if not dry_run:
+    if not kube.dry_run:
         _need_root()
     _logging(verbose, PROG, quiet)
     from mirrord_tun.connect import load_keys
     from mirrord_tun.run import LocalSession
 
-    mirror_ports = None if no_mirror or steal else port
-    _steal_options(steal, port, steal_exclude, http_filter)  # usage errors before anything starts
+    steal.options()  # usage errors before anything starts
 
     async def go(address: str, key: Any, pinned: Any, probes: tuple[str, ...] = (),
                  volumes: tuple[str, ...] = (), progress: Any = None, **link: Any) -> int:
         new_sock = link.pop("reconnect", None)
-        session = LocalSession(list(command), address, key, pinned, mirror_ports=mirror_ports,
-                               spill_limit=mirror_spill_limit,
-                               steal=_steal_options(steal, port, steal_exclude, http_filter, probes), **link)
+        session = LocalSession(list(command), address, key, pinned, mirror_ports=mirror.ports,
+                               spill_limit=mirror.spill_limit, steal=steal.options(probes), **link)
         session.new_sock = new_sock
-        session.mounts = _mounts(mount, () if no_mount else volumes)
+        session.mounts = mounts.mounts(volumes)
         if progress is not None:
             session.progress = progress
         return await session.run()
 
     def in_cluster() -> int:
-        from mirrord_tun.kube.manifest import DEFAULT_IMAGE
-        from mirrord_tun.kube.session import KubeOptions, prepare
+        from mirrord_tun.kube.session import prepare
         from mirrord_tun.progress import Progress
 
-        plan = prepare(KubeOptions(target, namespace, container, context, kubeconfig,
-                                   agent_image or DEFAULT_IMAGE, privileged, agent_address,
-                                   not no_env, frozenset(env_exclude), frozenset(env_allow),
-                                   image_pull_secret, agent_annotation, serve_fs))
-        if dry_run:
+        plan = prepare(kube.options(mounts.serve_fs))
+        if kube.dry_run:
             click.echo(plan.manifests_yaml(), nl=False)
             return 0
         progress = Progress.on_stderr(quiet)
@@ -463,8 +242,8 @@ def run(agent: str | None, identity: str | None, agent_host_key: str | None, tar
             return _run_async(go(link.address, plan.key, link.host_key, link.probe_sources, link.volumes,
                                  progress, sock=link.sock, env=link.env, reconnect=link.reconnect))
 
-    if agent and identity and agent_host_key:
-        _exit_with(lambda: _run_async(go(agent, *load_keys(identity, agent_host_key))))
+    if connection.given():
+        _exit_with(lambda: _run_async(go(agent, *load_keys(connection.identity, connection.host_key))))
     _exit_with(in_cluster)
 
 
@@ -576,15 +355,12 @@ def agent(listen: str, authorized_key: str | None, authorized_key_data: str | No
 @click.option("--netns", type=click.Path(exists=True), help="The namespace file (/run/netns/NAME, /proc/PID/ns/net).")
 @click.option("--pid", type=int, help="This process's namespace (and its /etc/resolv.conf).")
 @click.option("--container", metavar="NAME", help="This running Docker container's namespace (and resolver).")
-@_connection_options(required=True)
+@connection_options(required=True)
 @_no_dns_option
-@_mirror_options
+@traffic_options
 @_verbosity_options
-def attach(netns: str | None, pid: int | None, container: str | None, agent: str, identity: str,
-           agent_host_key: str, no_dns: bool, port: dict[int, int], no_mirror: bool, mirror_spill_limit: int,
-           steal: bool,
-           steal_exclude: tuple[str, ...], http_filter: Any,
-           verbose: int, quiet: bool) -> None:
+def attach(netns: str | None, pid: int | None, container: str | None, connection: ConnectionArgs, no_dns: bool,
+           mirror: MirrorArgs, steal: StealArgs, verbose: int, quiet: bool) -> None:
     """Give a running container a pod's network.
 
     Its namespace is put in the pod's network until Ctrl-C or SIGTERM, then restored as it was.
@@ -595,14 +371,13 @@ def attach(netns: str | None, pid: int | None, container: str | None, agent: str
     from mirrord_tun.connect import load_keys
     from mirrord_tun.run import LocalSession
 
-    stealing = _steal_options(steal, port, steal_exclude, http_filter)
+    stealing = steal.options()
 
     async def go() -> int:
         target = at.resolve(netns, pid, container, dns=not no_dns)
-        key, pinned = load_keys(identity, agent_host_key)
-        session = LocalSession([], agent, key, pinned, mirror_ports=None if no_mirror or steal else port,
-                               spill_limit=mirror_spill_limit,
-                               steal=stealing)
+        key, pinned = load_keys(connection.identity, connection.host_key)
+        session = LocalSession([], connection.agent, key, pinned, mirror_ports=mirror.ports,
+                               spill_limit=mirror.spill_limit, steal=stealing)
         return await at.until_signalled(at.attach(session, target))
 
     _exit_with(lambda: _run_async(go()))
@@ -611,14 +386,12 @@ def attach(netns: str | None, pid: int | None, container: str | None, agent: str
 @main.command()
 @click.option("--hold", is_flag=True, help="Only keep the namespace alive, as a pause container: the "
               "compose service the others join (`network_mode: service:NAME`) and that never restarts.")
-@_connection_options(required=False)
+@connection_options(required=False)
 @_no_dns_option
-@_mirror_options
+@traffic_options
 @_verbosity_options
-def sidecar(hold: bool, agent: str | None, identity: str | None, agent_host_key: str | None,
-            no_dns: bool, port: dict[int, int], no_mirror: bool, mirror_spill_limit: int, steal: bool,
-            steal_exclude: tuple[str, ...],
-            http_filter: Any, verbose: int, quiet: bool) -> None:
+def sidecar(hold: bool, connection: ConnectionArgs, no_dns: bool, mirror: MirrorArgs, steal: StealArgs,
+            verbose: int, quiet: bool) -> None:
     """Keep this container in a pod's network.
 
     For compose: attaches again whenever the tunnel drops.
@@ -627,21 +400,20 @@ def sidecar(hold: bool, agent: str | None, identity: str | None, agent_host_key:
 
     if hold:
         sys.exit(at.hold())
-    if not (agent and identity and agent_host_key):
+    if not connection.given():
         raise click.UsageError("--agent, --identity and --agent-host-key are needed (or --hold)")
     _need_root()
     _logging(verbose, PROG, quiet)
     from mirrord_tun.connect import load_keys
     from mirrord_tun.run import LocalSession
 
-    stealing = _steal_options(steal, port, steal_exclude, http_filter)
+    stealing = steal.options()
 
     async def go() -> int:
-        key, pinned = load_keys(identity, agent_host_key)
-        mirror_ports = None if no_mirror or steal else port
-        return await at.sidecar(lambda: LocalSession([], agent, key, pinned, mirror_ports=mirror_ports,
-                                                     spill_limit=mirror_spill_limit,
-                                                     steal=stealing), at.own_namespace(dns=not no_dns))
+        key, pinned = load_keys(connection.identity, connection.host_key)
+        return await at.sidecar(lambda: LocalSession([], connection.agent, key, pinned, mirror_ports=mirror.ports,
+                                                     spill_limit=mirror.spill_limit, steal=stealing),
+                                at.own_namespace(dns=not no_dns))
 
     _exit_with(lambda: _run_async(go()))
 

@@ -411,7 +411,7 @@ MAX_SINGLE_FILTERS = 16  # in one all_of or any_of
 @dataclasses.dataclass(frozen=True)
 class FilteredSteal:
     """HTTP requests to pod port `port` that match go to local port `local`, the rest to the pod
-    (agent/httpfilter.py says what matching is)."""
+    (agent/steal/filters.py says what matching is)."""
 
     port: int
     local: int

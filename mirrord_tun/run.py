@@ -60,7 +60,7 @@ DEFAULT_HTTP_PORTS = (80, 8080)  # mirrord's http_filter.ports default
 
 @dataclasses.dataclass(frozen=True)
 class HttpFilterSpec:
-    """The --http-*-filter options as given (checked with httpfilter.HttpFilter.compile)."""
+    """The --http-*-filter options as given (checked with steal.filters.HttpFilter.compile)."""
 
     header: str | None = None
     path: str | None = None

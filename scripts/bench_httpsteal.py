@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What the filtered-steal proxy (agent/httpsteal.py) adds to requests it leaves with the pod.
+"""What the filtered-steal proxy (agent/steal/http1.py) adds to requests it leaves with the pod.
 
     .venv/bin/python scripts/bench_httpsteal.py [--requests N] [--mb MB] [--rounds R] [--json]
 
@@ -72,8 +72,8 @@ def _proxy(pod_port: int, local_port: int, workers: int = 1) -> None:
     """The proxy; with `workers` > 1, that many processes on one SO_REUSEPORT port."""
     import uvloop
 
-    from mirrord_tun.agent.httpfilter import HttpFilter
-    from mirrord_tun.agent.httpsteal import HttpProxy
+    from mirrord_tun.agent.steal.filters import HttpFilter
+    from mirrord_tun.agent.steal.http1 import HttpProxy
 
     filt = HttpFilter.compile("^x-dev: me$", None)
     counters: collections.Counter = collections.Counter()

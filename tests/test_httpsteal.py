@@ -1,4 +1,4 @@
-"""The per-request steal proxy (agent/httpsteal.py) between real sockets on loopback.
+"""The per-request steal proxy (agent/steal/http1.py) between real sockets on loopback.
 
 Two independent HTTP/1.1 servers (http.server) stand for the pod and the local
 program; each records the raw bytes every connection brought it, so the tests
@@ -26,8 +26,8 @@ import pytest
 import uvloop
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from mirrord_tun.agent.httpfilter import HttpFilter, parse_single
-from mirrord_tun.agent.httpsteal import HttpProxy, RequestHead
+from mirrord_tun.agent.steal.filters import HttpFilter, parse_single
+from mirrord_tun.agent.steal.http1 import HttpProxy, RequestHead
 
 HOST = "127.0.0.1"
 TIMEOUT = 20.0

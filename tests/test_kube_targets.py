@@ -9,7 +9,8 @@ import yaml
 
 from kube_env import JOBS, Api, api  # noqa: F401 - `api` is a fixture
 from mirrord_tun.kube import manifest
-from mirrord_tun.kube.cluster import KubeError, connect
+from mirrord_tun.kube.cluster import connect
+from mirrord_tun.kube.errors import KubeError
 from mirrord_tun.kube.env import container_env
 from mirrord_tun.kube.targets import resolve
 

@@ -26,7 +26,7 @@ from mirrord_tun.sandbox import ADDRS, PY, Sandbox
 
 FLOOD = 1100
 FD_LIMIT = 1024
-PER_SOURCE = 128  # stealproxy.connection_caps() at 1,024 fds
+PER_SOURCE = 128  # steal.proxy.connection_caps() at 1,024 fds
 SLACK = 64  # the session's own sockets, spare sockets made ahead, allocator noise
 ME = "x-mirrord-user: me"
 

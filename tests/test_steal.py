@@ -29,7 +29,7 @@ from test_attach import ATTACH_TIMEOUT, make_app, snapshot
 from test_resume import RELAY_PORT, kill, start_relay
 
 from mirrord_tun import protocol
-from mirrord_tun.agent.steal import Registry
+from mirrord_tun.agent.steal.rules import Registry
 from mirrord_tun.sandbox import ADDRS, LAPTOP_ADDR, PY, Sandbox
 
 

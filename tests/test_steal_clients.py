@@ -1,4 +1,4 @@
-"""The steal proxy (agent/httpsteal.py) driven by real HTTP clients: curl --http1.0, ab, and
+"""The steal proxy (agent/steal/http1.py) driven by real HTTP clients: curl --http1.0, ab, and
 nginx as a front proxy with its default proxy_pass (HTTP/1.0 upstream, Connection: close).
 
 Each client runs once with a request that matches the filter and once with one that does

@@ -10,7 +10,7 @@ import pytest
 
 from test_httpsteal import HOST, Proxy
 
-from mirrord_tun.agent.httpfilter import HttpFilter
+from mirrord_tun.agent.steal.filters import HttpFilter
 
 grpc = pytest.importorskip("grpc")
 ME = [("x-dev", "me")]

@@ -25,7 +25,7 @@ import pytest
 from test_httpsteal import HOST, TIMEOUT, Proxy
 from test_steal import agent, runs, sb  # noqa: F401 - fixtures (the sandbox, for the end-to-end test)
 
-from mirrord_tun.agent.httpfilter import HttpFilter
+from mirrord_tun.agent.steal.filters import HttpFilter
 
 
 def _answer(name: str, method: str, path: str, body: bytes) -> bytes:

@@ -18,7 +18,7 @@ import pytest
 
 from test_httpsteal import HOST, TIMEOUT, Proxy, _recv_all
 
-from mirrord_tun.agent.httpfilter import HttpFilter
+from mirrord_tun.agent.steal.filters import HttpFilter
 
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: x\r\nX-Dev: me\r\n\r\n"
 

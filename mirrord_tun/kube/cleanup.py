@@ -10,7 +10,8 @@ from __future__ import annotations
 from kubernetes import client
 
 from mirrord_tun.kube import manifest
-from mirrord_tun.kube.cluster import Cluster, KubeError, api_errors, describe
+from mirrord_tun.kube.cluster import Cluster, api_errors, describe
+from mirrord_tun.kube.errors import KubeError
 from mirrord_tun.kube.targets import matches, selector_string
 
 

@@ -10,20 +10,13 @@ from typing import Iterator
 from kubernetes import client
 from urllib3.exceptions import HTTPError
 
-from mirrord_tun.connect import SetupError
+from mirrord_tun.kube import kubeconfig as kc
+from mirrord_tun.kube.errors import KubeError
 
 RBAC_HINT = "deploy/rbac.yaml lists the permissions mirrord-ns needs"
 # websocket-client's refusal, as the kubernetes client passes it on: "Handshake status 403 Forbidden
 # -+-+- {headers} -+-+- body".
 _HANDSHAKE = re.compile(r"Handshake status (\d+) (.*?) -\+-\+- .*? -\+-\+- (.*)$", re.S)
-
-
-class KubeError(SetupError):
-    """The cluster refused or lacks something: one line for the user, exit 2."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status  # the API's HTTP status, when the API said no
 
 
 @dataclass
@@ -46,8 +39,6 @@ class Cluster:
 
 def connect(context: str | None, kubeconfig: str | None, namespace: str | None) -> Cluster:
     """The API of the kubeconfig's context (see kube.kubeconfig for which files and whose rights)."""
-    from mirrord_tun.kube import kubeconfig as kc  # it raises our KubeError: imported once this module is
-
     api, context_namespace = kc.api_client(kc.load(kubeconfig), context)
     return Cluster(api, namespace or context_namespace or "default")
 

@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 from kubernetes import client, watch
 
-from mirrord_tun.kube.cluster import KubeError, api_errors, describe
+from mirrord_tun.kube.cluster import api_errors, describe
+from mirrord_tun.kube.errors import KubeError
 
 log = logging.getLogger("mirrord-ns")
 POLL = 0.5

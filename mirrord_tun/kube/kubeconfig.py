@@ -33,7 +33,7 @@ from kubernetes import client, config
 from kubernetes.config.config_exception import ConfigException
 
 from mirrord_tun.kube.asuser import Principal, principal, sudo_environment
-from mirrord_tun.kube.cluster import KubeError
+from mirrord_tun.kube.errors import KubeError
 
 log = logging.getLogger("mirrord-ns")
 ITEMS = ("clusters", "contexts", "users")

@@ -28,7 +28,8 @@ import asyncssh
 from kubernetes import client
 
 from mirrord_tun.kube import manifest
-from mirrord_tun.kube.cluster import Cluster, KubeError, api_errors, describe
+from mirrord_tun.kube.cluster import Cluster, api_errors, describe
+from mirrord_tun.kube.errors import KubeError
 from mirrord_tun.kube.feed import POLL, Feed
 from mirrord_tun.kube.targets import matches
 from mirrord_tun.progress import QUIET, Progress

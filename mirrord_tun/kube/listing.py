@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from mirrord_tun.kube import manifest
-from mirrord_tun.kube.cluster import Cluster, KubeError, api_errors
+from mirrord_tun.kube.cluster import Cluster, api_errors
+from mirrord_tun.kube.errors import KubeError
 from mirrord_tun.kube.targets import is_ready, matches
 
 log = logging.getLogger("mirrord-ns")

@@ -13,7 +13,8 @@ from typing import Any
 
 from kubernetes import client
 
-from mirrord_tun.kube.cluster import Cluster, KubeError, api_errors
+from mirrord_tun.kube.cluster import Cluster, api_errors
+from mirrord_tun.kube.errors import KubeError
 
 log = logging.getLogger("mirrord-ns")
 KINDS = {"pod": "pod", "pods": "pod", "po": "pod",

@@ -1,5 +1,8 @@
 """Filtered steal for HTTP/2 with prior knowledge (h2c, gRPC): each stream routed by the filter.
 
+Owns: the HTTP/2 side of one client connection (`H2Router`) and its upstream HTTP/2 connections.
+May touch: the client's transport and the links it opens through its opener; nothing of the kernel's.
+
 A client connection that opens with the HTTP/2 preface is served by `H2Router`
 (python-hyper's h2): it terminates HTTP/2 toward the client and keeps one HTTP/2
 connection per upstream (the pod's server, each session's program), opened when a
@@ -23,11 +26,11 @@ import h2.errors
 import h2.events
 import h2.exceptions
 
-from mirrord_tun.agent.httprelay import Link
+from mirrord_tun.agent.steal.upstream import Link
 
 log = logging.getLogger("mirrord-ns.agent")
 
-Chooser = Callable[[object], object]  # httpsteal.Chooser, taking an httpsteal.RequestHead
+Chooser = Callable[[object], object]  # http1.Chooser, taking an http1.RequestHead
 
 
 class _Stream:
@@ -113,7 +116,7 @@ class _Relay:
 
 
 class H2Router(_Relay):
-    """The HTTP/2 side of one client connection (httpsteal.HttpProxy hands it over)."""
+    """The HTTP/2 side of one client connection (http1.HttpProxy hands it over)."""
 
     def __init__(self, client: asyncio.Transport, choose: Chooser, pod: object,
                  use: Callable[[object, Callable[[Link], None]], None], request_head: Callable[..., object],

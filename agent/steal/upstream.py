@@ -1,9 +1,12 @@
 """The steal proxy's upstream side: one connection to the pod's server or to a session's
 program (`Link`), and the relay of one response from it to the client (`Response`).
 
+Owns: one upstream connection (`Link`) and the relay of one response (`Response`).
+May touch: that connection's transport and the client's, to write the response on.
+
 Both are plain asyncio protocols driven by callbacks, with no task and no await per
-request: bytes are written on as they arrive, framed by http1 (a count, a chunk scan)
-without Python per byte. The client side (httpsteal.HttpProxy) owns the links and
+request: bytes are written on as they arrive, framed by framing.py (a count, a chunk scan)
+without Python per byte. The client side (http1.HttpProxy) owns the links and
 decides what a finished response means for the connection.
 """
 from __future__ import annotations
@@ -11,11 +14,11 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
-from mirrord_tun.agent import http1
+from mirrord_tun.agent.steal import framing
 
 
 class Owner(Protocol):
-    """What a Link reports to (httpsteal.HttpProxy)."""
+    """What a Link reports to (http1.HttpProxy)."""
 
     def upstream_data(self, link: "Link", data: bytes) -> None: ...
     def upstream_eof(self, link: "Link") -> None: ...
@@ -73,17 +76,17 @@ class Response:
 
     `feed` returns None while the response goes on, else how it ended: SWITCHED (the
     connection is now a byte stream), KEEP (the link may carry the next request) or
-    DONE (it may not). Raises http1.Malformed for a response that cannot be framed;
+    DONE (it may not). Raises framing.Malformed for a response that cannot be framed;
     `started` then says whether the client already got part of it.
     """
 
     SWITCHED, KEEP, DONE = "switched", "keep", "done"
 
-    def __init__(self, request: http1.Head, client: asyncio.Transport) -> None:
+    def __init__(self, request: framing.Head, client: asyncio.Transport) -> None:
         self.request, self.client = request, client
         self.buf = bytearray()  # a head not yet complete
         self.body: Body | None = None
-        self.head: http1.Head | None = None
+        self.head: framing.Head | None = None
         self.started = False
 
     def feed(self, data: bytes) -> str | None:
@@ -94,7 +97,7 @@ class Response:
     def _head(self, data: bytes) -> str | None:
         self.buf += data
         while True:
-            head = http1.response_head(self.buf)
+            head = framing.response_head(self.buf)
             if head is None:
                 return None
             self.started = True
@@ -106,7 +109,7 @@ class Response:
             self.client.write(bytes(self.buf[:head.size]))  # a 1xx: the final response follows
             del self.buf[:head.size]
         self.head = head
-        self.body = Body(http1.NO_BODY if self.request.method == "HEAD" else head.length)
+        self.body = Body(framing.NO_BODY if self.request.method == "HEAD" else head.length)
         data, self.buf = bytes(self.buf), bytearray()
         return self._body(data, head.size)
 
@@ -122,24 +125,24 @@ class Response:
 
     def until_close(self) -> bool:
         """The response ends when the upstream closes (and so ends well then)."""
-        return self.body is not None and self.body.length == http1.UNTIL_CLOSE
+        return self.body is not None and self.body.length == framing.UNTIL_CLOSE
 
 
 class Body:
     """Where one message's body ends in the bytes that follow its head, across reads."""
 
     def __init__(self, length: int) -> None:
-        self.length = http1.NO_BODY if length == 0 else length
+        self.length = framing.NO_BODY if length == 0 else length
         self._left = length
-        self._chunked = http1.Chunked() if length == http1.CHUNKED else None
+        self._chunked = framing.Chunked() if length == framing.CHUNKED else None
 
     def end(self, data: bytes | bytearray, start: int) -> int:
         """The offset in `data` just past the body, or -1 if all of data[start:] is body."""
         if self._chunked is not None:
             return self._chunked.feed(data, start)
-        if self.length == http1.NO_BODY:
+        if self.length == framing.NO_BODY:
             return start
-        if self.length == http1.UNTIL_CLOSE:
+        if self.length == framing.UNTIL_CLOSE:
             return -1
         if self._left <= len(data) - start:
             end, self._left = start + self._left, 0
@@ -148,7 +151,7 @@ class Body:
         return -1
 
 
-def _switches(request: http1.Head, response: http1.Head) -> bool:
+def _switches(request: framing.Head, response: framing.Head) -> bool:
     """The response switches the connection to another protocol (RFC 9110 §15.2.2, §9.3.6)."""
     if request.method == "CONNECT":
         return 200 <= response.status < 300

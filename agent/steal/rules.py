@@ -1,5 +1,10 @@
 """Steal: new connections to the pod's stolen ports handed to the session's client, in the kernel.
 
+Owns: the steal part of each session's nft tables (port maps, sets, chains) and their
+refresh (the dead-man switch), the `Registry` of who steals which port, `SessionSteal`.
+May touch: nft (netns.nft), conntrack (stolen connections reset on the way out), and
+proxy.py's listeners, which it asks for; never a connection's bytes.
+
 Each session's nft table (dataplane.py) holds a nat prerouting chain that DNATs
 NEW connections arriving at the pod's addresses on a stolen port to the client's
 tunnel address and its local port; conntrack does the rest, so no Python is on
@@ -16,7 +21,7 @@ drops every other new connection into the TUN as before (SECURITY.md).
 
 Filtered (HTTP) steals: the same chain REDIRECTs new connections on a filtered
 port to the agent's listener for that port (map `filter_tcp`, same timeouts),
-which routes each request (stealproxy.py). The table's output chain lets the
+which routes each request (proxy.py). The table's output chain lets the
 agent's own marked sockets open connections into the TUN to the filtered local
 ports (set `filter_local`), and nothing else.
 
@@ -40,8 +45,8 @@ import socket
 from typing import Callable, NamedTuple
 
 from mirrord_tun import protocol
-from mirrord_tun.agent import stealproxy
-from mirrord_tun.agent.httpfilter import HttpFilter
+from mirrord_tun.agent.steal import proxy
+from mirrord_tun.agent.steal.filters import HttpFilter
 from mirrord_tun.netns import nft
 from mirrord_tun.netns.namespace import NetNs
 from mirrord_tun.protocol import StealRequest, StealState
@@ -71,8 +76,8 @@ def declarations(tunnels: str, client: str, pod_addrs: list[str], family: str = 
                    for p in PROTOCOLS) if pod_addrs else ""
     if pod_addrs:
         # Past a cap, a new connection to a filtered port is not redirected: the pod's server
-        # gets it straight from the kernel, as without a session (stealproxy.connection_caps).
-        per_source, total = stealproxy.connection_caps()
+        # gets it straight from the kernel, as without a session (proxy.connection_caps).
+        per_source, total = proxy.connection_caps()
         dnat += (f"    {family} daddr {{ {pods} }} tcp dport @filter_tcp "
                  f"meter proxy_per_source {{ {family} saddr ct count over {per_source} }} return\n"
                  f"    {family} daddr {{ {pods} }} tcp dport @filter_tcp ct count over {total} return\n"
@@ -97,7 +102,7 @@ def forward_rules(tun: str, client: str, family: str = "ip") -> str:
 def output_rules(tun: str, client: str, family: str = "ip") -> str:
     """Output-chain rules letting the agent's proxy (its marked sockets) into the TUN, to the
     filtered local ports only; before the chain drops every other new connection into it."""
-    return (f'    oifname "{tun}" meta mark {stealproxy.LOCAL_MARK} {family} daddr {client} tcp dport @filter_local '
+    return (f'    oifname "{tun}" meta mark {proxy.LOCAL_MARK} {family} daddr {client} tcp dport @filter_local '
             "ct state new accept\n")
 
 
@@ -213,12 +218,12 @@ class Registry:
 
 
 REGISTRY = Registry()  # one agent process serves one target namespace: its sessions share it
-_proxies: dict[int, stealproxy.Proxies] = {}  # by the NetNs's id: likewise one per agent process
+_proxies: dict[int, proxy.Proxies] = {}  # by the NetNs's id: likewise one per agent process
 
 
-def proxies_for(ns: NetNs) -> stealproxy.Proxies:
+def proxies_for(ns: NetNs) -> proxy.Proxies:
     if id(ns) not in _proxies:
-        _proxies[id(ns)] = stealproxy.Proxies(ns)
+        _proxies[id(ns)] = proxy.Proxies(ns)
     return _proxies[id(ns)]
 
 

@@ -1,6 +1,8 @@
 """Which HTTP requests a filtered steal takes: header, path and method filters and their
 all-of / any-of combinations, with mirrord's semantics (its `http_filter`).
 
+Owns: the filter language and its matching; pure functions over a request's head, no I/O.
+
 - header: a regex searched (re.search) in each header as `Name: value`, case-insensitively
   (the name as the client spelled it, one space after the colon, the value without OWS);
 - path: a regex searched in the request's path and in its path with the query

@@ -1,5 +1,7 @@
 """HTTP/1.x framing for the steal proxy: where a message head ends, what it says, and where its body ends.
 
+Owns: parsing and framing of HTTP/1.x bytes, and nothing else: no sockets, no I/O.
+
 Heads are parsed by llhttp (httptools) in its strict mode, fed incrementally
 and never past the head's end, so the bytes after it stay ours to frame: RFC
 9112's smuggling vectors are errors there (Content-Length with

@@ -1,5 +1,10 @@
 """Filtered steal: one listener per pod port, each request routed by the sessions' HTTP filters.
 
+Owns: one listener per filtered pod port, the choice of upstream for each connection
+(`PortProxy.choose`), and the shared table NFT_TABLE with its policy rule and route.
+May touch: sockets in the pod's namespace, that table and rule; never a session's own
+table (rules.py writes those). HTTP itself is http1.py's and http2.py's.
+
 Each session stealing pod port P with a filter has, in its own nft table, a
 REDIRECT of new connections to the pod's addresses on P onto the port of P's
 listener (a timeout map refreshed with the rest of the steal: the dead-man
@@ -8,7 +13,7 @@ several tables all lead to it, the first one that matches does the NAT. The
 listener only serves connections that were redirected from P (SO_ORIGINAL_DST),
 so a neighbour calling the listener's own port gets nothing.
 
-Every connection is an httpsteal.HttpProxy; `PortProxy.choose` tries
+Every connection is an http1.HttpProxy; `PortProxy.choose` tries
 the sessions' filters in the order they came and names the first match's opener,
 or the pod. Both openers connect transparently, from the client's real address:
 
@@ -53,9 +58,9 @@ import struct
 from typing import Awaitable, Callable
 
 
-from mirrord_tun.agent.httpfilter import HttpFilter
-from mirrord_tun.agent.httprelay import Link
-from mirrord_tun.agent.httpsteal import Chooser, HttpProxy, Opener, RequestHead
+from mirrord_tun.agent.steal.filters import HttpFilter
+from mirrord_tun.agent.steal.upstream import Link
+from mirrord_tun.agent.steal.http1 import Chooser, HttpProxy, Opener, RequestHead
 from mirrord_tun.netns import nft
 from mirrord_tun.netns.namespace import NetNs
 from mirrord_tun.netns import routes
@@ -80,7 +85,7 @@ def connection_caps() -> tuple[int, int]:
     """(per source, in all) the connections a session's redirect sends the proxy at once, from
     the fds this process may hold (server._raise_fd_limit ran): each costs up to two, and
     SSH sessions and the admission caps need the rest. Past either cap, connections go to
-    the pod's server directly, in the kernel (steal.declarations): a flood costs us nothing
+    the pod's server directly, in the kernel (rules.declarations): a flood costs us nothing
     more, and the pod sees what it would without a session."""
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     total = max(MIN_CAP, min(MAX_PROXIED, (nofile - FD_RESERVE) // 3))

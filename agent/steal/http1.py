@@ -1,11 +1,15 @@
 """Filtered steal: route each HTTP/1.x request of one client connection to the
 local program or to the pod's own server.
 
+Owns: one accepted client connection (`HttpProxy`), its HTTP/1.x requests and their order.
+May touch: the client's transport and the upstream links it opens through its opener;
+nothing of the kernel's. Framing is framing.py's, HTTP/2 is handed to http2.py.
+
 `HttpProxy` is the asyncio protocol of one accepted connection. Every request head
-is parsed by http1.HeadReader (llhttp, strict: RFC 9112's smuggling vectors are
+is parsed by framing.HeadReader (llhttp, strict: RFC 9112's smuggling vectors are
 answered 400 and never forwarded); `choose(head)` names the upstream; the
 request's raw bytes are forwarded unchanged, its body framed by count or chunk
-scan (http1), so whatever follows is the next pipelined request. HTTP/1.0 and
+scan (framing), so whatever follows is the next pipelined request. HTTP/1.0 and
 1.1 are routed alike; keep-alive follows the client's and the server's words
 (1.0's `Connection: keep-alive` included). It is all callbacks, no task per
 request: the proxy's cost is a parse per head and a write per read.
@@ -13,7 +17,7 @@ request: the proxy's cost is a parse per head and a write per read.
 Requests are served one at a time, in order (a pipelined request waits in the
 buffer for the previous response), so an upstream never holds two outstanding
 requests and every byte it sends until its response ends belongs to that
-response (httprelay.Response frames it: HEAD, 1xx, 204/304, chunked,
+response (upstream.Response frames it: HEAD, 1xx, 204/304, chunked,
 read-until-close). A 101 to an Upgrade or a 2xx to CONNECT switches the
 protocol: both connections then carry raw bytes, half-closes included.
 
@@ -23,7 +27,7 @@ that is not HTTP/1.0 or 1.1 or has a method llhttp does not know (also after
 good requests: the rest of the connection is the pod's), the HTTP/2 prior-
 knowledge preface, and a client that sends nothing within `sniff_timeout`
 (server-speaks-first protocols). A request head must arrive whole within
-`head_timeout` of its first byte (else 408) and within http1.MAX_HEAD (else
+`head_timeout` of its first byte (else 408) and within framing.MAX_HEAD (else
 400). Upstream connections are opened on a head's completion, one per opener
 (keyed by the object `choose` returns), reused while they stay open. Reading
 pauses while an upstream or the client cannot take more (asyncio's write-buffer
@@ -43,9 +47,9 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 from urllib.parse import urlsplit
 
-from mirrord_tun.agent import http1
-from mirrord_tun.agent.h2steal import H2Router
-from mirrord_tun.agent.httprelay import Body, Link, Response
+from mirrord_tun.agent.steal import framing
+from mirrord_tun.agent.steal.http2 import H2Router
+from mirrord_tun.agent.steal.upstream import Body, Link, Response
 
 log = logging.getLogger("mirrord-ns.agent")
 
@@ -56,7 +60,7 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n"
 # ClientHello, a binary protocol) is not HTTP/1.x and must not wait for a CRLF.
 _METHOD_PREFIX = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}(?: |\Z)")
 
-# Opens an upstream connection with the given protocol factory (in stealproxy: a
+# Opens an upstream connection with the given protocol factory (in proxy.py: a
 # transparent socket from the client's address).
 Opener = Callable[[Callable[[], Link]], Awaitable[asyncio.BaseTransport]]
 
@@ -97,8 +101,8 @@ class _Client(asyncio.Protocol):
         self.links: dict[object, Link] = {}
         self.link: Link | None = None  # the current request's upstream (or the raw stream's)
         self.response_link: Link | None = None  # the link whose bytes are self.response's
-        self.request: http1.Head | None = None
-        self.reader = http1.HeadReader()
+        self.request: framing.Head | None = None
+        self.reader = framing.HeadReader()
         self.body: Body | None = None
         self.response: Response | None = None
         self.client_eof = False
@@ -232,7 +236,7 @@ class _Requests(_Client):
             self._head()
         elif self.state == BODY:
             self._forward_body()
-        if self.state == WAIT and len(self.buf) > http1.MAX_HEAD:
+        if self.state == WAIT and len(self.buf) > framing.MAX_HEAD:
             self.pause_client("pipelined")  # the next request waits for this response: hold no more
 
     def _head(self) -> None:
@@ -240,18 +244,18 @@ class _Requests(_Client):
             return
         try:
             head = self.reader.feed(self.buf)
-        except http1.NotHttp1:
+        except framing.NotHttp1:
             if self.buf.startswith(H2_PREFACE) and self.request is None:
                 return self._http2()
             return self._passthrough("steal_passthrough")
-        except http1.Malformed as e:
+        except framing.Malformed as e:
             return self._refuse(400, "Bad Request", f"malformed request: {e}")
         if head is None:
             if self.timer is None:
                 self.timer = self.loop.call_later(self.head_timeout, self._head_too_slow)
             return
         self._cancel_timer()
-        self.request, self.reader = head, http1.HeadReader()
+        self.request, self.reader = head, framing.HeadReader()
         self.body = Body(head.length)
         opener = self.choose(_request_head(head))
         self.counters["steal_requests_local" if opener is not None else "steal_requests_pod"] += 1
@@ -270,7 +274,7 @@ class _Requests(_Client):
         assert self.body is not None and self.link is not None
         try:
             end = self.body.end(self.buf, start)
-        except http1.Malformed as e:
+        except framing.Malformed as e:
             if start:  # nothing of this request went up yet: the client may still hear why
                 return self._refuse(400, "Bad Request", f"malformed request body: {e}")
             self.counters["steal_bad_requests"] += 1
@@ -291,7 +295,7 @@ class _Requests(_Client):
         assert self.body is not None and self.link is not None
         try:
             end = self.body.end(data, 0)
-        except http1.Malformed as e:
+        except framing.Malformed as e:
             self.counters["steal_bad_requests"] += 1
             return self._end(f"malformed request body: {e}")
         if end < 0:
@@ -312,7 +316,7 @@ class _Requests(_Client):
         self._advance()
 
     def _http2(self) -> None:
-        """HTTP/2 with prior knowledge: every stream routed by the filter (h2steal)."""
+        """HTTP/2 with prior knowledge: every stream routed by the filter (http2.py)."""
         self.counters["steal_http2"] += 1
         self.state = H2
         self.h2 = H2Router(self.transport, self.choose, self.pod, self._use, _h2_request_head, self.counters,
@@ -379,7 +383,7 @@ class HttpProxy(_Requests):
             return
         try:
             outcome = self.response.feed(data)
-        except http1.Malformed as e:
+        except framing.Malformed as e:
             return self._bad_gateway(f"upstream response: {e}")
         if outcome is not None:
             self._response_done(link, outcome)
@@ -439,7 +443,7 @@ def _h2_request_head(method: str, target: str, headers: list[tuple[str, str]]) -
     return RequestHead(method, target, target.partition("?")[0], headers, target)
 
 
-def _request_head(head: http1.Head) -> RequestHead:
+def _request_head(head: framing.Head) -> RequestHead:
     target = head.target
     if target.startswith("/"):
         path, path_query = target.partition("?")[0], target
