@@ -75,7 +75,7 @@ def eventually(check: Callable[[], object], timeout: float = 120, step: float = 
 
 
 def _cluster_up() -> bool:
-    """Bring scripts/cluster up; whether it was down before (then the session takes it down)."""
+    """Bring scripts/cluster up; whether it was down before (then the fixture takes it down)."""
     was_up = subprocess.run([str(SCRIPT), "status"], capture_output=True).returncode == 0
     r = subprocess.run([str(SCRIPT), "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if r.returncode != 0:
@@ -87,7 +87,9 @@ def _cluster_up() -> bool:
     return not was_up
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: while up, the cluster's kubelet and kube-proxy keep changing the
+# host's nft ruleset, which other modules (the Docker tests) check is left as they found it.
+@pytest.fixture(scope="module")
 def real_cluster() -> Iterator[RealCluster]:
     if os.environ.get("MIRRORD_NS_E2E") == "skip":
         pytest.skip("MIRRORD_NS_E2E=skip")
