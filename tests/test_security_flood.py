@@ -135,8 +135,12 @@ class FdSampler(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
-        while not self.done.wait(0.05):
+        # A sample before the first wait and one after the last: a flood that is over within 50 ms
+        # (a quiet machine) was sampled never, and its peak read 0.
+        while True:
             self.peak = max(self.peak, _worker_fds(self.cluster))
+            if self.done.wait(0.05):
+                break
 
     def __enter__(self) -> "FdSampler":
         self.start()
@@ -145,6 +149,7 @@ class FdSampler(threading.Thread):
     def __exit__(self, *exc: object) -> None:
         self.done.set()
         self.join()
+        self.peak = max(self.peak, _worker_fds(self.cluster))
 
 
 @pytest.mark.parametrize("role, redial", [("client", True), ("laptop", False)], ids=["other-source", "same-source"])
