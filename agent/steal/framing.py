@@ -47,7 +47,6 @@ class Head:
     status: int = 0  # responses
     headers: list[tuple[str, str]] = field(default_factory=list)  # requests: names as spelled, latin-1
     keep_alive: bool = False
-    upgrade: bool = False  # `Connection: upgrade`
     length: int = NO_BODY  # NO_BODY, UNTIL_CLOSE, CHUNKED or a Content-Length
 
 
@@ -137,7 +136,7 @@ def response_head(buf: bytes | bytearray) -> Head | None:
 
 
 def _frame(head: Head, raw: list[tuple[bytes, bytes]], request: bool) -> None:
-    """keep_alive, upgrade and length from the raw headers, in one pass (RFC 9112 §6.3, §9.3)."""
+    """keep_alive and length from the raw headers, in one pass (RFC 9112 §6.3, §9.3)."""
     connection: list[bytes] = []
     codings: list[bytes] = []
     lengths: set[bytes] = set()
@@ -150,7 +149,6 @@ def _frame(head: Head, raw: list[tuple[bytes, bytes]], request: bool) -> None:
         elif name == b"content-length":
             lengths.add(value.strip())
     head.keep_alive = b"close" not in connection and (head.version == "1.1" or b"keep-alive" in connection)
-    head.upgrade = b"upgrade" in connection
     head.length = _length(head.version, head.status, codings, lengths, request)
 
 

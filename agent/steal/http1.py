@@ -422,6 +422,8 @@ class HttpProxy(_Requests):
             if self.buf:
                 link.write(bytes(self.buf))
                 self.buf.clear()
+            if self.client_eof:  # the client finished before the switch: the upstream hears it now
+                self.eof_received()
             return
         if outcome != Response.KEEP or response.until_close():
             link.reusable = False

@@ -152,7 +152,11 @@ class Body:
 
 
 def _switches(request: framing.Head, response: framing.Head) -> bool:
-    """The response switches the connection to another protocol (RFC 9110 §15.2.2, §9.3.6)."""
+    """The response switches the connection to another protocol (RFC 9110 §15.2.2, §9.3.6).
+
+    Any 101 does: the server switches right after it whether or not the request said
+    `Connection: upgrade` (a lax server upgrades on `Upgrade:` alone). Taken for an interim
+    response, it left the proxy waiting for a final one that never comes."""
     if request.method == "CONNECT":
         return 200 <= response.status < 300
-    return response.status == 101 and request.upgrade
+    return response.status == 101
