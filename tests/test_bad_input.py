@@ -18,6 +18,7 @@ import asyncssh
 import dpkt
 import pytest
 
+from frames import QueuedEndpoint
 from conftest import CLEAN_TIMEOUT, SVC, POD, Cluster, assert_clean, leftovers, wait_until
 from mirrord_tun import protocol
 from mirrord_tun.channel import FrameSession
@@ -31,24 +32,16 @@ VNET = bytes(10)  # a plain virtio-net header: no checksum offload, no segmentat
 FRAME_TIMEOUT = 10
 
 
-class Probe:
+class Probe(QueuedEndpoint):
     """One SSH connection with the mirrord-ns channel; frames go out raw and come back queued."""
 
+    timeout = FRAME_TIMEOUT
+
     def __init__(self) -> None:
-        self.frames: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+        super().__init__()
         self.closed: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
         self.session = FrameSession(self)
         self.conn: asyncssh.SSHClientConnection | None = None
-
-    # Endpoint
-    def on_frame(self, kind: int, body: bytes) -> None:
-        self.frames.put_nowait((kind, body))
-
-    def on_pause(self) -> None:
-        pass
-
-    def on_resume(self) -> None:
-        pass
 
     def on_closed(self, exc: Exception | None) -> None:
         if not self.closed.done():
@@ -67,15 +60,6 @@ class Probe:
 
     def send(self, data: bytes) -> None:
         self.session.write(data)
-
-    async def expect(self, kind: int, match: Callable[[bytes], bool] = lambda _b: True) -> bytes:
-        """The next frame of `kind` that `match`es; others (stray packets) are skipped."""
-        async def wait() -> bytes:
-            while True:
-                got, body = await self.frames.get()
-                if got == kind and match(body):
-                    return body
-        return await asyncio.wait_for(wait(), FRAME_TIMEOUT)
 
     async def hello(self) -> protocol.Welcome:
         self.send(protocol.control(ClientMsg.HELLO, {"version": protocol.VERSION}))

@@ -27,6 +27,7 @@ import dpkt
 import pytest
 
 from conftest import SVC, Cluster, assert_clean
+from frames import QueuedEndpoint
 from mirrord_tun import protocol, sshopts
 from mirrord_tun.channel import FrameSession
 from mirrord_tun.netns.namespace import NetNs
@@ -47,37 +48,25 @@ GOOD_WELCOME: dict[str, Any] = {"version": protocol.VERSION, "session": "5ec0a6e
 
 # --- the fake agent
 
-class FakeSession:
+class FakeSession(QueuedEndpoint):
     """One client's channel: frames come in queued, STATS are answered (run -v asks at the end)."""
 
+    timeout = FRAME_TIMEOUT
+
     def __init__(self, channel: FrameSession) -> None:
-        self.frames: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+        super().__init__()
         self.channel = channel
 
     def on_frame(self, kind: int, body: bytes) -> None:
         if kind == ClientMsg.STATS:
             self.send(protocol.control(AgentMsg.STATS, {}))
-        self.frames.put_nowait((kind, body))
-
-    def on_pause(self) -> None:
-        pass
-
-    def on_resume(self) -> None:
-        pass
+        super().on_frame(kind, body)
 
     def on_closed(self, exc: Exception | None) -> None:
         pass
 
     def send(self, data: bytes) -> None:
         self.channel.write(data)
-
-    async def expect(self, kind: int, match: Callable[[bytes], bool] = lambda _b: True) -> bytes:
-        async def wait() -> bytes:
-            while True:
-                got, body = await self.frames.get()
-                if got == kind and match(body):
-                    return body
-        return await asyncio.wait_for(wait(), FRAME_TIMEOUT)
 
 
 class _Channel(FrameSession):
