@@ -7,7 +7,7 @@ and come in through sshfast where it can carry them (one copy, one cipher pass).
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import asyncssh
 
@@ -54,18 +54,17 @@ class FrameSession(asyncssh.SSHClientSession[bytes], asyncssh.SSHServerSession[b
         if self.endpoint:
             self.endpoint.on_closed(exc)
 
-    def write(self, data: bytes | Sequence[bytes]) -> bool:
-        """Send a frame, whole or as parts joined on the way (see protocol.frame_parts); False if
-        the channel is closing (or not open yet), which drops it, never raises: packets and copies
-        race the loss of the connection, and nothing retries them."""
+    def write(self, data: bytes | sshfast.OutFrame) -> bool:
+        """Send a frame (the pump's built in place: sshfast.OutFrame); False if the channel is
+        closing (or not open yet), which drops it, never raises: packets and copies race the
+        loss of the connection, and nothing retries them."""
         chan = self.chan
         if chan is None or chan.is_closing():
             return False
-        parts = [data] if isinstance(data, bytes) else data
-        if sshfast.send(chan, parts):
+        if sshfast.send(chan, data):
             return True
         try:
-            chan.write(data if isinstance(data, bytes) else b"".join(parts))
+            chan.write(bytes(data))
         except (BrokenPipeError, asyncssh.Error):
             return False
         return True

@@ -112,15 +112,23 @@ def pack_packets(packets: list[bytes]) -> bytes:
     return b"".join(_packet_parts(packets))
 
 
-def frame_parts(kind: int, packets: list[bytes]) -> list[bytes]:
-    """frame(kind, pack_packets(packets)) as the pieces to join: the hot path joins them once, on
-    the way into the cipher (mirrord_tun/sshfast.py), instead of once here and again there."""
-    parts = _packet_parts(packets)
-    return [_HEADER.pack(sum(map(len, parts)), kind), *parts]
+FRAME_HEADER = _HEADER.size
+PACKET_LENGTH = _LEN.size
+
+
+def frame_header_into(buf: bytearray, offset: int, length: int, kind: int) -> None:
+    """A frame's header written in place, before a body built there (the pump's batches)."""
+    _HEADER.pack_into(buf, offset, length, kind)
+
+
+def packet_length_into(buf: bytearray, offset: int, length: int) -> None:
+    _LEN.pack_into(buf, offset, length)
 
 
 def frame_packets(kind: int, packets: list[bytes]) -> bytes:
-    return b"".join(frame_parts(kind, packets))
+    """frame(kind, pack_packets(packets)) in one copy instead of two."""
+    parts = _packet_parts(packets)
+    return b"".join([_HEADER.pack(sum(map(len, parts)), kind), *parts])
 
 
 def unpack_packets(body: bytes | memoryview) -> list[bytes | memoryview]:

@@ -8,8 +8,9 @@ copies cost more than the encryption. Both ends of the connection are ours, so f
 message that matters, SSH_MSG_CHANNEL_DATA on a channel whose session takes memoryviews, this
 module does the same work in one copy and one cipher pass each way:
 
-- out: padding length, message header, the caller's parts and padding joined once, then
-  AES-GCM straight into the buffer the transport writes;
+- out: the pump builds its frame in a buffer it reuses (TUN packets read in place), leaving
+  room around it for the message header and padding; AES-GCM reads it from there and writes
+  straight into the buffer the transport sends (other frames: one join, then the same);
 - in: packets are cut from the received data in place, decrypted once, and the channel data
   handed on as a memoryview of the plaintext.
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import os
 import struct
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import asyncssh
 from asyncssh.constants import MSG_CHANNEL_DATA
@@ -73,14 +74,32 @@ def _aead(enc: Any) -> AESGCM | None:
     return aead
 
 
-def send(chan: asyncssh.SSHChannel, parts: Sequence[bytes]) -> bool:
-    """Send `parts` as one SSH_MSG_CHANNEL_DATA; False (nothing sent) where asyncssh must do it:
+HEADROOM = _HEAD_LEN  # free bytes an OutFrame keeps before its frame: the message's header
+TAILROOM = 32  # ... and after it: the padding (at most a block and 3 bytes)
+
+
+class OutFrame:
+    """A frame built in place, in a buffer its owner reuses: `buf[start:end]`, with HEADROOM
+    bytes free before it and TAILROOM after, where `send` writes the message's header and
+    padding, so the frame is encrypted from where it was read, never copied."""
+
+    __slots__ = ("buf", "start", "end")
+
+    def __init__(self, buf: bytearray, start: int, end: int) -> None:
+        self.buf, self.start, self.end = buf, start, end
+
+    def __bytes__(self) -> bytes:
+        return bytes(self.buf[self.start : self.end])
+
+
+def send(chan: asyncssh.SSHChannel, frame: bytes | OutFrame) -> bool:
+    """Send a frame as one SSH_MSG_CHANNEL_DATA; False (nothing sent) where asyncssh must do it:
     then the caller writes through the channel, which keeps the order (we only ever go first
     while its send buffer is empty)."""
     conn = chan._conn
     enc = conn._send_encryption
     aead = _aead(enc)
-    size = sum(map(len, parts))
+    size = len(frame) if isinstance(frame, bytes) else frame.end - frame.start
     if (aead is None or conn._compressor or not conn._kex_complete or not conn._auth_complete
             or chan._send_state != "open" or chan._send_buf or size > chan._send_window
             or size > chan._send_pktsize or conn._transport is None or not size
@@ -91,14 +110,24 @@ def send(chan: asyncssh.SSHChannel, parts: Sequence[bytes]) -> bool:
     padlen = -(conn._send_enchdrlen + 9 + size) % blocksize  # 9: type + recipient + length
     if padlen < 4:
         padlen += blocksize
+    head = _DATA_HEAD.pack(padlen, MSG_CHANNEL_DATA, chan._send_chan, size)
+    if isinstance(frame, bytes):
+        plain: bytes | memoryview = b"".join([head, frame, _padding.take(padlen)])
+    else:
+        buf, start, end = frame.buf, frame.start - HEADROOM, frame.end + padlen
+        if start < 0 or end > len(buf):
+            return False
+        buf[start : frame.start] = head
+        buf[frame.end : end] = _padding.take(padlen)
+        plain = memoryview(buf)[start:end]
     pktlen = _HEAD_LEN + size + padlen
-    plain = b"".join([_DATA_HEAD.pack(padlen, MSG_CHANNEL_DATA, chan._send_chan, size), *parts,
-                      _padding.take(padlen)])
     out = bytearray(4 + pktlen + _TAG)
     _U32.pack_into(out, 0, pktlen)
     cipher = enc._cipher
     with memoryview(out) as view:
         aead.encrypt_into(cipher._iv, plain, view[:4], view[4:])
+    if isinstance(plain, memoryview):
+        plain.release()
     cipher._update_iv()
     conn._transport.write(out)
     conn._send_seq = (conn._send_seq + 1) & _SEQ_MASK

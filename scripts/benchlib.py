@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import os
 import shutil
 import signal
@@ -384,6 +385,20 @@ def poll(host: str, port: int, every: float, report_every: float = 5.0) -> None:
     print(json.dumps({"ok": ok, "fail": fail, "slowest_s": slowest, "last_error": last_error}), flush=True)
 
 
+def timed_argv(argv: list[str]) -> list[str]:
+    """`argv` run by `benchlib.py timed`: its output as JSON {"span": [start, end], "stdout": ...}."""
+    return [sys.executable, os.path.join(HERE, "benchlib.py"), "timed", *argv]
+
+
+_COUNTERS = re.compile(r"local: (\d+) packets / (\d+) bytes sent, (\d+) packets / (\d+) bytes received")
+
+
+def tunnel_packets(run_stderr: str) -> tuple[int, int] | None:
+    """(packets, bytes) through the local TUN, both ways, from `run -v`'s closing counters."""
+    m = _COUNTERS.search(run_stderr)
+    return (int(m[1]) + int(m[3]), int(m[2]) + int(m[4])) if m else None
+
+
 def latency_stats(output: str) -> dict[str, float]:
     data = json.loads(output)
     ms = [s * 1000 for s in data["samples"]]
@@ -609,10 +624,16 @@ def _main(argv: list[str]) -> int:
         samples = measure_latency(host, port, n, warmup, span)
         print(json.dumps({"samples": samples, "span": span}))
         return 0
+    if len(argv) >= 2 and argv[0] == "timed":
+        t0 = time.time()
+        p = subprocess.run(argv[1:], stdout=subprocess.PIPE)
+        print(json.dumps({"span": [t0, time.time()], "stdout": p.stdout.decode()}))
+        return p.returncode
     if len(argv) == 4 and argv[0] == "poll":
         poll(argv[1], int(argv[2]), float(argv[3]))
         return 0
-    print("usage: benchlib.py latency HOST PORT [N [WARMUP]] | poll HOST PORT EVERY_S", file=sys.stderr)
+    print("usage: benchlib.py latency HOST PORT [N [WARMUP]] | poll HOST PORT EVERY_S | timed CMD...",
+          file=sys.stderr)
     return 2
 
 
