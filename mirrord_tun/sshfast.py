@@ -40,6 +40,9 @@ _DATA_FIELDS = struct.Struct("!II")  # recipient channel, data length (after pad
 _HEAD_LEN = _DATA_HEAD.size  # plaintext bytes before the data
 _TAG = 16
 _SEQ_MASK = 0xFFFFFFFF
+# MIRRORD_NS_SSHFAST=0 leaves every message to asyncssh: for A/B runs (scripts/bench --env) and
+# to rule this module out when debugging. Read once, at import.
+ENABLED = os.environ.get("MIRRORD_NS_SSHFAST", "1") != "0"
 # asyncssh re-arms its keepalive timer (a new loop timer) on every received chunk; once a second
 # is as good for a 5 s keepalive interval (sshopts) and saves a timer per message.
 _KEEPALIVE_RESET = 1.0
@@ -96,6 +99,8 @@ def send(chan: asyncssh.SSHChannel, frame: bytes | OutFrame) -> bool:
     """Send a frame as one SSH_MSG_CHANNEL_DATA; False (nothing sent) where asyncssh must do it:
     then the caller writes through the channel, which keeps the order (we only ever go first
     while its send buffer is empty)."""
+    if not ENABLED:
+        return False
     conn = chan._conn
     enc = conn._send_encryption
     aead = _aead(enc)
@@ -160,6 +165,8 @@ class Receiver:
     def __init__(self, conn: asyncssh.SSHClientConnection | asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         self._slow = conn._recv_data
+        if not ENABLED:
+            return
         self._boundary = conn._recv_pkthdr  # the handler asyncssh waits in between packets
         self._in_packet = conn._recv_packet  # ... and after a packet's first block
         self._buf = bytearray()  # the start of a packet not yet complete, while we own the input
@@ -203,7 +210,7 @@ class Receiver:
         else:
             src = data
         try:
-            pos = self._packets(src)
+            pos, ours = self._packets(src)
         except asyncssh.DisconnectError as exc:
             buf.clear()
             conn._send_disconnect(exc.code, exc.reason, exc.lang)
@@ -213,7 +220,7 @@ class Receiver:
             buf.clear()
             conn.internal_error()
             return
-        if self._ours() or pos == len(src):
+        if ours or pos == len(src):
             if src is buf:
                 del buf[:pos]
             else:
@@ -225,8 +232,9 @@ class Receiver:
         if conn._recv_handler == self._boundary:
             self._slow()
 
-    def _packets(self, src: bytes | bytearray) -> int:
-        """Handle every whole packet in `src` while the connection stays ours; the bytes used."""
+    def _packets(self, src: bytes | bytearray) -> tuple[int, bool]:
+        """Handle every whole packet in `src` while the connection stays ours; the bytes used,
+        and whether it still is (only a packet asyncssh handled can change that)."""
         conn = self._conn
         n, pos = len(src), 0
         with memoryview(src) as view:
@@ -245,12 +253,12 @@ class Receiver:
                 except InvalidTag:
                     raise asyncssh.MACError("MAC verification failed") from None
                 enc._cipher._update_iv()
-                if not self._channel_data(plain):
-                    self._through_asyncssh(plain, bytes(view[pos:end]))
                 pos = end
-                if not self._ours():
-                    break
-        return pos
+                if not self._channel_data(plain):
+                    self._through_asyncssh(plain, bytes(view[pos - 4 - pktlen - _TAG : pos]))
+                    if not self._ours():
+                        return pos, False
+        return pos, True
 
     def _channel_data(self, plain: bytes) -> bool:
         """Hand channel data to a session that takes memoryviews; False for anything else, and for
