@@ -99,9 +99,9 @@ def send(chan: asyncssh.SSHChannel, frame: bytes | OutFrame) -> bool:
     """Send a frame as one SSH_MSG_CHANNEL_DATA; False (nothing sent) where asyncssh must do it:
     then the caller writes through the channel, which keeps the order (we only ever go first
     while its send buffer is empty)."""
-    if not ENABLED:
-        return False
     conn = chan._conn
+    if not ENABLED or conn is None:  # None: the channel is gone
+        return False
     enc = conn._send_encryption
     aead = _aead(enc)
     size = len(frame) if isinstance(frame, bytes) else frame.end - frame.start
