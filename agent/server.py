@@ -9,7 +9,7 @@ import signal
 import asyncssh
 from asyncssh.stream import SSHServerStreamSession
 
-from mirrord_tun import protocol, sshopts
+from mirrord_tun import protocol, sshfast, sshopts
 from mirrord_tun.agent import dataplane, fileworkers, files
 from mirrord_tun.agent.admission import Admission, ThrottledLog, source_of
 from mirrord_tun.agent.session import AgentSession
@@ -51,6 +51,10 @@ class _Channel(FrameSession):
             return False
         self.endpoint = AgentSession(self._agent, self, self._peer, self._key)
         return True
+
+    @property
+    def takes_memoryview(self) -> bool:  # type: ignore[override]
+        return self._files is None  # asyncssh's SFTP server wants bytes
 
     def session_started(self) -> None:
         if self._files:
@@ -110,6 +114,7 @@ class _Server(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         sshopts.skip_ignore_padding(conn)
+        sshfast.Receiver(conn)
         self._conn = conn
         # A peer that reset right after the accept has no name any more; it is still counted.
         host, port = (conn.get_extra_info("peername") or ("?", 0))[:2]

@@ -2,7 +2,8 @@
 
 asyncssh calls the session object; this one splits the byte stream into frames
 and hands each to an `Endpoint`, and passes flow-control callbacks through so
-the endpoint can stop reading its TUN while the channel is full.
+the endpoint can stop reading its TUN while the channel is full. Frames go out
+and come in through sshfast where it can carry them (one copy, one cipher pass).
 """
 from __future__ import annotations
 
@@ -10,17 +11,20 @@ from typing import Protocol
 
 import asyncssh
 
+from mirrord_tun import sshfast
 from mirrord_tun.protocol import FrameReader
 
 
 class Endpoint(Protocol):
-    def on_frame(self, kind: int, body: bytes) -> None: ...
+    def on_frame(self, kind: int, body: bytes | memoryview) -> None: ...
     def on_pause(self) -> None: ...
     def on_resume(self) -> None: ...
     def on_closed(self, exc: Exception | None) -> None: ...
 
 
 class FrameSession(asyncssh.SSHClientSession[bytes], asyncssh.SSHServerSession[bytes]):
+    takes_memoryview = True  # sshfast may hand data_received a memoryview of the plaintext
+
     def __init__(self, endpoint: Endpoint | None = None) -> None:
         self.endpoint = endpoint
         self.reader = FrameReader()
@@ -29,7 +33,7 @@ class FrameSession(asyncssh.SSHClientSession[bytes], asyncssh.SSHServerSession[b
     def connection_made(self, chan: asyncssh.SSHChannel[bytes]) -> None:  # type: ignore[override]
         self.chan = chan
 
-    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+    def data_received(self, data: bytes | memoryview, datatype: asyncssh.DataType) -> None:
         if self.endpoint is None:
             return
         for kind, body in self.reader.feed(data):
@@ -50,13 +54,17 @@ class FrameSession(asyncssh.SSHClientSession[bytes], asyncssh.SSHServerSession[b
         if self.endpoint:
             self.endpoint.on_closed(exc)
 
-    def write(self, data: bytes) -> bool:
-        """Send a frame; False if the channel is closing (or not open yet), which drops it, never
-        raises: packets and copies race the loss of the connection, and nothing retries them."""
-        if self.chan is None or self.chan.is_closing():
+    def write(self, data: bytes | sshfast.OutFrame) -> bool:
+        """Send a frame (the pump's built in place: sshfast.OutFrame); False if the channel is
+        closing (or not open yet), which drops it, never raises: packets and copies race the
+        loss of the connection, and nothing retries them."""
+        chan = self.chan
+        if chan is None or chan.is_closing():
             return False
+        if sshfast.send(chan, data):
+            return True
         try:
-            self.chan.write(data)
+            chan.write(bytes(data))
         except (BrokenPipeError, asyncssh.Error):
             return False
         return True

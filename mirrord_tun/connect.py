@@ -10,7 +10,7 @@ import socket
 
 import asyncssh
 
-from mirrord_tun import protocol, sshopts
+from mirrord_tun import protocol, sshfast, sshopts
 from mirrord_tun.channel import FrameSession
 
 CONNECT_TIMEOUT = 10
@@ -95,6 +95,7 @@ async def open_channel(address: str, key: asyncssh.SSHKey, pinned: asyncssh.SSHK
         # asyncssh's errors may quote the agent's disconnect text.
         raise SetupError(f"agent {address}: {printable(getattr(e, 'strerror', None) or str(e))}") from None
     sshopts.skip_ignore_padding(conn)
+    sshfast.Receiver(conn)
     try:
         await conn.create_session(lambda: session, subsystem=protocol.SUBSYSTEM, encoding=None,
                                   window=sshopts.WINDOW, max_pktsize=sshopts.MAX_PKTSIZE)

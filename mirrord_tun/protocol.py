@@ -112,15 +112,29 @@ def pack_packets(packets: list[bytes]) -> bytes:
     return b"".join(_packet_parts(packets))
 
 
+FRAME_HEADER = _HEADER.size
+PACKET_LENGTH = _LEN.size
+
+
+def frame_header_into(buf: bytearray, offset: int, length: int, kind: int) -> None:
+    """A frame's header written in place, before a body built there (the pump's batches)."""
+    _HEADER.pack_into(buf, offset, length, kind)
+
+
+def packet_length_into(buf: bytearray, offset: int, length: int) -> None:
+    _LEN.pack_into(buf, offset, length)
+
+
 def frame_packets(kind: int, packets: list[bytes]) -> bytes:
-    """frame(kind, pack_packets(packets)) in one copy instead of two (the hot path)."""
+    """frame(kind, pack_packets(packets)) in one copy instead of two."""
     parts = _packet_parts(packets)
     return b"".join([_HEADER.pack(sum(map(len, parts)), kind), *parts])
 
 
-def unpack_packets(body: bytes) -> list[bytes]:
-    """Split a PACKETS body; a truncated batch is Malformed as a whole."""
-    out: list[bytes] = []
+def unpack_packets(body: bytes | memoryview) -> list[bytes | memoryview]:
+    """Split a PACKETS body (slices of the same type: views of a memoryview); a truncated batch
+    is Malformed as a whole."""
+    out: list[bytes | memoryview] = []
     pos, end = 0, len(body)
     while pos < end:
         if end - pos < 4:
@@ -150,20 +164,47 @@ def parse_subscribe(body: bytes) -> set[int]:
     return set(ports)
 
 
+# Bodies handed on as memoryviews of the received data: the packet batches, which are only
+# split and written to the TUN. Everything else (JSON, mirror copies) gets bytes of its own.
+_VIEW_KINDS = frozenset({ClientMsg.PACKETS, AgentMsg.PACKETS})
+
+
 class FrameReader:
-    """Turns a byte stream into frames, skipping oversized ones without buffering them."""
+    """Turns a byte stream into frames, skipping oversized ones without buffering them.
+
+    Frames that arrive whole (each SSH message carries whole frames from our peer) are cut
+    from the data as it came, without a copy; only a frame split across messages is buffered.
+    """
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._skip = 0
         self.oversized = 0
 
-    def feed(self, data: bytes) -> Iterator[tuple[int, bytes]]:
+    def feed(self, data: bytes | memoryview) -> Iterator[tuple[int, bytes | memoryview]]:
         if self._skip:
             n = min(self._skip, len(data))
             self._skip -= n
             data = data[n:]
-        self._buf += data
+        if self._buf:
+            self._buf += data
+            yield from self._buffered()
+            return
+        view = memoryview(data)
+        pos, end = 0, len(view)
+        while end - pos >= _HEADER.size:
+            length, kind = _HEADER.unpack_from(view, pos)
+            stop = pos + _HEADER.size + length
+            if length > MAX_BODY or stop > end:
+                break
+            body = view[pos + _HEADER.size : stop]
+            yield kind, body if kind in _VIEW_KINDS else bytes(body)
+            pos = stop
+        if pos < end:
+            self._buf += view[pos:]
+            yield from self._buffered()
+
+    def _buffered(self) -> Iterator[tuple[int, bytes]]:
         buf = self._buf
         while len(buf) >= _HEADER.size:
             length, kind = _HEADER.unpack_from(buf)

@@ -2,7 +2,9 @@
 
 1. The kernel routes a packet into the TUN; `loop.add_reader` wakes `_on_readable`.
 2. Every packet ready is read at once (up to a batch limit) and checked by `admit_out`.
-3. The batch becomes one PACKETS frame: one SSH channel write, not one per packet.
+3. The batch becomes one PACKETS frame: one SSH channel write, not one per packet. Packets
+   are read straight into their place in the frame, in a buffer reused for every batch, and
+   encrypted from there (sshfast.OutFrame): no copy on our side.
 4. The peer splits the frame and checks each packet with `admit_in` (source, version) and
    `vnet_check` (the virtio-net header: the other end is not trusted to write a sane one).
 5. Accepted packets are written to the peer's TUN, and its kernel forwards or delivers them.
@@ -20,14 +22,22 @@ import os
 import struct
 from typing import Callable
 
+from mirrord_tun import protocol
 from mirrord_tun.netns.tun import MAX_PACKET, VNET_HDR_LEN
-from mirrord_tun.protocol import Malformed, frame_packets, unpack_packets
+from mirrord_tun.protocol import Malformed, unpack_packets
+from mirrord_tun.sshfast import HEADROOM, TAILROOM, OutFrame
 
-BATCH_BYTES = 256 * 1024
+# A batch stops reading past this, so that one more packet (MAX_PACKET) and the 4-byte length
+# of each still fit one SSH message (sshopts.MAX_PKTSIZE, 256 KiB): a bigger frame would be split
+# by asyncssh's generic path instead of going out whole through sshfast.
+BATCH_BYTES = 160 * 1024
 _IP = VNET_HDR_LEN  # where the IP header starts in a TUN packet
+_FRAME = HEADROOM  # where a batch's frame starts in the pump's buffer: sshfast's header goes before
+_BODY = _FRAME + protocol.FRAME_HEADER
+_U32 = struct.Struct("!I")
 
 # A check returns None to accept a packet, or the name of the counter it is dropped under.
-Check = Callable[[bytes], "str | None"]
+Check = Callable[["bytes | memoryview"], "str | None"]
 Counters = collections.Counter
 
 
@@ -40,7 +50,7 @@ _IPV6_HEADER = 40
 MIN_GSO_SIZE = 48  # Linux's smallest TCP MSS (tcp_min_snd_mss): less only multiplies segments
 
 
-def vnet_check(pkt: bytes) -> str | None:
+def vnet_check(pkt: bytes | memoryview) -> str | None:
     """The virtio-net header of a packet from the peer, before our kernel acts on it.
 
     With offloads on, the header tells the kernel where to put a checksum and how to
@@ -77,24 +87,26 @@ def _address_is(v4_offset: int, v6_offset: int, addrs: tuple[str, ...], reason: 
     """Packets whose address at that offset (by IP version) is one of `addrs`; IPv6 packets
     only where an IPv6 address is among them, otherwise dropped as `dropped_ipv6`."""
     parsed = [ipaddress.ip_address(a) for a in addrs]
-    allowed4 = {a.packed for a in parsed if a.version == 4}
-    allowed6 = {a.packed for a in parsed if a.version == 6}
-    v4_end, v6_end = v4_offset + 4, v6_offset + 16
+    # Compared as numbers, never as slices: a packet is often a memoryview (sshfast), and hashing
+    # a memoryview slice hashes the whole object under it (a 256 KiB message) first.
+    allowed4 = {int(a) for a in parsed if a.version == 4}
+    allowed6 = {int(a) for a in parsed if a.version == 6}
+    v4_at, v6_end = _U32.unpack_from, v6_offset + 16
 
-    def check(pkt: bytes) -> str | None:
+    def check(pkt: bytes | memoryview) -> str | None:
         # IPv4 first and with the fewest steps: it is most of the traffic.
         if len(pkt) < _IP + 20:
             return "dropped_malformed"
         version = pkt[_IP] >> 4
         if version == 4:
-            return None if pkt[v4_offset:v4_end] in allowed4 else reason
+            return None if v4_at(pkt, v4_offset)[0] in allowed4 else reason
         if version != 6:
             return "dropped_malformed"
         if not allowed6:
             return "dropped_ipv6"
         if len(pkt) < _IP + _IPV6_HEADER:
             return "dropped_malformed"
-        return None if pkt[v6_offset:v6_end] in allowed6 else reason
+        return None if int.from_bytes(pkt[v6_offset:v6_end]) in allowed6 else reason
 
     return check
 
@@ -111,7 +123,7 @@ def destination_is(*addrs: str) -> Check:
 class TunPump:
     """Moves packets between one TUN fd and one framed channel."""
 
-    def __init__(self, tun_fd: int, send: Callable[[bytes], None], out_kind: int,
+    def __init__(self, tun_fd: int, send: Callable[[OutFrame], None], out_kind: int,
                  admit_out: Check, admit_in: Check, counters: Counters) -> None:
         self._fd = tun_fd
         self._send = send
@@ -121,6 +133,10 @@ class TunPump:
         self.counters = counters
         self._loop = asyncio.get_running_loop()
         self._reading = False
+        # The frame's body starts at _BODY; a batch stops once past BATCH_BYTES, with room left
+        # for one more packet and its length, and for sshfast's padding after the frame.
+        self._buf = bytearray(_BODY + BATCH_BYTES + protocol.PACKET_LENGTH + MAX_PACKET + TAILROOM)
+        self._view = memoryview(self._buf)
 
     def start(self) -> None:
         self.resume()
@@ -140,31 +156,36 @@ class TunPump:
         self._fd = -1
 
     def _on_readable(self) -> None:
-        batch: list[bytes] = []
-        size = 0
+        buf, view, fd = self._buf, self._view, self._fd
+        pos = _BODY  # where the next packet's length goes
+        count = 0
         c = self.counters
         try:
-            while size < BATCH_BYTES:
-                pkt = os.read(self._fd, MAX_PACKET)
-                reason = self._admit_out(pkt)
+            while pos - _BODY < BATCH_BYTES:
+                at = pos + protocol.PACKET_LENGTH
+                n = os.readv(fd, (view[at : at + MAX_PACKET],))
+                reason = self._admit_out(view[at : at + n])
                 if reason:
                     c[reason] += 1
                     continue
-                batch.append(pkt)
-                size += len(pkt)
+                protocol.packet_length_into(buf, pos, n)
+                pos = at + n
+                count += 1
         except BlockingIOError:
             pass
         except OSError:
             # The device went away under us (session ending); the owner stops the pump.
             self.pause()
-        if batch:
-            c["packets_out"] += len(batch)
-            c["bytes_out"] += size
+        if count:
+            c["packets_out"] += count
+            c["bytes_out"] += pos - _BODY - count * protocol.PACKET_LENGTH
             c["frames_out"] += 1
-            self._send(frame_packets(self._kind, batch))
+            protocol.frame_header_into(buf, _FRAME, pos - _BODY, self._kind)
+            self._send(OutFrame(buf, _FRAME, pos))
 
-    def deliver(self, body: bytes) -> None:
-        """Write a PACKETS body from the peer into the TUN."""
+    def deliver(self, body: bytes | memoryview) -> None:
+        """Write a PACKETS body from the peer into the TUN (a memoryview of the decrypted message
+        when it came through sshfast: its packets are written from there, never copied)."""
         c = self.counters
         try:
             packets = unpack_packets(body)

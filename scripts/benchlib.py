@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import os
 import shutil
 import signal
@@ -317,26 +318,30 @@ def iperf3_gbits(output: str) -> float:
 
 
 # --------------------------------------------------------------------------- HTTP latency
-def latency_argv(host: str, port: int, requests: int, warmup: int = 20, python: str | None = None) -> list[str]:
+def latency_argv(host: str, port: int, requests: int, warmup: int = 20, python: str | None = None,
+                 keepalive: bool = False) -> list[str]:
     return [python or sys.executable, os.path.join(HERE, "benchlib.py"), "latency", host, str(port),
-            str(requests), str(warmup)]
+            str(requests), str(warmup), *(["keepalive"] if keepalive else [])]
 
 
 def measure_latency(host: str, port: int, requests: int, warmup: int = 20,
-                    span: list[float] | None = None) -> list[float]:
-    """Sequential GET / requests, each on a new TCP connection; seconds per request
-    (connect + request + full response + close), measured in this process.
+                    span: list[float] | None = None, keepalive: bool = False) -> list[float]:
+    """Sequential GET / requests, each on a new TCP connection (or all on one, `keepalive`);
+    seconds per request (connect + request + full response + close), measured in this process.
     `span` receives the wall-clock (time.time()) start and end of the counted requests."""
     samples: list[float] = []
+    conn = http.client.HTTPConnection(host, port, timeout=10)
     for i in range(warmup + requests):
         if i == warmup and span is not None:
             span.append(time.time())
         t0 = time.perf_counter()
-        conn = http.client.HTTPConnection(host, port, timeout=10)
+        if not keepalive:
+            conn = http.client.HTTPConnection(host, port, timeout=10)
         conn.request("GET", "/")
         resp = conn.getresponse()
         resp.read()
-        conn.close()
+        if not keepalive:
+            conn.close()
         dt = time.perf_counter() - t0
         if resp.status != 200:
             raise RuntimeError(f"GET / -> {resp.status}")
@@ -344,6 +349,7 @@ def measure_latency(host: str, port: int, requests: int, warmup: int = 20,
             samples.append(dt)
     if span is not None:
         span.append(time.time())
+    conn.close()
     return samples
 
 
@@ -382,6 +388,20 @@ def poll(host: str, port: int, every: float, report_every: float = 5.0) -> None:
             next_report += report_every
         stop.wait(max(0.0, every - (time.monotonic() - t0)))
     print(json.dumps({"ok": ok, "fail": fail, "slowest_s": slowest, "last_error": last_error}), flush=True)
+
+
+def timed_argv(argv: list[str]) -> list[str]:
+    """`argv` run by `benchlib.py timed`: its output as JSON {"span": [start, end], "stdout": ...}."""
+    return [sys.executable, os.path.join(HERE, "benchlib.py"), "timed", *argv]
+
+
+_COUNTERS = re.compile(r"local: (\d+) packets / (\d+) bytes sent, (\d+) packets / (\d+) bytes received")
+
+
+def tunnel_packets(run_stderr: str) -> tuple[int, int] | None:
+    """(packets, bytes) through the local TUN, both ways, from `run -v`'s closing counters."""
+    m = _COUNTERS.search(run_stderr)
+    return (int(m[1]) + int(m[3]), int(m[2]) + int(m[4])) if m else None
 
 
 def latency_stats(output: str) -> dict[str, float]:
@@ -606,13 +626,19 @@ def _main(argv: list[str]) -> int:
         n = int(argv[3]) if len(argv) > 3 else 300
         warmup = int(argv[4]) if len(argv) > 4 else 20
         span: list[float] = []
-        samples = measure_latency(host, port, n, warmup, span)
+        samples = measure_latency(host, port, n, warmup, span, keepalive=argv[5:6] == ["keepalive"])
         print(json.dumps({"samples": samples, "span": span}))
         return 0
+    if len(argv) >= 2 and argv[0] == "timed":
+        t0 = time.time()
+        p = subprocess.run(argv[1:], stdout=subprocess.PIPE)
+        print(json.dumps({"span": [t0, time.time()], "stdout": p.stdout.decode()}))
+        return p.returncode
     if len(argv) == 4 and argv[0] == "poll":
         poll(argv[1], int(argv[2]), float(argv[3]))
         return 0
-    print("usage: benchlib.py latency HOST PORT [N [WARMUP]] | poll HOST PORT EVERY_S", file=sys.stderr)
+    print("usage: benchlib.py latency HOST PORT [N [WARMUP [keepalive]]] | poll HOST PORT EVERY_S | timed CMD...",
+          file=sys.stderr)
     return 2
 
 

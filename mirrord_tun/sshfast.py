@@ -1,0 +1,291 @@
+"""Channel data on our own SSH connections without asyncssh's generic per-message path.
+
+Profiled in bulk (docs/benchmarks.md), asyncssh copied every 256 KiB message about ten times
+on the way out (bytearray, String(), two prefixes, padding, the ciphertext split and joined
+again) and as often on the way in (its input buffer is a `bytes` grown and cut per packet),
+built a new AESGCM object per message, and ran several layers of Python per message. The
+copies cost more than the encryption. Both ends of the connection are ours, so for the one
+message that matters, SSH_MSG_CHANNEL_DATA on a channel whose session takes memoryviews, this
+module does the same work in one copy and one cipher pass each way:
+
+- out: the pump builds its frame in a buffer it reuses (TUN packets read in place), leaving
+  room around it for the message header and padding; AES-GCM reads it from there and writes
+  straight into the buffer the transport sends (other frames: one join, then the same);
+- in: packets are cut from the received data in place, decrypted once, and the channel data
+  handed on as a memoryview of the plaintext.
+
+Still SSH on the wire, with asyncssh's negotiated keys, IVs, sequence numbers, rekey limits
+and channel windows, which this code advances exactly as asyncssh would. Everything else
+(other messages, other ciphers, before authentication, during a key exchange, a full
+window) goes through asyncssh untouched; tests/test_sshfast.py checks the private
+attributes this relies on, so an asyncssh release that changes them fails a test, not a
+session.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import time
+from typing import Any
+
+import asyncssh
+from asyncssh.constants import MSG_CHANNEL_DATA
+from asyncssh.encryption import GCMEncryption
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+_U32 = struct.Struct("!I")
+_DATA_HEAD = struct.Struct("!BBII")  # padding length, message type, recipient channel, data length
+_DATA_FIELDS = struct.Struct("!II")  # recipient channel, data length (after padlen and type)
+_HEAD_LEN = _DATA_HEAD.size  # plaintext bytes before the data
+_TAG = 16
+_SEQ_MASK = 0xFFFFFFFF
+# MIRRORD_NS_SSHFAST=0 leaves every message to asyncssh: for A/B runs (scripts/bench --env) and
+# to rule this module out when debugging. Read once, at import.
+ENABLED = os.environ.get("MIRRORD_NS_SSHFAST", "1") != "0"
+# asyncssh re-arms its keepalive timer (a new loop timer) on every received chunk; once a second
+# is as good for a 5 s keepalive interval (sshopts) and saves a timer per message.
+_KEEPALIVE_RESET = 1.0
+
+
+class _Padding:
+    """Random padding bytes taken from a pool: one getrandom() per 4 KiB, not one per message.
+    Each byte is used once, so the padding stays as random as asyncssh's os.urandom() per message."""
+
+    def __init__(self) -> None:
+        self._pool, self._pos = b"", 0
+
+    def take(self, n: int) -> bytes:
+        if self._pos + n > len(self._pool):
+            self._pool, self._pos = os.urandom(4096), 0
+        self._pos += n
+        return self._pool[self._pos - n : self._pos]
+
+
+_padding = _Padding()
+
+
+def _aead(enc: Any) -> AESGCM | None:
+    """The AES-GCM object for one direction's key, made once per key (asyncssh makes one per message);
+    None when the direction does not use AES-GCM."""
+    if type(enc) is not GCMEncryption:
+        return None
+    cipher = enc._cipher
+    aead = getattr(cipher, "_mrd_aead", None)
+    if aead is None:
+        aead = cipher._mrd_aead = AESGCM(cipher._key)
+    return aead
+
+
+HEADROOM = _HEAD_LEN  # free bytes an OutFrame keeps before its frame: the message's header
+TAILROOM = 32  # ... and after it: the padding (at most a block and 3 bytes)
+
+
+class OutFrame:
+    """A frame built in place, in a buffer its owner reuses: `buf[start:end]`, with HEADROOM
+    bytes free before it and TAILROOM after, where `send` writes the message's header and
+    padding, so the frame is encrypted from where it was read, never copied."""
+
+    __slots__ = ("buf", "start", "end")
+
+    def __init__(self, buf: bytearray, start: int, end: int) -> None:
+        self.buf, self.start, self.end = buf, start, end
+
+    def __bytes__(self) -> bytes:
+        return bytes(self.buf[self.start : self.end])
+
+
+def send(chan: asyncssh.SSHChannel, frame: bytes | OutFrame) -> bool:
+    """Send a frame as one SSH_MSG_CHANNEL_DATA; False (nothing sent) where asyncssh must do it:
+    then the caller writes through the channel, which keeps the order (we only ever go first
+    while its send buffer is empty)."""
+    conn = chan._conn
+    if not ENABLED or conn is None:  # None: the channel is gone
+        return False
+    enc = conn._send_encryption
+    aead = _aead(enc)
+    size = len(frame) if isinstance(frame, bytes) else frame.end - frame.start
+    if (aead is None or conn._compressor or not conn._kex_complete or not conn._auth_complete
+            or chan._send_state != "open" or chan._send_buf or size > chan._send_window
+            or size > chan._send_pktsize or conn._transport is None or not size
+            or conn._rekey_bytes_sent >= conn._rekey_bytes
+            or (conn._rekey_seconds and time.monotonic() >= conn._rekey_time)):
+        return False
+    blocksize = conn._send_blocksize
+    padlen = -(conn._send_enchdrlen + 9 + size) % blocksize  # 9: type + recipient + length
+    if padlen < 4:
+        padlen += blocksize
+    head = _DATA_HEAD.pack(padlen, MSG_CHANNEL_DATA, chan._send_chan, size)
+    if isinstance(frame, bytes):
+        plain: bytes | memoryview = b"".join([head, frame, _padding.take(padlen)])
+    else:
+        buf, start, end = frame.buf, frame.start - HEADROOM, frame.end + padlen
+        if start < 0 or end > len(buf):
+            return False
+        buf[start : frame.start] = head
+        buf[frame.end : end] = _padding.take(padlen)
+        plain = memoryview(buf)[start:end]
+    pktlen = _HEAD_LEN + size + padlen
+    out = bytearray(4 + pktlen + _TAG)
+    _U32.pack_into(out, 0, pktlen)
+    cipher = enc._cipher
+    with memoryview(out) as view:
+        aead.encrypt_into(cipher._iv, plain, view[:4], view[4:])
+    if isinstance(plain, memoryview):
+        plain.release()
+    cipher._update_iv()
+    conn._transport.write(out)
+    conn._send_seq = (conn._send_seq + 1) & _SEQ_MASK
+    conn._rekey_bytes_sent += pktlen
+    chan._send_window -= size
+    return True
+
+
+class _Decrypted:
+    """Stands in for the receive cipher while asyncssh parses one packet we already decrypted."""
+
+    def __init__(self, plain: bytes) -> None:
+        self._plain = plain
+
+    def decrypt_header(self, _seq: int, first: bytes, header_len: int) -> tuple[bytes, bytes]:
+        return first, first[:header_len]
+
+    def decrypt_packet(self, *_args: object) -> bytes:
+        return self._plain
+
+
+class Receiver:
+    """Takes over a connection's input parsing (see the module's docstring).
+
+    The hook is `_recv_data`, which asyncssh's `data_received` calls after appending the data
+    to its (then empty: adding to empty bytes copies nothing) input buffer: `data_received`
+    itself cannot be replaced, uvloop keeps the bound method it saw when the connection began.
+    """
+
+    def __init__(self, conn: asyncssh.SSHClientConnection | asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+        self._slow = conn._recv_data
+        if not ENABLED:
+            return
+        self._boundary = conn._recv_pkthdr  # the handler asyncssh waits in between packets
+        self._in_packet = conn._recv_packet  # ... and after a packet's first block
+        self._buf = bytearray()  # the start of a packet not yet complete, while we own the input
+        self._alive = 0.0  # when we last told asyncssh the peer is alive
+        conn._recv_data = self.recv_data  # type: ignore[method-assign]
+
+    def _ours(self) -> bool:
+        """Between two packets, with nothing left in asyncssh's buffer, AES-GCM and no compression."""
+        conn = self._conn
+        return (not conn._inpbuf and conn._recv_handler == self._boundary and conn._auth_complete
+                and not conn._decompressor and _aead(conn._recv_encryption) is not None)
+
+    def _take_over(self) -> bool:
+        """Take the input from asyncssh where it can be taken: with AES-GCM, also in the middle of
+        a packet (its length is sent in the clear, so asyncssh kept the first block as received)."""
+        conn = self._conn
+        if not conn._auth_complete or conn._decompressor or _aead(conn._recv_encryption) is None:
+            return False
+        if conn._recv_handler == self._in_packet:
+            self._buf += conn._packet
+            conn._packet = b""
+            conn._recv_handler = self._boundary
+        elif conn._recv_handler != self._boundary:
+            return False  # asyncssh is busy with a message (an asynchronous handler)
+        return True
+
+    def recv_data(self) -> None:
+        if not self._buf and not self._take_over():
+            self._slow()
+            return
+        conn = self._conn
+        now = time.monotonic()
+        if now - self._alive >= _KEEPALIVE_RESET:
+            conn._reset_keepalive_timer()
+            self._alive = now
+        data, conn._inpbuf = conn._inpbuf, b""
+        buf = self._buf
+        if buf:
+            buf += data
+            src: bytes | bytearray = buf
+        else:
+            src = data
+        try:
+            pos, ours = self._packets(src)
+        except asyncssh.DisconnectError as exc:
+            buf.clear()
+            conn._send_disconnect(exc.code, exc.reason, exc.lang)
+            conn._force_close(exc)
+            return
+        except Exception:  # noqa: BLE001 - asyncssh's own _recv_data does the same
+            buf.clear()
+            conn.internal_error()
+            return
+        if ours or pos == len(src):
+            if src is buf:
+                del buf[:pos]
+            else:
+                buf.extend(memoryview(data)[pos:])
+            return
+        # asyncssh takes over (a message it handles asynchronously, or a cipher we do not do).
+        conn._inpbuf = bytes(src[pos:])
+        buf.clear()
+        if conn._recv_handler == self._boundary:
+            self._slow()
+
+    def _packets(self, src: bytes | bytearray) -> tuple[int, bool]:
+        """Handle every whole packet in `src` while the connection stays ours; the bytes used,
+        and whether it still is (only a packet asyncssh handled can change that)."""
+        conn = self._conn
+        n, pos = len(src), 0
+        with memoryview(src) as view:
+            while n - pos >= 4 + _TAG:
+                (pktlen,) = _U32.unpack_from(src, pos)
+                if pktlen > conn._max_recv_pktlen:
+                    raise asyncssh.ProtocolError("Max packet size exceeded")
+                end = pos + 4 + pktlen + _TAG
+                if end > n:
+                    break
+                enc = conn._recv_encryption
+                aead = _aead(enc)
+                assert aead is not None
+                try:
+                    plain = aead.decrypt(enc._cipher._iv, view[pos + 4 : end], view[pos : pos + 4])
+                except InvalidTag:
+                    raise asyncssh.MACError("MAC verification failed") from None
+                enc._cipher._update_iv()
+                pos = end
+                if not self._channel_data(plain):
+                    self._through_asyncssh(plain, bytes(view[pos - 4 - pktlen - _TAG : pos]))
+                    if not self._ours():
+                        return pos, False
+        return pos, True
+
+    def _channel_data(self, plain: bytes) -> bool:
+        """Hand channel data to a session that takes memoryviews; False for anything else, and for
+        anything asyncssh would refuse (it then refuses it itself, with its own error)."""
+        if len(plain) < _HEAD_LEN or plain[1] != MSG_CHANNEL_DATA:
+            return False
+        conn = self._conn
+        recv_chan, size = _DATA_FIELDS.unpack_from(plain, 2)
+        chan = conn._channels.get(recv_chan)
+        end = _HEAD_LEN + size
+        if (chan is None or not getattr(chan._session, "takes_memoryview", False) or chan._encoding
+                or chan._recv_state != "open" or end != len(plain) - plain[0] or size > chan._recv_window):
+            return False
+        chan._accept_data(memoryview(plain)[_HEAD_LEN:end])
+        conn._recv_seq = (conn._recv_seq + 1) & _SEQ_MASK
+        return True
+
+    def _through_asyncssh(self, plain: bytes, raw: bytes) -> None:
+        """One packet through asyncssh's own parser, its decryption already done."""
+        conn = self._conn
+        real = conn._recv_encryption
+        stand_in = _Decrypted(plain)
+        conn._recv_encryption = stand_in
+        conn._inpbuf = raw
+        try:
+            while conn._inpbuf and conn._recv_handler():
+                pass
+        finally:
+            if conn._recv_encryption is stand_in:  # unless the packet was NEWKEYS
+                conn._recv_encryption = real
