@@ -43,8 +43,7 @@ import asyncio
 import collections
 import logging
 import re
-from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, NamedTuple
 from urllib.parse import urlsplit
 
 from mirrord_tun.agent.steal import framing
@@ -65,8 +64,9 @@ _METHOD_PREFIX = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}(?: |\Z)")
 Opener = Callable[[Callable[[], Link]], Awaitable[asyncio.BaseTransport]]
 
 
-@dataclass(frozen=True)
-class RequestHead:
+class RequestHead(NamedTuple):
+    """What the filters see of a request (a tuple: one is made per request)."""
+
     method: str
     target: str
     path: str  # the target's path, query excluded, not percent-decoded
@@ -146,6 +146,8 @@ class _Client(asyncio.Protocol):
         self.paused.add(why)
 
     def resume_client(self, why: str) -> None:
+        if why not in self.paused:  # the usual case, once per request: nothing to do
+            return
         self.paused.discard(why)
         if not self.paused and self.state != CLOSED and not self.transport.is_closing():
             self.transport.resume_reading()
@@ -254,8 +256,13 @@ class _Requests(_Client):
             if self.timer is None:
                 self.timer = self.loop.call_later(self.head_timeout, self._head_too_slow)
             return
+        self.reader = framing.HeadReader()
+        self._route(head)
+
+    def _route(self, head: framing.Head) -> None:
+        """A whole head, at the start of self.buf: to its upstream."""
         self._cancel_timer()
-        self.request, self.reader = head, framing.HeadReader()
+        self.request = head
         self.body = Body(head.length)
         opener = self.choose(_request_head(head))
         self.counters["steal_requests_local" if opener is not None else "steal_requests_pod"] += 1
@@ -311,9 +318,10 @@ class _Requests(_Client):
             return self._end("request not keep-alive")
         self.state, self.request, self.body = HEAD, None, None
         self.resume_client("pipelined")
-        if self.client_eof and not self.buf:
-            return self._end("client done")
-        self._advance()
+        if self.buf:
+            self._advance()
+        elif self.client_eof:
+            self._end("client done")
 
     def _http2(self) -> None:
         """HTTP/2 with prior knowledge: every stream routed by the filter (http2.py)."""
@@ -343,6 +351,11 @@ class HttpProxy(_Requests):
             else:
                 self.buf += data
             return
+        if not self.buf and self.response is None and self.state in (HEAD, SNIFF):
+            head = framing.plain_request(data)  # the common case, without llhttp's callbacks
+            if head is not None:
+                self.state, self.buf = HEAD, bytearray(data)
+                return self._route(head)
         self.buf += data
         if self.state == SNIFF:
             self._cancel_timer()

@@ -95,6 +95,10 @@ class Response:
         return self._body(data, 0)
 
     def _head(self, data: bytes) -> str | None:
+        if not self.buf:
+            head = framing.plain_response(data)  # the common case: a whole plain head in one read
+            if head is not None and head.status >= 200 and not _switches(self.request, head):
+                return self._begin(head, data)
         self.buf += data
         while True:
             head = framing.response_head(self.buf)
@@ -108,9 +112,16 @@ class Response:
                 break
             self.client.write(bytes(self.buf[:head.size]))  # a 1xx: the final response follows
             del self.buf[:head.size]
-        self.head = head
-        self.body = Body(framing.NO_BODY if self.request.method == "HEAD" else head.length)
         data, self.buf = bytes(self.buf), bytearray()
+        return self._begin(head, data)
+
+    def _begin(self, head: framing.Head, data: bytes) -> str | None:
+        """The final response's head is at the start of `data`: relay it and what follows."""
+        self.started, self.head = True, head
+        self.body = Body(framing.NO_BODY if self.request.method == "HEAD" else head.length)
+        if self.body.length >= framing.NO_BODY and len(data) == head.size + max(self.body.length, 0):  # all, no more
+            self.client.write(data)
+            return self.KEEP if head.keep_alive else self.DONE
         return self._body(data, head.size)
 
     def _body(self, data: bytes, start: int) -> str | None:
