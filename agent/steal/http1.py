@@ -430,8 +430,13 @@ class HttpProxy(_Requests):
         assert response is not None
         if outcome == Response.SWITCHED:
             self.counters["steal_upgrades"] += 1
+            settings = _h2c_settings(response)
+            if settings is not None and self._h2c(link, settings, response.rest):
+                return
             self.state = RAW
             self.links.pop(link.key, None)
+            if response.rest:
+                self.transport.write(response.rest)
             if self.buf:
                 link.write(bytes(self.buf))
                 self.buf.clear()
@@ -446,12 +451,51 @@ class HttpProxy(_Requests):
         if self.state == WAIT:
             self._next()
 
+    def _h2c(self, link: Link, settings: bytes, upstream_bytes: bytes) -> bool:
+        """The upstream switched the client's `Upgrade: h2c` request to HTTP/2: from here each
+        stream is routed by the filter (http2.py), stream 1 (the upgrade request's response)
+        staying with `link`; False (relayed raw then) if the client's HTTP2-Settings are bad."""
+        self.h2 = H2Router(self.transport, self.choose, self.pod, self._use, _h2_request_head, self.counters,
+                           self._end)
+        if not self.h2.upgraded(link, settings):
+            return False
+        self.counters["steal_h2c_upgrades"] += 1
+        self.state = H2
+        for other in [other for other in self.links.values() if other is not link]:
+            other.reusable = False  # HTTP/1 keep-alive links cannot carry HTTP/2
+            other.close()
+        self.links = {link.key: link}
+        data, self.buf = bytes(self.buf), bytearray()
+        if upstream_bytes:
+            self.h2.upstream_data(link, upstream_bytes)
+        if data:
+            self.h2.client_data(data)
+        if self.client_eof:
+            self._end("client closed")
+        return True
+
     def _bad_gateway(self, why: str) -> None:
         response, self.response = self.response, None
         if response is not None and not response.started:
             return self._refuse(502, "Bad Gateway", why, "steal_bad_gateway")
         self._end(why)
 
+
+
+_H2C_RESPONSE = re.compile(rb"\r\nupgrade:[ \t]*h2c[ \t]*\r\n", re.IGNORECASE)
+
+
+def _h2c_settings(response: Response) -> bytes | None:
+    """The client's HTTP2-Settings when `response` switched its request to h2c (RFC 7540 §3.2)."""
+    if response.head is None or response.head.status != 101 or not _H2C_RESPONSE.search(response.head_bytes):
+        return None
+    offered = settings = None
+    for name, value in response.request.headers:
+        if name.lower() == "upgrade":
+            offered = offered or "h2c" in (t.strip().lower() for t in value.split(","))
+        elif name.lower() == "http2-settings":
+            settings = value.strip().encode("latin-1")
+    return settings if offered else None
 
 
 def _h2_request_head(method: str, target: str, headers: list[tuple[str, str]]) -> RequestHead:

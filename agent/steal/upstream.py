@@ -88,6 +88,7 @@ class Response:
         self.body: Body | None = None
         self.head: framing.Head | None = None
         self.started = False
+        self.head_bytes = self.rest = b""  # after SWITCHED: the switching head, and the bytes after it
 
     def feed(self, data: bytes) -> str | None:
         if self.body is None:
@@ -106,7 +107,10 @@ class Response:
                 return None
             self.started = True
             if _switches(self.request, head):
-                self.client.write(bytes(self.buf))
+                # The switched head goes on now; what followed it (the new protocol's first bytes)
+                # is the owner's: relayed raw, or read by the HTTP/2 router after an h2c upgrade.
+                self.client.write(bytes(self.buf[:head.size]))
+                self.head, self.head_bytes, self.rest = head, bytes(self.buf[:head.size]), bytes(self.buf[head.size:])
                 return self.SWITCHED
             if head.status >= 200:
                 break
