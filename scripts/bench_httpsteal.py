@@ -24,12 +24,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -121,10 +124,73 @@ def _start(*role: str) -> tuple[subprocess.Popen, int]:
     return proc, int(proc.stdout.readline())
 
 
+_NGINX = """worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    server {{
+        listen {host}:{port};
+        location / {{ return 200 "{name}"; }}
+    }}
+}}
+"""
+
+
+def _start_nginx(name: str) -> tuple[subprocess.Popen, int]:
+    """nginx (one worker, as a pod's server would be a process of its own) answering `name`."""
+    with socket.socket() as probe:  # a free port; nginx has no "port 0, tell me"
+        probe.bind((HOST, 0))
+        port = probe.getsockname()[1]
+    conf_dir = tempfile.mkdtemp(prefix="bench-nginx-")
+    with open(os.path.join(conf_dir, "nginx.conf"), "w") as f:
+        f.write(_NGINX.format(dir=conf_dir, host=HOST, port=port, name=name))
+    proc = subprocess.Popen(["nginx", "-p", conf_dir, "-c", "nginx.conf", "-e", os.path.join(conf_dir, "error.log")],
+                            start_new_session=True)
+    proc.conf_dir = conf_dir  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
+            return proc, port
+        time.sleep(0.05)
+    _stop(proc)
+    raise RuntimeError("nginx did not start")
+
+
+def _servers(kind: str) -> tuple[list[subprocess.Popen], int, int]:
+    """The pod's server and the local program's: (processes, pod port, local port)."""
+    start = _start_nginx if kind == "nginx" else (lambda name: _start("serve", name))
+    pod, pod_port = start("pod")
+    local, local_port = start("local")
+    return [pod, local], pod_port, local_port
+
+
+def _group_cpu(proc: subprocess.Popen) -> float:
+    """CPU seconds (user + system) of every process in `proc`'s group (nginx's worker, the
+    proxy's forked workers)."""
+    total = 0.0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[2]) == proc.pid:  # fields[2]: the process group
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def _stop(*procs: subprocess.Popen) -> None:
     for p in procs:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
+        if hasattr(p, "conf_dir"):
+            shutil.rmtree(p.conf_dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- client
@@ -194,27 +260,44 @@ def _wrk(port: int, connections: int, seconds: int, mine: bool = False) -> dict[
     return result
 
 
-def load(connections: int, seconds: int, rounds: int, workers: int) -> dict:
+def _wrk_cpu(port: int, connections: int, seconds: int, procs: dict[str, subprocess.Popen],
+             mine: bool = False) -> dict[str, float]:
+    """_wrk, with the CPU microseconds per request each of `procs` (their groups) spent meanwhile:
+    the figure a shared machine distorts least."""
+    before = {name: _group_cpu(p) for name, p in procs.items()}
+    result = _wrk(port, connections, seconds, mine)
+    requests = result["rps"] * seconds
+    for name, p in procs.items():
+        result[f"{name}_cpu_us"] = round((_group_cpu(p) - before[name]) / requests * 1e6, 2)
+    return result
+
+
+def load(connections: int, seconds: int, rounds: int, workers: int, server: str = "python") -> dict:
     """wrk against the pod's server directly and through the proxy (requests that go to the
-    pod, and matching ones), alternating, in one run; medians over the rounds."""
-    pod, pod_port = _start("serve", "pod")
-    local, local_port = _start("serve", "local")
+    pod, and matching ones), alternating, in one run; medians over the rounds, with each
+    round's req/s so the spread shows."""
+    servers, pod_port, local_port = _servers(server)
     proxy, proxy_port = _start("proxy", str(pod_port), str(local_port), str(workers))
     runs: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
+    procs = {"proxy": proxy, "pod": servers[0]}
     try:
         for _ in range(rounds):
-            runs["direct"].append(_wrk(pod_port, connections, seconds))
-            runs["proxy"].append(_wrk(proxy_port, connections, seconds))
+            runs["direct"].append(_wrk_cpu(pod_port, connections, seconds, procs))
+            runs["proxy"].append(_wrk_cpu(proxy_port, connections, seconds, procs))
             runs["proxy_matched"].append(_wrk(proxy_port, connections, seconds, mine=True))
     finally:
-        _stop(proxy, pod, local)
-    out: dict = {"connections": connections, "seconds": seconds, "rounds": rounds, "proxy_workers": workers}
+        _stop(proxy, *servers)
+    out: dict = {"connections": connections, "seconds": seconds, "rounds": rounds, "proxy_workers": workers,
+                 "server": server}
     for via, results in runs.items():
-        out[via] = {k: round(median([r[k] for r in results]), 3) for k in ("rps", "p50_ms", "p99_ms")}
+        keys = [k for k in results[0] if k != "errors"]
+        out[via] = {k: round(median([r[k] for r in results]), 3) for k in keys}
+        out[via]["rps_rounds"] = [r["rps"] for r in results]
         errors = [r["errors"] for r in results if "errors" in r]
         if errors:
             out[via]["errors"] = errors
     out["ratio_rps"] = round(out["proxy"]["rps"] / out["direct"]["rps"], 3)
+    out["ratio_rps_rounds"] = [round(p["rps"] / d["rps"], 3) for d, p in zip(runs["direct"], runs["proxy"])]
     out["ratio_p99"] = round(out["proxy"]["p99_ms"] / out["direct"]["p99_ms"], 3)
     return out
 
@@ -326,12 +409,14 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=5, help="per wrk run")
     ap.add_argument("--workers", type=int, default=1, help="proxy processes on one SO_REUSEPORT port (wrk only)")
     ap.add_argument("--wrk-only", action="store_true", help="only the wrk comparison")
+    ap.add_argument("--server", choices=("python", "nginx"), default="python",
+                    help="the pod's server (and the program's) for the wrk comparison")
     args = ap.parse_args()
     if args.wrk_only:
-        print(json.dumps(load(args.connections, args.seconds, args.rounds, args.workers), indent=1))
+        print(json.dumps(load(args.connections, args.seconds, args.rounds, args.workers, args.server), indent=1))
         return
     result = {"proxy": measure(args.requests, args.mb, args.rounds), "parsers": parsers(mb=args.mb),
-              "wrk": load(args.connections, args.seconds, args.rounds, args.workers)}
+              "wrk": load(args.connections, args.seconds, args.rounds, args.workers, args.server)}
     if args.json:
         print(json.dumps(result, indent=1))
         return

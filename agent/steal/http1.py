@@ -259,14 +259,26 @@ class _Requests(_Client):
         self.reader = framing.HeadReader()
         self._route(head)
 
-    def _route(self, head: framing.Head) -> None:
-        """A whole head, at the start of self.buf: to its upstream."""
-        self._cancel_timer()
+    def _route(self, head: framing.Head, whole: bytes | None = None) -> None:
+        """A whole head, at the start of self.buf (or `whole`: the request, head and body, with
+        nothing after it and nothing buffered): to its upstream."""
+        if self.timer is not None:
+            self._cancel_timer()
         self.request = head
-        self.body = Body(head.length)
         opener = self.choose(_request_head(head))
         self.counters["steal_requests_local" if opener is not None else "steal_requests_pod"] += 1
-        self._use(opener or self.pod, self._send_head)
+        opener = opener or self.pod
+        link = self.links.get(opener)
+        if whole is not None and link is not None and link.idle():  # the usual keep-alive request: straight on
+            self.link = self.response_link = link
+            self.response = Response(head, self.transport)
+            self.state = WAIT
+            link.write(whole)
+            return
+        if whole is not None:
+            self.buf += whole
+        self.body = Body(head.length)
+        self._use(opener, self._send_head)
 
     def _send_head(self, link: Link) -> None:
         assert self.request is not None
@@ -317,7 +329,8 @@ class _Requests(_Client):
         if not self.request.keep_alive:
             return self._end("request not keep-alive")
         self.state, self.request, self.body = HEAD, None, None
-        self.resume_client("pipelined")
+        if self.paused:
+            self.resume_client("pipelined")
         if self.buf:
             self._advance()
         elif self.client_eof:
@@ -354,7 +367,10 @@ class HttpProxy(_Requests):
         if not self.buf and self.response is None and self.state in (HEAD, SNIFF):
             head = framing.plain_request(data)  # the common case, without llhttp's callbacks
             if head is not None:
-                self.state, self.buf = HEAD, bytearray(data)
+                self.state = HEAD
+                if len(data) == head.size + max(head.length, 0):
+                    return self._route(head, data)
+                self.buf += data
                 return self._route(head)
         self.buf += data
         if self.state == SNIFF:
@@ -387,7 +403,7 @@ class HttpProxy(_Requests):
     def upstream_data(self, link: Link, data: bytes) -> None:
         if self.state == H2:
             return self.h2.upstream_data(link, data)
-        if self._raw_link(link):
+        if self.state == RAW and self._raw_link(link):
             self.transport.write(data)
             return
         if self.response is None or link is not self.response_link:

@@ -122,10 +122,11 @@ class Response:
     def _begin(self, head: framing.Head, data: bytes) -> str | None:
         """The final response's head is at the start of `data`: relay it and what follows."""
         self.started, self.head = True, head
-        self.body = Body(framing.NO_BODY if self.request.method == "HEAD" else head.length)
-        if self.body.length >= framing.NO_BODY and len(data) == head.size + max(self.body.length, 0):  # all, no more
+        length = framing.NO_BODY if self.request.method == "HEAD" else head.length
+        if length >= framing.NO_BODY and len(data) == head.size + max(length, 0):  # all of it, no more: no Body
             self.client.write(data)
             return self.KEEP if head.keep_alive else self.DONE
+        self.body = Body(length)
         return self._body(data, head.size)
 
     def _body(self, data: bytes, start: int) -> str | None:
