@@ -13,8 +13,12 @@ through the proxy with requests that do not match, alternating per round:
 - throughput of MB-sized POST bodies (Content-Length, then chunked) on one connection;
 - p50 of matching small requests (to the local server), for reference;
 - wrk, `--connections` keep-alive clients (200) for `--seconds`, straight to the pod's
-  server and through the proxy (`--workers` processes on one SO_REUSEPORT port), req/s and
-  p50/p99, alternating per round (`--wrk-only` for just this).
+  server and through the proxy (`--workers` processes on one SO_REUSEPORT port), req/s,
+  p50/p99 and the CPU microseconds per request of the proxy and of the pod's server,
+  alternating per round (`--wrk-only` for just this; `--server nginx`: nginx as both servers).
+
+`--redis` (root): Redis in a sandbox pod next to a filtered steal of the pod's HTTP port,
+redis-benchmark without and with the session (the port is not an HTTP port: not proxied).
 
 Then a parser micro-benchmark, h11 (the proxy's parser before) vs httptools (llhttp,
 its parser now), on small request heads and on a large chunked body.
@@ -302,6 +306,78 @@ def load(connections: int, seconds: int, rounds: int, workers: int, server: str 
     return out
 
 
+REDIS_PORT, HTTP_PORT = 6379, 8080
+# The session's program: HTTP on 8080 (a filtered port by default) and a listener on Redis's
+# port, so `run` learns both as served; only 8080 is an HTTP port, so 6379 stays the pod's.
+_PROGRAM = f"""
+import socket, sys
+from mirrord_tun.sandbox import http_server
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", {REDIS_PORT}))
+s.listen()
+sys.argv = ["http_server", "0.0.0.0", "{HTTP_PORT}", "local"]
+http_server.main()
+"""
+
+
+def _redis_benchmark(sb, host: str, requests: int) -> dict[str, float]:
+    """redis-benchmark's GET and SET req/s from the client namespace (50 clients, no pipelining)."""
+    r = sb.exec("client", "redis-benchmark", "-h", host, "-p", str(REDIS_PORT), "-n", str(requests), "-t", "get,set",
+                "--csv", timeout=300)
+    if r.returncode != 0:
+        raise RuntimeError(f"redis-benchmark failed: {r.stderr.strip()[-300:]}")
+    out = {}
+    for line in r.stdout.splitlines():
+        cells = [c.strip('"') for c in line.split(",")]
+        if cells[0] in ("GET", "SET"):
+            out[cells[0].lower()] = float(cells[1])
+    return out
+
+
+def redis(rounds: int, requests: int) -> dict:
+    """Redis in the pod, next to a filtered steal of the pod's HTTP port (a sandbox with the agent,
+    `run --steal --http-header-filter` whose program also listens on Redis's port): redis-benchmark
+    from the client straight to the pod, without and with the session, alternating."""
+    from mirrord_tun.sandbox import ADDRS, PY, Sandbox
+
+    pod = ADDRS["pod"]
+    runs: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
+    with Sandbox() as sb:
+        sb.start_agent()
+        sb.start("pod", ["redis-server", "--port", str(REDIS_PORT), "--bind", "0.0.0.0", "--save", "",
+                         "--appendonly", "no", "--protected-mode", "no"], stdout=subprocess.DEVNULL)
+        sb.start_ready("pod", [*PY, "-m", "mirrord_tun.sandbox.http_server", "0.0.0.0", str(HTTP_PORT), "pod"])
+        deadline = time.monotonic() + 15
+        while sb.exec("client", "redis-cli", "-h", pod, "ping").stdout.strip() != "PONG":
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.2)
+        for _ in range(rounds):
+            runs["direct"].append(_redis_benchmark(sb, pod, requests))
+            argv = sb.run_args(*PY, "-c", _PROGRAM)
+            argv[argv.index("--"):argv.index("--")] = ["--steal", "--http-header-filter", "^x-dev: me$"]
+            run = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            sb.procs.append(run)
+            try:
+                deadline = time.monotonic() + 30
+                while not sb.exec("client", "curl", "-sS", "--max-time", "2", "-H", "x-dev: me",
+                                  f"http://{pod}:{HTTP_PORT}/").stdout.startswith("hello from local"):
+                    if time.monotonic() > deadline or run.poll() is not None:
+                        raise RuntimeError("the filtered steal did not start")
+                    time.sleep(0.2)
+                runs["session"].append(_redis_benchmark(sb, pod, requests))
+            finally:
+                sb.stop(run)
+    out: dict = {"rounds": rounds, "requests": requests}
+    for via, results in runs.items():
+        out[via] = {k: round(median([r[k] for r in results]), 0) for k in ("get", "set")}
+    for kind in ("get", "set"):
+        out[f"ratio_{kind}"] = round(out["session"][kind] / out["direct"][kind], 3)
+        out[f"ratio_{kind}_rounds"] = [round(s[kind] / d[kind], 3) for d, s in zip(runs["direct"], runs["session"])]
+    return out
+
+
 def _ms(values: list[float]) -> dict[str, float]:
     return {"p50": round(median(values), 3), "p99": round(percentile(values, 99), 3)}
 
@@ -411,7 +487,13 @@ def main() -> None:
     ap.add_argument("--wrk-only", action="store_true", help="only the wrk comparison")
     ap.add_argument("--server", choices=("python", "nginx"), default="python",
                     help="the pod's server (and the program's) for the wrk comparison")
+    ap.add_argument("--redis", action="store_true",
+                    help="only Redis next to a filtered steal (root: a sandbox with the agent; redis-server, "
+                         "redis-benchmark, curl)")
     args = ap.parse_args()
+    if args.redis:
+        print(json.dumps(redis(args.rounds, args.requests * 100), indent=1))
+        return
     if args.wrk_only:
         print(json.dumps(load(args.connections, args.seconds, args.rounds, args.workers, args.server), indent=1))
         return
@@ -431,10 +513,13 @@ def main() -> None:
         print(f"{args.mb} MB POST {kind:7}: direct {r[f'direct_{kind}_gbits']:.2f} Gbit/s, "
               f"proxy {r[f'proxy_{kind}_gbits']:.2f} Gbit/s (x{r[f'ratio_{kind}_throughput']})")
     w = result["wrk"]
-    print(f"wrk {w['connections']} keep-alive clients, {w['proxy_workers']} proxy process(es): direct "
-          f"{w['direct']['rps']:.0f} req/s p50 {w['direct']['p50_ms']} p99 {w['direct']['p99_ms']} ms; proxy (to the "
-          f"pod) {w['proxy']['rps']:.0f} req/s p50 {w['proxy']['p50_ms']} p99 {w['proxy']['p99_ms']} ms "
-          f"(x{w['ratio_rps']} req/s, x{w['ratio_p99']} p99); matched {w['proxy_matched']['rps']:.0f} req/s")
+    print(f"wrk {w['connections']} keep-alive clients, {w['proxy_workers']} proxy process(es), {w['server']} server: "
+          f"direct {w['direct']['rps']:.0f} req/s p50 {w['direct']['p50_ms']} p99 {w['direct']['p99_ms']} ms; proxy "
+          f"(to the pod) {w['proxy']['rps']:.0f} req/s p50 {w['proxy']['p50_ms']} p99 {w['proxy']['p99_ms']} ms "
+          f"(x{w['ratio_rps']} req/s, rounds {w['ratio_rps_rounds']}, x{w['ratio_p99']} p99); matched "
+          f"{w['proxy_matched']['rps']:.0f} req/s")
+    print(f"CPU per request: proxy {w['proxy']['proxy_cpu_us']} us, the pod's server {w['direct']['pod_cpu_us']} us "
+          f"direct and {w['proxy']['pod_cpu_us']} us behind the proxy")
     print("parsers:", json.dumps(result["parsers"]))
 
 
