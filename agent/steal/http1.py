@@ -475,6 +475,7 @@ class HttpProxy(_Requests):
                            self._end)
         if not self.h2.upgraded(link, settings):
             return False
+        self.counters["steal_http2"] += 1
         self.counters["steal_h2c_upgrades"] += 1
         self.state = H2
         for other in [other for other in self.links.values() if other is not link]:

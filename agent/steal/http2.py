@@ -112,24 +112,6 @@ class _Relay:
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError) as e:
             log.debug("steal proxy: HTTP/2 stream: %r", e)
 
-    def _flush_all(self) -> None:
-        if data := self.down.data_to_send():
-            self.client.write(data)
-        for link, up in self.ups.values():
-            if data := up.data_to_send():
-                link.write(data)
-
-
-class H2Router(_Relay):
-    """The HTTP/2 side of one client connection (http1.HttpProxy hands it over)."""
-
-    def __init__(self, client: asyncio.Transport, choose: Chooser, pod: object,
-                 use: Callable[[object, Callable[[Link], None]], None], request_head: Callable[..., object],
-                 counters: collections.Counter, end: Callable[[str], None]) -> None:
-        super().__init__(client)
-        self.choose, self.pod, self.use = choose, pod, use
-        self.request_head, self.counters, self.end = request_head, counters, end
-
     def upgraded(self, link: Link, settings: bytes) -> bool:
         """h2c through `Upgrade` (RFC 7540 §3.2): the client's request went to `link` as HTTP/1.1,
         with `settings` (its HTTP2-Settings), and that server switched. Stream 1 is that request,
@@ -155,9 +137,26 @@ class H2Router(_Relay):
         stream = self.streams[1] = _Stream(1)
         stream.link, stream.up, stream.up_id, stream.ended = link, up, 1, True
         self.by_up[(id(link), 1)] = stream
-        self.counters["steal_http2"] += 1
         self._flush_all()
         return True
+
+    def _flush_all(self) -> None:
+        if data := self.down.data_to_send():
+            self.client.write(data)
+        for link, up in self.ups.values():
+            if data := up.data_to_send():
+                link.write(data)
+
+
+class H2Router(_Relay):
+    """The HTTP/2 side of one client connection (http1.HttpProxy hands it over)."""
+
+    def __init__(self, client: asyncio.Transport, choose: Chooser, pod: object,
+                 use: Callable[[object, Callable[[Link], None]], None], request_head: Callable[..., object],
+                 counters: collections.Counter, end: Callable[[str], None]) -> None:
+        super().__init__(client)
+        self.choose, self.pod, self.use = choose, pod, use
+        self.request_head, self.counters, self.end = request_head, counters, end
 
     def client_data(self, data: bytes) -> None:
         try:
