@@ -61,8 +61,10 @@ def test_the_fast_request_path_takes_the_usual_heads() -> None:
     for smuggling in (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
                       b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
                       b"GET / HTTP/1.1\r\nX-A: b\r\n x-dev: me\r\n\r\n",
-                      b"GET / HTTP/1.1\nX-Dev: me\r\n\r\n"):
-        assert framing.plain_request(smuggling) is None, smuggling
+                      b"GET / HTTP/1.1\nX-Dev: me\r\n\r\n",
+                      b"GET /" + b"a" * 8192 + b" HTTP/1.1\r\n\r\n"):  # past _REQUEST_LINE's target
+        assert framing.plain_request(smuggling) is None, smuggling[:40]
+    assert framing.plain_request(b"GET /" + b"a" * 8191 + b" HTTP/1.1\r\n\r\n") is not None
 
 
 _STATUS_LINES = [b"HTTP/1.1 200 OK", b"HTTP/1.0 200 OK", b"HTTP/1.1 204 No Content", b"HTTP/1.1 304 x",

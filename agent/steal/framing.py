@@ -104,11 +104,12 @@ class HeadReader:
 
 # The fast path (plain_request, plain_response): one regex over a whole head that only
 # admits what llhttp's strict mode admits too, a subset: a known method, an origin-form
-# target of unreserved/sub-delim/percent characters, HTTP/1.0 or 1.1, token names with the
-# colon right after them, values of visible ASCII, SP and HT (no obs-fold, no bare CR or LF:
-# a line starting with a blank is not a token). Anything else is left to llhttp.
+# target of unreserved/sub-delim/percent characters (at most _REQUEST_LINE's 8192),
+# HTTP/1.0 or 1.1, token names with the colon right after them, values of visible ASCII, SP
+# and HT (no obs-fold, no bare CR or LF: a line starting with a blank is not a token).
+# Anything else is left to llhttp.
 _PLAIN_REQUEST = re.compile(
-    rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH) (/[-A-Za-z0-9._~!$&'()*+,;=:@/?%]*) HTTP/1\.([01])\r\n"
+    rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH) (/[-A-Za-z0-9._~!$&'()*+,;=:@/?%]{0,8191}) HTTP/1\.([01])\r\n"
     rb"((?:[-!#$%&'*+.^_`|~0-9A-Za-z]+:[\t -~]*\r\n)*)\r\n")
 _PLAIN_RESPONSE = re.compile(
     rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: [\t -~\x80-\xff]*)?\r\n"
