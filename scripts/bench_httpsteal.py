@@ -13,8 +13,12 @@ through the proxy with requests that do not match, alternating per round:
 - throughput of MB-sized POST bodies (Content-Length, then chunked) on one connection;
 - p50 of matching small requests (to the local server), for reference;
 - wrk, `--connections` keep-alive clients (200) for `--seconds`, straight to the pod's
-  server and through the proxy (`--workers` processes on one SO_REUSEPORT port), req/s and
-  p50/p99, alternating per round (`--wrk-only` for just this).
+  server and through the proxy (`--workers` processes on one SO_REUSEPORT port), req/s,
+  p50/p99 and the CPU microseconds per request of the proxy and of the pod's server,
+  alternating per round (`--wrk-only` for just this; `--server nginx`: nginx as both servers).
+
+`--redis` (root): Redis in a sandbox pod next to a filtered steal of the pod's HTTP port,
+redis-benchmark without and with the session (the port is not an HTTP port: not proxied).
 
 Then a parser micro-benchmark, h11 (the proxy's parser before) vs httptools (llhttp,
 its parser now), on small request heads and on a large chunked body.
@@ -24,12 +28,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -121,10 +128,73 @@ def _start(*role: str) -> tuple[subprocess.Popen, int]:
     return proc, int(proc.stdout.readline())
 
 
+_NGINX = """worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    server {{
+        listen {host}:{port};
+        location / {{ return 200 "{name}"; }}
+    }}
+}}
+"""
+
+
+def _start_nginx(name: str) -> tuple[subprocess.Popen, int]:
+    """nginx (one worker, as a pod's server would be a process of its own) answering `name`."""
+    with socket.socket() as probe:  # a free port; nginx has no "port 0, tell me"
+        probe.bind((HOST, 0))
+        port = probe.getsockname()[1]
+    conf_dir = tempfile.mkdtemp(prefix="bench-nginx-")
+    with open(os.path.join(conf_dir, "nginx.conf"), "w") as f:
+        f.write(_NGINX.format(dir=conf_dir, host=HOST, port=port, name=name))
+    proc = subprocess.Popen(["nginx", "-p", conf_dir, "-c", "nginx.conf", "-e", os.path.join(conf_dir, "error.log")],
+                            start_new_session=True)
+    proc.conf_dir = conf_dir  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
+            return proc, port
+        time.sleep(0.05)
+    _stop(proc)
+    raise RuntimeError("nginx did not start")
+
+
+def _servers(kind: str) -> tuple[list[subprocess.Popen], int, int]:
+    """The pod's server and the local program's: (processes, pod port, local port)."""
+    start = _start_nginx if kind == "nginx" else (lambda name: _start("serve", name))
+    pod, pod_port = start("pod")
+    local, local_port = start("local")
+    return [pod, local], pod_port, local_port
+
+
+def _group_cpu(proc: subprocess.Popen) -> float:
+    """CPU seconds (user + system) of every process in `proc`'s group (nginx's worker, the
+    proxy's forked workers)."""
+    total = 0.0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[2]) == proc.pid:  # fields[2]: the process group
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def _stop(*procs: subprocess.Popen) -> None:
     for p in procs:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
+        if hasattr(p, "conf_dir"):
+            shutil.rmtree(p.conf_dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- client
@@ -194,28 +264,117 @@ def _wrk(port: int, connections: int, seconds: int, mine: bool = False) -> dict[
     return result
 
 
-def load(connections: int, seconds: int, rounds: int, workers: int) -> dict:
+def _wrk_cpu(port: int, connections: int, seconds: int, procs: dict[str, subprocess.Popen],
+             mine: bool = False) -> dict[str, float]:
+    """_wrk, with the CPU microseconds per request each of `procs` (their groups) spent meanwhile:
+    the figure a shared machine distorts least."""
+    before = {name: _group_cpu(p) for name, p in procs.items()}
+    result = _wrk(port, connections, seconds, mine)
+    requests = result["rps"] * seconds
+    for name, p in procs.items():
+        result[f"{name}_cpu_us"] = round((_group_cpu(p) - before[name]) / requests * 1e6, 2)
+    return result
+
+
+def load(connections: int, seconds: int, rounds: int, workers: int, server: str = "python") -> dict:
     """wrk against the pod's server directly and through the proxy (requests that go to the
-    pod, and matching ones), alternating, in one run; medians over the rounds."""
-    pod, pod_port = _start("serve", "pod")
-    local, local_port = _start("serve", "local")
+    pod, and matching ones), alternating, in one run; medians over the rounds, with each
+    round's req/s so the spread shows."""
+    servers, pod_port, local_port = _servers(server)
     proxy, proxy_port = _start("proxy", str(pod_port), str(local_port), str(workers))
     runs: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
+    procs = {"proxy": proxy, "pod": servers[0]}
     try:
         for _ in range(rounds):
-            runs["direct"].append(_wrk(pod_port, connections, seconds))
-            runs["proxy"].append(_wrk(proxy_port, connections, seconds))
+            runs["direct"].append(_wrk_cpu(pod_port, connections, seconds, procs))
+            runs["proxy"].append(_wrk_cpu(proxy_port, connections, seconds, procs))
             runs["proxy_matched"].append(_wrk(proxy_port, connections, seconds, mine=True))
     finally:
-        _stop(proxy, pod, local)
-    out: dict = {"connections": connections, "seconds": seconds, "rounds": rounds, "proxy_workers": workers}
+        _stop(proxy, *servers)
+    out: dict = {"connections": connections, "seconds": seconds, "rounds": rounds, "proxy_workers": workers,
+                 "server": server}
     for via, results in runs.items():
-        out[via] = {k: round(median([r[k] for r in results]), 3) for k in ("rps", "p50_ms", "p99_ms")}
+        keys = [k for k in results[0] if k != "errors"]
+        out[via] = {k: round(median([r[k] for r in results]), 3) for k in keys}
+        out[via]["rps_rounds"] = [r["rps"] for r in results]
         errors = [r["errors"] for r in results if "errors" in r]
         if errors:
             out[via]["errors"] = errors
     out["ratio_rps"] = round(out["proxy"]["rps"] / out["direct"]["rps"], 3)
+    out["ratio_rps_rounds"] = [round(p["rps"] / d["rps"], 3) for d, p in zip(runs["direct"], runs["proxy"])]
     out["ratio_p99"] = round(out["proxy"]["p99_ms"] / out["direct"]["p99_ms"], 3)
+    return out
+
+
+REDIS_PORT, HTTP_PORT = 6379, 8080
+# The session's program: HTTP on 8080 (a filtered port by default) and a listener on Redis's
+# port, so `run` learns both as served; only 8080 is an HTTP port, so 6379 stays the pod's.
+_PROGRAM = f"""
+import socket, sys
+from mirrord_tun.sandbox import http_server
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", {REDIS_PORT}))
+s.listen()
+sys.argv = ["http_server", "0.0.0.0", "{HTTP_PORT}", "local"]
+http_server.main()
+"""
+
+
+def _redis_benchmark(sb, host: str, requests: int) -> dict[str, float]:
+    """redis-benchmark's GET and SET req/s from the client namespace (50 clients, no pipelining)."""
+    r = sb.exec("client", "redis-benchmark", "-h", host, "-p", str(REDIS_PORT), "-n", str(requests), "-t", "get,set",
+                "--csv", timeout=300)
+    if r.returncode != 0:
+        raise RuntimeError(f"redis-benchmark failed: {r.stderr.strip()[-300:]}")
+    out = {}
+    for line in r.stdout.splitlines():
+        cells = [c.strip('"') for c in line.split(",")]
+        if cells[0] in ("GET", "SET"):
+            out[cells[0].lower()] = float(cells[1])
+    return out
+
+
+def redis(rounds: int, requests: int) -> dict:
+    """Redis in the pod, next to a filtered steal of the pod's HTTP port (a sandbox with the agent,
+    `run --steal --http-header-filter` whose program also listens on Redis's port): redis-benchmark
+    from the client straight to the pod, without and with the session, alternating."""
+    from mirrord_tun.sandbox import ADDRS, PY, Sandbox
+
+    pod = ADDRS["pod"]
+    runs: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
+    with Sandbox() as sb:
+        sb.start_agent()
+        sb.start("pod", ["redis-server", "--port", str(REDIS_PORT), "--bind", "0.0.0.0", "--save", "",
+                         "--appendonly", "no", "--protected-mode", "no"], stdout=subprocess.DEVNULL)
+        sb.start_ready("pod", [*PY, "-m", "mirrord_tun.sandbox.http_server", "0.0.0.0", str(HTTP_PORT), "pod"])
+        deadline = time.monotonic() + 15
+        while sb.exec("client", "redis-cli", "-h", pod, "ping").stdout.strip() != "PONG":
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.2)
+        for _ in range(rounds):
+            runs["direct"].append(_redis_benchmark(sb, pod, requests))
+            argv = sb.run_args(*PY, "-c", _PROGRAM)
+            argv[argv.index("--"):argv.index("--")] = ["--steal", "--http-header-filter", "^x-dev: me$"]
+            run = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            sb.procs.append(run)
+            try:
+                deadline = time.monotonic() + 30
+                while not sb.exec("client", "curl", "-sS", "--max-time", "2", "-H", "x-dev: me",
+                                  f"http://{pod}:{HTTP_PORT}/").stdout.startswith("hello from local"):
+                    if time.monotonic() > deadline or run.poll() is not None:
+                        raise RuntimeError("the filtered steal did not start")
+                    time.sleep(0.2)
+                runs["session"].append(_redis_benchmark(sb, pod, requests))
+            finally:
+                sb.stop(run)
+    out: dict = {"rounds": rounds, "requests": requests}
+    for via, results in runs.items():
+        out[via] = {k: round(median([r[k] for r in results]), 0) for k in ("get", "set")}
+    for kind in ("get", "set"):
+        out[f"ratio_{kind}"] = round(out["session"][kind] / out["direct"][kind], 3)
+        out[f"ratio_{kind}_rounds"] = [round(s[kind] / d[kind], 3) for d, s in zip(runs["direct"], runs["session"])]
     return out
 
 
@@ -326,12 +485,20 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=5, help="per wrk run")
     ap.add_argument("--workers", type=int, default=1, help="proxy processes on one SO_REUSEPORT port (wrk only)")
     ap.add_argument("--wrk-only", action="store_true", help="only the wrk comparison")
+    ap.add_argument("--server", choices=("python", "nginx"), default="python",
+                    help="the pod's server (and the program's) for the wrk comparison")
+    ap.add_argument("--redis", action="store_true",
+                    help="only Redis next to a filtered steal (root: a sandbox with the agent; redis-server, "
+                         "redis-benchmark, curl)")
     args = ap.parse_args()
+    if args.redis:
+        print(json.dumps(redis(args.rounds, args.requests * 100), indent=1))
+        return
     if args.wrk_only:
-        print(json.dumps(load(args.connections, args.seconds, args.rounds, args.workers), indent=1))
+        print(json.dumps(load(args.connections, args.seconds, args.rounds, args.workers, args.server), indent=1))
         return
     result = {"proxy": measure(args.requests, args.mb, args.rounds), "parsers": parsers(mb=args.mb),
-              "wrk": load(args.connections, args.seconds, args.rounds, args.workers)}
+              "wrk": load(args.connections, args.seconds, args.rounds, args.workers, args.server)}
     if args.json:
         print(json.dumps(result, indent=1))
         return
@@ -346,10 +513,13 @@ def main() -> None:
         print(f"{args.mb} MB POST {kind:7}: direct {r[f'direct_{kind}_gbits']:.2f} Gbit/s, "
               f"proxy {r[f'proxy_{kind}_gbits']:.2f} Gbit/s (x{r[f'ratio_{kind}_throughput']})")
     w = result["wrk"]
-    print(f"wrk {w['connections']} keep-alive clients, {w['proxy_workers']} proxy process(es): direct "
-          f"{w['direct']['rps']:.0f} req/s p50 {w['direct']['p50_ms']} p99 {w['direct']['p99_ms']} ms; proxy (to the "
-          f"pod) {w['proxy']['rps']:.0f} req/s p50 {w['proxy']['p50_ms']} p99 {w['proxy']['p99_ms']} ms "
-          f"(x{w['ratio_rps']} req/s, x{w['ratio_p99']} p99); matched {w['proxy_matched']['rps']:.0f} req/s")
+    print(f"wrk {w['connections']} keep-alive clients, {w['proxy_workers']} proxy process(es), {w['server']} server: "
+          f"direct {w['direct']['rps']:.0f} req/s p50 {w['direct']['p50_ms']} p99 {w['direct']['p99_ms']} ms; proxy "
+          f"(to the pod) {w['proxy']['rps']:.0f} req/s p50 {w['proxy']['p50_ms']} p99 {w['proxy']['p99_ms']} ms "
+          f"(x{w['ratio_rps']} req/s, rounds {w['ratio_rps_rounds']}, x{w['ratio_p99']} p99); matched "
+          f"{w['proxy_matched']['rps']:.0f} req/s")
+    print(f"CPU per request: proxy {w['proxy']['proxy_cpu_us']} us, the pod's server {w['direct']['pod_cpu_us']} us "
+          f"direct and {w['proxy']['pod_cpu_us']} us behind the proxy")
     print("parsers:", json.dumps(result["parsers"]))
 
 

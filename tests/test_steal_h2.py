@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -33,17 +34,49 @@ def _answer(name: str, method: str, path: str, body: bytes) -> bytes:
 
 
 class _Serve(asyncio.Protocol):
-    def __init__(self, name: str) -> None:
-        self.name = name
+    """HTTP/2 with prior knowledge, or through `Upgrade: h2c` from an HTTP/1.1 request (RFC 7540
+    §3.2: a 101, then that request answered on stream 1); HTTP/1.1 without Upgrade is answered
+    in HTTP/1.1 (`upgrade=False`: never switches, as an HTTP/1.1-only server)."""
+
+    def __init__(self, name: str, upgrade: bool = True) -> None:
+        self.name, self.upgrade = name, upgrade
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.t = transport
         self.c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
-        self.c.initiate_connection()
-        self.t.write(self.c.data_to_send())  # type: ignore[attr-defined]
         self.requests: dict[int, list] = {}
+        self.http1 = b""  # bytes of an HTTP/1.1 request, until we know which protocol this is
 
     def data_received(self, data: bytes) -> None:
+        if self.http1 is not None:
+            self.http1 += data
+            if self.http1.startswith(b"PRI * HTTP/2.0"[:len(self.http1)]) and len(self.http1) < 14:
+                return
+            if not self.http1.startswith(b"PRI * HTTP/2.0"):
+                return self._http1()
+            data, self.http1 = self.http1, None
+            self.c.initiate_connection()
+        self._h2(data)
+
+    def _http1(self) -> None:
+        if b"\r\n\r\n" not in self.http1:
+            return
+        head, _, rest = self.http1.partition(b"\r\n\r\n")
+        line, *fields = head.decode().split("\r\n")
+        method, path, _ = line.split(" ")
+        headers = {k.strip().lower(): v.strip() for k, v in (f.split(":", 1) for f in fields)}
+        if not (self.upgrade and headers.get("upgrade") == "h2c" and "http2-settings" in headers):
+            self.http1 = rest
+            out = _answer(f"{self.name}-http1", method, path, b"")
+            self.t.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(out), out))  # type: ignore[attr-defined]
+            return self._http1()
+        self.http1 = None
+        self.t.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")  # type: ignore[attr-defined]
+        self.c.initiate_upgrade_connection(headers["http2-settings"].encode())
+        self._respond(1, {":method": method, ":path": path}, b"")
+        self._h2(rest)
+
+    def _h2(self, data: bytes) -> None:
         for e in self.c.receive_data(data):
             if isinstance(e, h2.events.RequestReceived):
                 self.requests[e.stream_id] = [dict(e.headers), b""]
@@ -76,13 +109,13 @@ def serve_forever(name: str, port: int) -> None:
 
 
 class H2Server:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, upgrade: bool = True) -> None:
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
 
         def run() -> None:
             asyncio.set_event_loop(self.loop)
-            self.server = self.loop.run_until_complete(self.loop.create_server(lambda: _Serve(name), HOST, 0))
+            self.server = self.loop.run_until_complete(self.loop.create_server(lambda: _Serve(name, upgrade), HOST, 0))
             self.port = self.server.sockets[0].getsockname()[1]
             ready.set()
             self.loop.run_forever()
@@ -179,6 +212,60 @@ def test_curl_http2_prior_knowledge(h2proxy: Proxy, mine: bool) -> None:
                        capture_output=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
     assert r.stdout == _answer("local" if mine else "pod", "POST", "/grpc.Svc/Call", b"hello")
+
+
+def _curl_h2c(port: int, *paths: str) -> tuple[list[str], str]:
+    """curl --http2 on http:// (it asks `Upgrade: h2c` on the first request, then reuses the
+    connection): each answer, and how many connections curl opened."""
+    r = subprocess.run(["curl", "-sS", "--fail", "--http2", "-w", "|%{http_version} %{num_connects}\n",
+                        *(f"http://{HOST}:{port}{p}" for p in paths)], capture_output=True, timeout=TIMEOUT, text=True)
+    assert r.returncode == 0, r.stderr
+    parts = re.findall(r"(.*)\n\|(\S+ \d+)\n", r.stdout)  # each answer ends with a newline
+    assert len(parts) == len(paths), r.stdout
+    return [answer for answer, _ in parts], " ".join(info for _, info in parts)
+
+
+@pytest.fixture
+def upgrade_proxy() -> Iterator[tuple[Proxy, H2Server]]:
+    pod, local = H2Server("pod"), H2Server("local")
+    p = Proxy(pod.port, local.port, HttpFilter.compile(None, "^/mine"))
+    yield p, pod
+    p.stop()
+    pod.stop()
+    local.stop()
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
+@pytest.mark.parametrize("first", ["/mine/a", "/other/a"])
+def test_curl_h2c_upgrade_is_split_per_stream(upgrade_proxy: tuple[Proxy, H2Server], first: str) -> None:
+    """The upgrade request goes where the filter says and that server switches; every later
+    stream on the same connection is routed by the filter on its own."""
+    proxy, _ = upgrade_proxy
+    paths = [first, "/mine/b", "/other/b", "/mine/c?x=1"]
+    answers, info = _curl_h2c(proxy.port, *paths)
+    assert answers == [_answer("local" if p.startswith("/mine") else "pod", "GET", p, b"").decode().strip()
+                       for p in paths]
+    assert info == "2 1 2 0 2 0 2 0", info  # HTTP/2 throughout, on one connection
+    assert proxy.counters["steal_h2c_upgrades"] == 1
+    assert proxy.counters["steal_h2_streams_local"] + proxy.counters["steal_h2_streams_pod"] == 3
+    assert not proxy.failures and proxy.idle()
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
+def test_curl_h2c_upgrade_to_an_http1_only_server_stays_http1() -> None:
+    """A server that ignores the Upgrade answers in HTTP/1.1, and so does the proxy's client."""
+    pod, local = H2Server("pod", upgrade=False), H2Server("local", upgrade=False)
+    proxy = Proxy(pod.port, local.port, HttpFilter.compile(None, "^/mine"))
+    try:
+        answers, info = _curl_h2c(proxy.port, "/other", "/mine")
+        assert answers == [_answer("pod-http1", "GET", "/other", b"").decode().strip(),
+                           _answer("local-http1", "GET", "/mine", b"").decode().strip()]
+        assert info.split()[::2] == ["1.1", "1.1"], info
+        assert proxy.counters["steal_h2c_upgrades"] == 0 and not proxy.failures
+    finally:
+        proxy.stop()
+        pod.stop()
+        local.stop()
 
 
 # ---------------------------------------------------------------------------- end to end

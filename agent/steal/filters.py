@@ -44,11 +44,18 @@ class HttpFilter:
             return False
         if self.path is not None and not (self.path.search(head.path) or self.path.search(head.path_query)):
             return False
-        if self.header is not None and not any(self.header.search(f"{n}: {v}") for n, v in head.headers):
+        if self.header is not None and not self._header_matches(head.headers):
             return False
         if not all(f.matches(head) for f in self.all_of):
             return False
         return not self.any_of or any(f.matches(head) for f in self.any_of)
+
+    def _header_matches(self, headers: list[tuple[str, str]]) -> bool:
+        search = self.header.search  # type: ignore[union-attr]
+        for name, value in headers:  # a loop, not any(genexpr): this runs per request
+            if search(f"{name}: {value}"):
+                return True
+        return False
 
     @classmethod
     def compile(cls, header: str | None = None, path: str | None = None, method: str | None = None,

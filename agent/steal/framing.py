@@ -14,8 +14,6 @@ else ends when the connection does. The bytes themselves are never rewritten.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-
 import httptools
 
 MAX_HEAD = 64 * 1024  # a head (request line and headers) above this is refused
@@ -36,18 +34,18 @@ class NotHttp1(Exception):
     route): the connection goes to the pod untouched."""
 
 
-@dataclass
 class Head:
-    """One parsed head; `size`: its bytes in the buffer it came from."""
+    """One parsed head; `size`: its bytes in the buffer it came from. A slotted class, not a
+    dataclass: one is made per message, and a dataclass's __init__ costs twice as much."""
 
-    size: int = 0
-    version: str = ""
-    method: str = ""  # requests
-    target: str = ""  # requests, as sent
-    status: int = 0  # responses
-    headers: list[tuple[str, str]] = field(default_factory=list)  # requests: names as spelled, latin-1
-    keep_alive: bool = False
-    length: int = NO_BODY  # NO_BODY, UNTIL_CLOSE, CHUNKED or a Content-Length
+    __slots__ = ("size", "version", "method", "target", "status", "headers", "keep_alive", "length")
+
+    def __init__(self, size: int = 0, version: str = "", method: str = "", target: str = "", status: int = 0,
+                 headers: list[tuple[str, str]] | None = None) -> None:
+        self.size, self.version, self.method, self.target, self.status = size, version, method, target, status
+        self.headers: list[tuple[str, str]] = headers if headers is not None else []  # requests: names as spelled
+        self.keep_alive = False
+        self.length = NO_BODY  # NO_BODY, UNTIL_CLOSE, CHUNKED or a Content-Length
 
 
 class _Callbacks:
@@ -97,11 +95,84 @@ class HeadReader:
             return None
         head = Head(size=stop, version=self._parser.get_http_version(),
                     method=self._parser.get_method().decode("latin-1"), target=self._cb.url.decode("latin-1"),
-                    headers=[(n.decode("latin-1"), v.decode("latin-1")) for n, v in self._cb.headers])
+                    headers=[(n.decode("latin-1"), v.decode("latin-1").rstrip(" \t")) for n, v in self._cb.headers])
         if head.version not in ("1.0", "1.1"):
             raise NotHttp1(f"HTTP/{head.version}")
         _frame(head, self._cb.headers, request=True)  # llhttp refused two lengths, signs, CL with TE
         return head
+
+
+# The fast path (plain_request, plain_response): one regex over a whole head that only
+# admits what llhttp's strict mode admits too, a subset: a known method, an origin-form
+# target of unreserved/sub-delim/percent characters (at most _REQUEST_LINE's 8192),
+# HTTP/1.0 or 1.1, token names with the colon right after them, values of visible ASCII, SP
+# and HT (no obs-fold, no bare CR or LF: a line starting with a blank is not a token).
+# Anything else is left to llhttp.
+_PLAIN_REQUEST = re.compile(
+    rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH) (/[-A-Za-z0-9._~!$&'()*+,;=:@/?%]{0,8191}) HTTP/1\.([01])\r\n"
+    rb"((?:[-!#$%&'*+.^_`|~0-9A-Za-z]+:[\t -~]*\r\n)*)\r\n")
+_PLAIN_RESPONSE = re.compile(
+    rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: [\t -~\x80-\xff]*)?\r\n"
+    rb"((?:[-!#$%&'*+.^_`|~0-9A-Za-z]+:[\t -~\x80-\xff]*\r\n)*)\r\n")
+
+
+def _any_case(*names: str) -> bytes:
+    """An alternation of `names` in any case, as character classes: re.IGNORECASE makes a search
+    over a whole head 7x slower (no literal prefix for the engine to skip ahead with)."""
+    return b"|".join(b"".join(b"[%s%s]" % (c.upper().encode(), c.encode()) if c.isalpha() else re.escape(c).encode()
+                              for c in name) for name in names)
+
+
+# The framing headers of a plain head, searched from the LF ending the line before its headers.
+_FRAMING_REQUEST = re.compile(rb"\n(" + _any_case("content-length", "transfer-encoding", "connection", "upgrade",
+                                                  "expect") + rb"):")
+_FRAMING_RESPONSE = re.compile(rb"\n(" + _any_case("content-length", "transfer-encoding", "connection")
+                               + rb"):([^\r]*)")
+_DIGITS = re.compile(rb"[ \t]*([0-9]{1,15})[ \t]*\r\n")
+
+
+def plain_request(data: bytes) -> Head | None:
+    """The request head at the start of `data` when it is a plain one (see _PLAIN_REQUEST) whose
+    framing is at most one Content-Length of digits (no Transfer-Encoding, Connection, Upgrade or
+    Expect), else None: HeadReader (llhttp) decides then. What this admits llhttp admits, framed
+    the same way, so the fast path never forwards what the strict parser would refuse."""
+    m = _PLAIN_REQUEST.match(data)
+    if m is None or m.end() > MAX_HEAD:
+        return None
+    block, start, end = m[4], m.start(4) - 1, m.end()
+    length = NO_BODY
+    framing = _FRAMING_REQUEST.search(data, start, end)
+    if framing is not None:
+        if framing[1].lower() != b"content-length" or _FRAMING_REQUEST.search(data, framing.end(), end):
+            return None
+        digits = _DIGITS.match(data, framing.end(), end)
+        if digits is None:
+            return None
+        length = int(digits[1])
+    headers = []
+    for line in block.decode("latin-1").split("\r\n")[:-1]:  # split and partition: 3x a findall here
+        name, _, value = line.partition(":")
+        headers.append((name, value.strip(" \t")))
+    method, target, minor = m.group(1, 2, 3)
+    head = Head(m.end(), "1.1" if minor == b"1" else "1.0", method.decode(), target.decode(), 0, headers)
+    head.keep_alive, head.length = minor == b"1", length
+    return head
+
+
+def plain_response(data: bytes | bytearray) -> Head | None:
+    """The response head at the start of `data` when it is whole and plain (see _PLAIN_RESPONSE),
+    framed as response_head would; else None (response_head decides then)."""
+    m = _PLAIN_RESPONSE.match(data)
+    if m is None:
+        return None
+    head = Head(m.end(), "1.1" if m[1] == b"1" else "1.0", status=int(m[2]))
+    found = _FRAMING_RESPONSE.findall(data, m.start(3) - 1, m.end())
+    if len(found) == 1 and head.version == "1.1" and head.status >= 200 and head.status not in (204, 304) \
+            and found[0][0].lower() == b"content-length" and found[0][1].strip().isdigit():
+        head.keep_alive, head.length = True, int(found[0][1])  # the usual case, as _frame would say
+    else:
+        _frame(head, found, request=False)
+    return head
 
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: [^\r\n]*)?\r\n")

@@ -43,8 +43,7 @@ import asyncio
 import collections
 import logging
 import re
-from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, NamedTuple
 from urllib.parse import urlsplit
 
 from mirrord_tun.agent.steal import framing
@@ -65,8 +64,9 @@ _METHOD_PREFIX = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}(?: |\Z)")
 Opener = Callable[[Callable[[], Link]], Awaitable[asyncio.BaseTransport]]
 
 
-@dataclass(frozen=True)
-class RequestHead:
+class RequestHead(NamedTuple):
+    """What the filters see of a request (a tuple: one is made per request)."""
+
     method: str
     target: str
     path: str  # the target's path, query excluded, not percent-decoded
@@ -146,6 +146,8 @@ class _Client(asyncio.Protocol):
         self.paused.add(why)
 
     def resume_client(self, why: str) -> None:
+        if why not in self.paused:  # the usual case, once per request: nothing to do
+            return
         self.paused.discard(why)
         if not self.paused and self.state != CLOSED and not self.transport.is_closing():
             self.transport.resume_reading()
@@ -254,12 +256,29 @@ class _Requests(_Client):
             if self.timer is None:
                 self.timer = self.loop.call_later(self.head_timeout, self._head_too_slow)
             return
-        self._cancel_timer()
-        self.request, self.reader = head, framing.HeadReader()
-        self.body = Body(head.length)
+        self.reader = framing.HeadReader()
+        self._route(head)
+
+    def _route(self, head: framing.Head, whole: bytes | None = None) -> None:
+        """A whole head, at the start of self.buf (or `whole`: the request, head and body, with
+        nothing after it and nothing buffered): to its upstream."""
+        if self.timer is not None:
+            self._cancel_timer()
+        self.request = head
         opener = self.choose(_request_head(head))
         self.counters["steal_requests_local" if opener is not None else "steal_requests_pod"] += 1
-        self._use(opener or self.pod, self._send_head)
+        opener = opener or self.pod
+        link = self.links.get(opener)
+        if whole is not None and link is not None and link.idle():  # the usual keep-alive request: straight on
+            self.link = self.response_link = link
+            self.response = Response(head, self.transport)
+            self.state = WAIT
+            link.write(whole)
+            return
+        if whole is not None:
+            self.buf += whole
+        self.body = Body(head.length)
+        self._use(opener, self._send_head)
 
     def _send_head(self, link: Link) -> None:
         assert self.request is not None
@@ -310,10 +329,12 @@ class _Requests(_Client):
         if not self.request.keep_alive:
             return self._end("request not keep-alive")
         self.state, self.request, self.body = HEAD, None, None
-        self.resume_client("pipelined")
-        if self.client_eof and not self.buf:
-            return self._end("client done")
-        self._advance()
+        if self.paused:
+            self.resume_client("pipelined")
+        if self.buf:
+            self._advance()
+        elif self.client_eof:
+            self._end("client done")
 
     def _http2(self) -> None:
         """HTTP/2 with prior knowledge: every stream routed by the filter (http2.py)."""
@@ -343,6 +364,14 @@ class HttpProxy(_Requests):
             else:
                 self.buf += data
             return
+        if not self.buf and self.response is None and self.state in (HEAD, SNIFF):
+            head = framing.plain_request(data)  # the common case, without llhttp's callbacks
+            if head is not None:
+                self.state = HEAD
+                if len(data) == head.size + max(head.length, 0):
+                    return self._route(head, data)
+                self.buf += data
+                return self._route(head)
         self.buf += data
         if self.state == SNIFF:
             self._cancel_timer()
@@ -374,7 +403,7 @@ class HttpProxy(_Requests):
     def upstream_data(self, link: Link, data: bytes) -> None:
         if self.state == H2:
             return self.h2.upstream_data(link, data)
-        if self._raw_link(link):
+        if self.state == RAW and self._raw_link(link):
             self.transport.write(data)
             return
         if self.response is None or link is not self.response_link:
@@ -417,8 +446,13 @@ class HttpProxy(_Requests):
         assert response is not None
         if outcome == Response.SWITCHED:
             self.counters["steal_upgrades"] += 1
+            settings = _h2c_settings(response)
+            if settings is not None and self._h2c(link, settings, response.rest):
+                return
             self.state = RAW
             self.links.pop(link.key, None)
+            if response.rest:
+                self.transport.write(response.rest)
             if self.buf:
                 link.write(bytes(self.buf))
                 self.buf.clear()
@@ -433,12 +467,52 @@ class HttpProxy(_Requests):
         if self.state == WAIT:
             self._next()
 
+    def _h2c(self, link: Link, settings: bytes, upstream_bytes: bytes) -> bool:
+        """The upstream switched the client's `Upgrade: h2c` request to HTTP/2: from here each
+        stream is routed by the filter (http2.py), stream 1 (the upgrade request's response)
+        staying with `link`; False (relayed raw then) if the client's HTTP2-Settings are bad."""
+        self.h2 = H2Router(self.transport, self.choose, self.pod, self._use, _h2_request_head, self.counters,
+                           self._end)
+        if not self.h2.upgraded(link, settings):
+            return False
+        self.counters["steal_http2"] += 1
+        self.counters["steal_h2c_upgrades"] += 1
+        self.state = H2
+        for other in [other for other in self.links.values() if other is not link]:
+            other.reusable = False  # HTTP/1 keep-alive links cannot carry HTTP/2
+            other.close()
+        self.links = {link.key: link}
+        data, self.buf = bytes(self.buf), bytearray()
+        if upstream_bytes:
+            self.h2.upstream_data(link, upstream_bytes)
+        if data:
+            self.h2.client_data(data)
+        if self.client_eof:
+            self._end("client closed")
+        return True
+
     def _bad_gateway(self, why: str) -> None:
         response, self.response = self.response, None
         if response is not None and not response.started:
             return self._refuse(502, "Bad Gateway", why, "steal_bad_gateway")
         self._end(why)
 
+
+
+_H2C_RESPONSE = re.compile(rb"\r\nupgrade:[ \t]*h2c[ \t]*\r\n", re.IGNORECASE)
+
+
+def _h2c_settings(response: Response) -> bytes | None:
+    """The client's HTTP2-Settings when `response` switched its request to h2c (RFC 7540 §3.2)."""
+    if response.head is None or response.head.status != 101 or not _H2C_RESPONSE.search(response.head_bytes):
+        return None
+    offered = settings = None
+    for name, value in response.request.headers:
+        if name.lower() == "upgrade":
+            offered = offered or "h2c" in (t.strip().lower() for t in value.split(","))
+        elif name.lower() == "http2-settings":
+            settings = value.strip().encode("latin-1")
+    return settings if offered else None
 
 
 def _h2_request_head(method: str, target: str, headers: list[tuple[str, str]]) -> RequestHead:

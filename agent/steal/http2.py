@@ -16,6 +16,8 @@ most a window per stream.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import collections
 import logging
 from typing import Callable
@@ -25,6 +27,9 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.settings
+import hyperframe.exceptions
+import hyperframe.frame
 
 from mirrord_tun.agent.steal.upstream import Link
 
@@ -106,6 +111,34 @@ class _Relay:
             action()
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError) as e:
             log.debug("steal proxy: HTTP/2 stream: %r", e)
+
+    def upgraded(self, link: Link, settings: bytes) -> bool:
+        """h2c through `Upgrade` (RFC 7540 §3.2): the client's request went to `link` as HTTP/1.1,
+        with `settings` (its HTTP2-Settings), and that server switched. Stream 1 is that request,
+        its response coming from `link`; later streams are routed as with prior knowledge.
+        False if `settings` is not a SETTINGS payload (the connection is then relayed raw)."""
+        try:
+            values = hyperframe.frame.SettingsFrame(0)
+            values.parse_body(memoryview(base64.urlsafe_b64decode(settings)))
+            # The server took the client's settings as ours: we declare the same ones.
+            ours = h2.settings.Settings(client=True, initial_values=dict(values.settings))
+            down = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+            down.initiate_upgrade_connection(settings)
+        except (ValueError, binascii.Error, hyperframe.exceptions.HyperframeError, h2.exceptions.H2Error) as e:
+            log.debug("steal proxy: h2c upgrade with bad HTTP2-Settings: %r", e)
+            return False
+        self.down = down
+        up = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        up.local_settings = ours
+        up.max_inbound_frame_size = up.incoming_buffer.max_frame_size = ours.max_frame_size
+        up.decoder.max_allowed_table_size = ours.header_table_size
+        up.initiate_upgrade_connection()
+        self.ups[id(link)] = (link, up)
+        stream = self.streams[1] = _Stream(1)
+        stream.link, stream.up, stream.up_id, stream.ended = link, up, 1, True
+        self.by_up[(id(link), 1)] = stream
+        self._flush_all()
+        return True
 
     def _flush_all(self) -> None:
         if data := self.down.data_to_send():

@@ -88,6 +88,7 @@ class Response:
         self.body: Body | None = None
         self.head: framing.Head | None = None
         self.started = False
+        self.head_bytes = self.rest = b""  # after SWITCHED: the switching head, and the bytes after it
 
     def feed(self, data: bytes) -> str | None:
         if self.body is None:
@@ -95,6 +96,10 @@ class Response:
         return self._body(data, 0)
 
     def _head(self, data: bytes) -> str | None:
+        if not self.buf:
+            head = framing.plain_response(data)  # the common case: a whole plain head in one read
+            if head is not None and head.status >= 200 and not _switches(self.request, head):
+                return self._begin(head, data)
         self.buf += data
         while True:
             head = framing.response_head(self.buf)
@@ -102,15 +107,26 @@ class Response:
                 return None
             self.started = True
             if _switches(self.request, head):
-                self.client.write(bytes(self.buf))
+                # The switched head goes on now; what followed it (the new protocol's first bytes)
+                # is the owner's: relayed raw, or read by the HTTP/2 router after an h2c upgrade.
+                self.client.write(bytes(self.buf[:head.size]))
+                self.head, self.head_bytes, self.rest = head, bytes(self.buf[:head.size]), bytes(self.buf[head.size:])
                 return self.SWITCHED
             if head.status >= 200:
                 break
             self.client.write(bytes(self.buf[:head.size]))  # a 1xx: the final response follows
             del self.buf[:head.size]
-        self.head = head
-        self.body = Body(framing.NO_BODY if self.request.method == "HEAD" else head.length)
         data, self.buf = bytes(self.buf), bytearray()
+        return self._begin(head, data)
+
+    def _begin(self, head: framing.Head, data: bytes) -> str | None:
+        """The final response's head is at the start of `data`: relay it and what follows."""
+        self.started, self.head = True, head
+        length = framing.NO_BODY if self.request.method == "HEAD" else head.length
+        if length >= framing.NO_BODY and len(data) == head.size + max(length, 0):  # all of it, no more: no Body
+            self.client.write(data)
+            return self.KEEP if head.keep_alive else self.DONE
+        self.body = Body(length)
         return self._body(data, head.size)
 
     def _body(self, data: bytes, start: int) -> str | None:
