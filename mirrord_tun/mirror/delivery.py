@@ -277,6 +277,12 @@ class TcpDelivery(asyncio.Protocol):
         self._abort = reset
         self._flush()
 
+    def superseded(self) -> None:
+        """The client reused the port pair: write what waits, then end (with a reset if the
+        client's end was never seen)."""
+        if not self._eof:
+            self.finish(reset=True)
+
     def reset(self, reason: str) -> None:
         """An abortive close now (the program sees a reset); what was not written is lost for `reason`."""
         if self.done:
@@ -524,12 +530,14 @@ class Deliveries:
         self._local_port = local_port
         self._on_given_up = on_given_up
         self.tcp: dict[Flow, TcpDelivery] = {}
+        self._leaving: set[TcpDelivery] = set()  # still delivering, their port pair already reused
         self.udp: dict[Flow, UdpDelivery] = {}
 
     def open(self, flow: Flow) -> None:
         old = self.tcp.pop(flow, None)  # taken out first: its end must not touch the new stream
-        if old is not None:
-            old.reset("reused")
+        if old is not None:  # the client reused the port pair; the new connect waits for the old to go
+            self._leaving.add(old)
+            old.superseded()
         self.tcp[flow] = TcpDelivery(self, flow, self._local_port(flow.port))
         self.counters["mirror_tcp_connections"] += 1
 
@@ -560,6 +568,7 @@ class Deliveries:
         sock.send(payload)
 
     def ended(self, conn: TcpDelivery) -> None:
+        self._leaving.discard(conn)
         if self.tcp.get(conn.flow) is conn:
             del self.tcp[conn.flow]
             self._on_given_up(conn.flow)
@@ -569,7 +578,7 @@ class Deliveries:
             self.udp.pop(flow).close()
 
     def close_all(self) -> None:
-        for conn in list(self.tcp.values()):
+        for conn in [*self.tcp.values(), *self._leaving]:
             conn.reset("session_end")
         for sock in self.udp.values():
             sock.close()

@@ -13,7 +13,7 @@ reason one of
 - `program_closed`: the program closed the connection on them and they could not be written again;
 - `session_end`: waiting when the session ended;
 - `stuck`, `spill_limit`, `spill_failed`, `connect_failed`: the connection was given up that way;
-- `reused`: the client reused the port pair before the old connection's end was seen.
+- `linger`: the program kept its end open LINGER after the client's FIN.
 Together they add up to `mirror_tcp_bytes` once no connection is open.
 """
 from __future__ import annotations
