@@ -15,16 +15,12 @@ sockets see received packets only. IPv6 packets with an extension header before
 TCP/UDP arrive cut short (bpf.EXT_SNAPLEN) and are counted as
 mirror_skipped_ipv6_ext, not sent: their ports could not be checked.
 
-Each socket has a TPACKET_V3 receive ring (agent/ring.py): the kernel hands
-copies over a block at a time, so a busy pod costs the agent one wake-up per
-block (full, or RETIRE_MS old) instead of a system call per packet.
-
 Copies travel as MIRROR frames on the session channel, batched like PACKETS.
 While the channel is paused (its send buffer is full) the capture stops
-reading: copies wait in the ring (bounded), and once it is full the kernel
-drops further copies and counts them (PACKET_STATISTICS, reported as
-mirror_dropped_kernel). Nothing queues in Python, and the pod's own packets are
-never held back: the capture only ever gets clones.
+reading: copies wait in the socket's kernel buffer (RCVBUF, bounded), and once
+it is full the kernel drops further copies and counts them (PACKET_STATISTICS,
+reported as mirror_dropped_kernel). Nothing queues in Python, and the pod's
+own packets are never held back: the capture only ever gets clones.
 """
 from __future__ import annotations
 
@@ -36,7 +32,6 @@ import struct
 from typing import Callable
 
 from mirrord_tun.agent import bpf
-from mirrord_tun.agent.ring import Ring
 from mirrord_tun.agent.dataplane import TUN_PREFIX
 from mirrord_tun.netns.namespace import NetNs
 from mirrord_tun.protocol import AgentMsg, frame_packets
@@ -44,8 +39,11 @@ from mirrord_tun.pump import BATCH_BYTES, Counters
 
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 SOL_PACKET, PACKET_STATISTICS = 263, 6
+SO_RCVBUFFORCE = 33  # not in Python's socket module
 log = logging.getLogger("mirrord-ns.agent")
+COALESCE = 0.002  # seconds copies may wait in the kernel before a drain
 DRAIN_BYTES = 4 * 1024 * 1024  # per drain, so one busy capture cannot hold the event loop
+RCVBUF = 64 * 1024 * 1024  # absorbs a burst while the event loop is busy elsewhere
 
 
 class Sniffer:
@@ -58,7 +56,6 @@ class Sniffer:
         self._send = send
         self.counters = counters
         self._socks: list[socket.socket] = []  # one per address family of the pod
-        self._rings: list[Ring] = []  # theirs
         self._protos: list[int] = []  # their ETH_P_*
         self._opened = False
         self._wanted: set[int] = set()
@@ -67,6 +64,7 @@ class Sniffer:
         self._loop = asyncio.get_running_loop()
         self._paused = False
         self._reading = False
+        self._drain_at: asyncio.TimerHandle | None = None
 
     def subscribe(self, ports: set[int]) -> None:
         """Mirror exactly `ports` from now on (the sockets open on the first call)."""
@@ -83,13 +81,7 @@ class Sniffer:
                     families = {ipaddress.ip_address(a).version for a in self._pod_addrs}
                     for proto in [p for version, p in ((4, ETH_P_IP), (6, ETH_P_IPV6)) if version in families]:
                         if proto not in self._protos:  # a failed attempt may have opened one already
-                            sock = await self._ns.acall(_open_socket, proto)
-                            try:
-                                self._rings.append(Ring(sock))
-                            except BaseException:
-                                sock.close()
-                                raise
-                            self._socks.append(sock)
+                            self._socks.append(await self._ns.acall(_open_socket, proto))
                             self._protos.append(proto)
                     self._opened = True
                     self._watch()
@@ -111,11 +103,11 @@ class Sniffer:
         self._watch()
 
     def _watch(self) -> None:
-        """Wait for copies exactly when there are sockets and room on the channel."""
-        want = bool(self._socks) and not self._paused
+        """Wait for copies exactly when there are sockets, room on the channel, and no drain pending."""
+        want = bool(self._socks) and not self._paused and self._drain_at is None
         if want and not self._reading:
             for sock in self._socks:
-                self._loop.add_reader(sock.fileno(), self._drain)
+                self._loop.add_reader(sock.fileno(), self._on_readable)
         elif self._reading and not want:
             for sock in self._socks:
                 self._loop.remove_reader(sock.fileno())
@@ -124,14 +116,15 @@ class Sniffer:
     async def aclose(self) -> None:
         if self._applying:
             self._applying.cancel()
+        if self._drain_at:
+            self._drain_at.cancel()
+            self._drain_at = None
         self._paused = True
         self._watch()
         self.counters.update(self.kernel_stats())
-        for ring in self._rings:
-            ring.close()
         for sock in self._socks:
             sock.close()
-        self._socks, self._rings, self._protos, self._opened = [], [], [], False
+        self._socks, self._protos, self._opened = [], [], False
 
     def kernel_stats(self) -> dict[str, int]:
         """What the kernel passed the filter, and dropped for a full buffer, since the last call."""
@@ -143,37 +136,39 @@ class Sniffer:
             packets, drops = packets + p, drops + d
         return {"mirror_kernel_packets": packets, "mirror_dropped_kernel": drops}
 
-    def _drain(self) -> None:
-        c = self.counters
-        for ring in self._rings:
-            budget = DRAIN_BYTES
-            while ring in self._rings and not self._paused and budget > 0:
-                got = ring.read(BATCH_BYTES)
-                if not got:
-                    break
-                batch: list[bytes] = []
-                size = 0
-                for ifindex, pkt in got:
-                    budget -= len(pkt)
-                    if ring.ifname(ifindex).startswith(TUN_PREFIX):
-                        # A TUN made after the filter was built: the kernel could not know it.
-                        c["mirror_skipped_tun"] += 1
-                    elif pkt[0] >> 4 == 6 and pkt[6] in bpf.IPV6_EXTENSIONS:
-                        c["mirror_skipped_ipv6_ext"] += 1
-                    else:
-                        if batch and size + len(pkt) > BATCH_BYTES:
-                            self._emit(batch, size)
-                            batch, size = [], 0
-                        batch.append(pkt)
-                        size += len(pkt)
-                if batch:  # even if an earlier frame paused us: these left the ring already
-                    self._emit(batch, size)
+    def _on_readable(self) -> None:
+        # Let copies gather for a moment: fewer, fuller frames, and the agent stays off
+        # the CPU while the pod is still busy with the request that woke us.
+        self._drain_at = self._loop.call_later(COALESCE, self._drain)
         self._watch()
 
-    def _emit(self, batch: list[bytes], size: int) -> None:
-        self.counters["mirror_packets"] += len(batch)
-        self.counters["mirror_bytes"] += size
-        self._send(frame_packets(AgentMsg.MIRROR, batch))  # may pause us
+    def _drain(self) -> None:
+        self._drain_at = None
+        c = self.counters
+        for sock in self._socks:
+            budget = DRAIN_BYTES
+            while sock in self._socks and not self._paused and budget > 0:
+                batch: list[bytes] = []
+                size = 0
+                try:
+                    while size < BATCH_BYTES:
+                        pkt, addr = sock.recvfrom(bpf.SNAPLEN)
+                        if addr[0].startswith(TUN_PREFIX):
+                            # A TUN made after the filter was built: the kernel could not know it.
+                            c["mirror_skipped_tun"] += 1
+                        elif pkt[0] >> 4 == 6 and pkt[6] in bpf.IPV6_EXTENSIONS:
+                            c["mirror_skipped_ipv6_ext"] += 1
+                        else:
+                            batch.append(pkt)
+                            size += len(pkt)
+                except BlockingIOError:
+                    budget = 0
+                if batch:
+                    c["mirror_packets"] += len(batch)
+                    c["mirror_bytes"] += size
+                    budget -= size
+                    self._send(frame_packets(AgentMsg.MIRROR, batch))  # may pause us
+        self._watch()
 
 
 def _open_socket(proto: int) -> socket.socket:
@@ -188,6 +183,10 @@ def _open_socket(proto: int) -> socket.socket:
                 sock.recv(1)
         except BlockingIOError:
             pass
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
     except BaseException:
         sock.close()
         raise
