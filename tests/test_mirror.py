@@ -158,8 +158,9 @@ def assert_pod_answered(results: list[dict[str, object]], client: str = CLIENT) 
 
 def assert_all_mirrored(s: Session, results: list[dict[str, object]], peer: str = CLIENT) -> None:
     want = sorted(str(r["sha"]) for r in results)
-    assert wait_until(lambda: len(s.records()) >= len(want), DELIVERY_TIMEOUT, interval=0.5), \
-        f"{len(s.records())} of {len(want)} delivered\n{s.log()}"
+    if not wait_until(lambda: len(s.records()) >= len(want), DELIVERY_TIMEOUT, interval=0.5):
+        s.stop()  # for its closing lines: where the copies went, what the agent's capture dropped
+        raise AssertionError(f"{len(s.records())} of {len(want)} delivered\n{s.log()}")
     got = s.records()
     assert sorted(str(r["sha"]) for r in got) == want
     assert {r["peer"] for r in got} == {peer}

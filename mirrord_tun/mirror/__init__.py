@@ -71,6 +71,28 @@ def admit(pkt: bytes, pods: frozenset[bytes], own: frozenset[bytes], subscribed:
     return None
 
 
+def summary(c: Counters) -> str:
+    """The session's closing line for the mirror: what was copied, delivered, and lost why."""
+    if not c["mirror_tcp_connections"] and not c["mirror_udp_datagrams"]:
+        return ""
+    line = (f"mirrored: {c['mirror_tcp_connections']} connections, {c['mirror_tcp_bytes']} bytes copied, "
+            f"{c['mirror_delivered_bytes']} delivered")
+    if c["mirror_reconnects"]:
+        line += f" ({c['mirror_reconnects']} new connections after the program closed one)"
+    if c["mirror_udp_datagrams"] or c["mirror_udp_dropped"]:
+        line += f"; {c['mirror_udp_datagrams']} datagrams"
+    lost = [f"{v} bytes ({k.removeprefix(_UNDELIVERED)})" for k, v in sorted(c.items())
+            if k.startswith(_UNDELIVERED) and v]
+    lost += [f"{c[k]} {what}" for k, what in _OTHER_LOSSES if c[k]]
+    return line + ("; not delivered: " + ", ".join(lost) if lost else "")
+
+
+_UNDELIVERED = "mirror_undelivered_bytes_"
+_OTHER_LOSSES = (("mirror_gap_bytes_dropped", "bytes behind a hole in the copies"),
+                 ("mirror_joined_midstream", "connections joined mid-stream"),
+                 ("mirror_udp_dropped", "datagrams"))
+
+
 def _not_unicast6(packed: bytes) -> bool:
     """An IPv6 source no real client has: unspecified, loopback, multicast, link-local (a client
     on the pod's link would reach it at that scope only, never at a pod address we mirror), or
@@ -114,6 +136,9 @@ class Mirror:
         await self._ns.acall(remove_routing)
         log.info("mirror: %s", ", ".join(f"{k} {v}" for k, v in sorted(self.counters.items())
                                          if k.startswith("mirror_")) or "nothing")
+        lost = summary(self.counters)
+        if lost:
+            log.log(logging.WARNING if "not delivered" in lost else logging.INFO, "%s", lost)
 
     def deliver(self, body: bytes) -> None:
         """A MIRROR frame from the agent."""
@@ -134,7 +159,7 @@ class Mirror:
                 continue
             for ev in self.streams.feed(pkt, now):
                 if isinstance(ev, Data):
-                    d.data(ev.flow, ev.data)
+                    d.data(ev.flow, ev.data, ev.turn)
                 elif isinstance(ev, Open):
                     d.open(ev.flow)
                 elif isinstance(ev, Close):

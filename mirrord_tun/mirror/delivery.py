@@ -27,22 +27,36 @@ file on disk), up to `spill_limit` over the session (default SPILL_LIMIT);
 past that the connection with most waiting is given up (`mirror_spill_given_up`).
 Only a program that takes nothing at all for STUCK_TIMEOUT while bytes wait gets
 a reset (`mirror_reset_stuck`).
+
+Every byte of a client's stream is accounted for: `mirror_tcp_bytes` taken in ==
+`mirror_delivered_bytes` + the `mirror_undelivered_bytes_<reason>` counters (see
+`TcpDelivery`). A byte counts as delivered once the program answered after it was
+written, or its connection ended normally (or abortively, for what the program's
+kernel had already taken). The client's RST (or a hole in the copies) no longer
+throws away what waits: the bytes before it are written first, then the program
+gets the reset. A program that closes a connection the client keeps using (a
+keep-alive limit, nginx's `keepalive_requests`) gets a new connection from the
+same client address:port, and the bytes it did not answer are written again there.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import errno
+import fcntl
 import ipaddress
 import logging
 import socket
 import struct
+import termios
 import time
 from typing import Callable, Sequence, cast
 
 
+from mirrord_tun.mirror.backlog import Backlog
+from mirrord_tun.mirror.ledger import Ledger
 from mirrord_tun.mirror.reassembly import Flow
-from mirrord_tun.mirror.spill import Spill, SpillTotals
+from mirrord_tun.mirror.spill import SpillTotals
 from mirrord_tun.netns import nft
 from mirrord_tun.netns.namespace import NetNs
 from mirrord_tun.netns import routes, rtnl
@@ -64,6 +78,8 @@ CONNECT_RETRY_FOR = 30.0  # a refused connect (program restarting) is retried th
 CONNECT_RETRY_FIRST = 0.1
 CONNECT_RETRY_MAX = 2.0
 ANSWER_WAIT = 5.0  # the client's FIN waits this long for the program's answer
+GATE_WAIT = 1.0  # a client turn waits this long for the program's answer to the one before
+ANSWER_SETTLE = 0.002  # and this long after the last bytes of that answer
 LINGER = 30.0  # after the client's FIN, how long the program may keep its end open
 UDP_IDLE = 30  # seconds
 MAX_UDP_SOCKETS = 256
@@ -156,23 +172,33 @@ class TcpDelivery(asyncio.Protocol):
     Bytes go into the socket while its write buffer has room and wait in a
     `Spill` otherwise (also while connecting), so a slow program costs disk, not
     the connection. A refused connect (the program restarting) is retried with
-    backoff for CONNECT_RETRY_FOR. The client's FIN is held until every byte is
-    in the socket and the program has answered, or for ANSWER_WAIT at most.
+    backoff for CONNECT_RETRY_FOR. A client turn (a new request after the pod's
+    answer) waits until the program answered the one before, or GATE_WAIT. The
+    client's FIN (or RST) is held until every byte is in the socket and the
+    program has answered, or for ANSWER_WAIT at most. A program that closes first
+    gets a new connection for the rest, with the bytes it did not answer written
+    again (`Ledger`).
     """
 
     def __init__(self, owner: "Deliveries", flow: Flow, local_port: int) -> None:
         self._owner = owner
         self.flow = flow
         self._port = local_port
-        self.spill = Spill(owner.spilled)
+        self.spill = Backlog(owner.spilled)
+        self.ledger = Ledger(owner.counters)
         self._eof = False
-        self._answered = False  # the program sent something since the client's last bytes
+        self._abort = False  # the client's end was a RST: abortive close once everything is written
         self._paused = False
+        self._gate: asyncio.TimerHandle | None = None
+        self._gate_open = False  # the wait at this turn boundary is over
+        self._last_answer = 0.0  # loop time
+        self._blind_retry = False  # a new connection after the program closed one without answering
         self._transport: asyncio.Transport | None = None
         self._stuck: asyncio.TimerHandle | None = None
         self._fin: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
         self.done = False
+        self._why = ""  # why it ended, for bytes that still come
         owner.loop.create_task(self._connect())
 
     async def _connect(self) -> None:
@@ -183,8 +209,11 @@ class TcpDelivery(asyncio.Protocol):
             try:
                 sock = await self._connect_once()
                 break
-            except ConnectionRefusedError as e:
-                if self.done:
+            except OSError as e:
+                # Refused: the program is restarting. Not available: our previous connection on this
+                # port pair is still closing (a new connection after the program closed one).
+                if self.done or not isinstance(e, ConnectionRefusedError) and e.errno != errno.EADDRNOTAVAIL:
+                    self._failed(e)
                     return
                 if owner.loop.time() + delay > give_up_at:
                     self._failed(e)
@@ -192,9 +221,6 @@ class TcpDelivery(asyncio.Protocol):
                 owner.counters["mirror_connect_retries"] += 1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, CONNECT_RETRY_MAX)
-            except OSError as e:
-                self._failed(e)
-                return
         if self.done:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST_ON_CLOSE)
             sock.close()
@@ -216,41 +242,64 @@ class TcpDelivery(asyncio.Protocol):
         return sock
 
     def _failed(self, e: OSError) -> None:
-        self._owner.counters["mirror_connect_failed"] += 1
-        self._owner.log_failure(self.flow, self._port, e)
-        self._finish()
-
-    # called by the owner with the reassembled stream
-    def feed(self, data: bytes) -> None:
         if self.done:
             return
+        self._owner.counters["mirror_connect_failed"] += 1
+        self._owner.log_failure(self.flow, self._port, e)
+        self._end("connect_failed", 0)
+
+    # called by the owner with the reassembled stream
+    def feed(self, data: bytes, turn: bool = False) -> None:
+        """Bytes of the client's stream; `turn`: they start a new turn (reassembly.Data.turn)."""
         self._owner.counters["mirror_tcp_bytes"] += len(data)
-        self._answered = False
-        if self._transport is None or self._paused or len(self.spill):
-            filed = self.spill.filed
+        if self.done:
+            self.ledger.lost(self._why, len(data))
+            return
+        if self._transport is None or self._paused or len(self.spill) or turn and self.ledger.inflight:
+            filed = self.spill.spill.filed
             try:
-                self.spill.push(data)
+                self.spill.push(data, turn)
             except OSError as e:  # no spill file (disk full, a bad SPILL_DIR): this copy is lost
                 self._owner.counters["mirror_spill_failed"] += 1
                 log.warning("mirror: cannot spill: %s", e)
-                self.reset()
+                self.reset("spill_failed")
+                self.ledger.lost("spill_failed", len(data))
                 return
-            self._owner.counters["mirror_spilled_bytes"] += self.spill.filed - filed
+            self._owner.counters["mirror_spilled_bytes"] += self.spill.spill.filed - filed
+            self._flush()
         else:
-            self._transport.write(data)
+            self._write(data)
 
-    def finish(self) -> None:
-        """The client's FIN: half-close (SHUT_WR) once everything is written and answered."""
+    def finish(self, reset: bool = False) -> None:
+        """The client's FIN: half-close (SHUT_WR) once everything is written and answered; its RST
+        (`reset`): the same wait, then an abortive close."""
         self._eof = True
+        self._abort = reset
         self._flush()
 
-    def reset(self) -> None:
-        """The client's RST, or we gave up: an abortive close, so the program sees a reset."""
-        if self._transport is not None and not self._transport.is_closing():
-            sock = self._transport.get_extra_info("socket")
+    def superseded(self) -> None:
+        """The client reused the port pair: write what waits, then end (with a reset if the
+        client's end was never seen)."""
+        if not self._eof:
+            self.finish(reset=True)
+
+    def reset(self, reason: str) -> None:
+        """An abortive close now (the program sees a reset); what was not written is lost for `reason`."""
+        if self.done:
+            return
+        t = self._transport
+        unsent = 0
+        if t is not None and not t.is_closing():
+            sock = t.get_extra_info("socket")
+            unsent = t.get_write_buffer_size() + _unsent(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST_ON_CLOSE)
-            self._transport.abort()
-        self._finish()
+            t.abort()
+        self._end(reason, unsent)
+
+    def _write(self, data: bytes) -> None:
+        assert self._transport is not None
+        self._transport.write(data)  # may pause us (write buffer past `high`)
+        self.ledger.written(data)
 
     def _flush(self) -> None:
         """Move spilled bytes into the socket while it takes them; then maybe the FIN."""
@@ -258,30 +307,88 @@ class TcpDelivery(asyncio.Protocol):
         if t is None or self.done or t.is_closing():
             return
         while not self._paused and len(self.spill):
-            t.write(self.spill.pop(CHUNK))  # may pause us (write buffer past `high`)
+            if self.spill.at_turn():
+                wait = self._turn_wait()
+                if wait > 0:
+                    if self._gate is None:  # the program's answer to the previous turn comes sooner
+                        self._gate = self._owner.loop.call_later(wait, self._open_gate)
+                    return
+                self.spill.pass_turn()
+                self._close_gate()
+            self._write(self.spill.pop(CHUNK))
         if self._eof and not len(self.spill) and self._fin is None and self._linger is None:
-            if self._answered:
+            if not self.ledger.inflight:
                 self._send_fin()
             else:
                 self._fin = self._owner.loop.call_later(ANSWER_WAIT, self._send_fin)
+
+    def _turn_wait(self) -> float:
+        """How long the next turn must still wait: for the program's answer to the previous one,
+        then for that answer to be over (ANSWER_SETTLE without more of it): bytes written while
+        the program still answers would be taken for answered, and lost if it then closes."""
+        if self._gate_open:
+            return 0.0
+        if self.ledger.inflight:
+            return GATE_WAIT
+        return self._last_answer + ANSWER_SETTLE - self._owner.loop.time()
+
+    def _open_gate(self) -> None:
+        self._gate, self._gate_open = None, True
+        self._flush()
+
+    def _close_gate(self) -> None:
+        if self._gate is not None:
+            self._gate.cancel()
+        self._gate, self._gate_open = None, False
 
     def _send_fin(self) -> None:
         if self._fin is not None:
             self._fin.cancel()
             self._fin = None
         t = self._transport
-        if t is not None and not t.is_closing() and self._linger is None:
+        if self._abort:
+            self.reset("reset")
+        elif t is not None and not t.is_closing() and self._linger is None:
             t.write_eof()
-            self._linger = self._owner.loop.call_later(LINGER, self.reset)
+            self._linger = self._owner.loop.call_later(LINGER, self.reset, "linger")
+
+    def _end(self, reason: str, unsent: int) -> None:
+        """Over: settle the bytes in flight (`unsent` of them never left our socket) and the spill."""
+        self.ledger.settle(reason, unsent)
+        self.ledger.lost(reason, len(self.spill))
+        self._why = reason
+        self._finish()
 
     def _finish(self) -> None:
         if not self.done:
             self.done = True
             self.spill.close()
-            for timer in (self._stuck, self._fin, self._linger):
-                if timer:
-                    timer.cancel()
+            self._cancel_timers()
             self._owner.ended(self)
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._stuck, self._fin, self._linger):
+            if timer:
+                timer.cancel()
+        self._stuck = self._fin = self._linger = None
+        self._close_gate()
+
+    def _reconnect(self, replay: bytes) -> None:
+        """The program closed while the client's stream goes on: the rest, from the first byte it
+        did not answer, on a new connection from the same client address:port."""
+        self._owner.counters["mirror_reconnects"] += 1
+        waiting = len(self.spill)
+        try:
+            self.spill.requeue(replay, CHUNK)
+        except OSError as e:
+            log.warning("mirror: cannot spill: %s", e)
+            self._owner.counters["mirror_spill_failed"] += 1
+            self.ledger.lost("spill_failed", len(replay) + waiting - len(self.spill))
+            self._end("spill_failed", 0)  # counts what did get queued again
+            return
+        self._transport, self._paused = None, False
+        self._cancel_timers()
+        self._owner.loop.create_task(self._connect())
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -293,9 +400,13 @@ class TcpDelivery(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._owner.counters["mirror_answer_bytes"] += len(data)
-        self._answered = True
-        if self._fin is not None and not len(self.spill):
+        self.ledger.answered()
+        self._last_answer = self._owner.loop.time()
+        if self._fin is not None:  # set only once nothing waits
             self._send_fin()
+        elif len(self.spill):
+            self._close_gate()  # waits again, now for the answer to settle
+            self._flush()
 
     def eof_received(self) -> bool:
         return False  # the program closed its end: close ours
@@ -313,10 +424,33 @@ class TcpDelivery(asyncio.Protocol):
 
     def _stuck_reset(self) -> None:
         self._owner.counters["mirror_reset_stuck"] += 1
-        self.reset()
+        self.reset("stuck")
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._finish()
+        if self.done:
+            return
+        if self._linger is not None or (self._eof and not self._abort and not len(self.spill)):
+            self._end("program_closed", 0)  # after the client's end: the normal way
+            return
+        replay = self.ledger.take_replay()
+        if replay is None:
+            # What it took unanswered is lost; what waits may still go, once: it may only be
+            # exiting (the session ends), or close every connection it gets.
+            if self._blind_retry:
+                self._end("program_closed", self.ledger.inflight)
+                return
+            self._blind_retry = True
+            self.ledger.settle("program_closed", self.ledger.inflight)
+            replay = b""
+        self._reconnect(replay)
+
+
+def _unsent(sock: socket.socket) -> int:
+    """Bytes in the socket's send queue the program's kernel has not acknowledged."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    except OSError:
+        return 0
 
 
 class UdpDelivery:
@@ -396,35 +530,34 @@ class Deliveries:
         self._local_port = local_port
         self._on_given_up = on_given_up
         self.tcp: dict[Flow, TcpDelivery] = {}
+        self._leaving: set[TcpDelivery] = set()  # still delivering, their port pair already reused
         self.udp: dict[Flow, UdpDelivery] = {}
 
     def open(self, flow: Flow) -> None:
         old = self.tcp.pop(flow, None)  # taken out first: its end must not touch the new stream
-        if old is not None:
-            old.reset()
+        if old is not None:  # the client reused the port pair; the new connect waits for the old to go
+            self._leaving.add(old)
+            old.superseded()
         self.tcp[flow] = TcpDelivery(self, flow, self._local_port(flow.port))
         self.counters["mirror_tcp_connections"] += 1
 
-    def data(self, flow: Flow, data: bytes) -> None:
+    def data(self, flow: Flow, data: bytes, turn: bool = False) -> None:
         conn = self.tcp.get(flow)
         if conn is None:
             return
-        conn.feed(data)
+        conn.feed(data, turn)
         if self.spilled.waiting > self._spill_limit:
             self.counters["mirror_spill_given_up"] += 1
             victim = max(self.tcp.values(), key=lambda c: len(c.spill))
             log.warning("mirror: %s:%d given up: the local program is more than %d MiB behind",
                         victim.flow.client, victim.flow.cport, self._spill_limit >> 20)
-            victim.reset()
+            victim.reset("spill_limit")
 
     def close(self, flow: Flow, reset: bool) -> None:
         conn = self.tcp.get(flow)
         if conn is None:
             return
-        if reset:
-            conn.reset()
-        else:
-            conn.finish()
+        conn.finish(reset)
 
     def datagram(self, flow: Flow, payload: bytes) -> None:
         sock = self.udp.get(flow)
@@ -435,6 +568,7 @@ class Deliveries:
         sock.send(payload)
 
     def ended(self, conn: TcpDelivery) -> None:
+        self._leaving.discard(conn)
         if self.tcp.get(conn.flow) is conn:
             del self.tcp[conn.flow]
             self._on_given_up(conn.flow)
@@ -444,8 +578,8 @@ class Deliveries:
             self.udp.pop(flow).close()
 
     def close_all(self) -> None:
-        for conn in list(self.tcp.values()):
-            conn.reset()
+        for conn in [*self.tcp.values(), *self._leaving]:
+            conn.reset("session_end")
         for sock in self.udp.values():
             sock.close()
         self.udp.clear()

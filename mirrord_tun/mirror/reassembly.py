@@ -9,6 +9,12 @@ exactly once, in order. A connection first seen after its SYN cannot be placed
 in a stream (the offset of its bytes is unknown), so it is ignored until it
 ends, never guessed at.
 
+Turns: a client that sent a request and waits for the answer acknowledges the
+server's answer with its next segment, so a data segment whose acknowledgement
+number moved on since the stream's previous one starts a new turn (`Data.turn`):
+delivery uses it to give the program one request at a time (mirror/delivery.py).
+No turn is marked inside out-of-order data: it is only a hint.
+
 A hole the copies never fill (the capture dropped a packet the pod received,
 so the client will not resend it) would hold data forever: a stream holding
 out-of-order data that makes no progress for GAP_TIMEOUT, or holding more than
@@ -49,6 +55,7 @@ class Open(NamedTuple):
 class Data(NamedTuple):
     flow: Flow
     data: bytes
+    turn: bool = False  # the client heard from the server since its previous bytes
 
 
 class Close(NamedTuple):
@@ -75,6 +82,8 @@ class Stream:
         self._ooo: list[tuple[int, bytes]] = []  # heap of (offset, bytes)
         self.seen = now
         self.stalled_since: float | None = None
+        self.ack: int | None = None  # of the last segment that carried in-order bytes
+        self.turn = False  # the bytes `add` returned start a new turn
 
     def offset(self, seq: int) -> int:
         """Unwrap a 32-bit sequence number to the offset nearest the delivery point."""
@@ -82,9 +91,11 @@ class Stream:
         delta = (rel - self.delivered + (_SEQ_MOD >> 1)) % _SEQ_MOD - (_SEQ_MOD >> 1)
         return self.delivered + delta
 
-    def add(self, seq: int, payload: bytes, fin: bool, now: float) -> bytes:
-        """Take one segment; return the bytes it makes contiguous (often empty)."""
+    def add(self, seq: int, ack: int | None, payload: bytes, fin: bool, now: float) -> bytes:
+        """Take one segment (`ack`: its acknowledgement number, None without ACK); return the
+        bytes it makes contiguous (often empty)."""
         self.seen = now
+        self.turn = False
         off = self.offset(seq)
         end = off + len(payload)
         if fin and self.fin_at is None:
@@ -98,6 +109,9 @@ class Stream:
                 self.stalled_since = now
             return b""
         out = [payload[self.delivered - off :]]
+        if ack is not None:
+            self.turn = self.ack is not None and ack != self.ack and self.delivered > 0
+            self.ack = ack
         self.delivered = end
         while self._ooo and self._ooo[0][0] <= self.delivered:
             start, seg = heapq.heappop(self._ooo)
@@ -153,15 +167,16 @@ class Reassembler:
         if proto != socket.IPPROTO_TCP or end - hlen < 20:
             c["mirror_dropped_malformed"] += 1
             return []
-        sport, dport, seq = struct.unpack_from("!HHI", pkt, hlen)
+        sport, dport, seq, ack = struct.unpack_from("!HHII", pkt, hlen)
         doff = (pkt[hlen + 12] >> 4) * 4
         flags = pkt[hlen + 13]
         if doff < 20 or hlen + doff > end:
             c["mirror_dropped_malformed"] += 1
             return []
-        return self._tcp(Flow(src, sport, dst, dport), seq, flags, pkt[hlen + doff : end], now)
+        return self._tcp(Flow(src, sport, dst, dport), seq, ack if flags & _ACK else None, flags,
+                         pkt[hlen + doff : end], now)
 
-    def _tcp(self, flow: Flow, seq: int, flags: int, payload: bytes, now: float) -> list[Event]:
+    def _tcp(self, flow: Flow, seq: int, ack: int | None, flags: int, payload: bytes, now: float) -> list[Event]:
         events: list[Event] = []
         stream = self.streams.get(flow)
         if flags & _SYN and not flags & _ACK:
@@ -191,10 +206,10 @@ class Reassembler:
         if flags & _RST:
             return events + self._end(flow, reset=True)
         before = stream.held
-        data = stream.add(seq, payload, bool(flags & _FIN), now)
+        data = stream.add(seq, ack, payload, bool(flags & _FIN), now)
         self.held += stream.held - before
         if data:
-            events.append(Data(flow, data))
+            events.append(Data(flow, data, stream.turn))
         if stream.finished:
             events += self._end(flow, reset=False)
         elif stream.held > MAX_HELD or self.held > MAX_TOTAL_HELD:
@@ -205,6 +220,7 @@ class Reassembler:
     def _end(self, flow: Flow, reset: bool) -> list[Event]:
         stream = self.streams.pop(flow)
         self.held -= stream.held
+        self.counters["mirror_gap_bytes_dropped"] += stream.held  # beyond a hole: never reach the program
         self._ignored[flow] = stream.seen  # late copies (the final ACK, retransmitted FIN) stay quiet
         return [Close(flow, reset)]
 

@@ -1,6 +1,7 @@
 """The local program of the mirror tests and benchmark: records what reaches it.
 
-    recorder tcp PORT FILE [--no-read] [--ipv6]   HTTP: one JSON line per request body
+    recorder tcp PORT FILE [--no-read] [--ipv6] [--close-every N] [--delay S]
+                                                  HTTP: one JSON line per request body
     recorder udp PORT FILE                        UDP: one JSON line per datagram
     (--ipv6: listen on :: for IPv6 and IPv4 clients, the latter seen as ::ffff:A.B.C.D)
     (FILE "-": standard output, e.g. for `demo`, whose user may not write its files)
@@ -9,6 +10,9 @@ Each line holds the body's SHA-256, its length, the peer address and the time
 it was complete, so a test compares what the client sent with what arrived here
 and the benchmark measures how fast it arrived. `--no-read` accepts
 connections and never reads them: the mirror must push back, then reset.
+`--close-every N` closes each connection after its Nth answer, as nginx does
+after `keepalive_requests`; `--delay S` waits S seconds before reading each
+request, a program slower than the pod.
 """
 from __future__ import annotations
 
@@ -39,8 +43,12 @@ def _record(to: str, **fields: object) -> None:
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     record_to = ""
+    close_every = 0
+    delay = 0.0
+    answered = 0  # on this connection (one handler per connection)
 
     def do_POST(self) -> None:  # noqa: N802
+        time.sleep(self.delay)
         n = int(self.headers.get("Content-Length", "0"))
         h = hashlib.sha256()
         got = 0
@@ -54,8 +62,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 path=self.path, complete=got == n, at=time.time())
         self.send_response(200)
         self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
+        self.answered += 1
+        if self.answered == self.close_every:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self._headers_buffer.append(b"\r\nok")  # headers and body in one write, as nginx does
+        self.wfile.write(b"".join(self._headers_buffer))
+        self._headers_buffer = []
 
     def log_message(self, *args: object) -> None:
         pass
@@ -82,6 +95,10 @@ def _udp(port: int) -> None:
         sock.sendto(b"local:" + data, peer)  # an answer the mirror must absorb
 
 
+def _option(name: str, default: str) -> str:
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
+
+
 def main() -> None:
     kind, port, _Handler.record_to = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     if kind == "udp":
@@ -90,6 +107,8 @@ def main() -> None:
         _never_read(port)
     else:
         ipv6 = "--ipv6" in sys.argv
+        _Handler.close_every = int(_option("--close-every", "0"))
+        _Handler.delay = float(_option("--delay", "0"))
         server = (Server6 if ipv6 else Server)(("::" if ipv6 else "0.0.0.0", port), _Handler)
         server.daemon_threads = True
         print("ready", flush=True)
