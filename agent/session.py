@@ -1,10 +1,18 @@
-"""One client session inside the agent: HELLO, data plane, packets, teardown.
+"""One client session inside the agent, told in five steps.
 
-A v4 session outlives its SSH connection for the agent's grace period (`resume_timeout`):
-its TUN, addresses, nft state, steal and capture stay, reading them pauses (the kernel's
-queues fill and drop: nothing is held without bound here), and a new connection
-authenticated with the same client key may take it over with RESUME and the session's
-secret. When the grace period ends the session is torn down as if the client had left.
+1. A channel's first frame is HELLO (a new session) or RESUME (take over a detached one, below).
+2. HELLO: the session's plane is opened in the target's namespace (agent/dataplane.py: TUN,
+   addresses, nft table) and WELCOME says so to the client.
+3. The features (features.py) plug in: the tunnel's pump always, the mirror's capture and
+   steal for clients whose protocol version has them. Each owns its frame kinds; this
+   object only dispatches frames to them and tells them of flow control, detach and resume.
+4. A v4 session outlives its SSH connection for the agent's grace period (`resume_timeout`):
+   its TUN, addresses, nft state and capture stay, steal gives the pod its connections back,
+   reading pauses (the kernel's queues fill and drop: nothing is held without bound here), and
+   a new connection authenticated with the same client key may take it over with RESUME and
+   the session's secret.
+5. When the client leaves, or the grace period ends, the features stop in reverse order and
+   the counters are logged.
 """
 from __future__ import annotations
 
@@ -16,12 +24,12 @@ from typing import TYPE_CHECKING
 
 from mirrord_tun import protocol
 from mirrord_tun.agent.dataplane import SessionPlane
-from mirrord_tun.agent.sniffer import Sniffer
-from mirrord_tun.agent.steal.rules import SessionSteal
+from mirrord_tun.agent.features import AgentTunnel, Capture, Stealing
 from mirrord_tun.agent.target import read_resolv_conf
 from mirrord_tun.channel import FrameSession
+from mirrord_tun.feature import Features
 from mirrord_tun.protocol import AgentMsg, ClientMsg
-from mirrord_tun.pump import Counters, TunPump, source_is
+from mirrord_tun.pump import Counters
 
 if TYPE_CHECKING:
     from mirrord_tun.agent.server import Agent
@@ -40,11 +48,8 @@ class AgentSession:
         self.welcome: protocol.Welcome | None = None
         self._grace: asyncio.TimerHandle | None = None  # set while detached
         self.counters: Counters = Counters()
+        self.features = Features()
         self.plane: SessionPlane | None = None
-        self.pump: TunPump | None = None
-        self.sniffer: Sniffer | None = None  # opened by the first SUBSCRIBE
-        self.steal: SessionSteal | None = None  # made by the first STEAL
-        self._withdrawing: asyncio.Task[protocol.StealState] | None = None  # the steal, while detached
         self.version = 0
         self._starting: asyncio.Task[None] | None = None
         self._closed = False
@@ -70,19 +75,15 @@ class AgentSession:
 
     # Endpoint
     def on_frame(self, kind: int, body: bytes) -> None:
-        if kind == ClientMsg.PACKETS and self.pump:
-            self.pump.deliver(body)
+        handler = self.features.handlers.get(kind)
+        if handler is not None:
+            handler(body)
         elif kind == ClientMsg.HELLO and self._starting is None:
             self._starting = asyncio.create_task(self._start(body))
         elif kind == ClientMsg.RESUME and self._starting is None and self.plane is None:
             self._resume(body)
-        elif kind == ClientMsg.SUBSCRIBE and self.plane and self.version >= protocol.MIRROR_VERSION:
-            self._subscribe(body)
-        elif kind == ClientMsg.STEAL and self.plane and self.version >= protocol.STEAL_VERSION:
-            self._steal(body)
         elif kind == ClientMsg.STATS:
-            if self.sniffer:
-                self.counters.update(self.sniffer.kernel_stats())
+            self.features.on_stats()
             stats = dict(self.counters)
             stats["dropped_frames_oversized"] = self.chan.reader.oversized
             self.write(protocol.control(AgentMsg.STATS, stats))
@@ -91,16 +92,10 @@ class AgentSession:
             log.debug("session %s: unexpected %s frame, %d bytes", self.sid, protocol.kind_name(kind), len(body))
 
     def on_pause(self) -> None:
-        if self.pump:
-            self.pump.pause()
-        if self.sniffer:
-            self.sniffer.pause()
+        self.features.pause_writing()
 
     def on_resume(self) -> None:
-        if self.pump:
-            self.pump.resume()
-        if self.sniffer:
-            self.sniffer.resume()
+        self.features.resume_writing()
 
     def on_closed(self, exc: Exception | None) -> None:
         if self._closed or self._grace is not None:
@@ -109,9 +104,7 @@ class AgentSession:
         # exc is None when the client closed the channel or said goodbye (SSH disconnect): it is done.
         if (exc is not None and self._resumable and self.plane is not None
                 and self.version >= protocol.RESUME_VERSION and grace > 0):
-            self.on_pause()
-            if self.steal:  # the pod's new connections go back to the pod until the client asks again
-                self._withdrawing = asyncio.create_task(self.steal.request(protocol.StealRequest()))
+            self.features.on_detach()
             self._grace = asyncio.get_running_loop().call_later(grace, self._expire)
             log.info("session %s: connection lost (%s); kept for %g s", self.sid, exc, grace)
             return
@@ -119,8 +112,7 @@ class AgentSession:
 
     def _end(self) -> None:
         self._closed = True
-        if self.pump:
-            self.pump.stop()
+        self.features.pause_writing()  # nothing more is read; the features stop in _teardown
         asyncio.create_task(self._teardown())
 
     def _expire(self) -> None:
@@ -138,13 +130,15 @@ class AgentSession:
         except protocol.Malformed as e:
             return self._refuse_resume(f"bad RESUME: {e}", "?")
         target = next((s for s in self.agent.sessions if s.sid == sid), None)
-        # One answer for all of these: no hint which part was wrong.
-        if (target is None or target is self or target.welcome is None or target._closed
-                or target.version < protocol.RESUME_VERSION
-                or not hmac.compare_digest(target.key_fingerprint.encode(), self.key_fingerprint.encode())
-                or not hmac.compare_digest(target.secret.encode(), secret.encode())):
+        if target is None or target is self or not target._resumable_by(self.key_fingerprint, secret):
+            # One answer for all of these: no hint which part was wrong.
             return self._refuse_resume("no such session to resume (unknown, expired, or not yours)", sid)
         target.reattach(self.chan, self.peer)
+
+    def _resumable_by(self, key_fingerprint: str, secret: str) -> bool:
+        return (self.welcome is not None and not self._closed and self.version >= protocol.RESUME_VERSION
+                and hmac.compare_digest(self.key_fingerprint.encode(), key_fingerprint.encode())
+                and hmac.compare_digest(self.secret.encode(), secret.encode()))
 
     def _refuse_resume(self, reason: str, sid: str) -> None:
         self.agent.resume_refused += 1
@@ -172,21 +166,12 @@ class AgentSession:
         log.info("session %s resumed from %s", self.sid, peer)
         if self.welcome:
             self.write(protocol.control(AgentMsg.WELCOME, self.welcome.to_json()))
-        self.on_resume()
+        self.features.on_resume()
 
     async def _start(self, body: bytes) -> None:
         try:
-            hello = protocol.parse_control(body)
-            version = min(int(hello.get("version", 0)), protocol.VERSION)
-            if version < protocol.MIN_VERSION:
-                raise ValueError(f"client protocol {hello.get('version')} is older than {protocol.MIN_VERSION}")
-            # In bounded threads with a time limit: the file is the container's, and its file system may hang.
-            try:
-                resolv_conf = await self.agent.resolver_workers.call(read_resolv_conf, self.agent.target,
-                                                                     self.agent.files.serve_fs)
-            except OSError as e:  # busy or too slow: the session starts without it
-                log.warning("not reporting a resolver: %s", e.strerror)
-                resolv_conf = ""
+            version = _hello_version(body)
+            resolv_conf = await _resolver(self.agent)
             plane = SessionPlane(self.sid, self.agent.ipv6_forwarding)
             await self.agent.ns.acall(plane.open)
         except Exception as e:  # noqa: BLE001 - every failure is reported to the client
@@ -197,72 +182,61 @@ class AgentSession:
             return
         self.plane = plane
         self.version = version
+        stealing = Stealing(self.agent.ns, plane, self.write, self.counters, f"{self.sid} (from {self.peer})",
+                            lambda: self._closed)
+        tunnel = AgentTunnel(self.agent.ns, plane, self.write, self.counters, lambda: stealing.used)
         if self._closed:  # the client left while we were setting up
+            await self.features.start(tunnel)  # only so that _teardown closes the plane
             await self._teardown()
             return
-        assert plane.tun is not None
-        self.pump = TunPump(plane.tun.fd, self.write, AgentMsg.PACKETS,
-                            admit_out=lambda _p: None, admit_in=source_is(*plane.client_addrs),
-                            counters=self.counters)
-        welcome = protocol.Welcome(version, self.sid, plane.client_addr, plane.agent_addr, plane.mtu,
-                                   plane.pod_addrs, resolv_conf, client_addr6=plane.client_addr6,
-                                   agent_addr6=plane.agent_addr6, pod_addrs6=plane.pod_addrs6,
-                                   ipv6_off=plane.ipv6_off)
-        if version >= protocol.RESUME_VERSION:
-            welcome.secret, welcome.resume_timeout = self.secret, self.agent.resume_timeout
-        self.welcome = welcome
-        self.write(protocol.control(AgentMsg.WELCOME, welcome.to_json()))
-        self.pump.start()
+        self.welcome = self._welcome(plane, resolv_conf)
+        self.write(protocol.control(AgentMsg.WELCOME, self.welcome.to_json()))
+        await self.features.start(tunnel)
+        if version >= protocol.MIRROR_VERSION:
+            await self.features.start(Capture(self.agent.ns, plane, self.write, self.counters, self.sid))
+        if version >= protocol.STEAL_VERSION:
+            await self.features.start(stealing)
         log.info("session %s from %s: tunnel %s via %s, pod %s", self.sid, self.peer,
                  ",".join(plane.client_addrs), plane.tun.name if plane.tun else "?",
                  ",".join(plane.pod_addrs + plane.pod_addrs6))
 
-    def _subscribe(self, body: bytes) -> None:
-        assert self.plane is not None
-        try:
-            ports = protocol.parse_subscribe(body)
-        except protocol.Malformed:
-            self.counters["dropped_frames_malformed"] += 1
-            return
-        if self.sniffer is None:
-            self.sniffer = Sniffer(self.agent.ns, self.plane.pod_addrs + self.plane.pod_addrs6, self.write,
-                                   self.counters)
-        self.sniffer.subscribe(ports)
-        log.info("session %s: mirroring ports %s", self.sid, ",".join(map(str, sorted(ports))) or "none")
-
-    def _steal(self, body: bytes) -> None:
-        assert self.plane is not None
-        try:
-            request = protocol.parse_steal(body)
-        except protocol.Malformed as e:
-            self.counters["dropped_frames_malformed"] += 1
-            log.debug("session %s: bad STEAL: %s", self.sid, e)
-            return
-        if self.steal is None:
-            self.steal = SessionSteal(self.agent.ns, self.plane.table, self.plane.pod_addrs, self.plane.client_addr,
-                                      f"{self.sid} (from {self.peer})", self.counters,
-                                      pod_addrs6=self.plane.pod_addrs6, client6=self.plane.client_addr6)
-        asyncio.create_task(self._answer_steal(self.steal, request))
-
-    async def _answer_steal(self, steal: SessionSteal, request: protocol.StealRequest) -> None:
-        state = await steal.request(request)
-        if not self._closed:
-            self.write(protocol.control(AgentMsg.STEAL_STATE, state.to_json()))
+    def _welcome(self, plane: SessionPlane, resolv_conf: str) -> protocol.Welcome:
+        welcome = protocol.Welcome(self.version, self.sid, plane.client_addr, plane.agent_addr, plane.mtu,
+                                   plane.pod_addrs, resolv_conf, client_addr6=plane.client_addr6,
+                                   agent_addr6=plane.agent_addr6, pod_addrs6=plane.pod_addrs6,
+                                   ipv6_off=plane.ipv6_off)
+        if self.version >= protocol.RESUME_VERSION:
+            welcome.secret, welcome.resume_timeout = self.secret, self.agent.resume_timeout
+        return welcome
 
     async def _teardown(self) -> None:
-        if self.sniffer:
-            await self.sniffer.aclose()
-        stole = False
-        if self.steal:
-            await self.steal.close()
-            stole = self.steal.used
         plane, self.plane = self.plane, None
-        if plane is None:
-            self.agent.sessions.discard(self)
-            return
-        await self.agent.ns.acall(plane.close, stole)
-        c = self.counters
-        log.info("session %s closed: %d packets / %d bytes in, %d packets / %d bytes out, "
-                 "dropped: %s", self.sid, c["packets_in"], c["bytes_in"], c["packets_out"],
-                 c["bytes_out"], {k: v for k, v in c.items() if k.startswith("dropped_")} or "none")
+        await self.features.stop()
+        if plane is not None:
+            _log_closed(self.sid, self.counters)
         self.agent.sessions.discard(self)
+
+
+async def _resolver(agent: "Agent") -> str:
+    """The container's resolv.conf, or "" (the session starts without it) if it cannot be read now."""
+    # In bounded threads with a time limit: the file is the container's, and its file system may hang.
+    try:
+        return await agent.resolver_workers.call(read_resolv_conf, agent.target, agent.files.serve_fs)
+    except OSError as e:  # busy or too slow
+        log.warning("not reporting a resolver: %s", e.strerror)
+        return ""
+
+
+def _log_closed(sid: str, c: Counters) -> None:
+    log.info("session %s closed: %d packets / %d bytes in, %d packets / %d bytes out, "
+             "dropped: %s", sid, c["packets_in"], c["bytes_in"], c["packets_out"],
+             c["bytes_out"], {k: v for k, v in c.items() if k.startswith("dropped_")} or "none")
+
+
+def _hello_version(body: bytes) -> int:
+    """The protocol version both ends speak, from the client's HELLO; ValueError if too old."""
+    hello = protocol.parse_control(body)
+    version = min(int(hello.get("version", 0)), protocol.VERSION)
+    if version < protocol.MIN_VERSION:
+        raise ValueError(f"client protocol {hello.get('version')} is older than {protocol.MIN_VERSION}")
+    return version

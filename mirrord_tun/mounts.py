@@ -37,12 +37,13 @@ import stat
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import asyncssh
 
 from mirrord_tun import sshopts
 from mirrord_tun.connect import SetupError, printable
+from mirrord_tun.feature import Feature
 from mirrord_tun.netns.namespace import mount
 
 SUBSYSTEM = "sftp"
@@ -487,6 +488,29 @@ class Mounts:
                     m.proc.kill()
                     m.proc.wait()
             m.theirs.close()
+
+
+class MountsFeature(Feature):
+    """--mount in a session: checked and opened before the namespace, served again after a resume."""
+
+    def __init__(self, mounts: Mounts, conn: Callable[[], asyncssh.SSHClientConnection | None]) -> None:
+        self.mounts, self._conn = mounts, conn  # conn(): the link's current connection
+
+    async def start(self) -> None:
+        conn = self._conn()
+        assert conn is not None
+        await self.mounts.prepare(conn)
+
+    def on_resume(self) -> None:
+        conn = self._conn()
+        assert conn is not None
+        self.mounts.reopen(conn)
+
+    def on_lost(self) -> None:
+        self.mounts.lost()
+
+    async def stop(self) -> None:
+        await self.mounts.stop()
 
 
 def _warn(text: str) -> None:
