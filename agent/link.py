@@ -44,7 +44,7 @@ class ClientLink:
         self._grace: asyncio.TimerHandle | None = None  # set while detached
         self.counters: Counters = Counters()
         self.features = Features()
-        self.plane: SessionPlane | None = None
+        self.plane: SessionPlane | None = None  # once HELLO opened it; None again from the teardown on
         self.version = 0
         self._starting: asyncio.Task[None] | None = None
         self._closed = False

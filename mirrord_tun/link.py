@@ -51,9 +51,11 @@ class AgentLink:
         self._welcome: asyncio.Future[protocol.Welcome] = loop.create_future()
         self._stats: asyncio.Future[dict[str, int]] | None = None
 
-    async def open(self) -> protocol.Welcome:
-        """Connect, HELLO, and the agent's WELCOME; the connection is closed again if that fails."""
+    async def connect(self) -> None:
         self.conn = await open_channel(self.agent, self.key, self.pinned, self.chan, sock=self.sock)
+
+    async def hello(self) -> protocol.Welcome:
+        """HELLO, and the agent's WELCOME; the connection is closed again if that fails."""
         try:
             self.chan.write(protocol.control(ClientMsg.HELLO, {"version": protocol.VERSION}))
             self.session = await self._welcomed()

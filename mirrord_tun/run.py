@@ -96,8 +96,9 @@ class LocalSession:
         """
         link = self.link
         self.progress.step("connecting to the agent…")
-        welcome = await link.open()  # 1
+        await link.connect()  # 1
         self.progress.step("connected; opening the tunnel…")
+        welcome = await link.hello()
         self._announce(welcome)
         try:
             if self.mounts:  # 2
