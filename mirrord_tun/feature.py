@@ -91,14 +91,17 @@ class Features:
 
     async def stop(self) -> None:
         """Stop every feature in reverse order; one failing does not keep the others up (the first
-        failure is raised once all are stopped)."""
-        started, self._started, self.handlers = self._started, [], {}
+        failure is raised once all are stopped). A feature takes its frames until it is stopped:
+        the tunnel still carries packets while the mirror or steal before it winds down."""
         first: Exception | None = None
-        for f in reversed(started):
+        while self._started:
+            f = self._started.pop()
             try:
                 await f.stop()
             except Exception as e:  # noqa: BLE001 - re-raised below, after the rest are stopped
                 log.debug("stopping %s failed", type(f).__name__, exc_info=True)
                 first = first or e
+            for kind in f.frames():
+                self.handlers.pop(kind, None)
         if first is not None:
             raise first
