@@ -32,7 +32,9 @@ from mirrord_tun.connect import SetupError
 from mirrord_tun.mirror.delivery import remove_routing
 from mirrord_tun.netns import links, resolvconf, routes
 from mirrord_tun.netns.namespace import NetNs
-from mirrord_tun.run import LINK_LOST, TUN_NAME, LocalSession, process_exit
+from mirrord_tun.command import LINK_LOST, process_exit
+from mirrord_tun.run import LocalSession
+from mirrord_tun.tunnel import TUN_NAME
 
 log = logging.getLogger("mirrord-ns")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

@@ -47,7 +47,7 @@ def clean_host() -> list[str]:
         return []
     from mirrord_tun.agent.guard import sweep
     from mirrord_tun.netns.resolvconf import restore_leftovers
-    from mirrord_tun.run import remove_stale_resolv_files
+    from mirrord_tun.command import remove_stale_resolv_files
     from mirrord_tun.sandbox import remove_stale
 
     removed = remove_stale() + restore_leftovers(log.warning) + remove_stale_resolv_files()

@@ -22,7 +22,7 @@ from mirrord_tun.kube.commands import complete_context, complete_namespace, comp
 if TYPE_CHECKING:
     from mirrord_tun.kube.session import KubeOptions
     from mirrord_tun.mounts import Mounts
-    from mirrord_tun.run import HttpFilterSpec, StealOptions
+    from mirrord_tun.stealer import HttpFilterSpec, StealOptions
 
 SERVE_FS_KINDS = ("fuse", "nfs", "smb", "9p", "ceph", "afs", "cluster", "all")  # agent/fsview.py's KINDS
 
@@ -221,7 +221,7 @@ class StealArgs:
             if self.exclude or self.http.given():
                 raise click.UsageError("--steal-exclude and the --http-*-filter options need --steal")
             return None
-        from mirrord_tun.run import StealOptions
+        from mirrord_tun.stealer import StealOptions
 
         return StealOptions(self.ports, tuple(dict.fromkeys(default_exclude + self.exclude)), self.http)
 
@@ -292,7 +292,7 @@ def _singles(_ctx: click.Context, param: click.Parameter, specs: tuple[str, ...]
 
 def _http_filter(kw: dict[str, Any]) -> HttpFilterSpec:
     """The --http-*-filter options as one run.HttpFilterSpec, removed from the command's arguments."""
-    from mirrord_tun.run import HttpFilterSpec
+    from mirrord_tun.stealer import HttpFilterSpec
 
     header, path, ignore_case, method, all_of, any_of, ports = (kw.pop(n) for n in (
         "http_header_filter", "http_path_filter", "http_path_filter_ignore_case", "http_method_filter",

@@ -6,7 +6,6 @@ Its `ip addr/route/link/rule`, nft ruleset and resolv.conf are compared before a
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -16,12 +15,11 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import asyncssh
 import pytest
 from conftest import POD, SVC, Cluster, assert_clean, read_line, run_env, wait_until
 from test_mirror import CLIENT, assert_pod_answered, post
 
-from mirrord_tun.run import LocalSession
+from mirrord_tun.mirror.feature import mirrorable
 from mirrord_tun.sandbox import NODE_UPLINK, Sandbox
 
 APP_GW, APP_ADDR = "198.19.1.1", "198.19.1.2"  # laptop side, app side of their link
@@ -156,25 +154,14 @@ def test_attach_mirrors_the_pods_inbound_traffic_and_restores(cluster: Cluster, 
 def test_the_agents_own_address_is_not_mirrored(capsys: pytest.CaptureFixture[str]) -> None:
     """A pod address our SSH connection goes to (attach sets `mirror_exclude` when that connection
     lives in the attached namespace) stays off `lo`, where it would swallow the connection; one warning."""
-    async def mirrorable() -> list[str]:
-        key = asyncssh.generate_private_key("ssh-ed25519")
-        session = LocalSession([], f"{POD}:2222", key, key, mirror_ports={})
-        session.mirror_exclude.add(POD)
-        return session._mirrorable([POD, "198.18.0.11"], local_ipv6=True)
-
-    assert asyncio.run(mirrorable()) == ["198.18.0.11"]
+    assert mirrorable([POD, "198.18.0.11"], exclude={POD}, local_ipv6=True) == ["198.18.0.11"]
     assert capsys.readouterr().err.count(f"not mirroring traffic to {POD}") == 1
 
 
 def test_a_namespace_without_ipv6_mirrors_the_ipv4_clients_only(capsys: pytest.CaptureFixture[str]) -> None:
     """A container started with IPv6 disabled (Docker's default) attached to a dual-stack pod: the
     IPv6 pod address cannot be made local there, so its copies are dropped (counted); one warning."""
-    async def mirrorable() -> list[str]:
-        key = asyncssh.generate_private_key("ssh-ed25519")
-        session = LocalSession([], f"{POD}:2222", key, key, mirror_ports={})
-        return session._mirrorable([POD, "fd00:198:18::10"], local_ipv6=False)
-
-    assert asyncio.run(mirrorable()) == [POD]
+    assert mirrorable([POD, "fd00:198:18::10"], exclude=set(), local_ipv6=False) == [POD]
     assert capsys.readouterr().err.count("not mirroring the pod's IPv6 clients") == 1
 
 

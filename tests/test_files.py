@@ -533,11 +533,11 @@ def test_the_relay_never_hands_the_kernel_a_link_out_of_the_mount(link: bytes, t
                                                                   seen: bytes | None) -> None:
     """A hostile agent (or container) answers READLINK with a path this machine's kernel would
     follow to a laptop file: sshfs gets ENOENT instead, or the same place as a path inside the mount."""
-    from mirrord_tun.mounts import _Sftp
+    from mirrord_tun.sftprelay import SftpRelay
 
-    relay = _Sftp("/etc/app")
+    relay = SftpRelay("/etc/app")
     relay.transport, relay.chan, relay._ready = _Pipe(), _Pipe(), True  # type: ignore[assignment]
-    relay.data_received(_packet(19, 7, link))  # READLINK from sshfs
+    relay.from_sshfs(_packet(19, 7, link))  # READLINK from sshfs
     assert relay.chan.sent  # type: ignore[union-attr]
     name = bytes([104]) + (7).to_bytes(4, "big") + (1).to_bytes(4, "big") + _packet(0, 0, target, target)[9:]
     relay.from_server(len(name + bytes(4)).to_bytes(4, "big") + name + bytes(4))  # NAME, one entry, no attrs

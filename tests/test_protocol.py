@@ -279,7 +279,7 @@ def test_a_bad_filtered_steal_is_malformed(bad: dict) -> None:
 
 
 def test_which_ports_a_filter_takes() -> None:
-    from mirrord_tun.run import HttpFilterSpec, StealOptions
+    from mirrord_tun.stealer import HttpFilterSpec, StealOptions
 
     served = {80: 80, 2525: 2525, 8080: 8080, 9000: 9000}
     default = StealOptions({9000: 9000}, http=HttpFilterSpec(header="x")).request(served, {})

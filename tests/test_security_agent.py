@@ -32,7 +32,7 @@ from mirrord_tun import protocol, sshopts
 from mirrord_tun.channel import FrameSession
 from mirrord_tun.netns.namespace import NetNs
 from mirrord_tun.protocol import AgentMsg, ClientMsg
-from mirrord_tun.run import RESOLV_DIR, RESOLV_PREFIX
+from mirrord_tun.command import RESOLV_DIR, RESOLV_PREFIX
 from mirrord_tun.sandbox import Sandbox
 from test_bad_input import Probe, echo_request, in_laptop
 

@@ -28,6 +28,7 @@ import asyncssh
 from kubernetes import client
 
 from mirrord_tun.kube import manifest
+from mirrord_tun.kube.agentstate import RUNNING, check_job, check_pod, latest
 from mirrord_tun.kube.cluster import Cluster, api_errors, describe
 from mirrord_tun.kube.errors import KubeError
 from mirrord_tun.kube.feed import POLL, Feed
@@ -36,10 +37,6 @@ from mirrord_tun.progress import QUIET, Progress
 
 log = logging.getLogger("mirrord-ns")
 START_TIMEOUT = 60
-RUNNING = "running"
-# Container states that will not get better by waiting (the kubelet would only back off).
-PULL_FAILED = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
-FATAL_WAITING = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError", "CrashLoopBackOff"}
 _LISTENING = re.compile(r"mirrord-ns agent listening on \S+ netns \S+ host-key (\S+ \S+)")
 # Set by the Job controller on its pods: the current name, and the one before Kubernetes 1.27.
 CONTROLLER_UID_LABELS = ("batch.kubernetes.io/controller-uid", "controller-uid")
@@ -93,10 +90,10 @@ class AgentJob:
         pod_events: dict[str, client.CoreV1Event] = {}
         pod_uid = None
         while True:
-            self._check_job(jobs, _about(job_events, self.uid))
+            check_job(self.name, self.namespace, self.uid, jobs, _about(job_events, self.uid))
             pod = self._find_pod(pods.values())
             if pod is None and _about(job_events, self.uid):
-                steps.job_event(_latest(_about(job_events, self.uid))[0])
+                steps.job_event(latest(_about(job_events, self.uid))[0])
             if pod is None and pod_uid is not None:
                 raise KubeError(f"agent pod/{self.pod} was deleted before it started"
                                 f"{': ' + steps.note if steps.note else ''}")
@@ -107,7 +104,7 @@ class AgentJob:
                     pod_events = feed.follow(f"events of pod/{self.pod}", core.list_namespaced_event,
                                              field_selector=f"involvedObject.uid={pod_uid}")
                 steps.pod(pod, _about(pod_events, pod_uid))
-                if self._check(pod, _about(pod_events, pod_uid)) == RUNNING:
+                if check_pod(pod, _about(pod_events, pod_uid), self.job, self._log_tail) == RUNNING:
                     key = self._host_key(pod)
                     if key is not None:
                         log.info("agent pod/%s on %s is up, host key %s", self.pod, pod.spec.node_name,
@@ -141,57 +138,6 @@ class AgentJob:
             return False
         labels = meta.labels or {}
         return all(labels[k] == self.uid for k in CONTROLLER_UID_LABELS if k in labels)
-
-    def _check_job(self, jobs: dict[str, client.V1Job], events: list[client.CoreV1Event]) -> None:
-        """Raises if the Job cannot make its pod or has failed."""
-        for event in _latest(events):
-            if event.reason == "FailedCreate" and "violates PodSecurity" in (event.message or ""):
-                refusal = event.message[event.message.index("violates PodSecurity"):]
-                raise KubeError(f"namespace {self.namespace} refuses the agent's pod: {refusal}; the agent "
-                                "needs a namespace with Pod Security 'privileged' (-n, or label the namespace "
-                                "pod-security.kubernetes.io/enforce=privileged)")
-        for job in jobs.values():
-            if job.metadata.uid != self.uid:
-                continue
-            for c in (job.status and job.status.conditions) or []:
-                if c.type == "Failed" and c.status == "True":
-                    raise KubeError(f"agent job {self.name} failed: {c.reason or ''}: {c.message or ''}".rstrip(": "))
-
-    def _check(self, pod: client.V1Pod, events: Iterable[client.CoreV1Event]) -> str:
-        """RUNNING, or the pod's state in a few words; raises if it will never run."""
-        status = pod.status or client.V1PodStatus()
-        node = self.job["spec"]["template"]["spec"].get("nodeName")
-        for cs in status.container_statuses or []:
-            waiting, terminated = cs.state and cs.state.waiting, cs.state and cs.state.terminated
-            if waiting and waiting.reason in PULL_FAILED:
-                raise self._unpullable(f"{waiting.reason}: {waiting.message or ''}".rstrip(": "))
-            if waiting and waiting.reason in FATAL_WAITING:
-                raise KubeError(f"agent pod/{pod.metadata.name} cannot start: {waiting.reason}: "
-                                f"{waiting.message or ''} (image {cs.image or '?'}; see --agent-image)".rstrip())
-            if terminated:
-                raise KubeError(f"agent pod/{pod.metadata.name} exited ({terminated.reason}, "
-                                f"code {terminated.exit_code}): {self._log_tail()}")
-        for event in _latest(events):
-            message = event.message or ""
-            if (event.reason == "Failed" and message.startswith("Failed to pull image")) or \
-                    (event.reason == "BackOff" and message.startswith("Back-off pulling image")):
-                raise self._unpullable(f"{'ErrImagePull' if event.reason == 'Failed' else 'ImagePullBackOff'}: "
-                                       f"{message}")
-            if node and event.reason in ("FailedScheduling", "TaintManagerEviction"):
-                raise _misplaced(f"agent pod/{pod.metadata.name} cannot be scheduled: {message}", node)
-        if status.phase in ("Failed", "Succeeded"):
-            what = f"agent pod/{pod.metadata.name} {status.phase.lower()}: {status.reason or ''} " \
-                   f"{status.message or ''}".strip()
-            # Refused by the node's kubelet before any container ran (resources, taints, affinity).
-            raise _misplaced(what, node) if node and not status.container_statuses else KubeError(what)
-        running = status.phase == "Running" and any(cs.state and cs.state.running
-                                                     for cs in status.container_statuses or [])
-        return RUNNING if running else f"pod/{pod.metadata.name} {status.phase or 'Pending'}"
-
-    def _unpullable(self, reason: str) -> KubeError:
-        image = self.job["spec"]["template"]["spec"]["containers"][0]["image"]
-        return KubeError(f"agent image {image} cannot be pulled: {reason}; "
-                         "give --agent-image or --image-pull-secret")
 
     def _read_log(self) -> str:
         try:
@@ -249,18 +195,6 @@ def _about(events: dict[str, client.CoreV1Event], uid: str) -> list[client.CoreV
     return [e for e in events.values() if e.involved_object and e.involved_object.uid == uid]
 
 
-def _latest(events: Iterable[client.CoreV1Event]) -> list[client.CoreV1Event]:
-    """Newest first (an event repeated by the kubelet keeps its object, with a later lastTimestamp)."""
-    def when(e: client.CoreV1Event) -> Any:
-        stamp = e.last_timestamp or e.event_time or e.metadata.creation_timestamp
-        return stamp.timestamp() if stamp else 0.0
-    return sorted(events, key=when, reverse=True)
-
-
-def _misplaced(what: str, node: str) -> KubeError:
-    return KubeError(f"{what}; the agent must run on {node} (the target's node): check its taints/resources")
-
-
 class _Steps:
     """The status line through the agent's start, fed by its pod and the pod's Events.
 
@@ -287,7 +221,7 @@ class _Steps:
         if node:
             self.step(self.SCHEDULED, f"scheduled on {node}…")
         unplaced = ""
-        for event in reversed(_latest(events)):  # oldest first, so the newest has the last word
+        for event in reversed(latest(events)):  # oldest first, so the newest has the last word
             if event.reason == "FailedScheduling" and not node:
                 unplaced = f"not scheduled yet: {event.message}"
                 self.progress.step(unplaced)  # the step stays: the scheduler tries again

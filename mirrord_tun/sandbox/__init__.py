@@ -76,7 +76,7 @@ class Sandbox:
             os.chmod(self.dir, 0o755)
             with open(os.path.join(self.dir, OWNER_FILE), "w") as f:
                 f.write(f"{os.getpid()} {_start_time(os.getpid())}\n")
-            self.keys = self._make_keys()
+            self.keys = _make_keys(self.dir)
         except BaseException:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise
@@ -134,12 +134,7 @@ class Sandbox:
         if self.ipv6:
             self.start_ready("svc", [*PY, "-m", "mirrord_tun.sandbox.http_server", ADDRS6["svc"], "80", "svc"])
         zone = os.path.join(self.dir, "zone")
-        with open(zone, "w") as f:
-            for role in ("svc", "pod", "client"):
-                for name in (f"{role}.{DOMAIN}", f"{role}.svc.cluster.local"):
-                    f.write(f"{name} {ADDRS[role]}\n")
-                    if self.ipv6:
-                        f.write(f"{name} {ADDRS6[role]}\n")
+        _write_zone(zone, self.ipv6)
         hosts = f"{ADDRS['dns']},{ADDRS6['dns']}" if self.ipv6 else ADDRS["dns"]
         self.start_ready("dns", [*PY, "-m", "mirrord_tun.sandbox.dns_server", hosts, zone])
 
@@ -221,25 +216,37 @@ class Sandbox:
         if p.returncode != 0:
             raise RuntimeError(f"ip {' '.join(args)}: {p.stderr.strip()}")
 
-    def _make_keys(self) -> Keys:
-        # Imported here: the sandbox's servers (http_server, recorder, ...) are programs of their
-        # own that import this package, and asyncssh (with its dependencies' warnings) is not theirs.
-        import asyncssh
 
-        paths = {}
-        for name in ("identity", "host_key"):
-            key = asyncssh.generate_private_key("ssh-ed25519")
-            path = os.path.join(self.dir, name)
-            key.write_private_key(path)
-            os.chmod(path, 0o600)  # the folder is world-readable (the command's user reads it)
-            if user := invoking_user():  # under sudo `run` reads --identity as that user: theirs
-                os.chown(path, user.uid, user.gid)
-            key.write_public_key(path + ".pub")
-            paths[name] = path
-        return Keys(paths["identity"], paths["identity"] + ".pub", paths["host_key"], paths["host_key"] + ".pub")
+def _make_keys(directory: str) -> Keys:
+    """A fresh client identity and agent host key in `directory`."""
+    # Imported here: the sandbox's servers (http_server, recorder, ...) are programs of their
+    # own that import this package, and asyncssh (with its dependencies' warnings) is not theirs.
+    import asyncssh
+
+    paths = {}
+    for name in ("identity", "host_key"):
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        path = os.path.join(directory, name)
+        key.write_private_key(path)
+        os.chmod(path, 0o600)  # the folder is world-readable (the command's user reads it)
+        if user := invoking_user():  # under sudo `run` reads --identity as that user: theirs
+            os.chown(path, user.uid, user.gid)
+        key.write_public_key(path + ".pub")
+        paths[name] = path
+    return Keys(paths["identity"], paths["identity"] + ".pub", paths["host_key"], paths["host_key"] + ".pub")
 
 
 OWNER_FILE = "owner"
+
+
+def _write_zone(path: str, ipv6: bool) -> None:
+    """The sandbox DNS server's names: each service host under two domains."""
+    with open(path, "w") as f:
+        for role in ("svc", "pod", "client"):
+            for name in (f"{role}.{DOMAIN}", f"{role}.svc.cluster.local"):
+                f.write(f"{name} {ADDRS[role]}\n")
+                if ipv6:
+                    f.write(f"{name} {ADDRS6[role]}\n")
 
 
 def _start_time(pid: int) -> str:
