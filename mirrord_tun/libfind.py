@@ -1,11 +1,11 @@
-"""Start-up library lookups of our dependencies, answered without running a compiler.
+"""asyncssh's start-up library lookups, answered without running a compiler.
 
 At import, asyncssh looks for liboqs (post-quantum key exchange) and libnettle (UMAC) with
 ctypes.util.find_library, which on Linux runs `ldconfig -p` and, for each name it finds nothing
 for (liboqs, usually), gcc and then ld: seven processes here before `mirrord-ns` does anything
-(114 ms of a `run -- true` under strace, more under load); pyroute2 asks it for libc.
-Installed by the CLI before either is imported, this answers those names by looking where the
-dynamic loader looks; every other lookup is left to ctypes.
+(114 ms of a `run -- true` under strace, more under load). Installed by the CLI before
+asyncssh is imported, this answers those names by looking where the dynamic loader looks;
+every other lookup is left to ctypes.
 """
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import glob
 import os
 import sysconfig
 
-# asyncssh/crypto/pq.py and umac.py; pyroute2/netns
-_ANSWERED = frozenset({"oqs", "liboqs", "nettle", "libnettle", "libnettle-6", "c"})
+_ANSWERED = frozenset({"oqs", "liboqs", "nettle", "libnettle", "libnettle-6"})  # asyncssh/crypto/pq.py, umac.py
 _LD_CONF = "/etc/ld.so.conf.d/*.conf"
 
 

@@ -23,7 +23,7 @@ def test_ld_library_path_first(tmp_path, monkeypatch) -> None:
     assert libfind.find_in_loader_dirs("mrdfake") == "libmrdfake.so.3"
 
 
-# asyncssh and pyroute2 imported after install() start no process (ctypes starts ldconfig, gcc
+# asyncssh imported after install() starts no process (ctypes starts ldconfig, gcc
 # and ld through subprocess.Popen); other names still go to ctypes' own lookup.
 _PROBE = """
 import subprocess, ctypes.util
@@ -35,7 +35,7 @@ class Recorder(subprocess.Popen):
 subprocess.Popen = Recorder
 from mirrord_tun import libfind
 libfind.install()
-import asyncssh, pyroute2.netns
+import asyncssh
 assert not started, started
 ctypes.util.find_library("mrd-no-such-library")
 assert started, "other names go to ctypes"
