@@ -37,11 +37,20 @@ def find_in_loader_dirs(name: str) -> str | None:
     """The file name of lib<name>.so.N (the loader's soname form) in the first directory holding
     one, as ctypes.CDLL takes it; None when there is none. A bare lib<name>.so is only the
     development link (for libc a linker script), which ctypes cannot load."""
-    pattern = f"lib{glob.escape(name)}.so.[0-9]*"
+    prefix = f"lib{name}.so."
+    seen: set[str] = set()
     for d in _loader_dirs():
-        found = sorted(glob.glob(os.path.join(glob.escape(d), pattern)), key=len)
+        real = os.path.realpath(d)  # /lib is often /usr/lib: list each directory once
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            with os.scandir(real) as entries:
+                found = [e.name for e in entries if e.name.startswith(prefix) and e.name[len(prefix):][:1].isdigit()]
+        except OSError:
+            continue
         if found:
-            return os.path.basename(found[0])
+            return min(found, key=len)
     return None
 
 
