@@ -9,9 +9,10 @@ import logging
 import sys
 from typing import Any, Callable, Coroutine, NoReturn, Sequence, TypeVar
 
-from mirrord_tun import libwarnings
+from mirrord_tun import libfind, libwarnings
 
 libwarnings.install()  # before any dependency is imported: their warnings are not the user's to read
+libfind.install()  # ... and before asyncssh's: its liboqs probe would run gcc at every start
 
 import click  # noqa: E402
 
