@@ -18,7 +18,7 @@ import click  # noqa: E402
 
 from mirrord_tun import __version__
 from mirrord_tun.config import ENV_PREFIX, config_option
-from mirrord_tun.kube.commands import complete_context, complete_namespace, complete_target
+from mirrord_tun.kube.commands import complete_context, complete_namespace
 from mirrord_tun.netns.ipv6 import FORWARDING_MODES
 from mirrord_tun.options import (SERVE_FS_KINDS, ConnectionArgs, KubeArgs, MirrorArgs, MountArgs, StealArgs,
                                  connection_options, kube_options, mount_options, options, traffic_options)

@@ -62,3 +62,17 @@ def test_ledger_keeps_no_more_than_retain() -> None:
     led.answered()
     led.written(b"a" * (RETAIN + 1))
     assert led.take_replay() is None and led.inflight == RETAIN + 1
+
+
+def test_a_program_that_closes_unanswered_gets_one_more_connection_without_the_bytes_it_took() -> None:
+    c = Counters()
+    led = Ledger(c)
+    led.answered()
+    led.written(b"r" * 6)
+    assert led.replay_after_close() == b"r" * 6  # answered before: written again
+    led.written(b"q" * 4)
+    assert led.replay_after_close() == b""  # never answered there: a new connection, nothing again
+    assert c["mirror_undelivered_bytes_program_closed"] == 4 and led.inflight == 0
+    led.written(b"p" * 3)
+    assert led.replay_after_close() is None  # and only once: give up, the caller settles the 3
+    assert led.inflight == 3

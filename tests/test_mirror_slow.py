@@ -27,7 +27,7 @@ import pytest
 from conftest import wait_until
 from pyroute2 import IPRoute
 
-from mirrord_tun.mirror import delivery, spill
+from mirrord_tun.mirror import delivery, spill, tcp_writer
 from mirrord_tun.mirror.reassembly import Flow
 from mirrord_tun.netns.namespace import NetNs
 from mirrord_tun.pump import Counters
@@ -283,7 +283,7 @@ def _lo_up() -> None:
 
 
 def test_a_program_that_takes_nothing_is_reset_after_the_stuck_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(delivery, "STUCK_TIMEOUT", 1.0)  # 60 s in `run`
+    monkeypatch.setattr(tcp_writer, "STUCK_TIMEOUT", 1.0)  # 60 s in `run`
     c = asyncio.run(_deliver_to_a_program_that_never_reads(delivery.SPILL_LIMIT))
     assert c["mirror_reset_stuck"] == 1 and c["mirror_spill_given_up"] == 0, c
 

@@ -15,7 +15,7 @@ def require() -> None:
     """Raise SetupError (one line, exit 2) if the Kubernetes client cannot be imported."""
     try:
         import kubernetes.client  # noqa: F401 - the import is the check
-        import yaml  # noqa: F401
+        import yaml  # noqa: F401 - also the check: the kube modules load manifests with PyYAML
     except ImportError as e:
         from mirrord_tun.connect import SetupError
 

@@ -31,6 +31,7 @@ class Ledger:
         self.inflight = 0
         self._retained: bytearray | None = bytearray()  # the same bytes; None past RETAIN
         self.answers = 0  # answers on the current connection
+        self._blind_retry = False  # a new connection after the program closed one without answering
 
     def written(self, data: bytes) -> None:
         self.inflight += len(data)
@@ -71,3 +72,18 @@ class Ledger:
         replay = bytes(self._retained)
         self.inflight, self._retained, self.answers = 0, bytearray(), 0
         return replay
+
+    def replay_after_close(self) -> bytes | None:
+        """The program closed while the client's stream goes on: what to write again on a new
+        connection (maybe nothing), or None: give up (the caller settles what is in flight).
+
+        Without a replay, what it took unanswered is lost; what waits may still go, once: it may
+        only be exiting (the session ends), or close every connection it gets."""
+        replay = self.take_replay()
+        if replay is not None:
+            return replay
+        if self._blind_retry:
+            return None
+        self._blind_retry = True
+        self.settle("program_closed", self.inflight)
+        return b""

@@ -12,7 +12,7 @@ ends, never guessed at.
 Turns: a client that sent a request and waits for the answer acknowledges the
 server's answer with its next segment, so a data segment whose acknowledgement
 number moved on since the stream's previous one starts a new turn (`Data.turn`):
-delivery uses it to give the program one request at a time (mirror/delivery.py).
+delivery uses it to give the program one request at a time (mirror/tcp_writer.py).
 No turn is marked inside out-of-order data: it is only a hint.
 
 A hole the copies never fill (the capture dropped a packet the pod received,
