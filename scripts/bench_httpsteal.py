@@ -42,6 +42,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import median, percentile  # noqa: E402
 
+from mirrord_tun.sandbox import nginx  # noqa: E402
+
 HOST = "127.0.0.1"
 SEND = 1024 * 1024
 
@@ -128,36 +130,15 @@ def _start(*role: str) -> tuple[subprocess.Popen, int]:
     return proc, int(proc.stdout.readline())
 
 
-_NGINX = """worker_processes 1;
-daemon off;
-pid {dir}/nginx.pid;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests 10000000;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    server {{
-        listen {host}:{port};
-        location / {{ return 200 "{name}"; }}
-    }}
-}}
-"""
-
-
 def _start_nginx(name: str) -> tuple[subprocess.Popen, int]:
-    """nginx (one worker, as a pod's server would be a process of its own) answering `name`."""
+    """nginx (one process, as a pod's server would be a process of its own) answering `name`."""
     with socket.socket() as probe:  # a free port; nginx has no "port 0, tell me"
         probe.bind((HOST, 0))
         port = probe.getsockname()[1]
     conf_dir = tempfile.mkdtemp(prefix="bench-nginx-")
-    with open(os.path.join(conf_dir, "nginx.conf"), "w") as f:
-        f.write(_NGINX.format(dir=conf_dir, host=HOST, port=port, name=name))
-    proc = subprocess.Popen(["nginx", "-p", conf_dir, "-c", "nginx.conf", "-e", os.path.join(conf_dir, "error.log")],
-                            start_new_session=True)
+    argv = nginx.configure(conf_dir, f"{HOST}:{port}", f'return 200 "{name}";', connections=4096,
+                           http="keepalive_requests 10000000;")
+    proc = subprocess.Popen(argv, start_new_session=True)
     proc.conf_dir = conf_dir  # type: ignore[attr-defined]
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

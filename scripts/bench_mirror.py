@@ -51,7 +51,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import child_pids, median, percentile  # noqa: E402
 
-from mirrord_tun.sandbox import ADDRS, Sandbox  # noqa: E402
+from mirrord_tun.sandbox import ADDRS, Sandbox, nginx  # noqa: E402
 
 PORT = 8080
 PY = sys.executable
@@ -148,27 +148,19 @@ class _Mirrored:
 
 WRK_PORT = 8081
 WRK_CONNECTIONS = 200
-_NGINX = """
-daemon off; master_process off; worker_processes 1; pid {dir}/nginx.pid; error_log {dir}/error.log;
-events {{ worker_connections 4096; }}
-http {{ access_log {dir}/access.log; client_body_temp_path {dir};
-  server {{ listen {port} reuseport backlog=4096; location / {{ return 200 "ok"; }} }} }}
-"""
-
-
 def _nginx(sb: Sandbox, name: str) -> tuple[list[str], str]:
     """argv of an nginx serving WRK_PORT with its files in a directory of its own, and that directory."""
     d = os.path.join(sb.dir, name)
     os.makedirs(d, exist_ok=True)
     os.chmod(d, 0o777)  # `run` may drop to the invoking user
-    with open(os.path.join(d, "nginx.conf"), "w") as f:
-        f.write(_NGINX.format(dir=d, port=WRK_PORT))
-    return ["nginx", "-p", d, "-c", os.path.join(d, "nginx.conf")], d
+    argv = nginx.configure(d, f"{WRK_PORT} reuseport backlog=4096", 'return 200 "ok";', connections=4096,
+                           access_log=True)
+    return argv, d
 
 
 def _logged(d: str) -> int:
     try:
-        with open(os.path.join(d, "access.log"), "rb") as f:
+        with open(os.path.join(d, nginx.ACCESS_LOG), "rb") as f:
             return f.read().count(b"\n")
     except FileNotFoundError:
         return 0

@@ -17,6 +17,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import socket
 import sys
@@ -31,7 +32,7 @@ from mirrord_tun.mirror import delivery, spill, tcp_writer
 from mirrord_tun.mirror.reassembly import Flow
 from mirrord_tun.netns.namespace import NetNs
 from mirrord_tun.pump import Counters
-from mirrord_tun.sandbox import Sandbox
+from mirrord_tun.sandbox import Sandbox, nginx
 from test_mirror import (CLIENT, DELIVERY_TIMEOUT, HTTP_PORT, POD, Session, assert_all_mirrored,
                          assert_nothing_given_up, assert_nothing_leaked, assert_pod_answered, counters, pod_sandbox,
                          post)
@@ -161,40 +162,21 @@ def test_single_large_post_at_full_speed(sb: Sandbox, size: int) -> None:
     assert_nothing_given_up(s.log())
 
 
-_NGINX_CONF = """
-daemon off;
-master_process off;
-user root;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx.error.log;
-events {{ worker_connections 256; }}
-http {{
-    access_log {dir}/nginx.access.log;
-    client_body_temp_path {dir}/nginx.body;
-    proxy_temp_path {dir}/nginx.proxy;
-    client_max_body_size 0;
-    server {{
-        listen 0.0.0.0:{port};
-        location / {{ proxy_pass http://127.0.0.1:{upstream}; }}
-    }}
-}}
-"""
-
-
 @pytest.mark.skipif(not shutil.which("nginx"), reason="needs nginx")
 def test_nginx_logs_mirrored_requests_as_answered(sb: Sandbox) -> None:
     """nginx in front of the slow program: 200 in its log, not 499 (client closed first)."""
     d = Path(sb.dir)
-    (d / "nginx.conf").write_text(_NGINX_CONF.format(dir=d, port=HTTP_PORT, upstream=HTTP_PORT + 1))
+    argv = nginx.configure(str(d), f"0.0.0.0:{HTTP_PORT}", f"proxy_pass http://127.0.0.1:{HTTP_PORT + 1};",
+                           access_log=True, main="user root;", http="client_max_body_size 0;")
     (d / "slow_server.py").write_text(_SLOW_SERVER)
     # Upstream on 127.0.0.1 only: not mirrored itself (the mirror serves wildcard and pod listeners).
     both = (f"{PY} {d}/slow_server.py {HTTP_PORT + 1} {{record}} 127.0.0.1 & "
-            f"exec nginx -c {d}/nginx.conf")
+            f"exec {shlex.join(argv)}")
     with Session(sb, "nginx", ["sh", "-c", both]) as s:
         s.wait_mirroring()
         results = post(sb, 20, 10, 1024 * 1024, seed=17)
         assert_pod_answered(results)
-        log = d / "nginx.access.log"
+        log = d / nginx.ACCESS_LOG
         statuses = lambda: re.findall(r'" (\d{3}) ', log.read_text())  # noqa: E731
         assert wait_until(lambda: len(statuses()) > len(results), DELIVERY_TIMEOUT, 0.5), log.read_text()
         assert set(statuses()) == {"200"}, log.read_text()  # the probe's and every request's

@@ -17,6 +17,7 @@ from typing import Iterator
 
 import pytest
 
+from mirrord_tun.sandbox import nginx as nginx_conf
 from test_httpsteal import HOST, TIMEOUT, Proxy, _expect, _proxy, servers  # noqa: F401 - fixture
 
 MINE = "X-Dev: me"
@@ -70,28 +71,6 @@ def test_ab_http10_with_and_without_keep_alive(servers, proxy, mine: bool, keep_
     assert proxy.idle()
 
 
-_NGINX = """
-daemon off;
-master_process off;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    server {{
-        listen {host}:{port};
-        location / {{ proxy_pass http://{host}:{upstream}; }}
-    }}
-}}
-"""
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -104,9 +83,8 @@ def nginx(proxy: Proxy, tmp_path: Path) -> Iterator[int]:
     if not shutil.which("nginx"):
         pytest.skip("needs nginx (nginx-light)")
     port = _free_port()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(_NGINX.format(dir=tmp_path, host=HOST, port=port, upstream=proxy.port))
-    p = subprocess.Popen(["nginx", "-p", str(tmp_path), "-c", str(conf)],
+    argv = nginx_conf.configure(str(tmp_path), f"{HOST}:{port}", f"proxy_pass http://{HOST}:{proxy.port};")
+    p = subprocess.Popen(argv,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         for _ in range(100):
