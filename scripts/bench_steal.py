@@ -106,7 +106,7 @@ def measure(sb: Sandbox, requests: int = 300, body_mib: int = 64, env: dict[str,
         result: dict[str, Any] = {"requests": requests, "body_mib": body_mib,
                                   "direct": _client(sb, requests, body_mib)}
         argv = sb.run_args(*SERVER, "local")
-        argv[argv.index("--"):argv.index("--")] = ["--steal", "--http-header-filter", HEADER]
+        argv[argv.index("--"):argv.index("--")] = ["--steal", "--http-header-filter", HEADER, "--http-filter-ports", str(PORT)]
         run = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
         sb.procs.append(run)
