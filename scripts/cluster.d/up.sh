@@ -37,7 +37,9 @@ render() {  # template destination
 wait_for() {  # component seconds command...: until command succeeds, while component lives
     what=$1 deadline=$(( $(date +%s) + $2 )); shift 2
     while ! "$@" >/dev/null 2>&1; do
-        if ! alive "$what"; then
+        # Asked twice: while a component's `sh` execs it, /proc/PID/cmdline can read empty for an
+        # instant, and a loaded machine (CI) once lost a whole cluster to that false "exited".
+        if ! alive "$what" && { sleep 0.5; ! alive "$what"; }; then
             tail -n 20 "$RUN/log/$what.log" >&2 || true
             die "$what exited (log: $RUN/log/$what.log)"
         fi
