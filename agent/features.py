@@ -107,6 +107,7 @@ class Stealing(Feature):
         self._holder, self._ended = holder, ended  # ended(): the session is over (answer no more)
         self.steal: SessionSteal | None = None  # made by the first STEAL
         self._withdrawing: asyncio.Task[protocol.StealState] | None = None
+        self._answering: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak references
 
     @property
     def used(self) -> bool:
@@ -126,7 +127,9 @@ class Stealing(Feature):
             p = self._plane
             self.steal = SessionSteal(self._ns, p.table, p.pod_addrs, p.client_addr, self._holder, self._counters,
                                       pod_addrs6=p.pod_addrs6, client6=p.client_addr6)
-        asyncio.create_task(self._answer(self.steal, request))
+        task = asyncio.create_task(self._answer(self.steal, request))
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
 
     async def _answer(self, steal: SessionSteal, request: protocol.StealRequest) -> None:
         state = await steal.request(request)
