@@ -20,7 +20,7 @@ import sys
 import tempfile
 from typing import Awaitable, Callable
 
-from mirrord_tun import protocol
+from mirrord_tun import protocol, timing
 from mirrord_tun.connect import SetupError
 from mirrord_tun.mounts import Mounts
 from mirrord_tun.netns import exec as nsexec
@@ -47,7 +47,9 @@ class Command:
         try:
             return await self._run_command(ns, resolv)
         finally:
+            timing.mark("command exited")
             await _reap_namespace(ns)
+            timing.mark("namespace reaped")
             if resolv:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(resolv)
@@ -83,6 +85,7 @@ class Command:
         if resolv:
             # The bind mount holds the file now; unlinked, it cannot outlive a killed `run`.
             os.unlink(resolv)
+        timing.mark("command started")
         exited = asyncio.ensure_future(process_exit(proc.pid))
         pid.append(proc.pid)
         try:

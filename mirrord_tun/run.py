@@ -27,7 +27,7 @@ from typing import Awaitable, Callable
 
 import asyncssh
 
-from mirrord_tun import protocol
+from mirrord_tun import protocol, timing
 from mirrord_tun.command import Command
 from mirrord_tun.connect import printable
 from mirrord_tun.feature import Feature
@@ -97,21 +97,26 @@ class LocalSession:
         link = self.link
         self.progress.step("connecting to the agent…")
         await link.connect()  # 1
+        timing.mark("SSH connected")
         self.progress.step("connected; opening the tunnel…")
         welcome = await link.hello()
+        timing.mark("WELCOME received")
         self._announce(welcome)
         try:
             if self.mounts:  # 2
                 await link.features.start(MountsFeature(self.mounts, lambda: link.conn))
             tunnel = Tunnel(open_ns, steer, welcome, link.write, link.counters)
             await link.features.start(tunnel)  # 3
+            timing.mark("tunnel up")
             assert tunnel.ns is not None
             inbound = self._inbound(tunnel.ns, welcome)
             if inbound is not None:
                 await link.features.start(inbound)  # 4
+                timing.mark("inbound up")
             return await use(tunnel.ns, welcome)  # 5
         finally:
             await link.close()
+            timing.mark("session closed")
 
     async def until_lost(self, *others: asyncio.Future[object]) -> str | None:
         """Keep the tunnel up until one of `others` is done (None), resuming the session after a
