@@ -18,13 +18,15 @@ import signal
 import subprocess
 import sys
 import tempfile
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from mirrord_tun import protocol, timing
 from mirrord_tun.connect import SetupError
-from mirrord_tun.mounts import Mounts
 from mirrord_tun.netns import exec as nsexec
 from mirrord_tun.netns.namespace import NetNs, pids_in
+
+if TYPE_CHECKING:
+    from mirrord_tun.mounts import Mounts  # only with --mount, which imports it
 
 log = logging.getLogger("mirrord-ns")
 KILL_GRACE = 3.0
