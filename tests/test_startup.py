@@ -117,8 +117,8 @@ def test_in_a_namespace_we_joined_the_tun_is_removed_at_close() -> None:
         made.close()
 
 
-def test_a_plain_run_imports_no_steal_or_mount_code(tmp_path: Path) -> None:
-    """Imported only when --steal, an --http-*-filter or --mount asks for them (each costs
+def test_a_plain_run_imports_no_steal_mount_or_config_file_code(tmp_path: Path) -> None:
+    """Imported only when --steal, an --http-*-filter, --mount or -f asks for them (each costs
     `run -- true` milliseconds); checked up to where `run` reads its keys."""
     script = ("import atexit, sys\n"
               "atexit.register(lambda: print(' '.join(sorted(sys.modules))))\n"
@@ -133,4 +133,4 @@ def test_a_plain_run_imports_no_steal_or_mount_code(tmp_path: Path) -> None:
     loaded = set(r.stdout.split())
     assert "mirrord_tun.run" in loaded
     assert not loaded & {"mirrord_tun.stealer", "mirrord_tun.mounts", "mirrord_tun.sftprelay",
-                         "mirrord_tun.agent.steal.filters"}
+                         "mirrord_tun.agent.steal.filters", "tomllib"}
