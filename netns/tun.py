@@ -22,7 +22,8 @@ PLAIN_VNET_HDR = bytes(VNET_HDR_LEN)
 
 
 class Tun:
-    """An open TUN device; the device disappears when the fd is closed."""
+    """An open TUN device; the device disappears when the fd is closed (or, left to its
+    namespace with `close(with_namespace=True)`, when the namespace goes)."""
 
     def __init__(self, name: str) -> None:
         self._dev = pytun.TunTapDevice(
