@@ -133,4 +133,4 @@ def test_a_plain_run_imports_no_steal_mount_or_config_file_code(tmp_path: Path) 
     loaded = set(r.stdout.split())
     assert "mirrord_tun.run" in loaded
     assert not loaded & {"mirrord_tun.stealer", "mirrord_tun.mounts", "mirrord_tun.sftprelay",
-                         "mirrord_tun.agent.steal.filters", "tomllib"}
+                         "mirrord_tun.agent.steal.filters", "tomllib", "difflib"}
