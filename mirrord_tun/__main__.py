@@ -1,4 +1,4 @@
 """`python -m mirrord_tun`: the `mirrord-ns` command (children of `demo` and the tests start it so)."""
-from mirrord_tun.cli import main
+from mirrord_tun.cli import console
 
-main()
+console()

@@ -18,13 +18,15 @@ import signal
 import subprocess
 import sys
 import tempfile
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
-from mirrord_tun import protocol
+from mirrord_tun import protocol, timing
 from mirrord_tun.connect import SetupError
-from mirrord_tun.mounts import Mounts
 from mirrord_tun.netns import exec as nsexec
 from mirrord_tun.netns.namespace import NetNs, pids_in
+
+if TYPE_CHECKING:
+    from mirrord_tun.mounts import Mounts  # only with --mount, which imports it
 
 log = logging.getLogger("mirrord-ns")
 KILL_GRACE = 3.0
@@ -47,7 +49,9 @@ class Command:
         try:
             return await self._run_command(ns, resolv)
         finally:
+            timing.mark("command exited")
             await _reap_namespace(ns)
+            timing.mark("namespace reaped")
             if resolv:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(resolv)
@@ -83,6 +87,7 @@ class Command:
         if resolv:
             # The bind mount holds the file now; unlinked, it cannot outlive a killed `run`.
             os.unlink(resolv)
+        timing.mark("command started")
         exited = asyncio.ensure_future(process_exit(proc.pid))
         pid.append(proc.pid)
         try:

@@ -7,9 +7,7 @@ that names it is eager.
 """
 from __future__ import annotations
 
-import difflib
 import os
-import tomllib
 from typing import Any, Callable, TypeVar
 
 import click
@@ -44,6 +42,9 @@ def _use(ctx: click.Context, _param: click.Parameter, path: str | None) -> None:
 
 def read(path: str, command: click.Command) -> dict[str, Any]:
     """The file as a click `default_map` for `command`: values checked, relative paths made absolute."""
+    import difflib
+    import tomllib  # here: only a -f file needs them (~2 ms of every start)
+
     from mirrord_tun.kube.asuser import principal
 
     try:

@@ -10,7 +10,7 @@ import socket
 
 import asyncssh
 
-from mirrord_tun import protocol, sshfast, sshopts
+from mirrord_tun import protocol, sshfast, sshopts, timing
 from mirrord_tun.channel import FrameSession
 
 CONNECT_TIMEOUT = 10
@@ -64,6 +64,7 @@ def load_keys(identity: str, host_key: str) -> tuple[asyncssh.SSHKey, asyncssh.S
         pinned = asyncssh.import_public_key(_content(got[host_key]))
     except (OSError, asyncssh.KeyImportError) as e:
         raise SetupError(f"cannot read agent host key {host_key}: {getattr(e, 'strerror', None) or e}") from None
+    timing.mark("keys read")
     return key, pinned
 
 

@@ -22,7 +22,7 @@ from mirrord_tun.kube.commands import complete_context, complete_namespace, comp
 if TYPE_CHECKING:
     from mirrord_tun.kube.session import KubeOptions
     from mirrord_tun.mounts import Mounts
-    from mirrord_tun.stealer import HttpFilterSpec, StealOptions
+    from mirrord_tun.stealer import StealOptions
 
 SERVE_FS_KINDS = ("fuse", "nfs", "smb", "9p", "ceph", "afs", "cluster", "all")  # agent/fsview.py's KINDS
 
@@ -207,6 +207,21 @@ class MirrorArgs:
 
 
 @dataclass(frozen=True)
+class HttpFilterSpec:
+    """The --http-*-filter options as given (checked with steal.filters.HttpFilter.compile)."""
+
+    header: str | None = None
+    path: str | None = None
+    method: str | None = None
+    all_of: tuple[tuple[str, str], ...] = ()  # (kind, pattern)
+    any_of: tuple[tuple[str, str], ...] = ()
+    ports: tuple[int, ...] = ()  # --http-filter-ports; empty: DEFAULT_HTTP_PORTS and every --port
+
+    def given(self) -> bool:
+        return any((self.header is not None, self.path is not None, self.method is not None, self.all_of, self.any_of))
+
+
+@dataclass(frozen=True)
 class StealArgs:
     """--steal, --port, --steal-exclude and the --http-*-filter options."""
 
@@ -257,11 +272,11 @@ def _steal_excludes(_ctx: click.Context, _param: click.Parameter, specs: tuple[s
 
 def _regex(_ctx: click.Context, param: click.Parameter, pattern: str | None) -> str | None:
     """A regex the agent will accept, checked here: a bad one must fail before the pod changes."""
+    if pattern is None:
+        return None
     from mirrord_tun.agent.steal.filters import HttpFilter
     from mirrord_tun.protocol import MAX_REGEX
 
-    if pattern is None:
-        return None
     if len(pattern) > MAX_REGEX:
         raise click.BadParameter(f"at most {MAX_REGEX} characters")
     try:
@@ -274,6 +289,8 @@ def _regex(_ctx: click.Context, param: click.Parameter, pattern: str | None) -> 
 
 
 def _singles(_ctx: click.Context, param: click.Parameter, specs: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    if not specs:
+        return ()
     from mirrord_tun.agent.steal.filters import parse_single
     from mirrord_tun.protocol import MAX_REGEX, MAX_SINGLE_FILTERS
 
@@ -291,9 +308,7 @@ def _singles(_ctx: click.Context, param: click.Parameter, specs: tuple[str, ...]
 
 
 def _http_filter(kw: dict[str, Any]) -> HttpFilterSpec:
-    """The --http-*-filter options as one run.HttpFilterSpec, removed from the command's arguments."""
-    from mirrord_tun.stealer import HttpFilterSpec
-
+    """The --http-*-filter options as one HttpFilterSpec, removed from the command's arguments."""
     header, path, ignore_case, method, all_of, any_of, ports = (kw.pop(n) for n in (
         "http_header_filter", "http_path_filter", "http_path_filter_ignore_case", "http_method_filter",
         "http_filter_all_of", "http_filter_any_of", "http_filter_ports"))

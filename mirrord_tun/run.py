@@ -23,24 +23,26 @@ import asyncio
 import logging
 import socket
 import sys
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 import asyncssh
 
-from mirrord_tun import protocol
+from mirrord_tun import protocol, timing
 from mirrord_tun.command import Command
 from mirrord_tun.connect import printable
 from mirrord_tun.feature import Feature
 from mirrord_tun.link import AgentLink
 from mirrord_tun.mirror.delivery import SPILL_LIMIT
 from mirrord_tun.mirror.feature import mirror_feature
-from mirrord_tun.mounts import Mounts, MountsFeature
 from mirrord_tun.netns import links
 from mirrord_tun.netns.namespace import NetNs
 from mirrord_tun.progress import QUIET
 from mirrord_tun.reconnect import keep_up
-from mirrord_tun.stealer import Stealer, StealOptions
 from mirrord_tun.tunnel import Steer, Tunnel
+
+if TYPE_CHECKING:  # imported where used: `run -- true` pays for neither
+    from mirrord_tun.mounts import Mounts
+    from mirrord_tun.stealer import StealOptions
 
 log = logging.getLogger("mirrord-ns")
 
@@ -97,21 +99,28 @@ class LocalSession:
         link = self.link
         self.progress.step("connecting to the agent…")
         await link.connect()  # 1
+        timing.mark("SSH connected")
         self.progress.step("connected; opening the tunnel…")
         welcome = await link.hello()
+        timing.mark("WELCOME received")
         self._announce(welcome)
         try:
             if self.mounts:  # 2
+                from mirrord_tun.mounts import MountsFeature
+
                 await link.features.start(MountsFeature(self.mounts, lambda: link.conn))
             tunnel = Tunnel(open_ns, steer, welcome, link.write, link.counters)
             await link.features.start(tunnel)  # 3
+            timing.mark("tunnel up")
             assert tunnel.ns is not None
             inbound = self._inbound(tunnel.ns, welcome)
             if inbound is not None:
                 await link.features.start(inbound)  # 4
+                timing.mark("inbound up")
             return await use(tunnel.ns, welcome)  # 5
         finally:
             await link.close()
+            timing.mark("session closed")
 
     async def until_lost(self, *others: asyncio.Future[object]) -> str | None:
         """Keep the tunnel up until one of `others` is done (None), resuming the session after a
@@ -133,6 +142,8 @@ class LocalSession:
         """Steal, or the mirror, or (neither asked for or possible) nothing."""
         link = self.link
         if self.steal is not None:
+            from mirrord_tun.stealer import Stealer
+
             self.steal.check_agent(welcome.version)
             return Stealer(ns, welcome.client_addrs, self.steal, link.write, link.counters, lambda: link.up)
         if self.mirror_ports is None:

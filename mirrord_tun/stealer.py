@@ -19,6 +19,7 @@ from mirrord_tun.feature import Feature, Handler
 from mirrord_tun.mirror.ports import POLL_INTERVAL, steal_ports
 from mirrord_tun.netns import routes, sockdiag
 from mirrord_tun.netns.namespace import NetNs
+from mirrord_tun.options import HttpFilterSpec
 from mirrord_tun.protocol import AgentMsg
 from mirrord_tun.pump import Counters
 from mirrord_tun.tunnel import TUN_NAME
@@ -28,21 +29,6 @@ STEAL_ANSWER_TIMEOUT = 15  # for the agent's STEAL_STATE (a liveness bound)
 UNSTEAL_WAIT = 0.5  # at the end, for the agent to confirm it gave the ports back
 
 DEFAULT_HTTP_PORTS = (80, 8080)  # mirrord's http_filter.ports default
-
-
-@dataclasses.dataclass(frozen=True)
-class HttpFilterSpec:
-    """The --http-*-filter options as given (checked with steal.filters.HttpFilter.compile)."""
-
-    header: str | None = None
-    path: str | None = None
-    method: str | None = None
-    all_of: tuple[tuple[str, str], ...] = ()  # (kind, pattern)
-    any_of: tuple[tuple[str, str], ...] = ()
-    ports: tuple[int, ...] = ()  # --http-filter-ports; empty: DEFAULT_HTTP_PORTS and every --port
-
-    def given(self) -> bool:
-        return any((self.header is not None, self.path is not None, self.method is not None, self.all_of, self.any_of))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -50,7 +50,7 @@ class Tunnel(Feature):
         if self._pump:
             self._pump.stop()
         if self._tun is not None:
-            self._tun.close()
+            self._tun.close(with_namespace=self.ns is not None and self.ns.private)
         if self.ns is not None:
             try:
                 if self._undo is not None:

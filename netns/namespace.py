@@ -55,6 +55,10 @@ class NetNs:
 
     def __init__(self, path: str | None) -> None:
         self._path = path
+        # Made here (`new`): it lives only as long as this object and the processes put in it, and
+        # whatever is configured in it (routes, nft tables, addresses, a TUN) goes with it, so
+        # nothing needs undoing in it at the end.
+        self.private = path is None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="netns")
         self.fd: int = self._pool.submit(self._enter).result()
 

@@ -22,7 +22,8 @@ PLAIN_VNET_HDR = bytes(VNET_HDR_LEN)
 
 
 class Tun:
-    """An open TUN device; the device disappears when the fd is closed."""
+    """An open TUN device; the device disappears when the fd is closed (or, left to its
+    namespace with `close(with_namespace=True)`, when the namespace goes)."""
 
     def __init__(self, name: str) -> None:
         self._dev = pytun.TunTapDevice(
@@ -33,7 +34,12 @@ class Tun:
         fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
         os.set_blocking(self.fd, False)
 
-    def close(self) -> None:
+    def close(self, with_namespace: bool = False) -> None:
+        """`with_namespace`: leave the device to its namespace, which removes it when it goes, in
+        the kernel's background work; for a namespace that goes with this process. Closing the
+        last fd of a TUN unregisters it there and then, waiting 10-20 ms for RCU grace periods."""
         if self.fd >= 0:
+            if with_namespace:
+                self._dev.persist(True)
             self._dev.close()
             self.fd = -1
