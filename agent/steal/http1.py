@@ -34,8 +34,12 @@ pauses while an upstream or the client cannot take more (asyncio's write-buffer
 marks), and while a pipelined request waits: a connection holds at most one head.
 
 Errors end the client connection quietly (400 for a malformed request, 502 when
-the upstream cannot be opened or fails before its response began); no traceback
-is logged at default level.
+the upstream cannot be opened or its response cannot be framed); no traceback
+is logged at default level. An upstream that closes is mirrored where the client
+would have seen that close without the proxy: one closed before answering a
+request ends the client connection without a response (a kept-alive request
+racing the server's idle timeout is what clients retry), and one that closes
+its idle keep-alive connection between requests ends the client's too.
 """
 from __future__ import annotations
 
@@ -427,11 +431,29 @@ class HttpProxy(_Requests):
         elif self.response is not None and link is self.response_link:
             if self.response.until_close():
                 self._response_done(link, Response.DONE)
+            elif not self.response.started and link.reusable:  # (not one we closed: it sent bytes unasked)
+                # As without the proxy, the client sees the close: a 502 it would take for the
+                # server's answer, where a close after a kept-alive request (the server's idle
+                # timeout racing the request) is what clients retry.
+                self.counters["steal_upstream_closed_unanswered"] += 1
+                self.response = None
+                self._end("upstream closed before answering")
             else:
                 self._bad_gateway("upstream closed before its response ended")
+        elif self.links.get(link.key) is link:
+            self._idle_link_closed(link)
+
+    def _idle_link_closed(self, link: Link) -> None:
+        """An upstream closed the connection kept alive for this client's next request (an idle
+        timeout): between requests the client connection closes too, as it would without the
+        proxy, instead of staying open, unbounded in time, on a connection the server gave up."""
+        if link.reused and self.state == HEAD and self.response is None and not self.buf:
+            self.counters["steal_upstream_idle_closes"] += 1
+            self._end("upstream closed an idle keep-alive connection")
 
     def upstream_lost(self, link: Link) -> None:
-        if self.links.get(link.key) is link:
+        kept = self.links.get(link.key) is link
+        if kept:
             del self.links[link.key]
         self.resume_client(f"link {id(link)}")
         if self.state == H2:
@@ -440,6 +462,8 @@ class HttpProxy(_Requests):
             self._end("upstream gone")
         elif self.response is not None and link is self.response_link:
             self.upstream_eof(link)
+        elif kept:
+            self._idle_link_closed(link)
 
     def _response_done(self, link: Link, outcome: str) -> None:
         response, self.response = self.response, None
@@ -459,6 +483,7 @@ class HttpProxy(_Requests):
             if self.client_eof:  # the client finished before the switch: the upstream hears it now
                 self.eof_received()
             return
+        link.reused = outcome == Response.KEEP
         if outcome != Response.KEEP or response.until_close():
             link.reusable = False
             link.close()
