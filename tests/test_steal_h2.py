@@ -70,11 +70,14 @@ class _Serve(asyncio.Protocol):
             out = _answer(f"{self.name}-http1", method, path, b"")
             self.t.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(out), out))  # type: ignore[attr-defined]
             return self._http1()
+        length = int(headers.get("content-length", "0"))  # the upgrade request's body comes whole first
+        if len(rest) < length:
+            return
         self.http1 = None
         self.t.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")  # type: ignore[attr-defined]
         self.c.initiate_upgrade_connection(headers["http2-settings"].encode())
-        self._respond(1, {":method": method, ":path": path}, b"")
-        self._h2(rest)
+        self._respond(1, {":method": method, ":path": path}, rest[:length])
+        self._h2(rest[length:])
 
     def _h2(self, data: bytes) -> None:
         for e in self.c.receive_data(data):
@@ -249,6 +252,39 @@ def test_curl_h2c_upgrade_is_split_per_stream(upgrade_proxy: tuple[Proxy, H2Serv
     assert proxy.counters["steal_h2c_upgrades"] == 1
     assert proxy.counters["steal_h2_streams_local"] + proxy.counters["steal_h2_streams_pod"] == 3
     assert not proxy.failures and proxy.idle()
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
+@pytest.mark.parametrize("first", ["/mine/up", "/other/up"])
+def test_curl_h2c_upgrade_request_with_a_body(upgrade_proxy: tuple[Proxy, H2Server], first: str,
+                                              tmp_path) -> None:
+    """curl --http2 -d: the upgrade request carries a 100 kB body (sent whole before the switch,
+    RFC 7540 §3.2); it and the next stream on the same connection each go where their path says."""
+    proxy, _ = upgrade_proxy
+    body = os.urandom(100_000)
+    (tmp_path / "body").write_bytes(body)
+    paths = [first, "/other/two" if first.startswith("/mine") else "/mine/two"]
+    r = subprocess.run(["curl", "-sS", "--fail", "--http2", "--data-binary", f"@{tmp_path / 'body'}",
+                        "-w", "%{http_version} %{num_connects}\n", *(f"http://{HOST}:{proxy.port}{p}" for p in paths)],
+                       capture_output=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"".join(_answer("local" if p.startswith("/mine") else "pod", "POST", p, body) + info
+                                for p, info in zip(paths, (b"2 1\n", b"2 0\n")))
+    assert proxy.counters["steal_h2c_upgrades"] == 1 and not proxy.failures and proxy.idle()
+
+
+@pytest.mark.skipif(not shutil.which("h2load"), reason="needs h2load (nghttp2-client)")
+@pytest.mark.parametrize("mine", [True, False])
+def test_h2load_many_concurrent_streams(h2proxy: Proxy, mine: bool, tmp_path) -> None:
+    """h2load: 2 connections, 100 streams in flight on each, bodies past the initial windows."""
+    (tmp_path / "body").write_bytes(os.urandom(100_000))
+    r = subprocess.run(["h2load", "-n", "400", "-c", "2", "-m", "100", "-d", str(tmp_path / "body"),
+                        "-H", "x-dev: me" if mine else "x-dev: no", f"http://{HOST}:{h2proxy.port}/load"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "400 succeeded, 0 failed, 0 errored, 0 timeout" in r.stdout, r.stdout
+    assert "status codes: 400 2xx" in r.stdout, r.stdout
+    assert h2proxy.counters["steal_h2_streams_local" if mine else "steal_h2_streams_pod"] == 400
 
 
 @pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
