@@ -269,6 +269,7 @@ def test_a_100_mb_answer_to_a_slow_reader_holds_bounded_memory(session: tuple[Sa
     got, growth = map(int, _py(sb, _SLOW, str(HTTP), header, str(agent.worker())).split())
     head = len("HTTP/1.1 200 OK\r\nContent-Length: 104857600\r\n")
     assert got > 100 << 20 and got - (100 << 20) < head + 200
+    print(f"\n100 MB to a slow reader ({name}): the agent worker's RSS grew {growth} kB")
     assert growth < 32 << 10, f"the agent grew {growth} kB while a 100 MB answer waited for its reader"
 
 
