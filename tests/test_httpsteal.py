@@ -446,6 +446,21 @@ def test_a_server_closing_an_idle_keep_alive_closes_the_client_connection_too(se
 
 
 @pytest.mark.parametrize("mine", [True, False])
+def test_a_response_saying_close_ends_the_connection_and_what_was_pipelined_after_it(servers, proxy, mine):
+    """As the server alone would: it closes after `Connection: close`, so the POST pipelined
+    behind that request is never run (the client, told so, sends it again elsewhere)."""
+    pod, local = servers
+    header = b"x-dev: me\r\n" if mine else b""
+    with _connect(proxy.port) as s:
+        s.sendall(b"GET /close HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n"
+                  b"POST /second HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n" + header + b"\r\nhi")
+        answer = _recv_all(s)
+    assert answer.count(b"HTTP/1.1 ") == 1 and answer.endswith(_expect("local" if mine else "pod", "GET", "/close", b""))
+    assert [r[1] for r in (local if mine else pod).requests] == ["/close"] and not (pod if mine else local).requests
+    assert proxy.idle()
+
+
+@pytest.mark.parametrize("mine", [True, False])
 def test_a_server_closing_without_answering_is_a_close_for_the_client_not_a_502(servers, proxy, mine):
     header = b"x-dev: me\r\n" if mine else b""
     want = _expect("local" if mine else "pod", "GET", "/a", b"")

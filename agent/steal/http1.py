@@ -487,7 +487,10 @@ class HttpProxy(_Requests):
         if outcome != Response.KEEP or response.until_close():
             link.reusable = False
             link.close()
-            if response.until_close() or self.state == BODY:
+            # A server that said close (or 1.0 without keep-alive) closes the client's connection
+            # too: a pipelined request after it must not run where, without us, it never would.
+            if response.until_close() or self.state == BODY or response.head is not None \
+                    and not response.head.keep_alive:
                 return self._end("response ended with its connection")
         if self.state == WAIT:
             self._next()
