@@ -92,6 +92,12 @@ class _Serve(asyncio.Protocol):
 
     def _respond(self, sid: int, headers: dict, body: bytes) -> None:
         out = _answer(self.name, headers[":method"], headers[":path"], body)
+        if headers[":path"].startswith("/push") and self.c.remote_settings.enable_push:  # as servers with push do
+            promised = self.c.get_next_available_stream_id()
+            self.c.push_stream(sid, promised, [(":method", "GET"), (":path", "/pushed"), (":scheme", "http"),
+                                               (":authority", "x")])
+            self.c.send_headers(promised, [(":status", "200")])
+            self.c.send_data(promised, b"p" * 40_000, end_stream=True)  # two fill a connection's first window
         streaming = headers[":path"].startswith("/stream")
         self.c.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc" if streaming else "text/plain")])
         if streaming:
@@ -215,6 +221,17 @@ def test_curl_http2_prior_knowledge(h2proxy: Proxy, mine: bool) -> None:
                        capture_output=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
     assert r.stdout == _answer("local" if mine else "pod", "POST", "/grpc.Svc/Call", b"hello")
+
+
+@pytest.mark.parametrize("mine", [True, False])
+def test_a_server_that_pushes_never_stalls_the_connection(h2proxy: Proxy, mine: bool) -> None:
+    """The proxy declares no push to its upstreams (a pushed stream answers no client request,
+    and its unacknowledged DATA would use up the connection's window): a server that pushes
+    40 kB with each answer when allowed serves every stream of the connection."""
+    paths = [f"/push/{i}" for i in range(4)]
+    out = _exchange(h2proxy.port, [("GET", p, [("x-dev", "me" if mine else "no")], []) for p in paths])
+    assert [o["body"] for o in out.values()] == [_answer("local" if mine else "pod", "GET", p, b"") for p in paths]
+    assert not h2proxy.failures and h2proxy.idle()
 
 
 def _curl_h2c(port: int, *paths: str) -> tuple[list[str], str]:

@@ -35,6 +35,10 @@ from mirrord_tun.agent.steal.upstream import Link
 
 log = logging.getLogger("mirrord-ns.agent")
 
+# The proxy's side of every upstream connection: no server push. A pushed stream has no client
+# request to answer, and its DATA, never acknowledged, would use up the connection's window and
+# stall every other stream on it.
+_NO_PUSH = {h2.settings.SettingCodes.ENABLE_PUSH: 0}
 Chooser = Callable[[object], object]  # http1.Chooser, taking an http1.RequestHead
 
 
@@ -133,6 +137,8 @@ class _Relay:
         up.max_inbound_frame_size = up.incoming_buffer.max_frame_size = ours.max_frame_size
         up.decoder.max_allowed_table_size = ours.header_table_size
         up.initiate_upgrade_connection()
+        if ours.enable_push:
+            up.update_settings(_NO_PUSH)
         self.ups[id(link)] = (link, up)
         stream = self.streams[1] = _Stream(1)
         stream.link, stream.up, stream.up_id, stream.ended = link, up, 1, True
@@ -232,6 +238,7 @@ class H2Router(_Relay):
         """`link`'s HTTP/2 client connection, made on first use."""
         if id(link) not in self.ups:
             up = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+            up.local_settings = h2.settings.Settings(client=True, initial_values=_NO_PUSH)
             up.initiate_connection()
             self.ups[id(link)] = (link, up)
         return self.ups[id(link)][1]
@@ -255,7 +262,11 @@ class H2Router(_Relay):
         if isinstance(event, h2.events.WindowUpdated):
             for s in ([stream] if stream else [s for s in self.streams.values() if s.link is link]):
                 self._pump_up(s)
+        elif isinstance(event, h2.events.PushedStreamReceived):  # refused, as _NO_PUSH said
+            self._quiet(lambda: up.reset_stream(event.pushed_stream_id, h2.errors.ErrorCodes.REFUSED_STREAM))
         elif stream is None:
+            if isinstance(event, h2.events.DataReceived):  # a stream we let go: its bytes must not hold the window
+                self._quiet(lambda: up.acknowledge_received_data(event.flow_controlled_length, event.stream_id))
             return
         elif isinstance(event, h2.events.ResponseReceived):
             self._quiet(lambda: self.down.send_headers(stream.down_id, event.headers))
