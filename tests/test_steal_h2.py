@@ -21,6 +21,7 @@ from typing import Iterator
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 
 from test_httpsteal import HOST, TIMEOUT, Proxy
@@ -38,12 +39,15 @@ class _Serve(asyncio.Protocol):
     §3.2: a 101, then that request answered on stream 1); HTTP/1.1 without Upgrade is answered
     in HTTP/1.1 (`upgrade=False`: never switches, as an HTTP/1.1-only server)."""
 
-    def __init__(self, name: str, upgrade: bool = True) -> None:
-        self.name, self.upgrade = name, upgrade
+    def __init__(self, name: str, upgrade: bool = True, max_streams: int | None = None) -> None:
+        self.name, self.upgrade, self.max_streams = name, upgrade, max_streams
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.t = transport
         self.c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        if self.max_streams is not None:  # enforced: one stream past it is a protocol error
+            self.c.local_settings = h2.settings.Settings(
+                client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams})
         self.requests: dict[int, list] = {}
         self.http1 = b""  # bytes of an HTTP/1.1 request, until we know which protocol this is
 
@@ -118,13 +122,18 @@ def serve_forever(name: str, port: int) -> None:
 
 
 class H2Server:
-    def __init__(self, name: str, upgrade: bool = True) -> None:
+    def __init__(self, name: str, upgrade: bool = True, max_streams: int | None = None) -> None:
         self.loop = asyncio.new_event_loop()
+        self.accepted = 0  # connections
         ready = threading.Event()
+
+        def serve() -> _Serve:
+            self.accepted += 1
+            return _Serve(name, upgrade, max_streams)
 
         def run() -> None:
             asyncio.set_event_loop(self.loop)
-            self.server = self.loop.run_until_complete(self.loop.create_server(lambda: _Serve(name, upgrade), HOST, 0))
+            self.server = self.loop.run_until_complete(self.loop.create_server(serve, HOST, 0))
             self.port = self.server.sockets[0].getsockname()[1]
             ready.set()
             self.loop.run_forever()
@@ -232,6 +241,28 @@ def test_a_server_that_pushes_never_stalls_the_connection(h2proxy: Proxy, mine: 
     out = _exchange(h2proxy.port, [("GET", p, [("x-dev", "me" if mine else "no")], []) for p in paths])
     assert [o["body"] for o in out.values()] == [_answer("local" if mine else "pod", "GET", p, b"") for p in paths]
     assert not h2proxy.failures and h2proxy.idle()
+
+
+@pytest.mark.parametrize("mine", [True, False])
+def test_streams_past_the_servers_concurrency_limit_wait_for_room(mine: bool) -> None:
+    """The client may open as many streams as the proxy allows, more than a server that allows
+    two at once: the proxy holds the rest until that server's streams end, as a client told the
+    server's own limit would, all on one connection to that server, as the client's."""
+    pod, local = H2Server("pod", max_streams=2), H2Server("local", max_streams=2)
+    proxy = Proxy(pod.port, local.port, HttpFilter.compile("^x-dev: me$", None))
+    try:
+        paths = [f"/s{i}" for i in range(8)]
+        # bodies in two frames, the second sent a turn later: all 8 streams are open at once
+        out = _exchange(proxy.port, [("POST", p, [("x-dev", "me" if mine else "no")], [p.encode(), b"."])
+                                     for p in paths])
+        assert [o["body"] for o in out.values()] == [_answer("local" if mine else "pod", "POST", p, p.encode() + b".")
+                                                     for p in paths]
+        assert (local if mine else pod).accepted == 1  # the streams that came together share a connection
+        assert proxy.idle()
+    finally:
+        proxy.stop()
+        pod.stop()
+        local.stop()
 
 
 def _curl_h2c(port: int, *paths: str) -> tuple[list[str], str]:

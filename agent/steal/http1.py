@@ -113,6 +113,7 @@ class _Client(asyncio.Protocol):
         self.paused: set[str] = set()
         self.timer: asyncio.TimerHandle | None = None
         self.opening: set[asyncio.Task[None]] = set()
+        self.waiting: dict[object, list[Callable[[Link], None]]] = {}  # by opener: who waits for its link
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
@@ -161,32 +162,40 @@ class _Client(asyncio.Protocol):
         self.transport.abort()
 
     def _use(self, opener: Opener, then: Callable[[Link], None]) -> None:
-        """Call `then` with an open link of `opener`: the idle one, or a new one."""
+        """Call `then` with an open link of `opener`: the idle one, the one opening (HTTP/2
+        streams arriving together share one connection, as the client's), or a new one."""
         link = self.links.get(opener)
         if link is not None and link.idle():
             return then(link)
+        if opener in self.waiting:
+            self.waiting[opener].append(then)
+            return
         if link is not None:
             link.close()
         self.pause_client("opening")
-        task = self.loop.create_task(self._open(opener, then))
+        self.waiting[opener] = [then]
+        task = self.loop.create_task(self._open(opener))
         self.opening.add(task)
         task.add_done_callback(self.opening.discard)
 
-    async def _open(self, opener: Opener, then: Callable[[Link], None]) -> None:
+    async def _open(self, opener: Opener) -> None:
         link = Link(self, opener)
         try:
             await opener(lambda: link)
         except (OSError, asyncio.TimeoutError) as e:
+            self.waiting.pop(opener, None)
             if self.state != CLOSED:
                 self._refuse(502, "Bad Gateway", f"cannot open upstream: {e!r}", "steal_bad_gateway",
                              http=self.state != RAW)
             return
+        waiting = self.waiting.pop(opener, [])
         if self.state == CLOSED:
             link.close()
             return
         self.links[opener] = link
         self.resume_client("opening")
-        then(link)
+        for then in waiting:
+            then(link)
 
     def _passthrough(self, counter: str) -> None:
         """The rest of the connection, the bytes read included, to the pod untouched (its idle

@@ -64,6 +64,11 @@ class _Relay:
         self.ups: dict[int, tuple[Link, h2.connection.H2Connection]] = {}  # by id(link)
         self.streams: dict[int, _Stream] = {}  # by down stream id
         self.by_up: dict[tuple[int, int], _Stream] = {}  # (id(link), up stream id)
+        # Streams waiting for room on an upstream, by id(link): until its server's SETTINGS came
+        # (its concurrency limit) and while it has that many streams open. The client was told
+        # our limit, not the server's: without this wait the server refuses the ones past its own.
+        self.waiting: dict[int, collections.deque[tuple[_Stream, Callable[[Link], None]]]] = {}
+        self.settled: set[int] = set()  # id(link) of upstreams whose SETTINGS came
 
     def _pump_up(self, stream: _Stream) -> None:
         if stream.up is not None:
@@ -107,6 +112,19 @@ class _Relay:
         self.streams.pop(stream.down_id, None)
         if stream.link is not None:
             self.by_up.pop((id(stream.link), stream.up_id), None)
+            self._admit(stream.link)
+
+    def _room(self, link: Link) -> bool:
+        up = self._up(link)
+        return id(link) in self.settled and up.open_outbound_streams < up.remote_settings.max_concurrent_streams
+
+    def _admit(self, link: Link) -> None:
+        """Start the streams waiting for `link` that its server's limit now allows."""
+        queue = self.waiting.get(id(link))
+        while queue and self._room(link):
+            stream, start = queue.popleft()
+            if self.streams.get(stream.down_id) is stream:  # not reset by the client meanwhile
+                start(link)
 
     @staticmethod
     def _quiet(action: Callable[[], object]) -> None:
@@ -194,6 +212,7 @@ class H2Router(_Relay):
             stream = self.streams.pop(event.stream_id, None)
             if stream is not None and stream.up is not None:
                 self._quiet(lambda: stream.up.reset_stream(stream.up_id, event.error_code))
+                self._forget(stream)
         elif isinstance(event, h2.events.WindowUpdated):
             for stream in ([self.streams[event.stream_id]] if event.stream_id in self.streams else
                            list(self.streams.values())):
@@ -216,6 +235,9 @@ class H2Router(_Relay):
             stream.ended = True
 
         def start(link: Link) -> None:
+            if not self._room(link):
+                self.waiting.setdefault(id(link), collections.deque()).append((stream, start))
+                return self._flush_all()  # a new link's preface: its server may wait for it to say SETTINGS
             up = self._up(link)
             stream.link, stream.up, stream.up_id = link, up, up.get_next_available_stream_id()
             self.by_up[(id(link), stream.up_id)] = stream
@@ -259,7 +281,10 @@ class H2Router(_Relay):
             link.reusable = False  # GOAWAY: its streams finish, new ones get a new connection
             return
         stream = self.by_up.get((id(link), getattr(event, "stream_id", 0) or 0))
-        if isinstance(event, h2.events.WindowUpdated):
+        if isinstance(event, h2.events.RemoteSettingsChanged):
+            self.settled.add(id(link))
+            self._admit(link)
+        elif isinstance(event, h2.events.WindowUpdated):
             for s in ([stream] if stream else [s for s in self.streams.values() if s.link is link]):
                 self._pump_up(s)
         elif isinstance(event, h2.events.PushedStreamReceived):  # refused, as _NO_PUSH said
@@ -288,6 +313,10 @@ class H2Router(_Relay):
 
     def upstream_lost(self, link: Link) -> None:
         self.ups.pop(id(link), None)
+        self.settled.discard(id(link))
+        for stream, _ in self.waiting.pop(id(link), ()):
+            self.streams.pop(stream.down_id, None)
+            self._quiet(lambda: self.down.reset_stream(stream.down_id, h2.errors.ErrorCodes.REFUSED_STREAM))
         for stream in [s for s in self.streams.values() if s.link is link]:
             self._forget(stream)
             self._quiet(lambda: self.down.reset_stream(stream.down_id, h2.errors.ErrorCodes.REFUSED_STREAM))
