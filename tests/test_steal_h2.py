@@ -321,6 +321,39 @@ def test_curl_h2c_upgrade_request_with_a_body(upgrade_proxy: tuple[Proxy, H2Serv
     assert proxy.counters["steal_h2c_upgrades"] == 1 and not proxy.failures and proxy.idle()
 
 
+# java.net.http's HttpClient asked for HTTP/2 on http://: the first request (a 100 kB POST)
+# carries `Upgrade: h2c`, the next three go on the upgraded connection; x-dev alternates.
+_JAVA = """
+import java.net.URI;
+import java.net.http.*;
+import java.time.Duration;
+public class H2c {
+    public static void main(String[] a) throws Exception {
+        HttpClient c = HttpClient.newBuilder().version(HttpClient.Version.HTTP_2).build();
+        for (int i = 0; i < 4; i++) {
+            HttpRequest.Builder b = HttpRequest.newBuilder(URI.create(a[0] + "/j" + i))
+                .header("x-dev", i % 2 == 0 ? "me" : "no").timeout(Duration.ofSeconds(20));
+            b = i == 0 ? b.POST(HttpRequest.BodyPublishers.ofString("x".repeat(100000))) : b.GET();
+            HttpResponse<String> r = c.send(b.build(), HttpResponse.BodyHandlers.ofString());
+            System.out.print(r.version() + " " + r.body());
+        }
+    }
+}
+"""
+
+
+@pytest.mark.skipif(not shutil.which("java"), reason="needs java (a JDK: single-file source launch)")
+def test_java_httpclient_h2c_upgrade_with_a_body_then_streams_routed_apart(h2proxy: Proxy, tmp_path) -> None:
+    (tmp_path / "H2c.java").write_text(_JAVA)
+    r = subprocess.run(["java", str(tmp_path / "H2c.java"), f"http://{HOST}:{h2proxy.port}"],
+                       capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"".join(b"HTTP_2 " + _answer(name, method, f"/j{i}", b"x" * 100_000 if i == 0 else b"")
+                                for i, (name, method) in enumerate([("local", "POST"), ("pod", "GET"),
+                                                                    ("local", "GET"), ("pod", "GET")]))
+    assert h2proxy.counters["steal_h2c_upgrades"] == 1 and h2proxy.counters["steal_http2"] == 1
+
+
 @pytest.mark.skipif(not shutil.which("h2load"), reason="needs h2load (nghttp2-client)")
 @pytest.mark.parametrize("mine", [True, False])
 def test_h2load_many_concurrent_streams(h2proxy: Proxy, mine: bool, tmp_path) -> None:
