@@ -358,6 +358,30 @@ class _Requests(_Client):
         data, self.buf = bytes(self.buf), bytearray()
         self.h2.client_data(data)
 
+    def _h2c(self, link: Link, settings: bytes, upstream_bytes: bytes) -> bool:
+        """The upstream switched the client's `Upgrade: h2c` request to HTTP/2: from here each
+        stream is routed by the filter (http2.py), stream 1 (the upgrade request's response)
+        staying with `link`; False (relayed raw then) if the client's HTTP2-Settings are bad."""
+        self.h2 = H2Router(self.transport, self.choose, self.pod, self._use, _h2_request_head, self.counters,
+                           self._end)
+        if not self.h2.upgraded(link, settings):
+            return False
+        self.counters["steal_http2"] += 1
+        self.counters["steal_h2c_upgrades"] += 1
+        self.state = H2
+        for other in [other for other in self.links.values() if other is not link]:
+            other.reusable = False  # HTTP/1 keep-alive links cannot carry HTTP/2
+            other.close()
+        self.links = {link.key: link}
+        data, self.buf = bytes(self.buf), bytearray()
+        if upstream_bytes:
+            self.h2.upstream_data(link, upstream_bytes)
+        if data:
+            self.h2.client_data(data)
+        if self.client_eof:
+            self._end("client closed")
+        return True
+
     def _head_too_slow(self) -> None:
         self.timer = None
         self._refuse(408, "Request Timeout", "request head too slow", "steal_head_timeouts")
@@ -503,30 +527,6 @@ class HttpProxy(_Requests):
                 return self._end("response ended with its connection")
         if self.state == WAIT:
             self._next()
-
-    def _h2c(self, link: Link, settings: bytes, upstream_bytes: bytes) -> bool:
-        """The upstream switched the client's `Upgrade: h2c` request to HTTP/2: from here each
-        stream is routed by the filter (http2.py), stream 1 (the upgrade request's response)
-        staying with `link`; False (relayed raw then) if the client's HTTP2-Settings are bad."""
-        self.h2 = H2Router(self.transport, self.choose, self.pod, self._use, _h2_request_head, self.counters,
-                           self._end)
-        if not self.h2.upgraded(link, settings):
-            return False
-        self.counters["steal_http2"] += 1
-        self.counters["steal_h2c_upgrades"] += 1
-        self.state = H2
-        for other in [other for other in self.links.values() if other is not link]:
-            other.reusable = False  # HTTP/1 keep-alive links cannot carry HTTP/2
-            other.close()
-        self.links = {link.key: link}
-        data, self.buf = bytes(self.buf), bytearray()
-        if upstream_bytes:
-            self.h2.upstream_data(link, upstream_bytes)
-        if data:
-            self.h2.client_data(data)
-        if self.client_eof:
-            self._end("client closed")
-        return True
 
     def _bad_gateway(self, why: str) -> None:
         response, self.response = self.response, None
