@@ -94,6 +94,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"HTTP/1.0 200 OK\r\n\r\n" + out)
             self.close_connection = True
             return
+        if self.path == "/silent":  # closes without answering, as an idle timeout racing the request would
+            self.close_connection = True
+            return
         if self.path == "/early":
             self.send_response_only(103)
             self.send_header("Link", "</style.css>; rel=preload")
@@ -424,20 +427,51 @@ def test_upstream_that_is_not_http_gets_502(servers):
         garbage.stop()
 
 
-def test_connection_close_from_server_and_reopen_of_dropped_upstream(servers, proxy):
-    pod, _ = servers
+@pytest.mark.parametrize("mine", [True, False])
+def test_a_server_closing_an_idle_keep_alive_closes_the_client_connection_too(servers, proxy, mine):
+    """As without the proxy: the client learns of the close and reconnects, instead of holding a
+    connection the server gave up (and racing its next request against that close)."""
+    name, header = ("local", b"x-dev: me\r\n") if mine else ("pod", b"")
+    with _connect(proxy.port) as s:
+        s.sendall(b"GET /drop HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n")
+        answer = _recv_all(s)  # /drop: answered keep-alive, then closed by the server
+    assert answer.endswith(_expect(name, "GET", "/drop", b"")) and b"close" not in answer.lower()
     conn = http.client.HTTPConnection(HOST, proxy.port, timeout=TIMEOUT)
-    conn.request("GET", "/drop")
-    assert conn.getresponse().read() == _expect("pod", "GET", "/drop", b"")
-    time.sleep(0.2)  # the pod's server closes its idle side
-    conn.request("GET", "/next")
-    assert conn.getresponse().read() == _expect("pod", "GET", "/next", b"")
-    assert len(pod.conns) == 2
-    conn.request("GET", "/close")
+    conn.request("GET", "/close", headers={"x-dev": "me"} if mine else {})
     resp = conn.getresponse()
-    assert resp.headers["Connection"] == "close" and resp.read()
+    assert resp.headers["Connection"] == "close" and resp.read() == _expect(name, "GET", "/close", b"")
     conn.close()
+    assert proxy.counters["steal_upstream_idle_closes"] == 1
     assert proxy.idle()
+
+
+@pytest.mark.parametrize("mine", [True, False])
+def test_a_response_saying_close_ends_the_connection_and_what_was_pipelined_after_it(servers, proxy, mine):
+    """As the server alone would: it closes after `Connection: close`, so the POST pipelined
+    behind that request is never run (the client, told so, sends it again elsewhere)."""
+    pod, local = servers
+    header = b"x-dev: me\r\n" if mine else b""
+    with _connect(proxy.port) as s:
+        s.sendall(b"GET /close HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n"
+                  b"POST /second HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n" + header + b"\r\nhi")
+        answer = _recv_all(s)
+    assert answer.count(b"HTTP/1.1 ") == 1 and answer.endswith(_expect("local" if mine else "pod", "GET", "/close", b""))
+    assert [r[1] for r in (local if mine else pod).requests] == ["/close"] and not (pod if mine else local).requests
+    assert proxy.idle()
+
+
+@pytest.mark.parametrize("mine", [True, False])
+def test_a_server_closing_without_answering_is_a_close_for_the_client_not_a_502(servers, proxy, mine):
+    header = b"x-dev: me\r\n" if mine else b""
+    want = _expect("local" if mine else "pod", "GET", "/a", b"")
+    with _connect(proxy.port) as s:
+        s.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n")
+        first = b""
+        while not first.endswith(want):
+            first += s.recv(65536)
+        s.sendall(b"GET /silent HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n")
+        assert _recv_all(s) == b""  # what the server alone gives: http clients retry that
+    assert proxy.counters["steal_upstream_closed_unanswered"] == 1 and proxy.idle()
 
 
 @pytest.mark.parametrize("mine", [True, False])

@@ -3,6 +3,7 @@ with prior knowledge), unary and bidirectional streaming calls, each routed by i
 The servers answer "NAME:request"."""
 from __future__ import annotations
 
+import time
 from concurrent import futures
 from typing import Iterator
 
@@ -58,3 +59,33 @@ def test_unary_and_streaming_calls_on_one_channel_go_where_their_metadata_says(c
     assert unary(big, metadata=ME, timeout=20) == b"local:" + big
     assert proxy.counters["steal_http2"] == 1  # one connection carried every call
     assert proxy.counters["steal_h2_streams_local"] == 5 and proxy.counters["steal_h2_streams_pod"] == 4
+
+
+def _slowly(n: int):
+    for i in range(n):
+        yield b"m%d" % i
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("metadata,name", [(ME, "local"), ([], "pod")])
+def test_bidi_streams_ended_by_a_deadline_and_by_a_cancel(channel, metadata, name: str) -> None:
+    """A deadline that expires mid-stream and a cancel after three answers end just their
+    stream (RST_STREAM relayed); the channel's next calls go on, routed as before."""
+    ch, proxy = channel
+    stream, unary = ch.stream_stream("/test.Svc/Stream"), ch.unary_unary("/test.Svc/Unary")
+    got = []
+    with pytest.raises(grpc.RpcError) as late:
+        for answer in stream(_slowly(200), metadata=metadata, timeout=1.0):
+            got.append(answer)
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert got and got == [f"{name}:m{i}".encode() for i in range(len(got))] and len(got) < 200
+    call, got = stream(_slowly(200), metadata=metadata, timeout=20), []
+    with pytest.raises(grpc.RpcError) as cancelled:
+        for answer in call:
+            got.append(answer)
+            if len(got) == 3:
+                call.cancel()
+    assert cancelled.value.code() == grpc.StatusCode.CANCELLED and len(got) == 3
+    assert unary(b"x", metadata=metadata, timeout=10) == f"{name}:x".encode()
+    assert unary(b"y", timeout=10) == b"pod:y"
+    assert proxy.counters["steal_http2"] == 1

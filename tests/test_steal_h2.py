@@ -21,6 +21,7 @@ from typing import Iterator
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 
 from test_httpsteal import HOST, TIMEOUT, Proxy
@@ -38,12 +39,15 @@ class _Serve(asyncio.Protocol):
     §3.2: a 101, then that request answered on stream 1); HTTP/1.1 without Upgrade is answered
     in HTTP/1.1 (`upgrade=False`: never switches, as an HTTP/1.1-only server)."""
 
-    def __init__(self, name: str, upgrade: bool = True) -> None:
-        self.name, self.upgrade = name, upgrade
+    def __init__(self, name: str, upgrade: bool = True, max_streams: int | None = None) -> None:
+        self.name, self.upgrade, self.max_streams = name, upgrade, max_streams
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.t = transport
         self.c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        if self.max_streams is not None:  # enforced: one stream past it is a protocol error
+            self.c.local_settings = h2.settings.Settings(
+                client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams})
         self.requests: dict[int, list] = {}
         self.http1 = b""  # bytes of an HTTP/1.1 request, until we know which protocol this is
 
@@ -70,11 +74,14 @@ class _Serve(asyncio.Protocol):
             out = _answer(f"{self.name}-http1", method, path, b"")
             self.t.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(out), out))  # type: ignore[attr-defined]
             return self._http1()
+        length = int(headers.get("content-length", "0"))  # the upgrade request's body comes whole first
+        if len(rest) < length:
+            return
         self.http1 = None
         self.t.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")  # type: ignore[attr-defined]
         self.c.initiate_upgrade_connection(headers["http2-settings"].encode())
-        self._respond(1, {":method": method, ":path": path}, b"")
-        self._h2(rest)
+        self._respond(1, {":method": method, ":path": path}, rest[:length])
+        self._h2(rest[length:])
 
     def _h2(self, data: bytes) -> None:
         for e in self.c.receive_data(data):
@@ -89,6 +96,12 @@ class _Serve(asyncio.Protocol):
 
     def _respond(self, sid: int, headers: dict, body: bytes) -> None:
         out = _answer(self.name, headers[":method"], headers[":path"], body)
+        if headers[":path"].startswith("/push") and self.c.remote_settings.enable_push:  # as servers with push do
+            promised = self.c.get_next_available_stream_id()
+            self.c.push_stream(sid, promised, [(":method", "GET"), (":path", "/pushed"), (":scheme", "http"),
+                                               (":authority", "x")])
+            self.c.send_headers(promised, [(":status", "200")])
+            self.c.send_data(promised, b"p" * 40_000, end_stream=True)  # two fill a connection's first window
         streaming = headers[":path"].startswith("/stream")
         self.c.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc" if streaming else "text/plain")])
         if streaming:
@@ -109,13 +122,18 @@ def serve_forever(name: str, port: int) -> None:
 
 
 class H2Server:
-    def __init__(self, name: str, upgrade: bool = True) -> None:
+    def __init__(self, name: str, upgrade: bool = True, max_streams: int | None = None) -> None:
         self.loop = asyncio.new_event_loop()
+        self.accepted = 0  # connections
         ready = threading.Event()
+
+        def serve() -> _Serve:
+            self.accepted += 1
+            return _Serve(name, upgrade, max_streams)
 
         def run() -> None:
             asyncio.set_event_loop(self.loop)
-            self.server = self.loop.run_until_complete(self.loop.create_server(lambda: _Serve(name, upgrade), HOST, 0))
+            self.server = self.loop.run_until_complete(self.loop.create_server(serve, HOST, 0))
             self.port = self.server.sockets[0].getsockname()[1]
             ready.set()
             self.loop.run_forever()
@@ -214,6 +232,39 @@ def test_curl_http2_prior_knowledge(h2proxy: Proxy, mine: bool) -> None:
     assert r.stdout == _answer("local" if mine else "pod", "POST", "/grpc.Svc/Call", b"hello")
 
 
+@pytest.mark.parametrize("mine", [True, False])
+def test_a_server_that_pushes_never_stalls_the_connection(h2proxy: Proxy, mine: bool) -> None:
+    """The proxy declares no push to its upstreams (a pushed stream answers no client request,
+    and its unacknowledged DATA would use up the connection's window): a server that pushes
+    40 kB with each answer when allowed serves every stream of the connection."""
+    paths = [f"/push/{i}" for i in range(4)]
+    out = _exchange(h2proxy.port, [("GET", p, [("x-dev", "me" if mine else "no")], []) for p in paths])
+    assert [o["body"] for o in out.values()] == [_answer("local" if mine else "pod", "GET", p, b"") for p in paths]
+    assert not h2proxy.failures and h2proxy.idle()
+
+
+@pytest.mark.parametrize("mine", [True, False])
+def test_streams_past_the_servers_concurrency_limit_wait_for_room(mine: bool) -> None:
+    """The client may open as many streams as the proxy allows, more than a server that allows
+    two at once: the proxy holds the rest until that server's streams end, as a client told the
+    server's own limit would, all on one connection to that server, as the client's."""
+    pod, local = H2Server("pod", max_streams=2), H2Server("local", max_streams=2)
+    proxy = Proxy(pod.port, local.port, HttpFilter.compile("^x-dev: me$", None))
+    try:
+        paths = [f"/s{i}" for i in range(8)]
+        # bodies in two frames, the second sent a turn later: all 8 streams are open at once
+        out = _exchange(proxy.port, [("POST", p, [("x-dev", "me" if mine else "no")], [p.encode(), b"."])
+                                     for p in paths])
+        assert [o["body"] for o in out.values()] == [_answer("local" if mine else "pod", "POST", p, p.encode() + b".")
+                                                     for p in paths]
+        assert (local if mine else pod).accepted == 1  # the streams that came together share a connection
+        assert proxy.idle()
+    finally:
+        proxy.stop()
+        pod.stop()
+        local.stop()
+
+
 def _curl_h2c(port: int, *paths: str) -> tuple[list[str], str]:
     """curl --http2 on http:// (it asks `Upgrade: h2c` on the first request, then reuses the
     connection): each answer, and how many connections curl opened."""
@@ -249,6 +300,72 @@ def test_curl_h2c_upgrade_is_split_per_stream(upgrade_proxy: tuple[Proxy, H2Serv
     assert proxy.counters["steal_h2c_upgrades"] == 1
     assert proxy.counters["steal_h2_streams_local"] + proxy.counters["steal_h2_streams_pod"] == 3
     assert not proxy.failures and proxy.idle()
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
+@pytest.mark.parametrize("first", ["/mine/up", "/other/up"])
+def test_curl_h2c_upgrade_request_with_a_body(upgrade_proxy: tuple[Proxy, H2Server], first: str,
+                                              tmp_path) -> None:
+    """curl --http2 -d: the upgrade request carries a 100 kB body (sent whole before the switch,
+    RFC 7540 §3.2); it and the next stream on the same connection each go where their path says."""
+    proxy, _ = upgrade_proxy
+    body = os.urandom(100_000)
+    (tmp_path / "body").write_bytes(body)
+    paths = [first, "/other/two" if first.startswith("/mine") else "/mine/two"]
+    r = subprocess.run(["curl", "-sS", "--fail", "--http2", "--data-binary", f"@{tmp_path / 'body'}",
+                        "-w", "%{http_version} %{num_connects}\n", *(f"http://{HOST}:{proxy.port}{p}" for p in paths)],
+                       capture_output=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"".join(_answer("local" if p.startswith("/mine") else "pod", "POST", p, body) + info
+                                for p, info in zip(paths, (b"2 1\n", b"2 0\n")))
+    assert proxy.counters["steal_h2c_upgrades"] == 1 and not proxy.failures and proxy.idle()
+
+
+# java.net.http's HttpClient asked for HTTP/2 on http://: the first request (a 100 kB POST)
+# carries `Upgrade: h2c`, the next three go on the upgraded connection; x-dev alternates.
+_JAVA = """
+import java.net.URI;
+import java.net.http.*;
+import java.time.Duration;
+public class H2c {
+    public static void main(String[] a) throws Exception {
+        HttpClient c = HttpClient.newBuilder().version(HttpClient.Version.HTTP_2).build();
+        for (int i = 0; i < 4; i++) {
+            HttpRequest.Builder b = HttpRequest.newBuilder(URI.create(a[0] + "/j" + i))
+                .header("x-dev", i % 2 == 0 ? "me" : "no").timeout(Duration.ofSeconds(20));
+            b = i == 0 ? b.POST(HttpRequest.BodyPublishers.ofString("x".repeat(100000))) : b.GET();
+            HttpResponse<String> r = c.send(b.build(), HttpResponse.BodyHandlers.ofString());
+            System.out.print(r.version() + " " + r.body());
+        }
+    }
+}
+"""
+
+
+@pytest.mark.skipif(not shutil.which("java"), reason="needs java (a JDK: single-file source launch)")
+def test_java_httpclient_h2c_upgrade_with_a_body_then_streams_routed_apart(h2proxy: Proxy, tmp_path) -> None:
+    (tmp_path / "H2c.java").write_text(_JAVA)
+    r = subprocess.run(["java", str(tmp_path / "H2c.java"), f"http://{HOST}:{h2proxy.port}"],
+                       capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"".join(b"HTTP_2 " + _answer(name, method, f"/j{i}", b"x" * 100_000 if i == 0 else b"")
+                                for i, (name, method) in enumerate([("local", "POST"), ("pod", "GET"),
+                                                                    ("local", "GET"), ("pod", "GET")]))
+    assert h2proxy.counters["steal_h2c_upgrades"] == 1 and h2proxy.counters["steal_http2"] == 1
+
+
+@pytest.mark.skipif(not shutil.which("h2load"), reason="needs h2load (nghttp2-client)")
+@pytest.mark.parametrize("mine", [True, False])
+def test_h2load_many_concurrent_streams(h2proxy: Proxy, mine: bool, tmp_path) -> None:
+    """h2load: 2 connections, 100 streams in flight on each, bodies past the initial windows."""
+    (tmp_path / "body").write_bytes(os.urandom(100_000))
+    r = subprocess.run(["h2load", "-n", "400", "-c", "2", "-m", "100", "-d", str(tmp_path / "body"),
+                        "-H", "x-dev: me" if mine else "x-dev: no", f"http://{HOST}:{h2proxy.port}/load"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "400 succeeded, 0 failed, 0 errored, 0 timeout" in r.stdout, r.stdout
+    assert "status codes: 400 2xx" in r.stdout, r.stdout
+    assert h2proxy.counters["steal_h2_streams_local" if mine else "steal_h2_streams_pod"] == 400
 
 
 @pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")

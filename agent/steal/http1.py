@@ -34,8 +34,12 @@ pauses while an upstream or the client cannot take more (asyncio's write-buffer
 marks), and while a pipelined request waits: a connection holds at most one head.
 
 Errors end the client connection quietly (400 for a malformed request, 502 when
-the upstream cannot be opened or fails before its response began); no traceback
-is logged at default level.
+the upstream cannot be opened or its response cannot be framed); no traceback
+is logged at default level. An upstream that closes is mirrored where the client
+would have seen that close without the proxy: one closed before answering a
+request ends the client connection without a response (a kept-alive request
+racing the server's idle timeout is what clients retry), and one that closes
+its idle keep-alive connection between requests ends the client's too.
 """
 from __future__ import annotations
 
@@ -109,6 +113,7 @@ class _Client(asyncio.Protocol):
         self.paused: set[str] = set()
         self.timer: asyncio.TimerHandle | None = None
         self.opening: set[asyncio.Task[None]] = set()
+        self.waiting: dict[object, list[Callable[[Link], None]]] = {}  # by opener: who waits for its link
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
@@ -157,32 +162,40 @@ class _Client(asyncio.Protocol):
         self.transport.abort()
 
     def _use(self, opener: Opener, then: Callable[[Link], None]) -> None:
-        """Call `then` with an open link of `opener`: the idle one, or a new one."""
+        """Call `then` with an open link of `opener`: the idle one, the one opening (HTTP/2
+        streams arriving together share one connection, as the client's), or a new one."""
         link = self.links.get(opener)
         if link is not None and link.idle():
             return then(link)
+        if opener in self.waiting:
+            self.waiting[opener].append(then)
+            return
         if link is not None:
             link.close()
         self.pause_client("opening")
-        task = self.loop.create_task(self._open(opener, then))
+        self.waiting[opener] = [then]
+        task = self.loop.create_task(self._open(opener))
         self.opening.add(task)
         task.add_done_callback(self.opening.discard)
 
-    async def _open(self, opener: Opener, then: Callable[[Link], None]) -> None:
+    async def _open(self, opener: Opener) -> None:
         link = Link(self, opener)
         try:
             await opener(lambda: link)
         except (OSError, asyncio.TimeoutError) as e:
+            self.waiting.pop(opener, None)
             if self.state != CLOSED:
                 self._refuse(502, "Bad Gateway", f"cannot open upstream: {e!r}", "steal_bad_gateway",
                              http=self.state != RAW)
             return
+        waiting = self.waiting.pop(opener, [])
         if self.state == CLOSED:
             link.close()
             return
         self.links[opener] = link
         self.resume_client("opening")
-        then(link)
+        for then in waiting:
+            then(link)
 
     def _passthrough(self, counter: str) -> None:
         """The rest of the connection, the bytes read included, to the pod untouched (its idle
@@ -345,6 +358,30 @@ class _Requests(_Client):
         data, self.buf = bytes(self.buf), bytearray()
         self.h2.client_data(data)
 
+    def _h2c(self, link: Link, settings: bytes, upstream_bytes: bytes) -> bool:
+        """The upstream switched the client's `Upgrade: h2c` request to HTTP/2: from here each
+        stream is routed by the filter (http2.py), stream 1 (the upgrade request's response)
+        staying with `link`; False (relayed raw then) if the client's HTTP2-Settings are bad."""
+        self.h2 = H2Router(self.transport, self.choose, self.pod, self._use, _h2_request_head, self.counters,
+                           self._end)
+        if not self.h2.upgraded(link, settings):
+            return False
+        self.counters["steal_http2"] += 1
+        self.counters["steal_h2c_upgrades"] += 1
+        self.state = H2
+        for other in [other for other in self.links.values() if other is not link]:
+            other.reusable = False  # HTTP/1 keep-alive links cannot carry HTTP/2
+            other.close()
+        self.links = {link.key: link}
+        data, self.buf = bytes(self.buf), bytearray()
+        if upstream_bytes:
+            self.h2.upstream_data(link, upstream_bytes)
+        if data:
+            self.h2.client_data(data)
+        if self.client_eof:
+            self._end("client closed")
+        return True
+
     def _head_too_slow(self) -> None:
         self.timer = None
         self._refuse(408, "Request Timeout", "request head too slow", "steal_head_timeouts")
@@ -427,11 +464,29 @@ class HttpProxy(_Requests):
         elif self.response is not None and link is self.response_link:
             if self.response.until_close():
                 self._response_done(link, Response.DONE)
+            elif not self.response.started and link.reusable:  # (not one we closed: it sent bytes unasked)
+                # As without the proxy, the client sees the close: a 502 it would take for the
+                # server's answer, where a close after a kept-alive request (the server's idle
+                # timeout racing the request) is what clients retry.
+                self.counters["steal_upstream_closed_unanswered"] += 1
+                self.response = None
+                self._end("upstream closed before answering")
             else:
                 self._bad_gateway("upstream closed before its response ended")
+        elif self.links.get(link.key) is link:
+            self._idle_link_closed(link)
+
+    def _idle_link_closed(self, link: Link) -> None:
+        """An upstream closed the connection kept alive for this client's next request (an idle
+        timeout): between requests the client connection closes too, as it would without the
+        proxy, instead of staying open, unbounded in time, on a connection the server gave up."""
+        if link.reused and self.state == HEAD and self.response is None and not self.buf:
+            self.counters["steal_upstream_idle_closes"] += 1
+            self._end("upstream closed an idle keep-alive connection")
 
     def upstream_lost(self, link: Link) -> None:
-        if self.links.get(link.key) is link:
+        kept = self.links.get(link.key) is link
+        if kept:
             del self.links[link.key]
         self.resume_client(f"link {id(link)}")
         if self.state == H2:
@@ -440,6 +495,8 @@ class HttpProxy(_Requests):
             self._end("upstream gone")
         elif self.response is not None and link is self.response_link:
             self.upstream_eof(link)
+        elif kept:
+            self._idle_link_closed(link)
 
     def _response_done(self, link: Link, outcome: str) -> None:
         response, self.response = self.response, None
@@ -459,37 +516,17 @@ class HttpProxy(_Requests):
             if self.client_eof:  # the client finished before the switch: the upstream hears it now
                 self.eof_received()
             return
+        link.reused = outcome == Response.KEEP
         if outcome != Response.KEEP or response.until_close():
             link.reusable = False
             link.close()
-            if response.until_close() or self.state == BODY:
+            # A server that said close (or 1.0 without keep-alive) closes the client's connection
+            # too: a pipelined request after it must not run where, without us, it never would.
+            if response.until_close() or self.state == BODY or response.head is not None \
+                    and not response.head.keep_alive:
                 return self._end("response ended with its connection")
         if self.state == WAIT:
             self._next()
-
-    def _h2c(self, link: Link, settings: bytes, upstream_bytes: bytes) -> bool:
-        """The upstream switched the client's `Upgrade: h2c` request to HTTP/2: from here each
-        stream is routed by the filter (http2.py), stream 1 (the upgrade request's response)
-        staying with `link`; False (relayed raw then) if the client's HTTP2-Settings are bad."""
-        self.h2 = H2Router(self.transport, self.choose, self.pod, self._use, _h2_request_head, self.counters,
-                           self._end)
-        if not self.h2.upgraded(link, settings):
-            return False
-        self.counters["steal_http2"] += 1
-        self.counters["steal_h2c_upgrades"] += 1
-        self.state = H2
-        for other in [other for other in self.links.values() if other is not link]:
-            other.reusable = False  # HTTP/1 keep-alive links cannot carry HTTP/2
-            other.close()
-        self.links = {link.key: link}
-        data, self.buf = bytes(self.buf), bytearray()
-        if upstream_bytes:
-            self.h2.upstream_data(link, upstream_bytes)
-        if data:
-            self.h2.client_data(data)
-        if self.client_eof:
-            self._end("client closed")
-        return True
 
     def _bad_gateway(self, why: str) -> None:
         response, self.response = self.response, None

@@ -35,6 +35,10 @@ from mirrord_tun.agent.steal.upstream import Link
 
 log = logging.getLogger("mirrord-ns.agent")
 
+# The proxy's side of every upstream connection: no server push. A pushed stream has no client
+# request to answer, and its DATA, never acknowledged, would use up the connection's window and
+# stall every other stream on it.
+_NO_PUSH = {h2.settings.SettingCodes.ENABLE_PUSH: 0}
 Chooser = Callable[[object], object]  # http1.Chooser, taking an http1.RequestHead
 
 
@@ -60,6 +64,11 @@ class _Relay:
         self.ups: dict[int, tuple[Link, h2.connection.H2Connection]] = {}  # by id(link)
         self.streams: dict[int, _Stream] = {}  # by down stream id
         self.by_up: dict[tuple[int, int], _Stream] = {}  # (id(link), up stream id)
+        # Streams waiting for room on an upstream, by id(link): until its server's SETTINGS came
+        # (its concurrency limit) and while it has that many streams open. The client was told
+        # our limit, not the server's: without this wait the server refuses the ones past its own.
+        self.waiting: dict[int, collections.deque[tuple[_Stream, Callable[[Link], None]]]] = {}
+        self.settled: set[int] = set()  # id(link) of upstreams whose SETTINGS came
 
     def _pump_up(self, stream: _Stream) -> None:
         if stream.up is not None:
@@ -103,6 +112,19 @@ class _Relay:
         self.streams.pop(stream.down_id, None)
         if stream.link is not None:
             self.by_up.pop((id(stream.link), stream.up_id), None)
+            self._admit(stream.link)
+
+    def _room(self, link: Link) -> bool:
+        up = self._up(link)
+        return id(link) in self.settled and up.open_outbound_streams < up.remote_settings.max_concurrent_streams
+
+    def _admit(self, link: Link) -> None:
+        """Start the streams waiting for `link` that its server's limit now allows."""
+        queue = self.waiting.get(id(link))
+        while queue and self._room(link):
+            stream, start = queue.popleft()
+            if self.streams.get(stream.down_id) is stream:  # not reset by the client meanwhile
+                start(link)
 
     @staticmethod
     def _quiet(action: Callable[[], object]) -> None:
@@ -133,6 +155,8 @@ class _Relay:
         up.max_inbound_frame_size = up.incoming_buffer.max_frame_size = ours.max_frame_size
         up.decoder.max_allowed_table_size = ours.header_table_size
         up.initiate_upgrade_connection()
+        if ours.enable_push:
+            up.update_settings(_NO_PUSH)
         self.ups[id(link)] = (link, up)
         stream = self.streams[1] = _Stream(1)
         stream.link, stream.up, stream.up_id, stream.ended = link, up, 1, True
@@ -188,6 +212,7 @@ class H2Router(_Relay):
             stream = self.streams.pop(event.stream_id, None)
             if stream is not None and stream.up is not None:
                 self._quiet(lambda: stream.up.reset_stream(stream.up_id, event.error_code))
+                self._forget(stream)
         elif isinstance(event, h2.events.WindowUpdated):
             for stream in ([self.streams[event.stream_id]] if event.stream_id in self.streams else
                            list(self.streams.values())):
@@ -210,6 +235,9 @@ class H2Router(_Relay):
             stream.ended = True
 
         def start(link: Link) -> None:
+            if not self._room(link):
+                self.waiting.setdefault(id(link), collections.deque()).append((stream, start))
+                return self._flush_all()  # a new link's preface: its server may wait for it to say SETTINGS
             up = self._up(link)
             stream.link, stream.up, stream.up_id = link, up, up.get_next_available_stream_id()
             self.by_up[(id(link), stream.up_id)] = stream
@@ -232,6 +260,7 @@ class H2Router(_Relay):
         """`link`'s HTTP/2 client connection, made on first use."""
         if id(link) not in self.ups:
             up = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+            up.local_settings = h2.settings.Settings(client=True, initial_values=_NO_PUSH)
             up.initiate_connection()
             self.ups[id(link)] = (link, up)
         return self.ups[id(link)][1]
@@ -252,10 +281,17 @@ class H2Router(_Relay):
             link.reusable = False  # GOAWAY: its streams finish, new ones get a new connection
             return
         stream = self.by_up.get((id(link), getattr(event, "stream_id", 0) or 0))
-        if isinstance(event, h2.events.WindowUpdated):
+        if isinstance(event, h2.events.RemoteSettingsChanged):
+            self.settled.add(id(link))
+            self._admit(link)
+        elif isinstance(event, h2.events.WindowUpdated):
             for s in ([stream] if stream else [s for s in self.streams.values() if s.link is link]):
                 self._pump_up(s)
+        elif isinstance(event, h2.events.PushedStreamReceived):  # refused, as _NO_PUSH said
+            self._quiet(lambda: up.reset_stream(event.pushed_stream_id, h2.errors.ErrorCodes.REFUSED_STREAM))
         elif stream is None:
+            if isinstance(event, h2.events.DataReceived):  # a stream we let go: its bytes must not hold the window
+                self._quiet(lambda: up.acknowledge_received_data(event.flow_controlled_length, event.stream_id))
             return
         elif isinstance(event, h2.events.ResponseReceived):
             self._quiet(lambda: self.down.send_headers(stream.down_id, event.headers))
@@ -277,6 +313,10 @@ class H2Router(_Relay):
 
     def upstream_lost(self, link: Link) -> None:
         self.ups.pop(id(link), None)
+        self.settled.discard(id(link))
+        for stream, _ in self.waiting.pop(id(link), ()):
+            self.streams.pop(stream.down_id, None)
+            self._quiet(lambda: self.down.reset_stream(stream.down_id, h2.errors.ErrorCodes.REFUSED_STREAM))
         for stream in [s for s in self.streams.values() if s.link is link]:
             self._forget(stream)
             self._quiet(lambda: self.down.reset_stream(stream.down_id, h2.errors.ErrorCodes.REFUSED_STREAM))

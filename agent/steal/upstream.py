@@ -35,6 +35,7 @@ class Link(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.eof = False  # the upstream half-closed
         self.reusable = True  # False once a response left it out of step or said close
+        self.reused = False  # it finished a response and stayed open for the next request
         self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
