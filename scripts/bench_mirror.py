@@ -193,6 +193,8 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print the result as JSON too")
     ap.add_argument("--wrk", action="store_true", help="wrk against nginx instead of POST bodies (see above)")
     ap.add_argument("--seconds", type=float, default=3, help="with --wrk: length of each round")
+    ap.add_argument("--busy-off", action="store_true",
+                    help="with --wrk: the mirror's CPUs spin during the 'off' rounds (a control)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_mirror: needs root (namespaces)", file=sys.stderr)
@@ -202,7 +204,8 @@ def main() -> int:
     with Sandbox() as sb:
         agent = sb.start_agent()
         if args.wrk:
-            result = bench_mirror_wrk.measure_wrk(sb, agent.pid, args.rounds, args.seconds, layout=args.layout)
+            result = bench_mirror_wrk.measure_wrk(sb, agent.pid, args.rounds, args.seconds, layout=args.layout,
+                                                  busy_off=args.busy_off)
         else:
             result = measure(sb, agent.pid, args.rounds, args.requests, args.max_body, layout=args.layout)
     print(bench_mirror_wrk.report_wrk(result) if args.wrk else report(result))

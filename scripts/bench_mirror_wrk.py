@@ -25,6 +25,12 @@ After each "on" round the bench waits until the local nginx's access log stops
 growing (every copy of that round delivered, or the closing line says why not)
 before the next round starts, so a round never pays for the previous round's
 copies. Agent and `run` (+ program) CPU are per mirrored request.
+
+`--busy-off` (layouts split and node): the "off" rounds run a busy loop on each of
+the mirror's CPUs. On this shared 2-core machine a busy mirror CPU alone takes
+requests/s from the pod (other work moves onto the pod's CPU; caches are
+shared); with the control both sides of a pair have it, so their ratio is what
+the capture itself costs the pod.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from typing import Any
@@ -141,12 +148,24 @@ class _Session:
         return dict(delivered=delivered, closing=closing)
 
 
+def _spinners(cpus: Cpus) -> list[subprocess.Popen[bytes]]:
+    """A busy loop on each of the mirror's CPUs: an "off" round with them as busy as when on."""
+    return [subprocess.Popen(["taskset", "-c", str(cpu), sys.executable, "-c", "while True: pass"])
+            for cpu in cpus.local]
+
+
 def _round(sb: Sandbox, cpus: Cpus, pids: dict[str, int], seconds: float,
-           session: _Session | None) -> dict[str, Any]:
+           session: _Session | None, busy: bool) -> dict[str, Any]:
     watched = {**pids, **({"run": session.proc.pid} if session else {})}
-    before = {k: cpu_s(p) for k, p in watched.items()}
-    w = _wrk(sb, cpus, seconds)
-    used = {k: cpu_s(p) - before[k] for k, p in watched.items()}
+    spin = _spinners(cpus) if busy and not session and cpus.split else []
+    try:
+        before = {k: cpu_s(p) for k, p in watched.items()}
+        w = _wrk(sb, cpus, seconds)
+        used = {k: cpu_s(p) - before[k] for k, p in watched.items()}
+    finally:
+        for p in spin:
+            p.kill()
+            p.wait()
     n = w["total"]
     # With layout node the agent shares the pod's CPU: its work is the pod side's too.
     pod_s = w["wrk_s"] + used["pod"] + (used["agent"] if session and cpus.agent == cpus.load else 0)
@@ -160,8 +179,9 @@ def _round(sb: Sandbox, cpus: Cpus, pids: dict[str, int], seconds: float,
 
 
 def measure_wrk(sb: Sandbox, agent_pid: int, rounds: int = 3, seconds: float = 3,
-                layout: str = "split") -> dict[str, Any]:
-    """`rounds` blocks of off, on, on, off rounds of `seconds` each; per round and per pair."""
+                layout: str = "split", busy_off: bool = False) -> dict[str, Any]:
+    """`rounds` blocks of off, on, on, off rounds of `seconds` each; per round and per pair.
+    `busy_off`: the "off" rounds keep the mirror's CPUs busy with a spinner (see the top)."""
     cpus = Cpus(layout)
     cpus.pin(agent_pid, cpus.agent)
     argv, _ = _nginx(sb, "pod")
@@ -184,7 +204,7 @@ def measure_wrk(sb: Sandbox, agent_pid: int, rounds: int = 3, seconds: float = 3
                 if kind == "off" and session is not None:
                     sessions.append(session.stop())
                     session = None
-                block.append(_round(sb, cpus, pids, seconds, session if kind == "on" else None))
+                block.append(_round(sb, cpus, pids, seconds, session if kind == "on" else None, busy_off))
         finally:
             if session is not None:
                 sessions.append(session.stop())
@@ -192,7 +212,7 @@ def measure_wrk(sb: Sandbox, agent_pid: int, rounds: int = 3, seconds: float = 3
         for off, on in PAIRS:
             block[on]["pair_req_s"] = block[on]["req_s"] / block[off]["req_s"]
             block[on]["pair_capacity"] = block[off]["pod_us"] / block[on]["pod_us"]
-    return dict(layout=cpus.layout, seconds=seconds, rows=rows, sessions=sessions)
+    return dict(layout=cpus.layout, seconds=seconds, rows=rows, sessions=sessions, busy_off=busy_off and cpus.split)
 
 
 def _spread(values: list[float]) -> str:
@@ -201,7 +221,8 @@ def _spread(values: list[float]) -> str:
 
 def report_wrk(r: dict[str, Any]) -> str:
     lines = [f"mirror under wrk: {WRK_CONNECTIONS} connections, {r['seconds']:g} s per round, blocks of "
-             f"off,on,on,off; nginx in the pod and as the local program; CPU layout {r['layout']}",
+             f"off,on,on,off; nginx in the pod and as the local program; CPU layout {r['layout']}"
+             + ("; 'off' with the mirror's CPUs spinning" if r["busy_off"] else ""),
              f"{'round':>5}{'mirror':>7}{'req/s':>9}{'pod µs/req':>11}{'nginx µs':>9}{'got':>6}"
              f"{'agent µs':>9}{'run µs':>8}{'req/s on/off':>13}{'capacity on/off':>16}"]
     for i, row in enumerate(r["rows"]):
