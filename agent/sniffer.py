@@ -16,8 +16,9 @@ TCP/UDP arrive cut short (bpf.EXT_SNAPLEN) and are counted as
 mirror_skipped_ipv6_ext, not sent: their ports could not be checked.
 
 Copies travel as MIRROR frames on the session channel, batched like PACKETS and,
-like the pump's, read straight into the frame (`recvfrom_into` a reused buffer)
-and encrypted from there: no bytes object, join or copy per packet.
+like the pump's, read straight into the frame (`recv_into` a reused buffer)
+and encrypted from there: no bytes object, join or copy per packet, and one
+syscall per copy (`recvfrom` would add an ioctl for the device's name).
 While the channel is paused (its send buffer is full) the capture stops
 reading: copies wait in the socket's kernel buffer (RCVBUF, bounded), and once
 it is full the kernel drops further copies and counts them (PACKET_STATISTICS,
@@ -168,11 +169,10 @@ class Sniffer:
         try:
             while pos - _BODY < BATCH_BYTES:
                 at = pos + PACKET_LENGTH
-                n, addr = sock.recvfrom_into(view[at : at + bpf.SNAPLEN])
-                if addr[0].startswith(TUN_PREFIX):
-                    # A TUN made after the filter was built: the kernel could not know it.
-                    c["mirror_skipped_tun"] += 1
-                elif buf[at] >> 4 == 6 and buf[at + 6] in bpf.IPV6_EXTENSIONS:
+                # recv_into, not recvfrom: Python looks an address's device name up with an
+                # ioctl per packet, a second syscall; the filter already left out our TUNs.
+                n = sock.recv_into(view[at : at + bpf.SNAPLEN])
+                if buf[at] >> 4 == 6 and buf[at + 6] in bpf.IPV6_EXTENSIONS:
                     c["mirror_skipped_ipv6_ext"] += 1
                 else:
                     packet_length_into(buf, pos, n)
@@ -213,5 +213,6 @@ def _open_socket(proto: int) -> socket.socket:
 def _set_filter(sock: socket.socket, pod_addrs: list[str], ports: set[int]) -> None:
     """Runs in the target namespace; the kernel swaps the old filter for the new one atomically."""
     # TUN indexes are read at every rebuild: sessions come and go in between.
-    tuns = {i for i, name in socket.if_nameindex() if name.startswith(TUN_PREFIX)}
-    bpf.attach(sock, bpf.program(pod_addrs, ports, tuns))
+    devices = socket.if_nameindex()
+    tuns = {i for i, name in devices if name.startswith(TUN_PREFIX)}
+    bpf.attach(sock, bpf.program(pod_addrs, ports, tuns, max(i for i, _ in devices)))
