@@ -169,8 +169,8 @@ def _round(sb: Sandbox, cpus: Cpus, pids: dict[str, int], seconds: float,
     n = w["total"]
     # With layout node the agent shares the pod's CPU: its work is the pod side's too.
     pod_s = w["wrk_s"] + used["pod"] + (used["agent"] if session and cpus.agent == cpus.load else 0)
-    row = dict(mirror=session is not None, req_s=w["req_s"], requests=n, pod_us=pod_s / n * 1e6, nginx_us=used["pod"] / n * 1e6,
-               got=pod_s / seconds / len(cpus.load))
+    row = dict(mirror=session is not None, req_s=w["req_s"], requests=n, pod_us=pod_s / n * 1e6,
+               nginx_us=used["pod"] / n * 1e6, got=pod_s / seconds / len(cpus.load))
     if session:
         session.sent += n
         row.update(agent_us=used["agent"] / n * 1e6, run_us=used["run"] / n * 1e6)
@@ -198,7 +198,7 @@ def measure_wrk(sb: Sandbox, agent_pid: int, rounds: int = 3, seconds: float = 3
         block: list[dict[str, Any]] = []
         session: _Session | None = None
         try:
-            for i, kind in enumerate(BLOCK):
+            for kind in BLOCK:
                 if kind == "on" and session is None:
                     session = _Session(sb, cpus, f"local{b}")
                 if kind == "off" and session is not None:
