@@ -2,7 +2,7 @@
 """Mirror benchmark: what the pod serves with mirroring on vs off, and what reaches the program.
 
     sudo .venv/bin/python scripts/bench_mirror.py [--rounds N] [--requests N] [--max-body BYTES]
-    sudo .venv/bin/python scripts/bench_mirror.py --wrk [--rounds N] [--seconds S]
+    sudo .venv/bin/python scripts/bench_mirror.py --wrk [--rounds BLOCKS] [--seconds S]
 
 On one sandbox (mirrord_tun.sandbox), a Python HTTP server in the pod answers
 POSTs from the client namespace. Each round measures, first without a `run`
@@ -18,14 +18,8 @@ session and then with `mirrord-ns run -- recorder` mirroring the pod's port:
 `measure(sb)` is the entry point scripts/bench calls with its own sandbox; it
 returns a dict of the medians over the rounds.
 
-`--wrk` (`measure_wrk`): many small requests instead, as the issue saw them: nginx
-in the pod, wrk with WRK_CONNECTIONS keep-alive connections from the client for
-S seconds, mirror off then on, and with the mirror on nginx (default
-`keepalive_requests 1000`) as the local program. Reports the pod's requests/s
-on/off, the agent's CPU µs per mirrored request (utime+stime from /proc, which
-contention distorts much less than wall time), and the share of the pod's
-requests the local nginx logged, with `run`'s closing line (what was not
-delivered, and why).
+`--wrk`: many small requests instead (wrk against nginx, mirror off and on in short
+interleaved rounds): scripts/bench_mirror_wrk.py.
 
 CPUs (`--layout`, with two or more CPUs): in a cluster the pod and the
 developer's laptop do not share two cores.
@@ -41,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -51,7 +44,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import child_pids, median, percentile  # noqa: E402
 
-from mirrord_tun.sandbox import ADDRS, Sandbox, nginx  # noqa: E402
+from mirrord_tun.sandbox import ADDRS, Sandbox  # noqa: E402
 
 PORT = 8080
 PY = sys.executable
@@ -146,109 +139,6 @@ class _Mirrored:
         self.sb.stop(self.proc, signal.SIGTERM, wait=20)
 
 
-WRK_PORT = 8081
-WRK_CONNECTIONS = 200
-def _nginx(sb: Sandbox, name: str) -> tuple[list[str], str]:
-    """argv of an nginx serving WRK_PORT with its files in a directory of its own, and that directory."""
-    d = os.path.join(sb.dir, name)
-    os.makedirs(d, exist_ok=True)
-    os.chmod(d, 0o777)  # `run` may drop to the invoking user
-    argv = nginx.configure(d, f"{WRK_PORT} reuseport backlog=4096", 'return 200 "ok";', connections=4096,
-                           access_log=True)
-    return argv, d
-
-
-def _logged(d: str) -> int:
-    try:
-        with open(os.path.join(d, nginx.ACCESS_LOG), "rb") as f:
-            return f.read().count(b"\n")
-    except FileNotFoundError:
-        return 0
-
-
-def _cpu_s(pid: int) -> float:
-    """utime+stime of pid and its descendants, in seconds."""
-    total = 0.0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        todo += child_pids(p)
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
-def _wrk(sb: Sandbox, cpus: Cpus, seconds: int) -> tuple[float, int]:
-    out = sb.exec("client", *cpus.prefix(cpus.load), "wrk", "-t2", f"-c{WRK_CONNECTIONS}", f"-d{seconds}s",
-                  f"http://{ADDRS['pod']}:{WRK_PORT}/", timeout=seconds + 60)
-    req_s = re.search(r"Requests/sec:\s+([\d.]+)", out.stdout)
-    total = re.search(r"(\d+) requests in", out.stdout)
-    if out.returncode != 0 or not req_s or not total:
-        raise RuntimeError(f"wrk failed: {out.stdout} {out.stderr}")
-    return float(req_s[1]), int(total[1])
-
-
-def _wrk_round(sb: Sandbox, cpus: Cpus, agent_pid: int, seconds: int, i: int) -> dict[str, Any]:
-    off, _ = _wrk(sb, cpus, seconds)
-    argv, d = _nginx(sb, f"local{i}")
-    stderr = open(os.path.join(sb.dir, f"wrk{i}.stderr"), "w+")
-    proc = subprocess.Popen([*cpus.prefix(cpus.local), *sb.run_args(*argv, verbose=1)], stdout=subprocess.DEVNULL,
-                            stderr=stderr)
-    sb.procs.append(proc)
-    try:
-        deadline = time.monotonic() + 30
-        while _logged(d) == 0:  # the port is learned and subscribed: the probes arrive
-            if time.monotonic() > deadline:
-                raise RuntimeError("the mirror never delivered a probe request")
-            sb.exec("client", "wrk", "-t1", "-c1", "-d1s", f"http://{ADDRS['pod']}:{WRK_PORT}/")
-        time.sleep(1)
-        before, cpu0 = _logged(d), _cpu_s(agent_pid)
-        on, total = _wrk(sb, cpus, seconds)
-        cpu = _cpu_s(agent_pid) - cpu0
-        deadline = time.monotonic() + DELIVERY_WAIT
-        last = -1
-        while _logged(d) - before < total and _logged(d) != last and time.monotonic() < deadline:
-            last = _logged(d)
-            time.sleep(2)
-        got = _logged(d) - before
-    finally:
-        sb.stop(proc, signal.SIGTERM, wait=20)
-    stderr.seek(0)
-    closing = re.findall(r"^mirrord-ns: (?:mirrored|agent): .*$", stderr.read(), re.M)
-    return dict(req_s_off=off, req_s_on=on, agent_us_per_request=cpu / total * 1e6, delivered=got / total,
-                closing=closing)
-
-
-def measure_wrk(sb: Sandbox, agent_pid: int, rounds: int = 3, seconds: int = 10,
-                layout: str = "split") -> dict[str, Any]:
-    """wrk against nginx in the pod, mirror off and on (nginx as the local program too); per round."""
-    cpus = Cpus(layout)
-    cpus.pin(agent_pid, cpus.agent)
-    argv, _ = _nginx(sb, "pod")
-    pod = sb.start("pod", [*cpus.prefix(cpus.load), *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while sb.exec("client", "wrk", "-t1", "-c1", "-d1s", f"http://{ADDRS['pod']}:{WRK_PORT}/").returncode:
-        if time.monotonic() > deadline or pod.poll() is not None:
-            raise RuntimeError("nginx in the pod did not start")
-    rows = [_wrk_round(sb, cpus, agent_pid, seconds, i) for i in range(rounds)]
-    return dict(layout=cpus.layout, seconds=seconds, rows=rows)
-
-
-def report_wrk(r: dict[str, Any]) -> str:
-    lines = [f"mirror under wrk: {WRK_CONNECTIONS} connections, {r['seconds']} s per run, nginx in the pod and "
-             f"as the local program; CPU layout {r['layout']}",
-             f"{'round':>5}{'req/s off':>12}{'req/s on':>12}{'on/off':>8}{'agent µs/req':>14}{'delivered':>11}"]
-    for i, row in enumerate(r["rows"]):
-        lines.append(f"{i:5}{row['req_s_off']:12.0f}{row['req_s_on']:12.0f}{row['req_s_on'] / row['req_s_off']:8.3f}"
-                     f"{row['agent_us_per_request']:14.1f}{row['delivered']:11.3f}")
-        lines += [f"      {line}" for line in row["closing"]]
-    return "\n".join(lines)
-
-
 def measure(sb: Sandbox, agent_pid: int, rounds: int = 2, requests: int = 200, max_body: int = 4 << 20,
             layout: str = "split") -> dict[str, Any]:
     """Run the mirror benchmark on a built sandbox whose agent (agent_pid) runs; medians over rounds."""
@@ -296,24 +186,29 @@ def report(r: dict[str, Any]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="with --wrk: blocks of off,on,on,off rounds")
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--max-body", type=int, default=4 << 20)
     ap.add_argument("--layout", choices=LAYOUTS, default="split", help="where load and mirror run (see above)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON too")
     ap.add_argument("--wrk", action="store_true", help="wrk against nginx instead of POST bodies (see above)")
-    ap.add_argument("--seconds", type=int, default=10, help="with --wrk: length of each wrk run")
+    ap.add_argument("--seconds", type=float, default=3, help="with --wrk: length of each round")
+    ap.add_argument("--busy-off", action="store_true",
+                    help="with --wrk: the mirror's CPUs spin during the 'off' rounds (a control)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_mirror: needs root (namespaces)", file=sys.stderr)
         return 2
+    import bench_mirror_wrk  # it imports this module's Cpus
+
     with Sandbox() as sb:
         agent = sb.start_agent()
         if args.wrk:
-            result = measure_wrk(sb, agent.pid, args.rounds, args.seconds, layout=args.layout)
+            result = bench_mirror_wrk.measure_wrk(sb, agent.pid, args.rounds, args.seconds, layout=args.layout,
+                                                  busy_off=args.busy_off)
         else:
             result = measure(sb, agent.pid, args.rounds, args.requests, args.max_body, layout=args.layout)
-    print(report_wrk(result) if args.wrk else report(result))
+    print(bench_mirror_wrk.report_wrk(result) if args.wrk else report(result))
     if args.json:
         print(json.dumps(result))
     return 0
