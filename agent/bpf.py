@@ -5,11 +5,7 @@ so offset 0 is the IP header; the same program serves both. It accepts a packet
 only if every test holds, so nothing else ever reaches Python:
 
 1. it came in (pkttype is not PACKET_OUTGOING: the pod's own sends are not copies);
-2. it did not arrive through one of our TUNs (those carry the tunnel's own traffic):
-   not through one listed when the program was built, nor through a TUN-like device
-   (ARPHRD_NONE) made since, i.e. with an ifindex above the newest one then (a
-   namespace numbers its devices upwards), so the agent never needs to look up
-   which device a copy came through;
+2. it did not arrive through one of our TUNs (those carry the tunnel's own traffic);
 3. IPv4, not a fragment (only whole packets carry ports), destination a pod address;
    or IPv6 to a pod address, its next header TCP or UDP;
 4. TCP or UDP with a destination port in the subscribed set;
@@ -57,9 +53,8 @@ _JEQ_K, _JGT_K, _JSET_K, _JA = 0x15, 0x25, 0x45, 0x05
 _RET_K = 0x06
 _TCP_FIN_SYN_RST = 0x07
 # ancillary loads (SKF_AD_OFF + n)
-_AD_PKTTYPE, _AD_IFINDEX, _AD_HATYPE = -0x1000 + 4, -0x1000 + 8, -0x1000 + 28
+_AD_PKTTYPE, _AD_IFINDEX = -0x1000 + 4, -0x1000 + 8
 PACKET_OUTGOING = 4
-ARPHRD_NONE = 0xFFFE  # a TUN's device type (IFF_TUN)
 
 Insn = tuple[int, int, int, int]  # code, jt, jf, k
 
@@ -68,11 +63,8 @@ def _ins(code: int, k: int = 0, jt: int = 0, jf: int = 0) -> Insn:
     return (code, jt, jf, k & 0xFFFFFFFF)
 
 
-def program(pod_addrs: list[str], ports: set[int], skip_ifindexes: set[int],
-            newest_ifindex: int | None = None) -> list[Insn]:
-    """The filter for `ports` on `pod_addrs` (IPv4 and IPv6); an empty port set rejects everything.
-    With `newest_ifindex` (the namespace's highest when built) TUN-like devices made later are
-    skipped too. (Without a device, as on the tests' unix sockets, the ifindex test rejects.)"""
+def program(pod_addrs: list[str], ports: set[int], skip_ifindexes: set[int]) -> list[Insn]:
+    """The filter for `ports` on `pod_addrs` (IPv4 and IPv6); an empty port set rejects everything."""
     if not ports or not pod_addrs:
         return [_ins(_RET_K, 0)]
     if len(ports) > MAX_PORTS:
@@ -99,14 +91,9 @@ def program(pod_addrs: list[str], ports: set[int], skip_ifindexes: set[int],
     emit(_LD_W_ABS, _AD_PKTTYPE)
     emit(_JEQ_K, PACKET_OUTGOING, 0, 1)
     emit(_JA, target="reject")
-    if skip_ifindexes or newest_ifindex is not None:
+    if skip_ifindexes:
         emit(_LD_W_ABS, _AD_IFINDEX)
         any_of(sorted(skip_ifindexes), "reject")
-    if newest_ifindex is not None:
-        emit(_JGT_K, newest_ifindex, 0, 3)  # a device made since: reject it if TUN-like
-        emit(_LD_W_ABS, _AD_HATYPE)
-        emit(_JEQ_K, ARPHRD_NONE, 0, 1)
-        emit(_JA, target="reject")
     emit(_LD_B_ABS, 0)
     emit(_ALU_AND_K, 0xF0)
     any_of([0x40] if v4 else [], "ipv4")

@@ -22,7 +22,6 @@ from mirrord_tun.channel import FrameSession
 from mirrord_tun.feature import Features
 from mirrord_tun.protocol import AgentMsg, ClientMsg
 from mirrord_tun.pump import Counters
-from mirrord_tun.sshfast import OutFrame
 
 if TYPE_CHECKING:
     from mirrord_tun.agent.server import Agent
@@ -63,7 +62,7 @@ class ClientLink:
         else:
             self.on_closed(None)
 
-    def write(self, data: bytes | OutFrame) -> None:
+    def write(self, data: bytes) -> None:
         """To the current connection; while there is none (detached, or closing), dropped and counted."""
         if self._grace is not None or not self.chan.write(data):
             self.counters["dropped_frames_closed"] += 1

@@ -15,10 +15,7 @@ sockets see received packets only. IPv6 packets with an extension header before
 TCP/UDP arrive cut short (bpf.EXT_SNAPLEN) and are counted as
 mirror_skipped_ipv6_ext, not sent: their ports could not be checked.
 
-Copies travel as MIRROR frames on the session channel, batched like PACKETS and,
-like the pump's, read straight into the frame (`recv_into` a reused buffer)
-and encrypted from there: no bytes object, join or copy per packet, and one
-syscall per copy (`recvfrom` would add an ioctl for the device's name).
+Copies travel as MIRROR frames on the session channel, batched like PACKETS.
 While the channel is paused (its send buffer is full) the capture stops
 reading: copies wait in the socket's kernel buffer (RCVBUF, bounded), and once
 it is full the kernel drops further copies and counts them (PACKET_STATISTICS,
@@ -37,9 +34,8 @@ from typing import Callable
 from mirrord_tun.agent import bpf
 from mirrord_tun.agent.dataplane import TUN_PREFIX
 from mirrord_tun.netns.namespace import NetNs
-from mirrord_tun.protocol import FRAME_HEADER, PACKET_LENGTH, AgentMsg, frame_header_into, packet_length_into
+from mirrord_tun.protocol import AgentMsg, frame_packets
 from mirrord_tun.pump import BATCH_BYTES, Counters
-from mirrord_tun.sshfast import HEADROOM, TAILROOM, OutFrame
 
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 SOL_PACKET, PACKET_STATISTICS = 263, 6
@@ -48,14 +44,12 @@ log = logging.getLogger("mirrord-ns.agent")
 COALESCE = 0.002  # seconds copies may wait in the kernel before a drain
 DRAIN_BYTES = 4 * 1024 * 1024  # per drain, so one busy capture cannot hold the event loop
 RCVBUF = 64 * 1024 * 1024  # absorbs a burst while the event loop is busy elsewhere
-_FRAME = HEADROOM  # where a frame starts in the capture's buffer: sshfast's header goes before
-_BODY = _FRAME + FRAME_HEADER
 
 
 class Sniffer:
     """A session's capture; `subscribe` may be called any time, `aclose` ends it."""
 
-    def __init__(self, ns: NetNs, pod_addrs: list[str], send: Callable[[bytes | OutFrame], None],
+    def __init__(self, ns: NetNs, pod_addrs: list[str], send: Callable[[bytes], None],
                  counters: Counters) -> None:
         self._ns = ns
         self._pod_addrs = pod_addrs
@@ -71,10 +65,6 @@ class Sniffer:
         self._paused = False
         self._reading = False
         self._drain_at: asyncio.TimerHandle | None = None
-        # A frame is built here and encrypted from here (sshfast.OutFrame); a batch stops once
-        # past BATCH_BYTES, with room for one more copy, its length, and sshfast's padding.
-        self._buf = bytearray(_BODY + BATCH_BYTES + PACKET_LENGTH + bpf.SNAPLEN + TAILROOM)
-        self._view = memoryview(self._buf)
 
     def subscribe(self, ports: set[int]) -> None:
         """Mirror exactly `ports` from now on (the sockets open on the first call)."""
@@ -154,38 +144,31 @@ class Sniffer:
 
     def _drain(self) -> None:
         self._drain_at = None
+        c = self.counters
         for sock in self._socks:
             budget = DRAIN_BYTES
             while sock in self._socks and not self._paused and budget > 0:
-                size, empty = self._batch(sock)  # may pause us
-                budget = 0 if empty else budget - size
+                batch: list[bytes] = []
+                size = 0
+                try:
+                    while size < BATCH_BYTES:
+                        pkt, addr = sock.recvfrom(bpf.SNAPLEN)
+                        if addr[0].startswith(TUN_PREFIX):
+                            # A TUN made after the filter was built: the kernel could not know it.
+                            c["mirror_skipped_tun"] += 1
+                        elif pkt[0] >> 4 == 6 and pkt[6] in bpf.IPV6_EXTENSIONS:
+                            c["mirror_skipped_ipv6_ext"] += 1
+                        else:
+                            batch.append(pkt)
+                            size += len(pkt)
+                except BlockingIOError:
+                    budget = 0
+                if batch:
+                    c["mirror_packets"] += len(batch)
+                    c["mirror_bytes"] += size
+                    budget -= size
+                    self._send(frame_packets(AgentMsg.MIRROR, batch))  # may pause us
         self._watch()
-
-    def _batch(self, sock: socket.socket) -> tuple[int, bool]:
-        """Read one MIRROR frame's worth of copies into the reused buffer, each after its length,
-        and send it from there; (copied bytes, the socket is empty)."""
-        buf, view, c = self._buf, self._view, self.counters
-        pos, count, empty = _BODY, 0, False
-        try:
-            while pos - _BODY < BATCH_BYTES:
-                at = pos + PACKET_LENGTH
-                # recv_into, not recvfrom: Python looks an address's device name up with an
-                # ioctl per packet, a second syscall; the filter already left out our TUNs.
-                n = sock.recv_into(view[at : at + bpf.SNAPLEN])
-                if buf[at] >> 4 == 6 and buf[at + 6] in bpf.IPV6_EXTENSIONS:
-                    c["mirror_skipped_ipv6_ext"] += 1
-                else:
-                    packet_length_into(buf, pos, n)
-                    pos, count = at + n, count + 1
-        except BlockingIOError:
-            empty = True
-        size = pos - _BODY - count * PACKET_LENGTH
-        if count:
-            c["mirror_packets"] += count
-            c["mirror_bytes"] += size
-            frame_header_into(buf, _FRAME, pos - _BODY, AgentMsg.MIRROR)
-            self._send(OutFrame(buf, _FRAME, pos))
-        return size, empty
 
 
 def _open_socket(proto: int) -> socket.socket:
@@ -213,6 +196,5 @@ def _open_socket(proto: int) -> socket.socket:
 def _set_filter(sock: socket.socket, pod_addrs: list[str], ports: set[int]) -> None:
     """Runs in the target namespace; the kernel swaps the old filter for the new one atomically."""
     # TUN indexes are read at every rebuild: sessions come and go in between.
-    devices = socket.if_nameindex()
-    tuns = {i for i, name in devices if name.startswith(TUN_PREFIX)}
-    bpf.attach(sock, bpf.program(pod_addrs, ports, tuns, max(i for i, _ in devices)))
+    tuns = {i for i, name in socket.if_nameindex() if name.startswith(TUN_PREFIX)}
+    bpf.attach(sock, bpf.program(pod_addrs, ports, tuns))
