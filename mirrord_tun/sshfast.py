@@ -23,6 +23,7 @@ session.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
 import sys
@@ -174,12 +175,55 @@ class _Decrypted:
         return self._plain
 
 
-class Receiver:
-    """Takes over a connection's input parsing (see the module's docstring).
+class _Input:
+    """Received bytes not yet handled, `buf[start:end]`, in a buffer the socket reads into directly.
+    Never resized in place (the transport may hold a view of it during a read): replaced to grow."""
 
-    The hook is `_recv_data`, which asyncssh's `data_received` calls after appending the data
-    to its (then empty: adding to empty bytes copies nothing) input buffer: `data_received`
-    itself cannot be replaced, uvloop keeps the bound method it saw when the connection began.
+    __slots__ = ("buf", "start", "end")
+
+    def __init__(self) -> None:
+        self.buf = bytearray(2 * _READ_SIZE)
+        self.start = self.end = 0
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def clear(self) -> None:
+        self.start = self.end = 0
+
+    def room(self, n: int) -> memoryview:
+        """At least `n` free bytes after the data: the data moves to the front first if needed
+        (the start of one packet, once per many reads), or to a bigger buffer."""
+        if len(self.buf) - self.end < n:
+            size = self.end - self.start
+            old = memoryview(self.buf)
+            if size + n > len(self.buf):
+                self.buf = bytearray(max(size + n, 2 * len(self.buf)))
+            with memoryview(self.buf) as new:
+                new[:size] = old[self.start : self.end]
+            old.release()
+            self.start, self.end = 0, size
+        return memoryview(self.buf)[self.end :]
+
+    def append(self, data: bytes) -> None:
+        with self.room(len(data)) as free:
+            free[: len(data)] = data
+        self.end += len(data)
+
+
+# How much a read may bring at least: uvloop reads 256 KiB at a time into a buffer of its own.
+_READ_SIZE = 256 * 1024
+
+
+class Receiver(asyncio.BufferedProtocol):
+    """Takes over a connection's input (see the module's docstring).
+
+    First through the hook `_recv_data`, which asyncssh's `data_received` calls after appending
+    the data to its (then empty: adding to empty bytes copies nothing) input buffer. Once ours,
+    this object becomes the transport's protocol, a buffered one: the socket is read straight
+    into `_Input`, and the copy the transport makes of each read (a new bytes object) and ours of
+    every packet a read cut in two are gone. What asyncssh must see still reaches it as bytes
+    through its `data_received`; the transport's other calls go to the connection unchanged.
     """
 
     def __init__(self, conn: asyncssh.SSHClientConnection | asyncssh.SSHServerConnection) -> None:
@@ -189,9 +233,10 @@ class Receiver:
             return
         self._boundary = conn._recv_pkthdr  # the handler asyncssh waits in between packets
         self._in_packet = conn._recv_packet  # ... and after a packet's first block
-        self._buf = bytearray()  # the start of a packet not yet complete, while we own the input
+        self._input = _Input()  # received and not yet handled, while we own the input
         self._alive = 0.0  # when we last told asyncssh the peer is alive
         self._plain = bytearray(64 * 1024)  # decrypted packets, one at a time (see _decrypt)
+        self._buffered = False  # whether we are the transport's protocol yet
         conn._recv_data = self.recv_data  # type: ignore[method-assign]
 
     def _ours(self) -> bool:
@@ -207,7 +252,7 @@ class Receiver:
         if not conn._auth_complete or conn._decompressor or _aead(conn._recv_encryption) is None:
             return False
         if conn._recv_handler == self._in_packet:
-            self._buf += conn._packet
+            self._input.append(conn._packet)
             conn._packet = b""
             conn._recv_handler = self._boundary
         elif conn._recv_handler != self._boundary:
@@ -215,45 +260,88 @@ class Receiver:
         return True
 
     def recv_data(self) -> None:
-        if not self._buf and not self._take_over():
+        """asyncssh's hook: data it received (before we are the transport's protocol, or handed
+        to it by buffer_updated) is in its input buffer."""
+        if not self._input and not self._take_over():
             self._slow()
             return
+        conn = self._conn
+        data, conn._inpbuf = conn._inpbuf, b""
+        self._input.append(data)
+        self._handle()
+        if not self._buffered and conn._transport is not None:
+            self._buffered = True
+            # After this callback, not inside the transport's own read path.
+            asyncio.get_running_loop().call_soon(self._become_protocol)
+
+    def _become_protocol(self) -> None:
+        transport = self._conn._transport
+        if transport is not None and not transport.is_closing() and transport.get_protocol() is self._conn:
+            transport.set_protocol(self)
+
+    # asyncio.BufferedProtocol: the transport reads into our buffer.
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._input.room(_READ_SIZE)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        inp = self._input
+        had = len(inp)
+        inp.end += nbytes
+        if not had and not self._ours():
+            # asyncssh's turn (or it holds the start of these bytes): as bytes, through its own path.
+            data = bytes(memoryview(inp.buf)[inp.start : inp.end])
+            inp.clear()
+            self._conn.data_received(data)
+            return
+        self._handle()
+
+    def data_received(self, data: bytes) -> None:
+        self._conn.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._conn.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._conn.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._conn.resume_writing()
+
+    def _handle(self) -> None:
+        """Every whole packet in the input while the connection stays ours."""
         conn = self._conn
         now = time.monotonic()
         if now - self._alive >= _KEEPALIVE_RESET:
             conn._reset_keepalive_timer()
             self._alive = now
-        data, conn._inpbuf = conn._inpbuf, b""
-        buf = self._buf
-        if buf:
-            buf += data
-            src: bytes | bytearray = buf
-        else:
-            src = data
+        inp = self._input
         try:
-            pos, ours = self._packets(src)
+            with memoryview(inp.buf)[inp.start : inp.end] as src:
+                pos, ours = self._packets(src)
+                if not ours and pos < len(src):
+                    # asyncssh takes over (a message it handles asynchronously, or a cipher we do not do).
+                    conn._inpbuf = bytes(src[pos:])
         except asyncssh.DisconnectError as exc:
-            buf.clear()
+            inp.clear()
             conn._send_disconnect(exc.code, exc.reason, exc.lang)
             conn._force_close(exc)
             return
         except Exception:  # noqa: BLE001 - asyncssh's own _recv_data does the same
-            buf.clear()
+            inp.clear()
             conn.internal_error()
             return
-        if ours or pos == len(src):
-            if src is buf:
-                del buf[:pos]
-            else:
-                buf.extend(memoryview(data)[pos:])
-            return
-        # asyncssh takes over (a message it handles asynchronously, or a cipher we do not do).
-        conn._inpbuf = bytes(src[pos:])
-        buf.clear()
-        if conn._recv_handler == self._boundary:
-            self._slow()
+        inp.start += pos
+        if conn._inpbuf:
+            inp.clear()
+            if conn._recv_handler == self._boundary:
+                self._slow()
+        elif not inp:
+            inp.clear()
 
-    def _packets(self, src: bytes | bytearray) -> tuple[int, bool]:
+    def _packets(self, src: memoryview) -> tuple[int, bool]:
         """Handle every whole packet in `src` while the connection stays ours; the bytes used,
         and whether it still is (only a packet asyncssh handled can change that)."""
         conn = self._conn
