@@ -222,3 +222,50 @@ def test_a_flipped_bit_on_the_wire_ends_the_connection() -> None:
             conn.close()
             server.close()
     _run(go())
+
+
+def test_frames_held_while_reading_is_paused_arrive_intact() -> None:
+    """A paused channel keeps what arrives (as views of the decrypted message) until it resumes:
+    the buffer sshfast decrypts into must not be reused under it."""
+    async def go() -> None:
+        server, conn, session, mine, _ = await _pair()
+        try:
+            assert session.chan is not None
+            session.chan.pause_reading()
+            bodies = _frames(30, 7)
+            for body in bodies:
+                session.write(protocol.frame(ClientMsg.PACKETS, body))
+            await _until(lambda: len(session.chan._recv_buf) >= 10, "echoes held by the paused channel")
+            session.chan.resume_reading()
+            await _until(lambda: len(mine.frames) == len(bodies), "the echoes")
+            assert mine.frames == [(ClientMsg.PACKETS, b) for b in bodies]
+        finally:
+            conn.close()
+            server.close()
+    _run(go())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_socket_is_read_into_sshfast_once_the_connection_is_ours(loop: str) -> None:
+    """Past login, both ends' transports read into sshfast's buffer (a buffered protocol), under
+    asyncio and under uvloop (which the CLI runs); frames still arrive whole and in order."""
+    async def go() -> None:
+        server, conn, session, mine, served = await _pair()
+        try:
+            bodies = _frames(40, 3)
+            for body in bodies:
+                session.write(protocol.frame(ClientMsg.PACKETS, body))
+            await _until(lambda: len(mine.frames) == len(bodies), "the echoes")
+            assert mine.frames == [(ClientMsg.PACKETS, b) for b in bodies]
+            assert isinstance(conn._transport.get_protocol(), sshfast.Receiver)
+            assert served[0].session is not None and served[0].session.chan is not None
+            server_conn = served[0].session.chan._conn
+            assert isinstance(server_conn._transport.get_protocol(), sshfast.Receiver)
+        finally:
+            conn.close()
+            server.close()
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        uvloop.run(asyncio.wait_for(go(), 120))
+    else:
+        _run(go())
