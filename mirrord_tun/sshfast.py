@@ -179,11 +179,12 @@ class _Input:
     """Received bytes not yet handled, `buf[start:end]`, in a buffer the socket reads into directly.
     Never resized in place (the transport may hold a view of it during a read): replaced to grow."""
 
-    __slots__ = ("buf", "start", "end")
+    __slots__ = ("buf", "start", "end", "_whole")
 
     def __init__(self) -> None:
         self.buf = bytearray(2 * _READ_SIZE)
         self.start = self.end = 0
+        self._whole = memoryview(self.buf)  # what an empty input offers a read: made once
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -194,23 +195,24 @@ class _Input:
     def room(self, n: int) -> memoryview:
         """At least `n` free bytes after the data: the data moves to the front first if needed
         (the start of one packet, once per many reads), or to a bigger buffer."""
+        if not self.end and n <= len(self.buf):
+            return self._whole
         if len(self.buf) - self.end < n:
             size = self.end - self.start
-            old = memoryview(self.buf)
+            old = self._whole
             if size + n > len(self.buf):
                 self.buf = bytearray(max(size + n, 2 * len(self.buf)))
-            with memoryview(self.buf) as new:
-                new[:size] = old[self.start : self.end]
-            old.release()
+                self._whole = memoryview(self.buf)
+            self._whole[:size] = old[self.start : self.end]
             self.start, self.end = 0, size
-        return memoryview(self.buf)[self.end :]
+        return self._whole[self.end :]
 
     def append(self, data: bytes) -> None:
-        with self.room(len(data)) as free:
-            free[: len(data)] = data
+        self.room(len(data))[: len(data)] = data
         self.end += len(data)
 
 
+_SMALL = 4096  # packets decrypted into a new bytes object, not the reused buffer (see _decrypt)
 # How much a read may bring at least: uvloop reads 256 KiB at a time into a buffer of its own.
 _READ_SIZE = 256 * 1024
 
@@ -285,7 +287,7 @@ class Receiver(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         inp = self._input
-        had = len(inp)
+        had = inp.end - inp.start
         inp.end += nbytes
         if not had and not self._ours():
             # asyncssh's turn (or it holds the start of these bytes): as bytes, through its own path.
@@ -374,6 +376,13 @@ class Receiver(asyncio.BufferedProtocol):
         enc = self._conn._recv_encryption
         aead = _aead(enc)
         assert aead is not None
+        if pktlen <= _SMALL:  # a new bytes object costs less than the view of a reused buffer
+            try:
+                plain = memoryview(aead.decrypt(enc._cipher._iv, sealed, length))
+            except InvalidTag:
+                raise asyncssh.MACError("MAC verification failed") from None
+            enc._cipher._update_iv()
+            return plain
         if len(self._plain) < pktlen:
             self._plain = bytearray(max(pktlen, 2 * len(self._plain)))
         plain = memoryview(self._plain)[:pktlen]
