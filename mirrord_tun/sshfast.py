@@ -10,9 +10,11 @@ module does the same work in one copy and one cipher pass each way:
 
 - out: the pump builds its frame in a buffer it reuses (TUN packets read in place), leaving
   room around it for the message header and padding; AES-GCM reads it from there and writes
-  straight into the buffer the transport sends (other frames: one join, then the same);
-- in: packets are cut from the received data in place, decrypted once, and the channel data
-  handed on as a memoryview of the plaintext.
+  straight into the buffer the transport sends, itself reused while the socket takes each
+  message at once (other frames: one join, then the same);
+- in: once the connection is ours the socket is read straight into our buffer (a buffered
+  protocol, see Receiver), packets are decrypted from there into a reused buffer, and the
+  channel data handed on as a memoryview of the plaintext.
 
 Still SSH on the wire, with asyncssh's negotiated keys, IVs, sequence numbers, rekey limits
 and channel windows, which this code advances exactly as asyncssh would. Everything else
@@ -217,15 +219,12 @@ _SMALL = 4096  # packets decrypted into a new bytes object, not the reused buffe
 _READ_SIZE = 256 * 1024
 
 
-class Receiver(asyncio.BufferedProtocol):
+class Receiver:
     """Takes over a connection's input (see the module's docstring).
 
     First through the hook `_recv_data`, which asyncssh's `data_received` calls after appending
-    the data to its (then empty: adding to empty bytes copies nothing) input buffer. Once ours,
-    this object becomes the transport's protocol, a buffered one: the socket is read straight
-    into `_Input`, and the copy the transport makes of each read (a new bytes object) and ours of
-    every packet a read cut in two are gone. What asyncssh must see still reaches it as bytes
-    through its `data_received`; the transport's other calls go to the connection unchanged.
+    the data to its (then empty: adding to empty bytes copies nothing) input buffer; once the
+    connection is ours, through `_ReadInto`, which reads the socket straight into `_Input`.
     """
 
     def __init__(self, conn: asyncssh.SSHClientConnection | asyncssh.SSHServerConnection) -> None:
@@ -274,43 +273,7 @@ class Receiver(asyncio.BufferedProtocol):
         if not self._buffered and conn._transport is not None:
             self._buffered = True
             # After this callback, not inside the transport's own read path.
-            asyncio.get_running_loop().call_soon(self._become_protocol)
-
-    def _become_protocol(self) -> None:
-        transport = self._conn._transport
-        if transport is not None and not transport.is_closing() and transport.get_protocol() is self._conn:
-            transport.set_protocol(self)
-
-    # asyncio.BufferedProtocol: the transport reads into our buffer.
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._input.room(_READ_SIZE)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        inp = self._input
-        had = inp.end - inp.start
-        inp.end += nbytes
-        if not had and not self._ours():
-            # asyncssh's turn (or it holds the start of these bytes): as bytes, through its own path.
-            data = bytes(memoryview(inp.buf)[inp.start : inp.end])
-            inp.clear()
-            self._conn.data_received(data)
-            return
-        self._handle()
-
-    def data_received(self, data: bytes) -> None:
-        self._conn.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self._conn.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._conn.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self._conn.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._conn.resume_writing()
+            asyncio.get_running_loop().call_soon(_ReadInto(self).install)
 
     def _handle(self) -> None:
         """Every whole packet in the input while the connection stays ours."""
@@ -422,3 +385,51 @@ class Receiver(asyncio.BufferedProtocol):
         finally:
             if conn._recv_encryption is stand_in:  # unless the packet was NEWKEYS
                 conn._recv_encryption = real
+
+
+class _ReadInto(asyncio.BufferedProtocol):
+    """The transport's protocol once a Receiver owns the connection's input: a buffered one, so
+    the socket is read straight into the Receiver's `_Input`, and the copy the transport makes of
+    each read (a new bytes object) and ours of every packet a read cut in two are gone. What
+    asyncssh must see still reaches it as bytes through its `data_received`; the transport's
+    other calls go to the connection unchanged."""
+
+    def __init__(self, receiver: Receiver) -> None:
+        self._receiver = receiver
+        self._conn = receiver._conn
+
+    def install(self) -> None:
+        transport = self._conn._transport
+        if transport is not None and not transport.is_closing() and transport.get_protocol() is self._conn:
+            transport.set_protocol(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._receiver._input.room(_READ_SIZE)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        receiver = self._receiver
+        inp = receiver._input
+        had = inp.end - inp.start
+        inp.end += nbytes
+        if not had and not receiver._ours():
+            # asyncssh's turn (or it holds the start of these bytes): as bytes, through its own path.
+            data = bytes(memoryview(inp.buf)[inp.start : inp.end])
+            inp.clear()
+            self._conn.data_received(data)
+            return
+        receiver._handle()
+
+    def data_received(self, data: bytes) -> None:
+        self._conn.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._conn.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._conn.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._conn.resume_writing()

@@ -257,10 +257,10 @@ def test_the_socket_is_read_into_sshfast_once_the_connection_is_ours(loop: str) 
                 session.write(protocol.frame(ClientMsg.PACKETS, body))
             await _until(lambda: len(mine.frames) == len(bodies), "the echoes")
             assert mine.frames == [(ClientMsg.PACKETS, b) for b in bodies]
-            assert isinstance(conn._transport.get_protocol(), sshfast.Receiver)
+            assert isinstance(conn._transport.get_protocol(), sshfast._ReadInto)
             assert served[0].session is not None and served[0].session.chan is not None
             server_conn = served[0].session.chan._conn
-            assert isinstance(server_conn._transport.get_protocol(), sshfast.Receiver)
+            assert isinstance(server_conn._transport.get_protocol(), sshfast._ReadInto)
         finally:
             conn.close()
             server.close()
