@@ -153,8 +153,8 @@ def send(chan: asyncssh.SSHChannel, frame: bytes | OutFrame) -> bool:
 
 def _out_buffer(conn: Any, size: int) -> bytearray:
     """The connection's buffer for outgoing packets, at least `size` bytes. Reused from message to
-    message: a new bytearray per message costs a memset, and pages the kernel faults in and
-    zeroes again (5k page faults/s in bulk)."""
+    message: a new bytearray per message costs an allocation and a memset of ~160 KiB (8% of
+    the sender's CPU in bulk)."""
     out: bytearray | None = getattr(conn, "_mrd_out", None)
     if out is None or len(out) < size:
         out = conn._mrd_out = bytearray(max(size, _OUT_MIN))
@@ -334,8 +334,8 @@ class Receiver:
         return pos, True
 
     def _decrypt(self, sealed: memoryview, length: memoryview, pktlen: int) -> memoryview:
-        """One packet's plaintext, in a buffer reused from packet to packet (a new bytes object
-        per packet costs the allocation and, for big ones, fresh pages to fault in)."""
+        """One packet's plaintext, in a buffer reused from packet to packet (not a new bytes
+        object of ~160 KiB per message)."""
         enc = self._conn._recv_encryption
         aead = _aead(enc)
         assert aead is not None
