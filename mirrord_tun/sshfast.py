@@ -38,6 +38,8 @@ from asyncssh.encryption import GCMEncryption
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from mirrord_tun import sshopts
+
 _U32 = struct.Struct("!I")
 _DATA_HEAD = struct.Struct("!BBII")  # padding length, message type, recipient channel, data length
 _DATA_FIELDS = struct.Struct("!II")  # recipient channel, data length (after padlen and type)
@@ -157,11 +159,10 @@ def _out_buffer(conn: Any, size: int) -> bytearray:
     the sender's CPU in bulk)."""
     out: bytearray | None = getattr(conn, "_mrd_out", None)
     if out is None or len(out) < size:
-        out = conn._mrd_out = bytearray(max(size, _OUT_MIN))
+        out = conn._mrd_out = bytearray(max(size, _PACKET_MAX))
     return out
 
 
-_OUT_MIN = 64 * 1024
 
 
 class _Decrypted:
@@ -184,7 +185,7 @@ class _Input:
     __slots__ = ("buf", "start", "end", "_whole")
 
     def __init__(self) -> None:
-        self.buf = bytearray(2 * _READ_SIZE)
+        self.buf = bytearray(_READ_SIZE + _PACKET_MAX)  # a read after the start of the largest packet
         self.start = self.end = 0
         self._whole = memoryview(self.buf)  # what an empty input offers a read: made once
 
@@ -214,6 +215,10 @@ class _Input:
         self.end += len(data)
 
 
+# The largest packet between our ends (sshopts.MAX_PKTSIZE of channel data, asyncssh's 1024 bytes
+# for the rest of the message, the length and the tag): each reused buffer is made this size once,
+# not grown step by step (every step would leave a freed buffer behind in the heap).
+_PACKET_MAX = 4 + sshopts.MAX_PKTSIZE + 1024 + _TAG
 _SMALL = 4096  # packets decrypted into a new bytes object, not the reused buffer (see _decrypt)
 # How much a read may bring at least: uvloop reads 256 KiB at a time into a buffer of its own.
 _READ_SIZE = 256 * 1024
@@ -236,7 +241,7 @@ class Receiver:
         self._in_packet = conn._recv_packet  # ... and after a packet's first block
         self._input = _Input()  # received and not yet handled, while we own the input
         self._alive = 0.0  # when we last told asyncssh the peer is alive
-        self._plain = bytearray(64 * 1024)  # decrypted packets, one at a time (see _decrypt)
+        self._plain = bytearray(_PACKET_MAX)  # decrypted packets, one at a time (see _decrypt)
         self._buffered = False  # whether we are the transport's protocol yet
         conn._recv_data = self.recv_data  # type: ignore[method-assign]
 
@@ -347,7 +352,7 @@ class Receiver:
             enc._cipher._update_iv()
             return plain
         if len(self._plain) < pktlen:
-            self._plain = bytearray(max(pktlen, 2 * len(self._plain)))
+            self._plain = bytearray(pktlen)
         plain = memoryview(self._plain)[:pktlen]
         try:
             aead.decrypt_into(enc._cipher._iv, sealed, length, plain)
