@@ -178,14 +178,23 @@ class _Decrypted:
         return self._plain
 
 
+# The largest packet between our ends (sshopts.MAX_PKTSIZE of channel data, asyncssh's 1024 bytes
+# for the rest of the message, the length and the tag): each reused buffer is made this size once,
+# not grown step by step (every step would leave a freed buffer behind in the heap).
+_PACKET_MAX = 4 + sshopts.MAX_PKTSIZE + 1024 + _TAG
+_SMALL = 4096  # packets decrypted into a new bytes object, not the reused buffer (see _decrypt)
+# How much a read may bring at least: uvloop reads 256 KiB at a time into a buffer of its own.
+_READ_SIZE = 256 * 1024
+
+
 class _Input:
     """Received bytes not yet handled, `buf[start:end]`, in a buffer the socket reads into directly.
     Never resized in place (the transport may hold a view of it during a read): replaced to grow."""
 
     __slots__ = ("buf", "start", "end", "_whole")
 
-    def __init__(self) -> None:
-        self.buf = bytearray(_READ_SIZE + _PACKET_MAX)  # a read after the start of the largest packet
+    def __init__(self, size: int = _READ_SIZE + _PACKET_MAX) -> None:  # a read after the largest packet's start
+        self.buf = bytearray(size)
         self.start = self.end = 0
         self._whole = memoryview(self.buf)  # what an empty input offers a read: made once
 
@@ -213,15 +222,6 @@ class _Input:
     def append(self, data: bytes) -> None:
         self.room(len(data))[: len(data)] = data
         self.end += len(data)
-
-
-# The largest packet between our ends (sshopts.MAX_PKTSIZE of channel data, asyncssh's 1024 bytes
-# for the rest of the message, the length and the tag): each reused buffer is made this size once,
-# not grown step by step (every step would leave a freed buffer behind in the heap).
-_PACKET_MAX = 4 + sshopts.MAX_PKTSIZE + 1024 + _TAG
-_SMALL = 4096  # packets decrypted into a new bytes object, not the reused buffer (see _decrypt)
-# How much a read may bring at least: uvloop reads 256 KiB at a time into a buffer of its own.
-_READ_SIZE = 256 * 1024
 
 
 class Receiver:
@@ -432,6 +432,11 @@ class _ReadInto(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._conn.connection_lost(exc)
+        # Give the buffers (~0.8 MiB) back now, not when the collector finds this cycle: the agent
+        # keeps a lost session for its resume, and a new connection can reuse the memory.
+        self._receiver._input = _Input(0)
+        self._receiver._plain = bytearray()
+        self._conn._mrd_out = None
 
     def pause_writing(self) -> None:
         self._conn.pause_writing()
