@@ -163,8 +163,6 @@ def _out_buffer(conn: Any, size: int) -> bytearray:
     return out
 
 
-
-
 class _Decrypted:
     """Stands in for the receive cipher while asyncssh parses one packet we already decrypted."""
 
@@ -193,8 +191,8 @@ class _Input:
 
     __slots__ = ("buf", "start", "end", "_whole")
 
-    def __init__(self, size: int = _READ_SIZE + _PACKET_MAX) -> None:  # a read after the largest packet's start
-        self.buf = bytearray(size)
+    def __init__(self, size: int = _READ_SIZE + _PACKET_MAX) -> None:
+        self.buf = bytearray(size)  # by default: a whole read after the start of the largest packet
         self.start = self.end = 0
         self._whole = memoryview(self.buf)  # what an empty input offers a read: made once
 
