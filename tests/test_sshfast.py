@@ -104,8 +104,15 @@ async def _until(cond: Any, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _run(coro: Any) -> Any:
+def _run(coro: Any, loop: str = "asyncio") -> Any:
+    """On asyncio's loop, or on uvloop (which the CLI runs: its transports differ, e.g. in how
+    they read into a buffered protocol)."""
+    if loop == "uvloop":
+        return pytest.importorskip("uvloop").run(asyncio.wait_for(coro, 120))
     return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+LOOPS = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 
 
 def _frames(n: int, seed: int) -> list[bytes]:
@@ -116,7 +123,8 @@ def _frames(n: int, seed: int) -> list[bytes]:
     return [os.urandom(s) for s in sizes]
 
 
-def test_frames_round_trip_whole_in_order_past_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+@LOOPS
+def test_frames_round_trip_whole_in_order_past_the_window(monkeypatch: pytest.MonkeyPatch, loop: str) -> None:
     fast: list[bool] = []
     real_send = sshfast.send
     monkeypatch.setattr(sshfast, "send", lambda chan, parts: fast.append(real_send(chan, parts)) or fast[-1])
@@ -136,12 +144,13 @@ def test_frames_round_trip_whole_in_order_past_the_window(monkeypatch: pytest.Mo
         finally:
             conn.close()
             server.close()
-    _run(go())
+    _run(go(), loop)
     assert fast.count(True) > 20, "the fast path carried (almost) nothing"
     assert False in fast, "the window never filled: the fallback went untested"
 
 
-def test_a_key_exchange_in_the_middle_of_the_stream() -> None:
+@LOOPS
+def test_a_key_exchange_in_the_middle_of_the_stream(loop: str) -> None:
     async def go() -> None:
         # Both ends renew their keys after every MB they send: several times in this test.
         server, conn, session, mine, _ = await _pair(rekey_bytes=1_000_000)
@@ -159,7 +168,7 @@ def test_a_key_exchange_in_the_middle_of_the_stream() -> None:
         finally:
             conn.close()
             server.close()
-    _run(go())
+    _run(go(), loop)
 
 
 def test_a_plain_channel_still_gets_bytes() -> None:
@@ -184,7 +193,8 @@ def test_a_plain_channel_still_gets_bytes() -> None:
     _run(go())
 
 
-def test_a_flipped_bit_on_the_wire_ends_the_connection() -> None:
+@LOOPS
+def test_a_flipped_bit_on_the_wire_ends_the_connection(loop: str) -> None:
     """The attacker sits on the path: after the handshake it flips one bit in our data."""
     flipped: list[int] = []
 
@@ -221,4 +231,47 @@ def test_a_flipped_bit_on_the_wire_ends_the_connection() -> None:
         finally:
             conn.close()
             server.close()
+    _run(go(), loop)
+
+
+def test_frames_held_while_reading_is_paused_arrive_intact() -> None:
+    """A paused channel keeps what arrives (as views of the decrypted message) until it resumes:
+    the buffer sshfast decrypts into must not be reused under it."""
+    async def go() -> None:
+        server, conn, session, mine, _ = await _pair()
+        try:
+            assert session.chan is not None
+            session.chan.pause_reading()
+            bodies = _frames(30, 7)
+            for body in bodies:
+                session.write(protocol.frame(ClientMsg.PACKETS, body))
+            await _until(lambda: len(session.chan._recv_buf) >= 10, "echoes held by the paused channel")
+            session.chan.resume_reading()
+            await _until(lambda: len(mine.frames) == len(bodies), "the echoes")
+            assert mine.frames == [(ClientMsg.PACKETS, b) for b in bodies]
+        finally:
+            conn.close()
+            server.close()
     _run(go())
+
+
+@LOOPS
+def test_the_socket_is_read_into_sshfast_once_the_connection_is_ours(loop: str) -> None:
+    """Past login, both ends' transports read into sshfast's buffer (a buffered protocol), under
+    asyncio and under uvloop (which the CLI runs); frames still arrive whole and in order."""
+    async def go() -> None:
+        server, conn, session, mine, served = await _pair()
+        try:
+            bodies = _frames(40, 3)
+            for body in bodies:
+                session.write(protocol.frame(ClientMsg.PACKETS, body))
+            await _until(lambda: len(mine.frames) == len(bodies), "the echoes")
+            assert mine.frames == [(ClientMsg.PACKETS, b) for b in bodies]
+            assert isinstance(conn._transport.get_protocol(), sshfast._ReadInto)
+            assert served[0].session is not None and served[0].session.chan is not None
+            server_conn = served[0].session.chan._conn
+            assert isinstance(server_conn._transport.get_protocol(), sshfast._ReadInto)
+        finally:
+            conn.close()
+            server.close()
+    _run(go(), loop)
