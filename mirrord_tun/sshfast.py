@@ -48,7 +48,9 @@ _TAG = 16
 _SEQ_MASK = 0xFFFFFFFF
 # MIRRORD_NS_SSHFAST=0 leaves every message to asyncssh: for A/B runs (scripts/bench --env) and
 # to rule this module out when debugging. Read once, at import.
-ENABLED = os.environ.get("MIRRORD_NS_SSHFAST", "1") != "0"
+# encrypt_into/decrypt_into are recent in cryptography; asyncssh accepts older releases (a distribution's)
+ENABLED = (os.environ.get("MIRRORD_NS_SSHFAST", "1") != "0" and hasattr(AESGCM, "encrypt_into")
+           and hasattr(AESGCM, "decrypt_into"))
 # asyncssh re-arms its keepalive timer (a new loop timer) on every received chunk; once a second
 # is as good for a 5 s keepalive interval (sshopts) and saves a timer per message.
 _KEEPALIVE_RESET = 1.0
@@ -324,9 +326,9 @@ class Receiver:
                     break
                 plain = self._decrypt(view[pos + 4 : end], view[pos : pos + 4], pktlen)
                 pos = end
-                handled = self._channel_data(plain)
+                handled = _channel_data(conn, plain)
                 if not handled:
-                    self._through_asyncssh(bytes(plain), bytes(view[pos - 4 - pktlen - _TAG : pos]))
+                    _through_asyncssh(conn, bytes(plain), bytes(view[pos - 4 - pktlen - _TAG : pos]))
                 del plain
                 # Whoever kept a view of the plaintext (a paused channel queues it) keeps the
                 # buffer: the next packet gets a new one. Ours and the argument are 2 references.
@@ -359,35 +361,35 @@ class Receiver:
         enc._cipher._update_iv()
         return plain
 
-    def _channel_data(self, plain: memoryview) -> bool:
-        """Hand channel data to a session that takes memoryviews; False for anything else, and for
-        anything asyncssh would refuse (it then refuses it itself, with its own error)."""
-        if len(plain) < _HEAD_LEN or plain[1] != MSG_CHANNEL_DATA:
-            return False
-        conn = self._conn
-        recv_chan, size = _DATA_FIELDS.unpack_from(plain, 2)
-        chan = conn._channels.get(recv_chan)
-        end = _HEAD_LEN + size
-        if (chan is None or not getattr(chan._session, "takes_memoryview", False) or chan._encoding
-                or chan._recv_state != "open" or end != len(plain) - plain[0] or size > chan._recv_window):
-            return False
-        chan._accept_data(plain[_HEAD_LEN:end])
-        conn._recv_seq = (conn._recv_seq + 1) & _SEQ_MASK
-        return True
 
-    def _through_asyncssh(self, plain: bytes, raw: bytes) -> None:
-        """One packet through asyncssh's own parser, its decryption already done."""
-        conn = self._conn
-        real = conn._recv_encryption
-        stand_in = _Decrypted(plain)
-        conn._recv_encryption = stand_in
-        conn._inpbuf = raw
-        try:
-            while conn._inpbuf and conn._recv_handler():
-                pass
-        finally:
-            if conn._recv_encryption is stand_in:  # unless the packet was NEWKEYS
-                conn._recv_encryption = real
+def _channel_data(conn: Any, plain: memoryview) -> bool:
+    """Hand channel data to a session that takes memoryviews; False for anything else, and for
+    anything asyncssh would refuse (it then refuses it itself, with its own error)."""
+    if len(plain) < _HEAD_LEN or plain[1] != MSG_CHANNEL_DATA:
+        return False
+    recv_chan, size = _DATA_FIELDS.unpack_from(plain, 2)
+    chan = conn._channels.get(recv_chan)
+    end = _HEAD_LEN + size
+    if (chan is None or not getattr(chan._session, "takes_memoryview", False) or chan._encoding
+            or chan._recv_state != "open" or end != len(plain) - plain[0] or size > chan._recv_window):
+        return False
+    chan._accept_data(plain[_HEAD_LEN:end])
+    conn._recv_seq = (conn._recv_seq + 1) & _SEQ_MASK
+    return True
+
+
+def _through_asyncssh(conn: Any, plain: bytes, raw: bytes) -> None:
+    """One packet through asyncssh's own parser, its decryption already done."""
+    real = conn._recv_encryption
+    stand_in = _Decrypted(plain)
+    conn._recv_encryption = stand_in
+    conn._inpbuf = raw
+    try:
+        while conn._inpbuf and conn._recv_handler():
+            pass
+    finally:
+        if conn._recv_encryption is stand_in:  # unless the packet was NEWKEYS
+            conn._recv_encryption = real
 
 
 class _ReadInto(asyncio.BufferedProtocol):
