@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Cluster, mrd_run, run_env
-from mirrord_tun.netns import rtnl
+from mirrord_tun.netns.links import has_link
 from mirrord_tun.netns.namespace import NetNs
 from mirrord_tun.netns.tun import Tun
 
@@ -72,14 +72,6 @@ def test_the_quick_exit_runs_atexit_flushes_and_keeps_the_status(tmp_path: Path)
         assert (r.stdout if code == 0 else r.stderr).startswith("mirrord-ns")
 
 
-def _exists_here(name: str) -> bool:
-    try:
-        rtnl.index(name)
-    except OSError:
-        return False
-    return True
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, TUN)")
 def test_a_tun_left_to_its_namespace_goes_with_it() -> None:
     name = f"mrdt{secrets.token_hex(3)}"
@@ -88,14 +80,14 @@ def test_a_tun_left_to_its_namespace_goes_with_it() -> None:
         tun = ns.call(Tun, name)
         ns.call(tun.close, True)
         # The device outlives its fd (the close did not wait for its removal)...
-        assert ns.call(_exists_here, name)
+        assert ns.call(has_link, name)
     finally:
         ns.close()
     # ...and goes with the namespace: the kernel removes it in the background rather than
     # handing it to this namespace, as it does with physical devices. Watched for a while.
     deadline = time.monotonic() + 2
     while time.monotonic() < deadline:
-        assert not _exists_here(name)
+        assert not has_link(name)
         time.sleep(0.1)
 
 
@@ -110,7 +102,7 @@ def test_in_a_namespace_we_joined_the_tun_is_removed_at_close() -> None:
             assert made.private and not joined.private
             tun = joined.call(Tun, name)
             joined.call(tun.close, joined.private)
-            assert not made.call(_exists_here, name)
+            assert not made.call(has_link, name)
         finally:
             joined.close()
     finally:
