@@ -87,6 +87,7 @@ class Stealer(Feature):
         self._warned: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._stale = False  # the agent withdrew the steal while we were away: ask again
+        self._probe: sockdiag.Probe | None = None
 
     async def start(self) -> None:
         """Steal before the command starts; a --port the agent refuses is a SetupError."""
@@ -124,9 +125,13 @@ class Stealer(Feature):
         if self._connected() and any(self._wanted):
             with contextlib.suppress(asyncio.TimeoutError, SetupError):
                 await asyncio.wait_for(self._ask({}, {}), UNSTEAL_WAIT)
+        if self._probe is not None:
+            self._probe.close()
 
     async def _serving(self) -> tuple[dict[int, int], dict[int, int]]:
-        tcp, udp = await self._ns.acall(sockdiag.serving_ports, self._clients)
+        if self._probe is None:
+            self._probe = await sockdiag.Probe.open(self._ns)
+        tcp, udp = self._probe.serving_ports(self._clients)
         return steal_ports(tcp, udp, self._opts.ports)
 
     async def _follow(self) -> None:

@@ -78,18 +78,25 @@ class PortWatcher:
 
     async def run(self) -> None:
         mapped_locals = {local for remote, local in self._mapping.items() if local != remote}
-        while True:
-            tcp, udp = await self._ns.acall(sockdiag.serving_ports, self._pod_addrs)
-            now = time.monotonic()
-            self._served.update(dict.fromkeys(tcp | udp, now))
-            self._served = {p: t for p, t in self._served.items() if now - t < RESTART_HOLD}
-            ports = (set(self._served) - mapped_locals) | set(self._mapping)
-            if len(ports) > MAX_PORTS:
-                log.warning("the program serves %d ports; mirroring the lowest %d", len(ports), MAX_PORTS)
-                ports = set(sorted(ports)[:MAX_PORTS])
-            if ports != self.ports:
-                log.info("mirroring pod ports: %s", ",".join(map(str, sorted(ports))) or "none")
-                self._subscribe(ports)
-                self._previous, self._previous_until = self.ports or set(), time.monotonic() + RESUBSCRIBE_GRACE
-                self.ports = ports
-            await asyncio.sleep(POLL_INTERVAL)
+        probe = await sockdiag.Probe.open(self._ns)
+        try:
+            while True:
+                self._poll(probe, mapped_locals)
+                await asyncio.sleep(POLL_INTERVAL)
+        finally:
+            probe.close()
+
+    def _poll(self, probe: sockdiag.Probe, mapped_locals: set[int]) -> None:
+        tcp, udp = probe.serving_ports(self._pod_addrs)
+        now = time.monotonic()
+        self._served.update(dict.fromkeys(tcp | udp, now))
+        self._served = {p: t for p, t in self._served.items() if now - t < RESTART_HOLD}
+        ports = (set(self._served) - mapped_locals) | set(self._mapping)
+        if len(ports) > MAX_PORTS:
+            log.warning("the program serves %d ports; mirroring the lowest %d", len(ports), MAX_PORTS)
+            ports = set(sorted(ports)[:MAX_PORTS])
+        if ports != self.ports:
+            log.info("mirroring pod ports: %s", ",".join(map(str, sorted(ports))) or "none")
+            self._subscribe(ports)
+            self._previous, self._previous_until = self.ports or set(), time.monotonic() + RESUBSCRIBE_GRACE
+            self.ports = ports
