@@ -293,20 +293,22 @@ class SshTunnel:
             raise RuntimeError(f"{' '.join(argv[:4])} in {role}: {p.stderr.strip()}")
 
 
-def tree_cpu(pids: Iterable[int]) -> float:
-    """CPU seconds so far of these processes and all their descendants alive now, from the
-    scheduler's nanosecond run time of every thread (/proc/<pid>/stat's ticks are 10 ms)."""
-    total, todo = 0, list(pids)
+def tree_cpu(pids: Iterable[int]) -> tuple[float, float]:
+    """CPU seconds so far of these processes and all their descendants alive now: in all, from the
+    scheduler's nanosecond run time of every thread (/proc/<pid>/stat counts 10 ms ticks), and
+    the part in the kernel (ticks: read it over many requests)."""
+    total, system, todo = 0, 0.0, list(pids)
     while todo:
         pid = todo.pop()
         try:
             for tid in os.listdir(f"/proc/{pid}/task"):
                 with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
                     total += int(f.read().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
+            system += _cpu_and_faults(pid)[2]
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
             continue
         todo += child_pids(pid)
-    return total / 1e9
+    return total / 1e9, system
 
 
 class Sshuttle:
