@@ -103,8 +103,9 @@ class SshServer:
     """
 
     def __init__(self, sb: Any, role: str = "node", listen: str = "198.19.0.2", port: int = 22,
-                 client_role: str = "laptop") -> None:
+                 client_role: str = "laptop", permit_tunnel: bool = False) -> None:
         self.sb, self.role, self.listen, self.port, self.client_role = sb, role, listen, port, client_role
+        self.permit_tunnel = permit_tunnel  # `ssh -w` (layer 3 only), off unless a row needs it
         self.dir = tempfile.mkdtemp(prefix="bench-sshd.")
         self.key = os.path.join(self.dir, "client_key")
         self.log = os.path.join(self.dir, "sshd.log")
@@ -151,6 +152,7 @@ X11Forwarding no
 PrintMotd no
 PidFile none
 LogLevel ERROR
+PermitTunnel {"point-to-point" if self.permit_tunnel else "no"}
 """)
         if not os.path.isdir("/run/sshd"):  # privilege separation directory (systemd makes it normally)
             os.makedirs("/run/sshd", mode=0o755)
@@ -225,6 +227,88 @@ class SshForward:
             if self.proc.stdin:
                 self.proc.stdin.close()
             self.proc = None
+
+
+class SshTunnel:
+    """`ssh -w` from `role` through an SshServer: OpenSSH's own layer-3 tunnel, a TUN at each end
+    and the packets carried in C (aes128-gcm, a session with a pty as SshForward has, so
+    TCP_NODELAY). The floor of any TUN-over-SSH design on this machine: the server's namespace
+    forwards and masquerades the tunnel's packets (as the agent does in the pod's), the client's
+    routes `subnet` into its TUN (as `run`'s namespace does). `close()` undoes all of it."""
+
+    UNIT = 77  # tun77 at both ends: the Sandbox's own namespaces, nothing else names a TUN so
+    CLIENT_ADDR, SERVER_ADDR = "100.64.77.1", "100.64.77.2"
+    TABLE = "mirrord_ns_bench_ssh_w"
+
+    def __init__(self, server: SshServer, subnet: str, role: str = "laptop",
+                 cipher: str = "aes128-gcm@openssh.com") -> None:
+        self.server, self.subnet, self.role, self.cipher = server, subnet, role, cipher
+        self.dev = f"tun{self.UNIT}"
+        self.proc: subprocess.Popen | None = None
+        self._forward_was: str | None = None
+
+    def start(self, timeout: float = 15) -> "SshTunnel":
+        s, sb = self.server, self.server.sb
+        argv = s.ssh_command("-tt", "-c", self.cipher, "-o", "Tunnel=point-to-point", "-w",
+                             f"{self.UNIT}:{self.UNIT}", "-o", "ExitOnForwardFailure=yes", s.destination,
+                             "sleep", "86400")
+        self.proc = sb.start(self.role, argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+
+        def both_up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"ssh -w exited with {self.proc.returncode}")
+            return all(sb.exec(r, "ip", "link", "show", self.dev).returncode == 0 for r in (self.role, s.role))
+        wait_until(both_up, timeout, f"ssh -w {self.dev}", interval=0.2)
+        self._forward_was = sb.exec(s.role, "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() or "0"
+        for role, here, peer in ((self.role, self.CLIENT_ADDR, self.SERVER_ADDR),
+                                 (s.role, self.SERVER_ADDR, self.CLIENT_ADDR)):
+            self._ip(role, "addr", "add", here, "peer", peer, "dev", self.dev)
+            self._ip(role, "link", "set", self.dev, "up")
+        self._ip(self.role, "route", "replace", self.subnet, "dev", self.dev)
+        self._run(s.role, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        nft = (f"table ip {self.TABLE} {{\n chain post {{\n type nat hook postrouting priority srcnat\n"
+               f' ip saddr {self.CLIENT_ADDR} oifname != "{self.dev}" masquerade\n }}\n}}\n')
+        self._run(s.role, "nft", "-f", "-", input=nft)
+        return self
+
+    def close(self) -> None:
+        sb, node = self.server.sb, self.server.role
+        if self.proc is not None:
+            stop_process(self.proc)
+            if self.proc.stdin:
+                self.proc.stdin.close()
+            self.proc = None
+        sb.exec(self.role, "ip", "route", "del", self.subnet, "dev", self.dev)
+        sb.exec(node, "nft", "delete", "table", "ip", self.TABLE)
+        if self._forward_was is not None:
+            sb.exec(node, "sysctl", "-qw", f"net.ipv4.ip_forward={self._forward_was}")
+            self._forward_was = None
+
+    def _ip(self, role: str, *args: str) -> None:
+        self._run(role, "ip", *args)
+
+    def _run(self, role: str, *argv: str, input: str | None = None) -> None:
+        p = self.server.sb.exec(role, *argv, input=input)
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv[:4])} in {role}: {p.stderr.strip()}")
+
+
+def tree_cpu(pids: Iterable[int]) -> tuple[float, float]:
+    """CPU seconds so far of these processes and all their descendants alive now: in all, from the
+    scheduler's nanosecond run time of every thread (/proc/<pid>/stat counts 10 ms ticks), and
+    the part in the kernel (ticks: read it over many requests)."""
+    total, system, todo = 0, 0.0, list(pids)
+    while todo:
+        pid = todo.pop()
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            system += _cpu_and_faults(pid)[2]
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+        todo += child_pids(pid)
+    return total / 1e9, system
 
 
 class Sshuttle:
