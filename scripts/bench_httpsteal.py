@@ -132,21 +132,46 @@ def _start(*role: str) -> tuple[subprocess.Popen, int]:
 
 def _start_nginx(name: str) -> tuple[subprocess.Popen, int]:
     """nginx (one process, as a pod's server would be a process of its own) answering `name`."""
-    with socket.socket() as probe:  # a free port; nginx has no "port 0, tell me"
-        probe.bind((HOST, 0))
-        port = probe.getsockname()[1]
-    conf_dir = tempfile.mkdtemp(prefix="bench-nginx-")
+    port, conf_dir = _free_port(), tempfile.mkdtemp(prefix="bench-nginx-")
     argv = nginx.configure(conf_dir, f"{HOST}:{port}", f'return 200 "{name}";', connections=4096,
                            http="keepalive_requests 10000000;")
     proc = subprocess.Popen(argv, start_new_session=True)
     proc.conf_dir = conf_dir  # type: ignore[attr-defined]
+    return _ready(proc, port, "nginx")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:  # nginx and haproxy have no "port 0, tell me"
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def _ready(proc: subprocess.Popen, port: int, name: str) -> tuple[subprocess.Popen, int]:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
             return proc, port
         time.sleep(0.05)
     _stop(proc)
-    raise RuntimeError("nginx did not start")
+    raise RuntimeError(f"{name} did not start")
+
+
+def _start_haproxy(pod_port: int, local_port: int, threads: int) -> tuple[subprocess.Popen, int]:
+    """The C reference: haproxy in HTTP mode with the filter as a header ACL (`x-dev: me` to the
+    local server, the rest to the pod's), keep-alive both ways, `threads` threads."""
+    port, conf_dir = _free_port(), tempfile.mkdtemp(prefix="bench-haproxy-")
+    with open(os.path.join(conf_dir, "haproxy.cfg"), "w") as f:
+        f.write(f"global\n  nbthread {threads}\n  maxconn 4096\n"
+                "defaults\n  mode http\n  option http-keep-alive\n  timeout connect 5s\n"
+                "  timeout client 30s\n  timeout server 30s\n"
+                f"frontend steal\n  bind {HOST}:{port}\n  acl dev req.hdr(x-dev) -m reg -i ^me$\n"
+                "  use_backend local if dev\n  default_backend pod\n"
+                f"backend pod\n  server pod {HOST}:{pod_port}\n"
+                f"backend local\n  server local {HOST}:{local_port}\n")
+    proc = subprocess.Popen(["haproxy", "-db", "-f", os.path.join(conf_dir, "haproxy.cfg")],
+                            stdout=subprocess.DEVNULL, start_new_session=True)
+    proc.conf_dir = conf_dir  # type: ignore[attr-defined]
+    return _ready(proc, port, "haproxy")
 
 
 def _servers(kind: str) -> tuple[list[subprocess.Popen], int, int]:
@@ -260,18 +285,24 @@ def _wrk_cpu(port: int, connections: int, seconds: int, procs: dict[str, subproc
 def load(connections: int, seconds: int, rounds: int, workers: int, server: str = "python") -> dict:
     """wrk against the pod's server directly and through the proxy (requests that go to the
     pod, and matching ones), alternating, in one run; medians over the rounds, with each
-    round's req/s so the spread shows."""
+    round's req/s so the spread shows. Where haproxy is installed, also through haproxy (HTTP
+    mode, the filter as a header ACL, 1 and 2 threads): what a C proxy reaches in the same run."""
     servers, pod_port, local_port = _servers(server)
     proxy, proxy_port = _start("proxy", str(pod_port), str(local_port), str(workers))
+    others: dict[str, tuple[subprocess.Popen, int]] = {}
     runs: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
-    procs = {"proxy": proxy, "pod": servers[0]}
     try:
+        if shutil.which("haproxy"):
+            for threads in (1, 2):
+                others[f"haproxy_{threads}t"] = _start_haproxy(pod_port, local_port, threads)
         for _ in range(rounds):
-            runs["direct"].append(_wrk_cpu(pod_port, connections, seconds, procs))
-            runs["proxy"].append(_wrk_cpu(proxy_port, connections, seconds, procs))
+            runs["direct"].append(_wrk_cpu(pod_port, connections, seconds, {"pod": servers[0]}))
+            runs["proxy"].append(_wrk_cpu(proxy_port, connections, seconds, {"proxy": proxy, "pod": servers[0]}))
             runs["proxy_matched"].append(_wrk(proxy_port, connections, seconds, mine=True))
+            for name, (proc, port) in others.items():  # "proxy_cpu_us" there: haproxy's
+                runs[name].append(_wrk_cpu(port, connections, seconds, {"proxy": proc, "pod": servers[0]}))
     finally:
-        _stop(proxy, *servers)
+        _stop(proxy, *servers, *(proc for proc, _ in others.values()))
     out: dict = {"connections": connections, "seconds": seconds, "rounds": rounds, "proxy_workers": workers,
                  "server": server}
     for via, results in runs.items():
@@ -281,10 +312,26 @@ def load(connections: int, seconds: int, rounds: int, workers: int, server: str 
         errors = [r["errors"] for r in results if "errors" in r]
         if errors:
             out[via]["errors"] = errors
-    out["ratio_rps"] = round(out["proxy"]["rps"] / out["direct"]["rps"], 3)
-    out["ratio_rps_rounds"] = [round(p["rps"] / d["rps"], 3) for d, p in zip(runs["direct"], runs["proxy"])]
-    out["ratio_p99"] = round(out["proxy"]["p99_ms"] / out["direct"]["p99_ms"], 3)
+    for via in ("proxy", *others):
+        suffix = "" if via == "proxy" else f"_{via}"
+        out[f"ratio_rps{suffix}"] = round(out[via]["rps"] / out["direct"]["rps"], 3)
+        out[f"ratio_rps_rounds{suffix}"] = [round(p["rps"] / d["rps"], 3) for d, p in zip(runs["direct"], runs[via])]
+        out[f"ratio_p99{suffix}"] = round(out[via]["p99_ms"] / out["direct"]["p99_ms"], 3)
+    if not others:
+        out["haproxy"] = "skipped: no haproxy"
     return out
+
+
+def report_haproxy(w: dict) -> None:
+    """The C reference's lines of the wrk comparison."""
+    if "haproxy" in w:
+        print(f"haproxy reference: {w['haproxy']}")
+    for threads in (1, 2):
+        via = f"haproxy_{threads}t"
+        if via in w:
+            print(f"haproxy (http mode, header ACL, {threads} thread(s)): {w[via]['rps']:.0f} req/s p99 "
+                  f"{w[via]['p99_ms']} ms (x{w[f'ratio_rps_{via}']} req/s, rounds {w[f'ratio_rps_rounds_{via}']}), "
+                  f"{w[via]['proxy_cpu_us']} us CPU per request")
 
 
 REDIS_PORT, HTTP_PORT = 6379, 8080
@@ -476,7 +523,8 @@ def main() -> None:
         print(json.dumps(redis(args.rounds, args.requests * 100), indent=1))
         return
     if args.wrk_only:
-        print(json.dumps(load(args.connections, args.seconds, args.rounds, args.workers, args.server), indent=1))
+        w = load(args.connections, args.seconds, args.rounds, args.workers, args.server)
+        print(json.dumps(w, indent=1))
         return
     result = {"proxy": measure(args.requests, args.mb, args.rounds), "parsers": parsers(mb=args.mb),
               "wrk": load(args.connections, args.seconds, args.rounds, args.workers, args.server)}
@@ -501,6 +549,7 @@ def main() -> None:
           f"{w['proxy_matched']['rps']:.0f} req/s")
     print(f"CPU per request: proxy {w['proxy']['proxy_cpu_us']} us, the pod's server {w['direct']['pod_cpu_us']} us "
           f"direct and {w['proxy']['pod_cpu_us']} us behind the proxy")
+    report_haproxy(w)
     print("parsers:", json.dumps(result["parsers"]))
 
 
