@@ -1,0 +1,196 @@
+"""Filtered steal served by several processes: `agent --steal-proxy-workers 2`, real sockets end to end.
+
+The agent and two proxy workers accept the filtered port's connections (SO_REUSEPORT spreads
+them); a worker serves requests for the pod and hands a connection to the agent at its first
+request a session's filter takes, or at HTTP/2. From the client's side every connection must
+behave as with one process: each request where the filter says, bodies and pipelined requests
+intact, the client's own address seen by both servers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Iterator
+
+import pytest
+from conftest import children, kill_pids, leftovers, pid_alive, wait_until
+import test_steal_h2
+import test_steal_http as http
+from test_steal import LIVENESS, POD, Agent, Run, runs, sb  # noqa: F401 - fixtures
+from test_steal_http import CLIENT, HTTP, ME, filtered, get, routing_left
+
+from mirrord_tun.sandbox import Sandbox
+
+WORKERS = 2
+CONNECTIONS = 24  # spread over three processes by the kernel's hash: some land on each
+
+# CONNECTIONS keep-alive connections at once, each: a request for the pod (or, every other
+# connection, for the program), then a POST for the program with a 150 kB body and a GET for
+# the pod pipelined in one write, then one more of each. Prints per connection the answers.
+_MIX = """
+import hashlib, json, os, socket, sys, threading
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+def request(method, path, me, body=b""):
+    head = f"{method} {path} HTTP/1.1\\r\\nHost: pod\\r\\nContent-Length: {len(body)}\\r\\n"
+    return (head + ("X-Mirrord-User: me\\r\\n" if me else "") + "\\r\\n").encode() + body
+
+def answer(f):
+    status = f.readline()
+    length = 0
+    while (line := f.readline()) not in (b"\\r\\n", b""):
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    return status.split()[1].decode() + " " + f.read(length).decode().strip()
+
+def one(i, out):
+    got = []
+    try:
+        exchange(i, out, got)
+    except Exception as e:
+        out[i] = {"got": got, "error": repr(e)}
+
+def exchange(i, out, got):
+    s = socket.create_connection((host, port), timeout=20)
+    f = s.makefile("rb")
+    body = os.urandom(150_000 + i)
+    s.sendall(request("GET", f"/{i}", i % 2 == 1))
+    got.append(answer(f))
+    s.sendall(request("POST", "/body", True, body) + request("GET", "/after", False))
+    got += [answer(f), answer(f)]
+    for me in (True, False):
+        s.sendall(request("GET", "/again", me))
+        got.append(answer(f))
+    out[i] = {"got": got, "sha": hashlib.sha256(body).hexdigest()}
+    s.close()
+
+out = {}
+threads = [threading.Thread(target=one, args=(i, out)) for i in range(n)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps(out))
+"""
+
+
+class WorkersAgent(Agent):
+    def __init__(self, sb: Sandbox) -> None:  # noqa: F811
+        self.sb = sb
+        self.guard = sb.start_agent("--steal-proxy-workers", str(WORKERS))
+
+    def restart(self) -> None:
+        self.sb.stop(self.guard)
+        self.guard = self.sb.start_agent("--steal-proxy-workers", str(WORKERS))
+
+    def proxy_workers(self) -> list[int]:
+        agent = self.worker()
+        return [p for p in children(agent) if b"mirrord_tun.agent.steal.worker" in _cmdline(p)]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+@pytest.fixture
+def agent(sb: Sandbox) -> Iterator[WorkersAgent]:  # noqa: F811
+    a = WorkersAgent(sb)
+    try:
+        yield a
+        a.restart()
+        assert wait_until(lambda: not leftovers(sb), LIVENESS), leftovers(sb)
+    finally:
+        sb.stop(a.guard)
+
+
+@pytest.fixture
+def steal_me(sb: Sandbox, agent: WorkersAgent, runs: list[Run]) -> Iterator[Run]:  # noqa: F811
+    yield filtered(sb, runs)
+
+
+def _mix(sb: Sandbox) -> dict:
+    r = sb.exec("client", sys.executable, "-c", _MIX, POD, str(HTTP), str(CONNECTIONS), timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _check_mix(out: dict) -> None:
+    assert len(out) == CONNECTIONS
+    for i, conn in out.items():
+        assert "error" not in conn, (i, conn)
+        first = "local-me" if int(i) % 2 == 1 else "pod"
+        assert conn["got"] == [
+            f"200 hello from {first}, you are {CLIENT}",
+            f"200 local-me {conn['sha']} from {CLIENT}",
+            f"200 hello from pod, you are {CLIENT}",
+            f"200 hello from local-me, you are {CLIENT}",
+            f"200 hello from pod, you are {CLIENT}",
+        ], (i, conn)
+
+
+def _workers_hold_connections(sb: Sandbox, workers: list[int]) -> bool:
+    """Whether an established connection in the pod belongs to a proxy worker (ss -p)."""
+    out = sb.exec("pod", "ss", "-tnpH", "state", "established").stdout
+    return any(f"pid={pid}," in out for pid in workers)
+
+
+def test_keep_alive_mixes_are_routed_right_whichever_process_accepted(sb: Sandbox, agent: WorkersAgent,
+                                                                      steal_me: Run) -> None:
+    workers = agent.proxy_workers()
+    assert len(workers) == WORKERS
+    _check_mix(_mix(sb))
+    # The workers did serve: a connection that only asks the pod stays with the process that took it.
+    client = sb.start("client", [sys.executable, "-c", http._TWO_CONNECTIONS.replace("range(2)", "range(24)")
+                                 .replace('zip(conns, ({"x-mirrord-user": "me"}, {}))', "zip(conns, [{}] * 24)"),
+                                 POD, str(HTTP)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert client.stdout is not None
+        for _ in range(24):
+            assert client.stdout.readline().decode().strip() == f"hello from pod, you are {CLIENT}"
+        assert _workers_hold_connections(sb, workers)
+    finally:
+        sb.stop(client)
+
+
+def test_h2_prior_knowledge_is_handed_over_and_filtered(sb: Sandbox, agent: WorkersAgent, runs: list[Run]) -> None:  # noqa: F811
+    for _ in range(4):  # one connection each time: some accepted by a worker
+        test_steal_h2.test_h2_streams_routed_by_the_agent_end_to_end(sb, agent, runs)
+
+
+def test_a_killed_worker_leaves_the_port_working(sb: Sandbox, agent: WorkersAgent, steal_me: Run) -> None:
+    workers = agent.proxy_workers()
+    kill_pids(workers[:1])
+    assert wait_until(lambda: not pid_alive(workers[0]), LIVENESS)
+    time.sleep(0.5)  # the agent notices (its socketpair ends); not replaced
+    _check_mix(_mix(sb))
+    for _ in range(10):
+        assert get(sb, ME).startswith("hello from local-me") and get(sb).startswith("hello from pod")
+    assert agent.proxy_workers() == workers[1:]
+
+
+def test_killing_the_agent_kills_its_workers_and_the_port_comes_back(sb: Sandbox, agent: WorkersAgent,
+                                                                      steal_me: Run) -> None:
+    workers = agent.proxy_workers()
+    assert len(workers) == WORKERS
+    kill_pids([agent.worker()])
+    assert wait_until(lambda: not any(pid_alive(p) for p in workers), LIVENESS), workers
+    http.given_back_after(sb, time.monotonic(), "kill -9 of the agent worker with proxy workers")
+    agent.guard.wait(LIVENESS)
+    assert leftovers(sb) == [] and not routing_left(sb)
+
+
+def test_the_workers_hold_no_secret(agent: WorkersAgent, steal_me: Run) -> None:
+    for pid in agent.proxy_workers():
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            assert b"MIRRORD_NS_" not in f.read()
+        fds = os.listdir(f"/proc/{pid}/fd")
+        targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds]
+        assert not any(t.endswith(("host_key", "identity")) for t in targets), targets
