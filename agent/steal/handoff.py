@@ -16,8 +16,10 @@ from __future__ import annotations
 import array
 import json
 import re
+import select
 import socket
 import struct
+import time
 from typing import Any
 
 from mirrord_tun.agent.steal.filters import HttpFilter
@@ -37,16 +39,28 @@ def pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
-def send(sock: socket.socket, header: dict[str, Any], payload: bytes = b"", fds: tuple[int, ...] = ()) -> None:
+def send(sock: socket.socket, header: dict[str, Any], payload: bytes = b"", fds: tuple[int, ...] = (),
+         wait: float = 0) -> None:
+    """One message; BlockingIOError if the peer's queue is full (net.unix.max_dgram_qlen
+    messages: 10 by default) for longer than `wait` seconds."""
     head = json.dumps(header).encode()
     ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-    sock.sendmsg([struct.pack("!H", len(head)) + head + payload], ancillary)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            sock.sendmsg([struct.pack("!H", len(head)) + head + payload], ancillary)
+            return
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            select.select([], [sock], [], left)
 
 
-def send_adopt(sock: socket.socket, listen_port: int, fd: int, data: bytes) -> None:
-    send(sock, {"op": ADOPT, "port": listen_port, "size": len(data)}, data[:PAYLOAD], (fd,))
+def send_adopt(sock: socket.socket, listen_port: int, fd: int, data: bytes, wait: float) -> None:
+    send(sock, {"op": ADOPT, "port": listen_port, "size": len(data)}, data[:PAYLOAD], (fd,), wait)
     for at in range(PAYLOAD, len(data), PAYLOAD):
-        send(sock, {"op": MORE}, data[at:at + PAYLOAD])
+        send(sock, {"op": MORE}, data[at:at + PAYLOAD], wait=wait)
 
 
 def receive(sock: socket.socket) -> tuple[dict[str, Any], bytes, list[int]] | None:

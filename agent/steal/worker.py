@@ -29,6 +29,9 @@ from mirrord_tun.agent.steal import framing
 from mirrord_tun.netns.namespace import CLONE_NEWNET, setns
 
 PR_SET_PDEATHSIG = 1
+# A hand-over waits this long for room in the agent's queue (a burst of them fills it): the
+# agent reads it on its event loop, so only a stuck agent takes longer.
+HAND_OVER_WAIT = 5.0
 
 
 def _pod_only(_head: RequestHead) -> Opener | None:
@@ -56,10 +59,10 @@ class HandingProxy(HttpProxy):
         self.state = CLOSED
         try:
             handoff.send_adopt(self.port.control, self.port.listen_port, self.transport.get_extra_info("socket").fileno(),
-                               data)
+                               data, HAND_OVER_WAIT)
             self.counters["steal_handed_over"] += 1
-        except OSError:  # the agent is gone: so are we, soon
-            pass
+        except OSError as e:  # the agent is gone or stuck: the client sees its connection end
+            print(f"mirrord-ns steal worker: cannot hand a connection over: {e}", file=sys.stderr, flush=True)
         self.transport.abort()  # our fd only: the agent holds the connection now
 
 
@@ -132,7 +135,7 @@ class Worker:
 
     def _drained(self, proxy: PortProxy) -> None:
         self.ports.pop(proxy.listen_port, None)
-        handoff.send(self.control, {"op": handoff.DRAINED, "port": proxy.listen_port})
+        handoff.send(self.control, {"op": handoff.DRAINED, "port": proxy.listen_port}, wait=HAND_OVER_WAIT)
 
     def readable(self) -> None:
         try:

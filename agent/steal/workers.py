@@ -36,14 +36,40 @@ from mirrord_tun.agent.steal import handoff
 from mirrord_tun.agent.steal.filters import HttpFilter
 
 log = logging.getLogger("mirrord-ns.agent")
-_configured = 0
+MAX_AUTO = 4
+SEND_WAIT = 1.0  # seconds a message to a worker may wait for room (only on a session's join or leave)
+_configured: int | None = None  # None: auto_count()
 
 
-def configure(count: int) -> None:
+def configure(count: int | None) -> None:
     """How many proxy workers every filtered port gets besides the agent (`agent
-    --steal-proxy-workers`); 0, the default, serves everything in the agent's process."""
+    --steal-proxy-workers`; None: auto_count())."""
     global _configured
     _configured = count
+
+
+def auto_count() -> int:
+    """One worker per CPU this agent may use past two, at most MAX_AUTO: on two CPUs, shared by
+    the pod's server and its clients, workers were measured to add CPU per request and no
+    throughput (docs/benchmarks.md); each one adds a core's worth of requests where cores are idle."""
+    return max(0, min(MAX_AUTO, _usable_cpus() - 2))
+
+
+def _usable_cpus() -> int:
+    cpus = len(os.sched_getaffinity(0))
+    for path, split in (("/sys/fs/cgroup/cpu.max", None), ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "cpu.cfs_period_us")):
+        try:
+            with open(path) as f:
+                fields = f.read().split()
+            if split:  # cgroup v1: the period in a file of its own
+                with open(os.path.join(os.path.dirname(path), split)) as f:
+                    fields.append(f.read().strip())
+            quota, period = fields[0], int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if quota not in ("max", "-1") and period > 0:
+            return max(1, min(cpus, -(-int(quota) // period)))  # a limit of 1.5 CPUs: 2
+    return cpus
 
 
 Adopt = Callable[[int, socket.socket, bytes], None]  # listen port, the connection, bytes read of it
@@ -73,8 +99,8 @@ class _Worker:
         if not self.alive:
             return
         try:
-            handoff.send(self.ctl, header, fds=fds)
-        except OSError as e:  # its queue is full (it is stuck) or it is gone
+            handoff.send(self.ctl, header, fds=fds, wait=SEND_WAIT)
+        except OSError as e:  # its queue stayed full (it is stuck) or it is gone
             self.stop(f"cannot tell it: {e}")
 
     def _readable(self) -> None:
@@ -116,7 +142,7 @@ class WorkerPool:
 
     def __init__(self, ns_fd: int, adopt: Adopt, drained: Callable[[int], None], count: int | None = None) -> None:
         self._ns_fd, self._adopt, self._drained = ns_fd, adopt, drained
-        self._count = _configured if count is None else count
+        self._count = count if count is not None else _configured if _configured is not None else auto_count()
         self._workers: list[_Worker] = []
         self._started = False
         self._ports: dict[int, set[_Worker]] = {}  # listen port -> workers serving it
