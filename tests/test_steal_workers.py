@@ -258,3 +258,34 @@ def test_filters_cross_the_wire_unchanged() -> None:
 
     f = HttpFilter.compile("^x-dev: me$", "(?i)^/API/", "post", (("path", "/v2"),), (("method", "GET"), ("header", "a")))
     assert handoff.filter_from_wire(json.loads(json.dumps(handoff.filter_to_wire(f)))) == f
+
+
+_H2C_UPGRADE = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+f = s.makefile("rb")
+s.sendall(b"GET / HTTP/1.1\\r\\nHost: pod\\r\\n\\r\\n")
+status, length = f.readline(), 0
+while (line := f.readline()) != b"\\r\\n":
+    if line.lower().startswith(b"content-length:"):
+        length = int(line.split(b":")[1])
+print(f.read(length).decode().strip())
+s.sendall(b"GET / HTTP/1.1\\r\\nHost: pod\\r\\nConnection: Upgrade, HTTP2-Settings\\r\\nUpgrade: h2c\\r\\n"
+          b"HTTP2-Settings: AAMAAABkAAQAAP__\\r\\nX-Mirrord-User: me\\r\\n\\r\\n")
+head = []
+while (line := f.readline()) != b"\\r\\n":
+    head.append(line.decode().strip())
+print(head[0], [h for h in head if h.lower().startswith("server:")][0])
+"""
+
+
+def test_an_h2c_upgrade_request_is_handed_over_and_still_filtered(sb: Sandbox, agent: WorkersAgent,
+                                                                  steal_me: Run) -> None:
+    # After a request for the pod, an upgrade to h2c for the program: it reaches the program
+    # (which switches, "local-program"), whichever process accepted the connection.
+    for i in range(12):
+        r = sb.exec("client", sys.executable, "-c", _H2C_UPGRADE, POD, str(HTTP))
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[0] == f"hello from pod, you are {CLIENT}", r.stdout
+        assert lines[1].startswith("HTTP/1.1 101 ") and "Server: local-program" in lines[1], r.stdout
