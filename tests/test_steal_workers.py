@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -289,3 +290,38 @@ def test_an_h2c_upgrade_request_is_handed_over_and_still_filtered(sb: Sandbox, a
         lines = r.stdout.splitlines()
         assert lines[0] == f"hello from pod, you are {CLIENT}", r.stdout
         assert lines[1].startswith("HTTP/1.1 101 ") and "Server: local-program" in lines[1], r.stdout
+
+
+_HELD = """
+import http.client, sys
+conns = [http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=10) for _ in range(12)]
+for c in conns:
+    c.request("GET", "/")
+    print(c.getresponse().read().decode().strip(), flush=True)
+sys.stdin.readline()
+for c in conns:
+    c.auto_open = 0
+    c.request("GET", "/")
+    print(c.getresponse().read().decode().strip(), flush=True)
+"""
+
+
+def test_connections_left_to_the_pod_drain_in_the_workers_then_the_routing_goes(
+        sb: Sandbox, agent: WorkersAgent, steal_me: Run) -> None:
+    client = sb.start("client", [sys.executable, "-c", _HELD, POD, str(HTTP)], stdin=subprocess.PIPE,
+                      stdout=subprocess.PIPE)
+    try:
+        assert client.stdin is not None and client.stdout is not None
+        for _ in range(12):
+            assert client.stdout.readline().decode().strip() == f"hello from pod, you are {CLIENT}"
+        assert _workers_hold_connections(sb, agent.proxy_workers())
+        steal_me.proc.send_signal(signal.SIGINT)
+        steal_me.proc.wait(LIVENESS)
+        assert routing_left(sb)  # the held connections still need it
+        client.stdin.write(b"go\n")
+        client.stdin.flush()
+        for _ in range(12):  # the port was given back; these connections carry on, to the pod
+            assert client.stdout.readline().decode().strip() == f"hello from pod, you are {CLIENT}"
+    finally:
+        sb.stop(client)
+    assert wait_until(lambda: not routing_left(sb), LIVENESS)
