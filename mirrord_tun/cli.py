@@ -317,7 +317,8 @@ def cleanup(namespace: str | None, context: str | None, kubeconfig: str | None, 
               metavar="SECONDS", help="Answer a file request that takes longer with an error.")
 @click.option("--steal-proxy-workers", default="auto", show_default=True, metavar="N|auto",
               help="Processes besides the agent's own that serve each filtered steal port's requests to the pod "
-              "(auto: one per CPU the agent may use past two, at most 4; on 2 CPUs they do not help).")
+              "(auto: none on a node of 2 CPUs, where they do not help; else one per CPU the agent may use past its "
+              "own, at most 4, leaving 2 of the node's).")
 @click.option("-v", "--verbose", count=True, help="-vv: debug lines and SSH details (sessions and "
               "their counters are always logged).")
 def agent(listen: str, authorized_key: str | None, authorized_key_data: str | None, host_key: str | None,

@@ -205,6 +205,7 @@ def test_the_workers_hold_no_secret(agent: WorkersAgent, steal_me: Run) -> None:
         fds = os.listdir(f"/proc/{pid}/fd")
         targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds]
         assert not any(t.endswith(("host_key", "identity")) for t in targets), targets
+        assert os.readlink(f"/proc/{pid}/cwd") == "/"  # and `python -P`: nothing imported from elsewhere
 
 
 # ---------------------------------------------------------------------------- the wire, alone
@@ -325,3 +326,14 @@ def test_connections_left_to_the_pod_drain_in_the_workers_then_the_routing_goes(
     finally:
         sb.stop(client)
     assert wait_until(lambda: not routing_left(sb), LIVENESS)
+
+
+@pytest.mark.parametrize("node, limit, want", [(1, 1, 0), (2, 2, 0), (3, 3, 1), (4, 4, 2), (8, 2, 1), (8, 8, 4),
+                                               (64, 64, 4)])
+def test_auto_starts_no_worker_on_two_cpus_and_one_per_usable_cpu_past_that(monkeypatch, node: int, limit: int,
+                                                                             want: int) -> None:
+    from mirrord_tun.agent.steal import workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(node)))
+    monkeypatch.setattr(workers, "_usable_cpus", lambda cpus: min(cpus, limit))
+    assert workers.auto_count() == want

@@ -49,14 +49,18 @@ def configure(count: int | None) -> None:
 
 
 def auto_count() -> int:
-    """One worker per CPU this agent may use past two, at most MAX_AUTO: on two CPUs, shared by
-    the pod's server and its clients, workers were measured to add CPU per request and no
-    throughput (docs/benchmarks.md); each one adds a core's worth of requests where cores are idle."""
-    return max(0, min(MAX_AUTO, _usable_cpus() - 2))
+    """0 on a node of two CPUs or fewer, where the pod's server, its clients and the proxy already
+    share both and workers were measured to add CPU per request and no throughput
+    (docs/benchmarks.md); else one per CPU the agent may use (its cgroup limit) past its own, at
+    most MAX_AUTO, leaving two of the node's CPUs to the rest."""
+    node = len(os.sched_getaffinity(0))
+    if node <= 2:
+        return 0
+    return max(0, min(MAX_AUTO, _usable_cpus(node) - 1, node - 2))
 
 
-def _usable_cpus() -> int:
-    cpus = len(os.sched_getaffinity(0))
+def _usable_cpus(cpus: int) -> int:
+    """`cpus`, or fewer if this cgroup's CPU limit says so."""
     for path, split in (("/sys/fs/cgroup/cpu.max", None), ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "cpu.cfs_period_us")):
         try:
             with open(path) as f:
@@ -84,9 +88,11 @@ class _Worker:
         self.ctl, theirs = handoff.pair()
         try:
             env = {k: v for k, v in os.environ.items() if not k.startswith("MIRRORD_NS_")}
+            # -P and cwd "/": a root process never imports from wherever the agent was started.
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mirrord_tun.agent.steal.worker", str(os.getpid()), str(theirs.fileno()),
-                 str(ns_fd)], pass_fds=(theirs.fileno(), ns_fd), env=env, stdin=subprocess.DEVNULL)
+                [sys.executable, "-P", "-m", "mirrord_tun.agent.steal.worker", str(os.getpid()),
+                 str(theirs.fileno()), str(ns_fd)], pass_fds=(theirs.fileno(), ns_fd), env=env, cwd="/",
+                stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
         self.ctl.setblocking(False)
