@@ -44,6 +44,11 @@ same name, `ip -6 rule`), installed when the first such session filters.
 
 Not HTTP/1.x (HTTP/2 prior knowledge, TLS, other protocols) goes to the pod
 untouched, as does everything when no filter matches.
+
+With proxy workers (workers.py; `agent --steal-proxy-workers`), each listener has
+one copy per worker on its port; a worker serves what goes to the pod and hands a
+connection back here (`Proxies._adopt`) at its first request for a session. A
+closed port's routing then also waits for the workers' connections (DRAINED).
 """
 from __future__ import annotations
 
