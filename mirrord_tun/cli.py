@@ -315,12 +315,16 @@ def cleanup(namespace: str | None, context: str | None, kubeconfig: str | None, 
               "(repeatable; refused by default: fuse, nfs, smb, 9p, ceph, afs, cluster; all).")
 @click.option("--file-timeout", type=click.FloatRange(min=0.1, max=3600), default=15, show_default=True,
               metavar="SECONDS", help="Answer a file request that takes longer with an error.")
+@click.option("--steal-proxy-workers", default="auto", show_default=True, metavar="N|auto",
+              help="Processes besides the agent's own that serve each filtered steal port's requests to the pod "
+              "(auto: none on a node of 2 CPUs, where they do not help; else one per CPU the agent may use past its "
+              "own, at most 4, leaving 2 of the node's).")
 @click.option("-v", "--verbose", count=True, help="-vv: debug lines and SSH details (sessions and "
               "their counters are always logged).")
 def agent(listen: str, authorized_key: str | None, authorized_key_data: str | None, host_key: str | None,
           netns: str | None, pid: int | None, container_id: str | None, resolv_conf: str | None,
           idle_exit: float | None, resume_timeout: float, ipv6_forwarding: str, serve_fs: tuple[str, ...],
-          file_timeout: float, verbose: int) -> None:
+          file_timeout: float, steal_proxy_workers: str, verbose: int) -> None:
     """Serve tunnel sessions (run starts it)."""
     _need_root()
     from mirrord_tun.agent import keys
@@ -334,6 +338,8 @@ def agent(listen: str, authorized_key: str | None, authorized_key_data: str | No
             raise ValueError("give one of --container-id, --pid and --netns")
         target = resolve(netns, find_pid(container_id) if container_id else pid, resolv_conf)
         host, port = parse_hostport(listen)
+        if steal_proxy_workers != "auto" and not (steal_proxy_workers.isdigit() and int(steal_proxy_workers) <= 64):
+            raise ValueError(f"--steal-proxy-workers {steal_proxy_workers!r}: a number from 0 to 64, or auto")
         authorized = keys.authorized(authorized_key, authorized_key_data)
         key = keys.host_key(host_key)
     except Exception as e:  # noqa: BLE001
@@ -343,7 +349,9 @@ def agent(listen: str, authorized_key: str | None, authorized_key_data: str | No
         _logging(max(verbose, 1), "mirrord-ns agent")
         from mirrord_tun.agent.files import Policy
         from mirrord_tun.agent.server import Agent
+        from mirrord_tun.agent.steal import workers
 
+        workers.configure(None if steal_proxy_workers == "auto" else int(steal_proxy_workers))
         files = Policy(frozenset(serve_fs), file_timeout)
         try:
             _run_async(Agent(target, resume_timeout, ipv6_forwarding, files).serve(host, port, key, authorized,

@@ -13,9 +13,12 @@ through the proxy with requests that do not match, alternating per round:
 - throughput of MB-sized POST bodies (Content-Length, then chunked) on one connection;
 - p50 of matching small requests (to the local server), for reference;
 - wrk, `--connections` keep-alive clients (200) for `--seconds`, straight to the pod's
-  server and through the proxy (`--workers` processes on one SO_REUSEPORT port), req/s,
+  server, through the proxy and through haproxy (HTTP mode, the filter as an ACL), req/s,
   p50/p99 and the CPU microseconds per request of the proxy and of the pod's server,
   alternating per round (`--wrk-only` for just this; `--server nginx`: nginx as both servers).
+
+`--agent-workers 0,1,2` (root): the same wrk load through the real agent in a sandbox, its
+filtered steal served by the agent and that many proxy workers (`agent --steal-proxy-workers`).
 
 `--redis` (root): Redis in a sandbox pod next to a filtered steal of the pod's HTTP port,
 redis-benchmark without and with the session (the port is not an HTTP port: not proxied).
@@ -49,7 +52,8 @@ SEND = 1024 * 1024
 
 
 # --------------------------------------------------------------------------- server / proxy roles
-def _serve(name: str) -> None:
+def _serve(name: str, host: str = HOST, *ports: str) -> None:
+    """The server; on `ports` (else a free one, printed) of `host`, "ready" once listening."""
     import httptools
     import uvloop
 
@@ -70,15 +74,17 @@ def _serve(name: str) -> None:
             self.transport.write(reply)
 
     async def main() -> None:
-        server = await asyncio.get_running_loop().create_server(Http, HOST, 0)
-        print(server.sockets[0].getsockname()[1], flush=True)
-        await server.serve_forever()
+        servers = [await asyncio.get_running_loop().create_server(Http, host, int(port), reuse_address=True)
+                   for port in ports or ("0",)]
+        print("ready" if ports else servers[0].sockets[0].getsockname()[1], flush=True)
+        await asyncio.gather(*(server.serve_forever() for server in servers))
 
     uvloop.run(main())
 
 
-def _proxy(pod_port: int, local_port: int, workers: int = 1) -> None:
-    """The proxy; with `workers` > 1, that many processes on one SO_REUSEPORT port."""
+def _proxy(pod_port: int, local_port: int) -> None:
+    """The proxy's HTTP/1 code in one process on loopback (no namespace, no redirect: agent_load
+    measures the agent itself, with its proxy workers)."""
     import uvloop
 
     from mirrord_tun.agent.steal.filters import HttpFilter
@@ -86,24 +92,10 @@ def _proxy(pod_port: int, local_port: int, workers: int = 1) -> None:
 
     filt = HttpFilter.compile("^x-dev: me$", None)
     counters: collections.Counter = collections.Counter()
-
-    def listener(port: int) -> socket.socket:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((HOST, port))
-        sock.listen(1024)
-        return sock
-
-    first = listener(0)
-    port = first.getsockname()[1]
-    socks = [first] + [listener(port) for _ in range(workers - 1)]
-    for sock in socks[1:]:
-        if os.fork() == 0:
-            socks = [sock]
-            break
-    else:
-        socks = [first]
-        print(port, flush=True)
+    sock = socket.socket()
+    sock.bind((HOST, 0))
+    sock.listen(1024)
+    print(sock.getsockname()[1], flush=True)
 
     def opener(port: int):
         async def open_(factory):
@@ -118,7 +110,7 @@ def _proxy(pod_port: int, local_port: int, workers: int = 1) -> None:
 
     async def main() -> None:
         server = await asyncio.get_running_loop().create_server(
-            lambda: HttpProxy(setup, counters, lambda _conn: None), sock=socks[0])
+            lambda: HttpProxy(setup, counters, lambda _conn: None), sock=sock)
         await server.serve_forever()
 
     uvloop.run(main())
@@ -126,27 +118,58 @@ def _proxy(pod_port: int, local_port: int, workers: int = 1) -> None:
 
 def _start(*role: str) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *role], stdout=subprocess.PIPE,
-                            start_new_session=True)  # its own group: the proxy's forked workers too
+                            start_new_session=True)  # its own group, whose CPU is counted
     return proc, int(proc.stdout.readline())
 
 
 def _start_nginx(name: str) -> tuple[subprocess.Popen, int]:
     """nginx (one process, as a pod's server would be a process of its own) answering `name`."""
-    with socket.socket() as probe:  # a free port; nginx has no "port 0, tell me"
-        probe.bind((HOST, 0))
-        port = probe.getsockname()[1]
-    conf_dir = tempfile.mkdtemp(prefix="bench-nginx-")
+    port, conf_dir = _free_port(), tempfile.mkdtemp(prefix="bench-nginx-")
     argv = nginx.configure(conf_dir, f"{HOST}:{port}", f'return 200 "{name}";', connections=4096,
                            http="keepalive_requests 10000000;")
     proc = subprocess.Popen(argv, start_new_session=True)
     proc.conf_dir = conf_dir  # type: ignore[attr-defined]
+    return _ready(proc, port, "nginx")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:  # nginx and haproxy have no "port 0, tell me"
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def _ready(proc: subprocess.Popen, port: int, name: str) -> tuple[subprocess.Popen, int]:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
             return proc, port
         time.sleep(0.05)
     _stop(proc)
-    raise RuntimeError("nginx did not start")
+    raise RuntimeError(f"{name} did not start")
+
+
+def _start_haproxy(pod_port: int, local_port: int, threads: int) -> tuple[subprocess.Popen, int]:
+    """The C reference: haproxy in HTTP mode with the filter as a header ACL (`x-dev: me` to the
+    local server, the rest to the pod's), keep-alive both ways, `threads` threads."""
+    port, conf_dir = _free_port(), tempfile.mkdtemp(prefix="bench-haproxy-")
+    proc = subprocess.Popen(_haproxy_argv(os.path.join(conf_dir, "haproxy.cfg"), f"{HOST}:{port}", pod_port,
+                                          local_port, threads),
+                            stdout=subprocess.DEVNULL, start_new_session=True)
+    proc.conf_dir = conf_dir  # type: ignore[attr-defined]
+    return _ready(proc, port, "haproxy")
+
+
+def _haproxy_argv(conf: str, bind: str, pod_port: int, local_port: int, threads: int) -> list[str]:
+    """haproxy's command line, its configuration written to `conf`."""
+    with open(conf, "w") as f:
+        f.write(f"global\n  nbthread {threads}\n  maxconn 4096\n"
+                "defaults\n  mode http\n  option http-keep-alive\n  timeout connect 5s\n"
+                "  timeout client 30s\n  timeout server 30s\n"
+                f"frontend steal\n  bind {bind}\n  acl dev req.hdr(x-dev) -m reg -i ^me$\n"
+                "  use_backend local if dev\n  default_backend pod\n"
+                f"backend pod\n  server pod {HOST}:{pod_port}\n"
+                f"backend local\n  server local {HOST}:{local_port}\n")
+    return ["haproxy", "-db", "-f", conf]
 
 
 def _servers(kind: str) -> tuple[list[subprocess.Popen], int, int]:
@@ -159,7 +182,7 @@ def _servers(kind: str) -> tuple[list[subprocess.Popen], int, int]:
 
 def _group_cpu(proc: subprocess.Popen) -> float:
     """CPU seconds (user + system) of every process in `proc`'s group (nginx's worker, the
-    proxy's forked workers)."""
+    agent's proxy workers)."""
     total = 0.0
     for pid in filter(str.isdigit, os.listdir("/proc")):
         with contextlib.suppress(OSError):
@@ -226,11 +249,13 @@ def _post(port: int, body: memoryview, chunked: bool) -> float:
         return len(body) * 8 / (time.perf_counter() - t0) / 1e9
 
 
-def _wrk(port: int, connections: int, seconds: int, mine: bool = False) -> dict[str, float]:
-    """wrk's req/s and latency percentiles (ms), `connections` keep-alive clients on 2 threads."""
+def _wrk(port: int, connections: int, seconds: int, mine: bool = False, host: str = HOST,
+         prefix: tuple[str, ...] = ()) -> dict[str, float]:
+    """wrk's req/s and latency percentiles (ms), `connections` keep-alive clients on 2 threads
+    (`prefix`: to run it elsewhere, e.g. `ip netns exec NS`)."""
     header = "X-Dev: me" if mine else "X-Dev: other"
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-H", header,
-                          f"http://{HOST}:{port}/x"], capture_output=True, text=True, timeout=seconds + 60)
+    out = subprocess.run([*prefix, "wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-H", header,
+                          f"http://{host}:{port}/x"], capture_output=True, text=True, timeout=seconds + 60)
     if out.returncode != 0 or "Requests/sec:" not in out.stdout:
         raise RuntimeError(f"wrk failed: {out.stderr.strip() or out.stdout.strip()}")
     result = {"rps": float(out.stdout.split("Requests/sec:")[1].split()[0])}
@@ -246,34 +271,53 @@ def _wrk(port: int, connections: int, seconds: int, mine: bool = False) -> dict[
 
 
 def _wrk_cpu(port: int, connections: int, seconds: int, procs: dict[str, subprocess.Popen],
-             mine: bool = False) -> dict[str, float]:
+             mine: bool = False, **where: object) -> dict[str, float]:
     """_wrk, with the CPU microseconds per request each of `procs` (their groups) spent meanwhile:
     the figure a shared machine distorts least."""
     before = {name: _group_cpu(p) for name, p in procs.items()}
-    result = _wrk(port, connections, seconds, mine)
+    result = _wrk(port, connections, seconds, mine, **where)  # type: ignore[arg-type]
     requests = result["rps"] * seconds
     for name, p in procs.items():
         result[f"{name}_cpu_us"] = round((_group_cpu(p) - before[name]) / requests * 1e6, 2)
     return result
 
 
-def load(connections: int, seconds: int, rounds: int, workers: int, server: str = "python") -> dict:
+def load(connections: int, seconds: int, rounds: int, server: str = "python") -> dict:
     """wrk against the pod's server directly and through the proxy (requests that go to the
     pod, and matching ones), alternating, in one run; medians over the rounds, with each
-    round's req/s so the spread shows."""
+    round's req/s so the spread shows. Where haproxy is installed, also through haproxy (HTTP
+    mode, the filter as a header ACL, 1 and 2 threads): what a C proxy reaches in the same run."""
     servers, pod_port, local_port = _servers(server)
-    proxy, proxy_port = _start("proxy", str(pod_port), str(local_port), str(workers))
+    proxy, proxy_port = _start("proxy", str(pod_port), str(local_port))
+    others: dict[str, tuple[subprocess.Popen, int]] = {}
     runs: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
-    procs = {"proxy": proxy, "pod": servers[0]}
     try:
+        if shutil.which("haproxy"):
+            for threads in (1, 2):
+                others[f"haproxy_{threads}t"] = _start_haproxy(pod_port, local_port, threads)
         for _ in range(rounds):
-            runs["direct"].append(_wrk_cpu(pod_port, connections, seconds, procs))
-            runs["proxy"].append(_wrk_cpu(proxy_port, connections, seconds, procs))
+            runs["direct"].append(_wrk_cpu(pod_port, connections, seconds, {"pod": servers[0]}))
+            runs["proxy"].append(_wrk_cpu(proxy_port, connections, seconds, {"proxy": proxy, "pod": servers[0]}))
             runs["proxy_matched"].append(_wrk(proxy_port, connections, seconds, mine=True))
+            for name, (proc, port) in others.items():  # "proxy_cpu_us" there: haproxy's
+                runs[name].append(_wrk_cpu(port, connections, seconds, {"proxy": proc, "pod": servers[0]}))
     finally:
-        _stop(proxy, *servers)
-    out: dict = {"connections": connections, "seconds": seconds, "rounds": rounds, "proxy_workers": workers,
-                 "server": server}
+        _stop(proxy, *servers, *(proc for proc, _ in others.values()))
+    out: dict = {"connections": connections, "seconds": seconds, "rounds": rounds, "server": server,
+                 **_medians(runs)}
+    for via in ("proxy", *others):
+        suffix = "" if via == "proxy" else f"_{via}"
+        out[f"ratio_rps{suffix}"] = round(out[via]["rps"] / out["direct"]["rps"], 3)
+        out[f"ratio_rps_rounds{suffix}"] = [round(p["rps"] / d["rps"], 3) for d, p in zip(runs["direct"], runs[via])]
+        out[f"ratio_p99{suffix}"] = round(out[via]["p99_ms"] / out["direct"]["p99_ms"], 3)
+    if not others:
+        out["haproxy"] = "skipped: no haproxy"
+    return out
+
+
+def _medians(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict]:
+    """Each way's median figures over the rounds, with each round's req/s so the spread shows."""
+    out: dict[str, dict] = {}
     for via, results in runs.items():
         keys = [k for k in results[0] if k != "errors"]
         out[via] = {k: round(median([r[k] for r in results]), 3) for k in keys}
@@ -281,10 +325,19 @@ def load(connections: int, seconds: int, rounds: int, workers: int, server: str 
         errors = [r["errors"] for r in results if "errors" in r]
         if errors:
             out[via]["errors"] = errors
-    out["ratio_rps"] = round(out["proxy"]["rps"] / out["direct"]["rps"], 3)
-    out["ratio_rps_rounds"] = [round(p["rps"] / d["rps"], 3) for d, p in zip(runs["direct"], runs["proxy"])]
-    out["ratio_p99"] = round(out["proxy"]["p99_ms"] / out["direct"]["p99_ms"], 3)
     return out
+
+
+def report_haproxy(w: dict) -> None:
+    """The C reference's lines of the wrk comparison."""
+    if "haproxy" in w:
+        print(f"haproxy reference: {w['haproxy']}")
+    for threads in (1, 2):
+        via = f"haproxy_{threads}t"
+        if via in w:
+            print(f"haproxy (http mode, header ACL, {threads} thread(s)): {w[via]['rps']:.0f} req/s p99 "
+                  f"{w[via]['p99_ms']} ms (x{w[f'ratio_rps_{via}']} req/s, rounds {w[f'ratio_rps_rounds_{via}']}), "
+                  f"{w[via]['proxy_cpu_us']} us CPU per request")
 
 
 REDIS_PORT, HTTP_PORT = 6379, 8080
@@ -359,6 +412,70 @@ def redis(rounds: int, requests: int) -> dict:
     return out
 
 
+STOLEN, DIRECT = 80, 8080  # the pod server's ports: 80 behind the filtered steal, 8080 never
+HAPROXY_PORTS = {1: 8081, 2: 8082}
+
+
+def agent_load(workers: list[int], connections: int, seconds: int, rounds: int) -> dict:
+    """The real agent, in a sandbox (root): wrk from the client namespace to the pod's server
+    straight (port 8080), through haproxy in the pod (1 and 2 threads, if installed), and through
+    a filtered steal of port 80 (`run --steal --http-header-filter`) by an agent with each of
+    `workers` proxy workers, alternating per round; CPU per request of the agent (with its
+    workers), haproxy and the pod's server."""
+    from mirrord_tun.sandbox import ADDRS, Sandbox
+
+    pod, runs = ADDRS["pod"], collections.defaultdict(list)
+    with Sandbox() as sb:
+        client = ("ip", "netns", "exec", sb.ns("client"))
+        server = sb.start_ready("pod", [sys.executable, os.path.abspath(__file__), "serve", "pod", "0.0.0.0",
+                                        str(STOLEN), str(DIRECT)])
+        haproxies = {}
+        if shutil.which("haproxy"):
+            for threads, port in HAPROXY_PORTS.items():
+                argv = _haproxy_argv(os.path.join(sb.dir, f"haproxy{threads}.cfg"), f"0.0.0.0:{port}", DIRECT,
+                                     DIRECT, threads)
+                haproxies[threads] = sb.start("pod", argv, stdout=subprocess.DEVNULL)
+        for _ in range(rounds):
+            runs["direct"].append(_wrk_cpu(DIRECT, connections, seconds, {"pod": server}, host=pod, prefix=client))
+            for threads, proc in haproxies.items():
+                runs[f"haproxy_{threads}t"].append(_wrk_cpu(HAPROXY_PORTS[threads], connections, seconds,
+                                                            {"proxy": proc, "pod": server}, host=pod, prefix=client))
+            for count in workers:
+                runs[f"agent_{count}w"].append(_through_agent(sb, count, connections, seconds, server))
+    out: dict = {"connections": connections, "seconds": seconds, "rounds": rounds, **_medians(runs)}
+    for via in [v for v in runs if v != "direct"]:
+        out[f"ratio_rps_{via}"] = round(out[via]["rps"] / out["direct"]["rps"], 3)
+        out[f"ratio_rps_rounds_{via}"] = [round(p["rps"] / d["rps"], 3) for d, p in zip(runs["direct"], runs[via])]
+    if not haproxies:
+        out["haproxy"] = "skipped: no haproxy"
+    return out
+
+
+def _through_agent(sb, workers: int, connections: int, seconds: int, server: subprocess.Popen) -> dict[str, float]:
+    """One wrk run through a fresh agent with `workers` proxy workers and a filtered steal of port 80."""
+    from mirrord_tun.sandbox import ADDRS, PY
+
+    guard = sb.start_agent("--steal-proxy-workers", str(workers), stderr=subprocess.DEVNULL)
+    try:
+        argv = sb.run_args(*PY, "-m", "mirrord_tun.sandbox.http_server", "0.0.0.0", str(STOLEN), "local")
+        argv[argv.index("--"):argv.index("--")] = ["--steal", "--http-header-filter", "^x-dev: me$"]
+        run = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sb.procs.append(run)
+        try:
+            deadline = time.monotonic() + 30
+            while not sb.exec("client", "curl", "-sS", "--max-time", "2", "-H", "x-dev: me",
+                              f"http://{ADDRS['pod']}:{STOLEN}/").stdout.startswith("hello from local"):
+                if time.monotonic() > deadline or run.poll() is not None:
+                    raise RuntimeError("the filtered steal did not start")
+                time.sleep(0.2)
+            return _wrk_cpu(STOLEN, connections, seconds, {"proxy": guard, "pod": server}, host=ADDRS["pod"],
+                            prefix=("ip", "netns", "exec", sb.ns("client")))
+        finally:
+            sb.stop(run)
+    finally:
+        sb.stop(guard)
+
+
 def _ms(values: list[float]) -> dict[str, float]:
     return {"p50": round(median(values), 3), "p99": round(percentile(values, 99), 3)}
 
@@ -366,7 +483,7 @@ def _ms(values: list[float]) -> dict[str, float]:
 def measure(requests: int, mb: int, rounds: int) -> dict:
     pod, pod_port = _start("serve", "pod")
     local, local_port = _start("serve", "local")
-    proxy, proxy_port = _start("proxy", str(pod_port), str(local_port), "1")
+    proxy, proxy_port = _start("proxy", str(pod_port), str(local_port))
     try:
         body = memoryview(os.urandom(mb * 1024 * 1024))
         runs: dict[str, list[float]] = collections.defaultdict(list)
@@ -454,9 +571,9 @@ def parsers(heads: int = 20000, mb: int = 100) -> dict:
 
 def main() -> None:
     if sys.argv[1:2] == ["serve"]:
-        return _serve(sys.argv[2])
+        return _serve(*sys.argv[2:])
     if sys.argv[1:2] == ["proxy"]:
-        return _proxy(*map(int, sys.argv[2:5]))
+        return _proxy(*map(int, sys.argv[2:4]))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=1000, help="small requests per kind and round")
     ap.add_argument("--mb", type=int, default=100, help="POST body size")
@@ -464,7 +581,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--connections", type=int, default=200, help="wrk's keep-alive clients")
     ap.add_argument("--seconds", type=int, default=5, help="per wrk run")
-    ap.add_argument("--workers", type=int, default=1, help="proxy processes on one SO_REUSEPORT port (wrk only)")
+    ap.add_argument("--agent-workers", metavar="N,N,...",
+                    help="only wrk through the real agent in a sandbox (root), once per proxy worker count given "
+                         "(`agent --steal-proxy-workers`), against the pod's server straight and haproxy")
     ap.add_argument("--wrk-only", action="store_true", help="only the wrk comparison")
     ap.add_argument("--server", choices=("python", "nginx"), default="python",
                     help="the pod's server (and the program's) for the wrk comparison")
@@ -472,14 +591,19 @@ def main() -> None:
                     help="only Redis next to a filtered steal (root: a sandbox with the agent; redis-server, "
                          "redis-benchmark, curl)")
     args = ap.parse_args()
+    if args.agent_workers:
+        counts = [int(n) for n in args.agent_workers.split(",")]
+        print(json.dumps(agent_load(counts, args.connections, args.seconds, args.rounds), indent=1))
+        return
     if args.redis:
         print(json.dumps(redis(args.rounds, args.requests * 100), indent=1))
         return
     if args.wrk_only:
-        print(json.dumps(load(args.connections, args.seconds, args.rounds, args.workers, args.server), indent=1))
+        w = load(args.connections, args.seconds, args.rounds, args.server)
+        print(json.dumps(w, indent=1))
         return
     result = {"proxy": measure(args.requests, args.mb, args.rounds), "parsers": parsers(mb=args.mb),
-              "wrk": load(args.connections, args.seconds, args.rounds, args.workers, args.server)}
+              "wrk": load(args.connections, args.seconds, args.rounds, args.server)}
     if args.json:
         print(json.dumps(result, indent=1))
         return
@@ -494,13 +618,14 @@ def main() -> None:
         print(f"{args.mb} MB POST {kind:7}: direct {r[f'direct_{kind}_gbits']:.2f} Gbit/s, "
               f"proxy {r[f'proxy_{kind}_gbits']:.2f} Gbit/s (x{r[f'ratio_{kind}_throughput']})")
     w = result["wrk"]
-    print(f"wrk {w['connections']} keep-alive clients, {w['proxy_workers']} proxy process(es), {w['server']} server: "
+    print(f"wrk {w['connections']} keep-alive clients, {w['server']} server: "
           f"direct {w['direct']['rps']:.0f} req/s p50 {w['direct']['p50_ms']} p99 {w['direct']['p99_ms']} ms; proxy "
           f"(to the pod) {w['proxy']['rps']:.0f} req/s p50 {w['proxy']['p50_ms']} p99 {w['proxy']['p99_ms']} ms "
           f"(x{w['ratio_rps']} req/s, rounds {w['ratio_rps_rounds']}, x{w['ratio_p99']} p99); matched "
           f"{w['proxy_matched']['rps']:.0f} req/s")
     print(f"CPU per request: proxy {w['proxy']['proxy_cpu_us']} us, the pod's server {w['direct']['pod_cpu_us']} us "
           f"direct and {w['proxy']['pod_cpu_us']} us behind the proxy")
+    report_haproxy(w)
     print("parsers:", json.dumps(result["parsers"]))
 
 

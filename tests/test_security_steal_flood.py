@@ -71,16 +71,24 @@ def sb() -> Iterator[Sandbox]:
         box.close()
 
 
-@pytest.fixture
-def agent(sb: Sandbox) -> Iterator[subprocess.Popen[bytes]]:
-    guard = sb.start_agent(wrap=("prlimit", f"--nofile={FD_LIMIT}:{FD_LIMIT}", "--"))
+@pytest.fixture(params=[0, 2], ids=["agent alone", "two proxy workers"])
+def agent(sb: Sandbox, request: pytest.FixtureRequest) -> Iterator[subprocess.Popen[bytes]]:
+    guard = sb.start_agent("--steal-proxy-workers", str(request.param),
+                           wrap=("prlimit", f"--nofile={FD_LIMIT}:{FD_LIMIT}", "--"))
     yield guard
     sb.stop(guard)
 
 
 def _worker_fds(guard: subprocess.Popen[bytes]) -> int:
+    """The fds of the agent worker and of its proxy workers: the caps hold for them together."""
     (worker,) = children(guard.pid)
-    return len(os.listdir(f"/proc/{worker}/fd"))
+    total = 0
+    for pid in [worker, *children(worker)]:
+        try:
+            total += len(os.listdir(f"/proc/{pid}/fd"))
+        except OSError:  # a short-lived child (nft) gone meanwhile
+            pass
+    return total
 
 
 def _get(sb: Sandbox, role: str, *headers: str) -> str:

@@ -180,3 +180,17 @@ def test_filtered_steal_over_ipv6(sb: Sandbox, agent: Agent, runs: list[Run]) ->
     r.proc.wait(LIVENESS)
     assert wait_until(lambda: not leftovers(sb) and _local_delivery6(sb) == before, LIVENESS), \
         (leftovers(sb), _local_delivery6(sb))
+
+
+def test_filtered_steal_over_ipv6_with_proxy_workers(sb: Sandbox, runs: list[Run]) -> None:
+    """The same with `agent --steal-proxy-workers 2`: each IPv6 listener's copies reach the workers
+    too, and the routing goes once the workers' connections have drained."""
+    from test_steal_workers import WorkersAgent
+
+    workers = WorkersAgent(sb)
+    try:
+        test_filtered_steal_over_ipv6(sb, workers, runs)
+        assert len(workers.proxy_workers()) == 2
+    finally:
+        sb.stop(workers.guard)
+    assert wait_until(lambda: not leftovers(sb), LIVENESS), leftovers(sb)

@@ -97,8 +97,8 @@ class _Client(asyncio.Protocol):
     pod: Opener
 
     def __init__(self, setup: Setup, counters: collections.Counter, on_close: Callable[["HttpProxy"], None],
-                 sniff_timeout: float = SNIFF_TIMEOUT, head_timeout: float = HEAD_TIMEOUT) -> None:
-        self.setup, self.counters, self.on_close = setup, counters, on_close
+                 sniff_timeout: float = SNIFF_TIMEOUT, head_timeout: float = HEAD_TIMEOUT, first: bytes = b"") -> None:
+        self.setup, self.counters, self.on_close, self.first = setup, counters, on_close, first
         self.sniff_timeout, self.head_timeout = sniff_timeout, head_timeout
         self.state = SNIFF
         self.buf = bytearray()  # from the client, not yet forwarded
@@ -125,6 +125,8 @@ class _Client(asyncio.Protocol):
             return
         self.choose, self.pod = routing
         self.timer = self.loop.call_later(self.sniff_timeout, self._passthrough, "steal_passthrough")
+        if self.first:  # what a proxy worker read of it: after connection_made (uvloop resumes reading then)
+            self.loop.call_soon(self.take_first)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = CLOSED
@@ -278,7 +280,7 @@ class _Requests(_Client):
         if self.timer is not None:
             self._cancel_timer()
         self.request = head
-        opener = self.choose(_request_head(head))
+        opener = self.choose(request_head(head))
         self.counters["steal_requests_local" if opener is not None else "steal_requests_pod"] += 1
         opener = opener or self.pod
         link = self.links.get(opener)
@@ -390,7 +392,14 @@ class _Requests(_Client):
 class HttpProxy(_Requests):
     """One client connection of a filtered port."""
 
+    def take_first(self) -> None:
+        """The bytes a proxy worker read of this connection, if no read of ours came first."""
+        if self.first and self.state != CLOSED:
+            self.data_received(b"")
+
     def data_received(self, data: bytes) -> None:
+        if self.first:  # a handed-over connection: what the worker read comes before
+            data, self.first = self.first + data, b""
         if self.state == H2:
             return self.h2.client_data(data)
         if self.state == BODY and not self.buf and self.link is not None:
@@ -556,7 +565,7 @@ def _h2_request_head(method: str, target: str, headers: list[tuple[str, str]]) -
     return RequestHead(method, target, target.partition("?")[0], headers, target)
 
 
-def _request_head(head: framing.Head) -> RequestHead:
+def request_head(head: framing.Head) -> RequestHead:
     target = head.target
     if target.startswith("/"):
         path, path_query = target.partition("?")[0], target

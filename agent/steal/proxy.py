@@ -44,23 +44,26 @@ same name, `ip -6 rule`), installed when the first such session filters.
 
 Not HTTP/1.x (HTTP/2 prior knowledge, TLS, other protocols) goes to the pod
 untouched, as does everything when no filter matches.
+
+With proxy workers (workers.py; `agent --steal-proxy-workers`), each listener has
+one copy per worker on its port; a worker serves what goes to the pod and hands a
+connection back here (`Proxies._adopt`) at its first request for a session. A
+closed port's routing then also waits for the workers' connections (DRAINED).
 """
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import errno
 import logging
 import resource
 import socket
-import struct
 from typing import Awaitable, Callable
-
 
 from mirrord_tun.agent.steal.filters import HttpFilter
 from mirrord_tun.agent.steal.upstream import Link
 from mirrord_tun.agent.steal.http1 import Chooser, HttpProxy, Opener, RequestHead
+from mirrord_tun.agent.steal.sockets import Connector, family_of, listening_sockets, new_sockets, original_destination
+from mirrord_tun.agent.steal.workers import WorkerPool
 from mirrord_tun.netns import nft
 from mirrord_tun.netns.namespace import NetNs
 from mirrord_tun.netns import routes
@@ -71,11 +74,6 @@ LOCAL_MARK = 0x6D726E6C  # "mrnl": our connections into a session's TUN
 NFT_TABLE = "mirrord_ns_proxy"  # not a session table (dataplane._SESSION_TABLE): removed with the routing
 TUNNELS = "mrd*"  # every session's TUN (dataplane.TUN_PREFIX)
 RULE_PRIORITY = 100
-IP_TRANSPARENT, IPV6_TRANSPARENT = 19, 75
-SO_ORIGINAL_DST = 80  # also IP6T_SO_ORIGINAL_DST, at SOL_IPV6
-LISTEN_ATTEMPTS = 8  # an IPv4 listener's port may be taken for IPv6: another pick
-CONNECT_TIMEOUT = 5.0
-SPARE_SOCKETS = 16
 MAX_PROXIED, MAX_PROXIED_PER_SOURCE = 4096, 1024  # connections: see connection_caps
 FD_RESERVE = 256  # fds left to SSH, sessions and the admission caps
 MIN_CAP = 16
@@ -130,68 +128,6 @@ def remove_routing() -> None:
     routes.remove_local_delivery(POD_MARK)
 
 
-def _family(addr: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in addr else socket.AF_INET
-
-
-def _stream(family: socket.AddressFamily) -> socket.socket:
-    return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-
-
-def _listening_sockets() -> list[socket.socket]:
-    """An IPv4 listener on a free port and, where the namespace has IPv6, an IPv6-only one on
-    the same port: one port map serves the redirects of both families."""
-    for _ in range(LISTEN_ATTEMPTS):
-        made = [_stream(socket.AF_INET)]
-        try:
-            made[0].bind(("0.0.0.0", 0))
-            try:
-                made.append(_stream(socket.AF_INET6))
-            except OSError:  # no IPv6 in this kernel: IPv4 only
-                pass
-            else:
-                made[1].setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                made[1].bind(("::", made[0].getsockname()[1]))
-            for sock in made:
-                sock.listen(1024)
-            return made
-        except BaseException as e:
-            for sock in made:
-                sock.close()
-            if not (isinstance(e, OSError) and e.errno == errno.EADDRINUSE):
-                raise
-    raise OSError(errno.EADDRINUSE, "no port free for both IPv4 and IPv6")
-
-
-def _new_sockets(n: int, family: socket.AddressFamily) -> list[socket.socket]:
-    """In the pod's namespace, which a socket keeps for life: the rest of its set-up is done
-    on the event loop, so a new connection costs no trip to the namespace's thread."""
-    return [_stream(family) for _ in range(n)]
-
-
-def _make_transparent(sock: socket.socket, mark: int, source: str, avoid_port: int) -> bool:
-    """Bind `sock` to the client's (foreign) address, on any port but `avoid_port` (the
-    redirected connection's 4-tuple is the pod-bound one's too); False if it got that one."""
-    if sock.family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-    else:
-        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((source, 0))
-    return sock.getsockname()[1] != avoid_port
-
-
-def original_destination(sock: socket.socket) -> tuple[str, int]:
-    if sock.family == socket.AF_INET6:  # a sockaddr_in6: family, port, flow info, address
-        raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
-        port, addr = struct.unpack_from("!2xH4x16s", raw)
-        return socket.inet_ntop(socket.AF_INET6, addr), port
-    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-    port, addr = struct.unpack_from("!2xH4s", raw)
-    return socket.inet_ntoa(addr), port
-
-
 class Route:
     """One session's filter on one port, and the client connections that sent it requests;
     `clients`: the session's tunnel address by family (IPv6 only when it carries IPv6)."""
@@ -215,10 +151,11 @@ class PortProxy:
         self.routes: list[Route] = []
         self.tasks: set[HttpProxy] = set()  # its client connections
         self.closed = False  # no longer accepting; its connections may still run (to the pod)
+        self.remote = 0  # proxy workers still serving connections of it once closed
 
-    def connection(self) -> HttpProxy:
-        """The protocol of one accepted connection."""
-        return HttpProxy(self._setup, self._counters, self._closed)
+    def connection(self, first: bytes = b"") -> HttpProxy:
+        """The protocol of one accepted connection (`first`: bytes a proxy worker read of it)."""
+        return HttpProxy(self._setup, self._counters, self._closed, first=first)
 
     def _setup(self, transport: asyncio.Transport) -> tuple[Chooser, Opener] | None:
         conn = transport.get_protocol()
@@ -242,14 +179,17 @@ class PortProxy:
         self.tasks.discard(conn)
         for route in self.routes:
             route.connections.discard(conn)
-        if self.closed and not self.tasks:
+        self.check_idle()
+
+    def check_idle(self) -> None:
+        if self.closed and not self.tasks and not self.remote:
             self._on_idle(self)
 
     def _chooser(self, conn: HttpProxy, peer: tuple[str, int]) -> Chooser:
         # One opener per route for this connection: the proxy keys its upstreams by opener.
         openers: dict[int, Opener] = {}
 
-        family = _family(peer[0])
+        family = family_of(peer[0])
 
         def choose(head: RequestHead) -> Opener | None:
             for route in self.routes:
@@ -266,7 +206,7 @@ class PortProxy:
 
     def _local_opener(self, route: Route, peer: tuple[str, int]) -> Opener:
         async def opener(factory: Callable[[], Link]) -> asyncio.BaseTransport:
-            dest = (route.clients[_family(peer[0])], route.local)
+            dest = (route.clients[family_of(peer[0])], route.local)
             return await self._connect(LOCAL_MARK, peer[0], peer[1], dest, factory)
         return opener
 
@@ -278,18 +218,18 @@ class PortProxy:
 
 
 class Proxies:
-    """The agent's filtered-steal listeners, by pod port; sessions join and leave them."""
+    """The agent's filtered-steal listeners, by pod port; sessions join and leave them. With
+    `workers` (workers.py), that many more processes accept each port's connections too."""
 
-    def __init__(self, ns: NetNs) -> None:
+    def __init__(self, ns: NetNs, workers: int | None = None) -> None:
         self._ns = ns
         self._ports: dict[int, PortProxy] = {}
         self._draining: set[PortProxy] = set()  # closed, with connections left (that go to the pod)
         self._lock = asyncio.Lock()
         self._routed = self._routed6 = False  # install_routing done (with IPv6)
         self._unrouting: asyncio.Task[None] | None = None
-        # Made in the namespace ahead of need, by family.
-        self._spare: dict[socket.AddressFamily, list[socket.socket]] = {socket.AF_INET: [], socket.AF_INET6: []}
-        self._refill: dict[socket.AddressFamily, asyncio.Task[None]] = {}
+        self._connector = Connector(lambda n, family: ns.acall(new_sockets, n, family))
+        self._pool = WorkerPool(ns.fd, self._adopt, self._drained, workers)
         self.counters: collections.Counter = collections.Counter()
 
     async def join(self, holder: str, clients: dict[int, str],
@@ -306,6 +246,7 @@ class Proxies:
                 proxy = self._ports.get(port) or await self._listen(port)
                 ended = proxy.drop(holder)  # a changed filter or local port: its connections end
                 proxy.routes.append(Route(holder, http_filter, clients, local))
+                self._pool.routes(proxy.listen_port, [(r.filter, list(r.clients)) for r in proxy.routes])
                 await _end(ended)
                 out[port] = proxy.listen_port
             return out
@@ -317,14 +258,17 @@ class Proxies:
                 if port in keep:
                     continue
                 await _end(proxy.drop(holder))
-                if not proxy.routes:
-                    del self._ports[port]
-                    proxy.closed = True
-                    for server in proxy.servers:
-                        server.close()
-                    log.info("filtered steal: pod port %d given back", proxy.port)
-                    if proxy.tasks:
-                        self._draining.add(proxy)
+                if proxy.routes:
+                    self._pool.routes(proxy.listen_port, [(r.filter, list(r.clients)) for r in proxy.routes])
+                    continue
+                del self._ports[port]
+                proxy.closed = True
+                for server in proxy.servers:
+                    server.close()
+                proxy.remote = self._pool.close(proxy.listen_port)
+                log.info("filtered steal: pod port %d given back", proxy.port)
+                if proxy.tasks or proxy.remote:
+                    self._draining.add(proxy)
             await self._unroute_if_idle()
 
     def _idle(self, proxy: PortProxy) -> None:
@@ -344,13 +288,12 @@ class Proxies:
         if self._routed and not self._ports and not self._draining:
             await self._ns.acall(remove_routing)
             self._routed = self._routed6 = False
-            for spare in self._spare.values():
-                while spare:
-                    spare.pop().close()
+            self._connector.close_spares()
 
     async def _listen(self, port: int) -> PortProxy:
-        socks = await self._ns.acall(_listening_sockets)
-        listen_port = socks[0].getsockname()[1]
+        self._pool.start()
+        groups = await self._ns.acall(listening_sockets, 1 + self._pool.live())
+        socks, listen_port = groups[0], groups[0][0].getsockname()[1]
         holder: list[PortProxy] = []
         servers = []
         try:
@@ -360,43 +303,36 @@ class Proxies:
         except BaseException:
             for server in servers:
                 server.close()
-            for sock in socks[len(servers):]:
+            for sock in [*socks[len(servers):], *(s for group in groups[1:] for s in group)]:
                 sock.close()
             raise
-        proxy = PortProxy(port, servers, listen_port, self._connect, self.counters, self._idle)
+        proxy = PortProxy(port, servers, listen_port, self._connector.connect, self.counters, self._idle)
         holder.append(proxy)
         self._ports[port] = proxy
+        self._pool.listen(listen_port, port, groups[1:])  # closes our copies of the workers' sockets
         log.info("filtered steal: pod port %d served by the proxy on port %d", port, listen_port)
         return proxy
 
-    async def _connect(self, mark: int, source: str, avoid_port: int, dest: tuple[str, int],
-                       factory: Callable[[], Link]) -> asyncio.BaseTransport:
-        for _ in range(3):
-            sock = await self._socket(_family(source))
-            try:
-                if _make_transparent(sock, mark, source, avoid_port):
-                    async with asyncio.timeout(CONNECT_TIMEOUT):
-                        await asyncio.get_running_loop().sock_connect(sock, dest)
-                    transport, _ = await asyncio.get_running_loop().create_connection(factory, sock=sock)
-                    return transport
-            except BaseException:
-                sock.close()
-                raise
+    def _find(self, listen_port: int) -> PortProxy | None:
+        return next((p for p in [*self._ports.values(), *self._draining] if p.listen_port == listen_port), None)
+
+    def _adopt(self, listen_port: int, sock: socket.socket, first: bytes) -> None:
+        """A connection a proxy worker handed over (a request for a session, HTTP/2): served here
+        from `first`, the bytes it read and did not forward."""
+        proxy = self._find(listen_port)
+        if proxy is None:  # its port closed meanwhile (and drained): nothing serves it any more
             sock.close()
-        raise OSError(errno.EADDRINUSE, "no free source port")
+            return
+        self.counters["steal_adopted"] += 1
+        task = asyncio.get_running_loop().create_task(
+            asyncio.get_running_loop().connect_accepted_socket(lambda: proxy.connection(first), sock=sock))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or sock.close())
 
-    async def _socket(self, family: socket.AddressFamily) -> socket.socket:
-        spare, refill = self._spare[family], self._refill.get(family)
-        if len(spare) < SPARE_SOCKETS // 2 and (refill is None or refill.done()):
-            self._refill[family] = asyncio.create_task(self._add_spares(family))
-        if spare:
-            return spare.pop()
-        return (await self._ns.acall(_new_sockets, 1, family))[0]
-
-    async def _add_spares(self, family: socket.AddressFamily) -> None:
-        with contextlib.suppress(OSError, RuntimeError):  # out of fds; the agent ending: made when needed
-            spare = self._spare[family]
-            spare += await self._ns.acall(_new_sockets, SPARE_SOCKETS - len(spare), family)
+    def _drained(self, listen_port: int) -> None:
+        proxy = self._find(listen_port)
+        if proxy is not None and proxy.remote:
+            proxy.remote -= 1
+            proxy.check_idle()
 
 
 async def _end(conns: list[HttpProxy]) -> None:
