@@ -35,7 +35,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -227,7 +226,7 @@ class MountsFeature(Feature):
 
 
 def _warn(text: str) -> None:
-    print(f"mirrord-ns: {text}", file=sys.stderr, flush=True)
+    log.warning("%s", text)  # through logging: -q leaves it out
 
 
 def _vacant(path: str) -> bool:

@@ -145,6 +145,15 @@ def test_ipv6_through_a_dual_stack_pod(real_cluster: RealCluster, ns: str) -> No
     assert r.stdout.strip() == f"you are {ipv6[0]}", (r.stdout, r.stderr)
 
 
+def test_a_quiet_session_that_works_says_nothing(real_cluster: RealCluster, ns: str) -> None:
+    # -q is "errors only": pod/web's IPv6 (off without --privileged) and its volume at /scripts
+    # (never placed) were said anyway, and each of its mounts' sshfs said "read: Interrupted
+    # system call" as the session ended.
+    k = real_cluster
+    r = run(k, ns, "pod/web", f"cat {CONFIG_DIR}/greeting", "-q")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "v1", "")
+
+
 def test_env_from_configmap_secret_and_fieldref(real_cluster: RealCluster, ns: str) -> None:
     k = real_cluster
     r = run(k, ns, "pod/web", 'echo "env:$LITERAL:$FROM_CM:$FROM_SECRET:$POD_NAME"')
