@@ -424,3 +424,20 @@ def test_reconnects_after_the_port_forward_is_cut(real_cluster: RealCluster, ns:
         assert p.returncode == 0, err
     assert out.strip().splitlines()[-1] == f"you are {pod_ip(k, ns, 'app=web')}", (out, err)
     assert "reconnect" in err.lower() or "resum" in err.lower(), err
+
+
+def test_deleting_the_target_pod_ends_the_session_in_one_line(real_cluster: RealCluster, ns: str) -> None:
+    # The agent holds the pod's network namespace, which outlived the pod: run went on, its
+    # command's connections timing out, and nothing said why (agent/podwatch.py).
+    k = real_cluster
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "doomed", "labels": {"app": "doomed"}},
+           "spec": {"containers": [{"name": "app", "image": k.testapp_image, "imagePullPolicy": "IfNotPresent",
+                                    "command": ["sleep", "3600"]}], "terminationGracePeriodSeconds": 1}}
+    k.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(pod))
+    wait_ready(k, ns, "app=doomed")
+    with session(k, ns, "pod/doomed", "echo started; exec sleep 300", "-q") as p:
+        k.kubectl("delete", "pod", "doomed", "-n", ns, "--wait=false")
+        _, err = p.communicate(timeout=120)
+    assert p.returncode == 2, err
+    assert len(err.strip().splitlines()) == 1 and "the pod's network is gone" in err, err
+    assert_no_agent_left(k, ns)
