@@ -220,6 +220,18 @@ def test_steal_from_a_client_in_another_pod(real_cluster: RealCluster, ns: str) 
     assert_no_agent_left(k, ns)
 
 
+def test_a_second_runs_steal_of_the_port_is_refused(real_cluster: RealCluster, ns: str) -> None:
+    # Each run has an agent of its own: the second one's steal silently took the port.
+    k = real_cluster
+    with session(k, ns, "pod/web", LOCAL_SERVER, "--steal", "--port", "8080", "-q"):
+        assert eventually(lambda: client_get(k, ns, "/") == "stolen\n", timeout=60)
+        r = run(k, ns, "pod/web", "echo ran", "--steal", "--port", "8080", "-q")
+        assert (r.returncode, r.stdout) == (2, ""), r.stderr
+        assert len(r.stderr.splitlines()) == 1 and "of another agent" in r.stderr, r.stderr
+        assert client_get(k, ns, "/") == "stolen\n"
+    assert_no_agent_left(k, ns)
+
+
 def test_header_filtered_steal(real_cluster: RealCluster, ns: str) -> None:
     k = real_cluster
     with session(k, ns, "pod/web", LOCAL_SERVER, "--steal", "--port", "8080",
