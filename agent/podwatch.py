@@ -28,8 +28,17 @@ def own_addresses() -> list[str]:
 
 async def wait_until_gone(ns: NetNs, interval: float = CHECK_INTERVAL) -> None:
     """Return once the namespace, which had addresses of its own, has none left; never if it had none."""
-    if not await ns.acall(own_addresses):
+    if not await _addresses(ns):
         await asyncio.Event().wait()
-    while await ns.acall(own_addresses):
+    while (await _addresses(ns)) != []:
         await asyncio.sleep(interval)
     log.warning("%s: ending every session and exiting", POD_GONE)
+
+
+async def _addresses(ns: NetNs) -> list[str] | None:
+    """own_addresses(), or None when netlink did not say (not a reason to end anything)."""
+    try:
+        return await ns.acall(own_addresses)
+    except OSError as e:
+        log.debug("cannot list the pod's addresses: %s", e)
+        return None
