@@ -50,9 +50,11 @@ class ClientLink:
         self._closed = False
         self._resumable = True  # False once the agent stops or this channel tried RESUME
 
-    def close(self) -> None:
-        """End the session now, connected or detached (the agent is stopping)."""
+    def close(self, why: str | None = None) -> None:
+        """End the session now, connected or detached (the agent is stopping); `why` goes to the client."""
         self._resumable = False
+        if why and self._grace is None and self.welcome is not None:
+            self.write(protocol.control(AgentMsg.ERROR, {"error": why}))
         if self._grace is not None:
             self._grace.cancel()
             self._grace = None

@@ -10,7 +10,7 @@ import asyncssh
 from asyncssh.stream import SSHServerStreamSession
 
 from mirrord_tun import protocol, sshfast, sshopts
-from mirrord_tun.agent import dataplane, fileworkers, files
+from mirrord_tun.agent import dataplane, fileworkers, files, podwatch
 from mirrord_tun.agent.admission import Admission, ThrottledLog, source_of
 from mirrord_tun.agent.session import AgentSession
 from mirrord_tun.agent.target import Target
@@ -195,14 +195,18 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
         idle = asyncio.create_task(self._exit_when_idle(idle_exit, stop)) if idle_exit else None
+        pod_gone = asyncio.create_task(podwatch.wait_until_gone(self.ns))
+        pod_gone.add_done_callback(lambda _: stop.set())
         try:
             await stop.wait()
         finally:
             if idle:
                 idle.cancel()
+            pod_gone.cancel()
             server.close()
+            why = podwatch.POD_GONE if pod_gone.done() and not pod_gone.cancelled() else None
             for session in list(self.sessions):
-                session.close()
+                session.close(why)
             for _ in range(50):  # teardown runs in tasks; give them up to 5 s
                 if not self.sessions:
                     break

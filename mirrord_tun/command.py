@@ -50,6 +50,8 @@ class Command:
             return await self._run_command(ns, resolv)
         finally:
             timing.mark("command exited")
+            if self.mounts:
+                self.mounts.ending()  # the reaping below stops sshfs too
             await _reap_namespace(ns)
             timing.mark("namespace reaped")
             if resolv:

@@ -50,6 +50,7 @@ class AgentLink:
         self.lost: asyncio.Future[str] = loop.create_future()  # why the current connection ended
         self._welcome: asyncio.Future[protocol.Welcome] = loop.create_future()
         self._stats: asyncio.Future[dict[str, int]] | None = None
+        self._ended_because: str | None = None  # what the agent said as it ended the session
 
     async def connect(self) -> None:
         self.conn = await open_channel(self.agent, self.key, self.pinned, self.chan, sock=self.sock)
@@ -120,9 +121,11 @@ class AgentLink:
                 self._welcome.set_exception(SetupError(f"agent sent a bad {protocol.kind_name(kind)}: {e}"))
 
     def _on_error(self, msg: str) -> None:
-        resuming = self.session is not None and not self._welcome.done()
-        if not self._welcome.done():
-            self._welcome.set_exception(Refused(f"agent refused the session: {msg}"))
+        if self._welcome.done():  # the agent ends a running session: said in the line that ends it
+            self._ended_because = msg
+            return
+        resuming = self.session is not None
+        self._welcome.set_exception(Refused(f"agent refused the session: {msg}"))
         if not resuming:  # a refused resume is said once, in the line that ends the session
             log.error("agent: %s", msg)
 
@@ -133,7 +136,8 @@ class AgentLink:
         self.features.resume_writing()
 
     def on_closed(self, exc: Exception | None) -> None:
-        reason = printable(str(exc)) if exc else "the agent closed the session"  # may quote the agent
+        # May quote the agent.
+        reason = printable(str(exc)) if exc else self._ended_because or "the agent closed the session"
         self.up = False
         self.features.on_detach()
         if not self._welcome.done():

@@ -28,13 +28,14 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import logging
 import os
 import shutil
 import signal
 import socket
 import stat
 import subprocess
-import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -53,6 +54,7 @@ CONFIG_VOLUMES = ("config_map", "secret", "projected", "downward_api")
 # a read then reaches the pod, a ConfigMap update shows within a second.
 SSHFS_OPTIONS = "passive,ro,follow_symlinks,dcache_timeout=1,max_read=262144"
 _libc = ctypes.CDLL(None, use_errno=True)
+log = logging.getLogger("mirrord-ns.mounts")
 
 
 def volume_mount_paths(pod: Any, container: str) -> list[str]:
@@ -72,6 +74,7 @@ class _Mount:
     relay: SftpRelay
     theirs: socket.socket  # sshfs's stdin/stdout
     proc: subprocess.Popen[bytes] | None = None
+    ended: bool = False  # we stopped it or lost its channel: what sshfs says next is about that
 
     @property
     def path(self) -> str:
@@ -159,17 +162,26 @@ class Mounts:
                 mount(f"mirrord-ns:{m.path}", m.path, "fuse.sshfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
                       f"fd={fuse},rootmode=40000,user_id=0,group_id=0,allow_other")
                 m.proc = _start_sshfs(m.path, fuse, m.theirs)
+                # Not from here: a thread made by this one would share its private root and mounts,
+                # and this one could not go back to its own (setns refuses a shared fs).
+                asyncio.get_running_loop().call_soon(_relay_stderr_thread, m)
             finally:
                 # Then sshfs alone holds the device and the socket: once it is gone, the mount
                 # fails with ENOTCONN instead of hanging the command.
                 os.close(fuse)
                 m.theirs.close()
 
+    def ending(self) -> None:
+        """The command is over: sshfs is about to be stopped, and may say so."""
+        for m in self._mounts:
+            m.ended = True
+
     def lost(self) -> None:
         """The session is over: every mount fails now (ENOTCONN). A read waiting for a resume
         that will not come cannot be killed (FUSE waits for sshfs's answer), so it would hold
         its program, and `run` waiting for it, past SIGKILL."""
         for m in self._mounts:
+            m.ended = True
             m.relay.close()
 
     async def stop(self) -> None:
@@ -214,7 +226,7 @@ class MountsFeature(Feature):
 
 
 def _warn(text: str) -> None:
-    print(f"mirrord-ns: {text}", file=sys.stderr, flush=True)
+    log.warning("%s", text)  # through logging: -q leaves it out
 
 
 def _vacant(path: str) -> bool:
@@ -269,8 +281,22 @@ def _start_sshfs(path: str, fuse: int, sock: socket.socket) -> subprocess.Popen[
 
     # `-f`: stay our child; the host part of the remote is a label in passive mode.
     return subprocess.Popen(["sshfs", "-f", "-o", SSHFS_OPTIONS, f"mirrord-ns:{path}", f"/dev/fd/{fuse}"],
-                            stdin=sock.fileno(), stdout=sock.fileno(), pass_fds=(fuse,),
+                            stdin=sock.fileno(), stdout=sock.fileno(), stderr=subprocess.PIPE, pass_fds=(fuse,),
                             preexec_fn=die_with_parent, start_new_session=True)
+
+
+def _relay_stderr_thread(m: _Mount) -> None:
+    threading.Thread(target=_relay_stderr, args=(m,), name="sshfs-stderr", daemon=True).start()
+
+
+def _relay_stderr(m: _Mount) -> None:
+    """sshfs's own lines, as ours, while its mount is served. Once we end it, sshfs says so
+    ("read: Interrupted system call", "remote host has disconnected"): not the user's business."""
+    assert m.proc is not None and m.proc.stderr is not None
+    with m.proc.stderr:
+        for line in m.proc.stderr:
+            if not m.ended:
+                log.warning("--mount %s: sshfs: %s", m.path, printable(line.decode(errors="replace").strip()))
 
 
 def _mount_point(path: str, shadowed: set[str]) -> None:

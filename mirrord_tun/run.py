@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import sys
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 import asyncssh
@@ -135,8 +134,7 @@ class LocalSession:
         log.info("session %s: tunnel address %s, pod %s, mtu %d", welcome.session, ",".join(welcome.client_addrs),
                  ",".join(welcome.pod_addrs + welcome.pod_addrs6) or "?", welcome.mtu)
         if welcome.ipv6_off:
-            print(f"mirrord-ns: the pod has IPv6, but this session is IPv4 only: {printable(welcome.ipv6_off)}",
-                  file=sys.stderr, flush=True)
+            log.warning("the pod has IPv6, but this session is IPv4 only: %s", printable(welcome.ipv6_off))
 
     def _inbound(self, ns: NetNs, welcome: protocol.Welcome) -> Feature | None:
         """Steal, or the mirror, or (neither asked for or possible) nothing."""

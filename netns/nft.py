@@ -118,11 +118,16 @@ def run(script: str) -> None:
         _cli(["-f", "-"], script)
 
 
+def ruleset(family: str) -> str:
+    """`nft list ruleset FAMILY`, as text."""
+    command = f"list ruleset {family}"
+    return _lib.command(command) if _lib is not None else _cli(command.split())
+
+
 def tables(family: str, prefix: str) -> dict[str, str]:
     """Tables of `family` whose name starts with `prefix`, mapped to their comment."""
     # `nft -j` (1.0.6) leaves table comments out, so read the text form.
-    command = f"list ruleset {family}"
-    listing = _lib.command(command) if _lib is not None else _cli(command.split())
+    listing = ruleset(family)
     pattern = rf'^table {family} ({re.escape(prefix)}\S*) {{\n(?:\s*comment "([^"]*)")?'
     return {m[1]: m[2] or "" for m in re.finditer(pattern, listing, re.M)}
 

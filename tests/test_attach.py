@@ -151,11 +151,11 @@ def test_attach_mirrors_the_pods_inbound_traffic_and_restores(cluster: Cluster, 
         sb.stop(pod)
 
 
-def test_the_agents_own_address_is_not_mirrored(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_agents_own_address_is_not_mirrored(caplog: pytest.LogCaptureFixture) -> None:
     """A pod address our SSH connection goes to (attach sets `mirror_exclude` when that connection
     lives in the attached namespace) stays off `lo`, where it would swallow the connection; one warning."""
     assert mirrorable([POD, "198.18.0.11"], exclude={POD}, local_ipv6=True) == ["198.18.0.11"]
-    assert capsys.readouterr().err.count(f"not mirroring traffic to {POD}") == 1
+    assert caplog.text.count(f"not mirroring traffic to {POD}") == 1
 
 
 def test_a_namespace_without_ipv6_mirrors_the_ipv4_clients_only(capsys: pytest.CaptureFixture[str]) -> None:

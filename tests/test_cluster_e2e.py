@@ -145,6 +145,15 @@ def test_ipv6_through_a_dual_stack_pod(real_cluster: RealCluster, ns: str) -> No
     assert r.stdout.strip() == f"you are {ipv6[0]}", (r.stdout, r.stderr)
 
 
+def test_a_quiet_session_that_works_says_nothing(real_cluster: RealCluster, ns: str) -> None:
+    # -q is "errors only": pod/web's IPv6 (off without --privileged) and its volume at /scripts
+    # (never placed) were said anyway, and each of its mounts' sshfs said "read: Interrupted
+    # system call" as the session ended.
+    k = real_cluster
+    r = run(k, ns, "pod/web", f"cat {CONFIG_DIR}/greeting", "-q")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "v1", "")
+
+
 def test_env_from_configmap_secret_and_fieldref(real_cluster: RealCluster, ns: str) -> None:
     k = real_cluster
     r = run(k, ns, "pod/web", 'echo "env:$LITERAL:$FROM_CM:$FROM_SECRET:$POD_NAME"')
@@ -208,6 +217,18 @@ def test_steal_from_a_client_in_another_pod(real_cluster: RealCluster, ns: str) 
     with session(k, ns, "pod/web", LOCAL_SERVER, "--steal", "--port", "8080"):
         assert eventually(lambda: client_get(k, ns, "/") == "stolen\n", timeout=60)
     assert eventually(lambda: client_get(k, ns, "/") == "hello from web\n", timeout=60)
+    assert_no_agent_left(k, ns)
+
+
+def test_a_second_runs_steal_of_the_port_is_refused(real_cluster: RealCluster, ns: str) -> None:
+    # Each run has an agent of its own: the second one's steal silently took the port.
+    k = real_cluster
+    with session(k, ns, "pod/web", LOCAL_SERVER, "--steal", "--port", "8080", "-q"):
+        assert eventually(lambda: client_get(k, ns, "/") == "stolen\n", timeout=60)
+        r = run(k, ns, "pod/web", "echo ran", "--steal", "--port", "8080", "-q")
+        assert (r.returncode, r.stdout) == (2, ""), r.stderr
+        assert len(r.stderr.splitlines()) == 1 and "of another agent" in r.stderr, r.stderr
+        assert client_get(k, ns, "/") == "stolen\n"
     assert_no_agent_left(k, ns)
 
 
@@ -415,3 +436,20 @@ def test_reconnects_after_the_port_forward_is_cut(real_cluster: RealCluster, ns:
         assert p.returncode == 0, err
     assert out.strip().splitlines()[-1] == f"you are {pod_ip(k, ns, 'app=web')}", (out, err)
     assert "reconnect" in err.lower() or "resum" in err.lower(), err
+
+
+def test_deleting_the_target_pod_ends_the_session_in_one_line(real_cluster: RealCluster, ns: str) -> None:
+    # The agent holds the pod's network namespace, which outlived the pod: run went on, its
+    # command's connections timing out, and nothing said why (agent/podwatch.py).
+    k = real_cluster
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "doomed", "labels": {"app": "doomed"}},
+           "spec": {"containers": [{"name": "app", "image": k.testapp_image, "imagePullPolicy": "IfNotPresent",
+                                    "command": ["sleep", "3600"]}], "terminationGracePeriodSeconds": 1}}
+    k.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(pod))
+    wait_ready(k, ns, "app=doomed")
+    with session(k, ns, "pod/doomed", "echo started; exec sleep 300", "-q") as p:
+        k.kubectl("delete", "pod", "doomed", "-n", ns, "--wait=false")
+        _, err = p.communicate(timeout=120)
+    assert p.returncode == 2, err
+    assert len(err.strip().splitlines()) == 1 and "the pod's network is gone" in err, err
+    assert_no_agent_left(k, ns)

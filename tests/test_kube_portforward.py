@@ -97,3 +97,25 @@ def test_session_over_a_port_forward_socket(fresh_cluster: Cluster, monkeypatch:
         forward.close()
     out = capfd.readouterr().out
     assert f"you are {ADDRS['pod']}" in out, out
+
+
+def test_the_proxy_threads_death_prints_no_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    """Seen on the real cluster as the agent pod was OOMKilled: the client's proxy thread died with
+    'OSError: [Errno 9] Bad file descriptor' and its traceback on the user's terminal, above run's
+    own one line. Other threads' errors still print."""
+    previous = threading.excepthook
+    threading.excepthook = threading.__excepthook__  # Python's own, which prints (not pytest's)
+    try:
+        pf_module.quiet_proxy_threads()
+        pf_module.quiet_proxy_threads()  # once is enough: no hook around the hook
+
+        def die() -> None:
+            raise OSError(9, "Bad file descriptor")
+        for name in (f"{pf_module.PROXY_THREAD}: 2222", "someone else's"):
+            t = threading.Thread(target=die, name=name)
+            t.start()
+            t.join()
+    finally:
+        threading.excepthook = previous
+    err = capsys.readouterr().err
+    assert "Kubernetes port forward proxy" not in err and "someone else's" in err, err

@@ -410,6 +410,14 @@ def test_a_deleted_agent_pod_ends_the_reconnect_at_once() -> None:
     def finished(name: str, namespace: str) -> Any:
         return client.V1Pod(metadata=client.V1ObjectMeta(name=name), status=client.V1PodStatus(phase="Succeeded"))
 
-    for read, said in ((missing, "is gone"), (finished, r"is gone \(succeeded\)")):
+    def oom_killed(name: str, namespace: str) -> Any:  # a flood did this on the real cluster
+        ended = client.V1ContainerStateTerminated(exit_code=137, reason="OOMKilled")
+        statuses = [client.V1ContainerStatus(name="agent", image="x", image_id="", ready=False, restart_count=0,
+                                             state=client.V1ContainerState(terminated=ended))]
+        return client.V1Pod(metadata=client.V1ObjectMeta(name=name),
+                            status=client.V1PodStatus(phase="Failed", container_statuses=statuses))
+
+    for read, said in ((missing, "is gone"), (finished, r"is gone \(succeeded\)"),
+                       (oom_killed, r"is gone \(failed, OOMKilled \(exit 137\)\)")):
         with pytest.raises(Gone, match=said):
             reconnect_forward(cluster(read), "mirrord-ns-agent-x", "default", [])

@@ -133,3 +133,15 @@ def test_a_flood_of_unfinished_heads_neither_locks_out_the_key_holder_nor_stops_
     finally:
         run.close()
     assert_clean(sb)
+
+
+def test_the_caps_keep_a_flood_inside_the_agent_jobs_memory_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the real cluster two pods' floods of unfinished heads got the agent OOMKilled under
+    its Job's 256Mi limit (kube/manifest.py), ending the key holder's session: the caps now
+    follow the container's memory limit as well as its fds."""
+    from mirrord_tun.agent.steal import proxy
+    limit = 256 * 1024 * 1024
+    monkeypatch.setattr(proxy, "memory_limit", lambda: limit)
+    per_source, total = proxy.connection_caps()
+    assert total * proxy.PER_CONNECTION + proxy.MEMORY_RESERVE <= limit
+    assert 2 * per_source <= total

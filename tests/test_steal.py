@@ -349,6 +349,39 @@ def test_a_second_whole_port_steal_is_refused_naming_the_first(sb: Sandbox, agen
     assert get(sb) == f"hello from local, you are {CLIENT}"
 
 
+@pytest.mark.parametrize("first,second", [((), ()), (("--http-header-filter", "^x-dev: a$"),
+                                                    ("--http-header-filter", "^x-dev: b$"))])
+def test_a_steal_through_another_agent_is_refused_naming_the_first(sb: Sandbox, agent: Agent, runs: list[Run],
+                                                                   first: tuple[str, ...],
+                                                                   second: tuple[str, ...]) -> None:
+    """On Kubernetes every `run` launches its own agent: found on the real cluster, a second
+    developer's steal of the port (whole, or with another filter) silently took it from the first."""
+    host = sb.agent_address.rpartition(":")[0]
+    other = sb.start_agent(listen=f"{host}:2223")
+    headers = ["-H", "x-dev: a"] if first else []
+
+    def ask() -> str:
+        return sb.exec("client", "curl", "-sS", "--max-time", "3", *headers, f"http://{POD}:{HTTP}/").stdout.strip()
+    try:
+        r = Run(sb, [*HTTP_SERVER, str(HTTP), "local"], *first, "--port", str(HTTP))
+        runs.append(r)
+        assert wait_until(lambda: ask().startswith("hello from local"), LIVENESS, 0.2), r.log()
+        marker = Path(sb.dir) / "second-started"
+        argv = sb.run_args("touch", str(marker))
+        argv[argv.index("--agent") + 1] = f"{host}:2223"
+        argv[argv.index("--"):argv.index("--")] = ["--steal", "--port", str(HTTP), *second]
+        p = subprocess.run(argv, env=run_env(), capture_output=True, text=True, timeout=LIVENESS)
+        assert p.returncode == 2, p.stderr
+        lines = p.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("mirrord-ns: cannot steal tcp/80: tcp port 80 is already "
+                                                       "stolen by session "), p.stderr
+        assert "of another agent" in lines[0], p.stderr
+        assert not marker.exists()
+        assert ask() == f"hello from local, you are {CLIENT}"  # the first session keeps it
+    finally:
+        sb.stop(other)
+
+
 def test_bad_exclude_is_one_line_and_changes_nothing(sb: Sandbox, agent: Agent) -> None:
     argv = sb.run_args("true")
     argv[argv.index("--"):argv.index("--")] = ["--steal", "--steal-exclude", "10.0.0.300/8"]

@@ -60,6 +60,7 @@ import socket
 from typing import Awaitable, Callable
 
 from mirrord_tun.agent.steal.filters import HttpFilter
+from mirrord_tun.agent.steal.framing import MAX_HEAD
 from mirrord_tun.agent.steal.upstream import Link
 from mirrord_tun.agent.steal.http1 import Chooser, HttpProxy, Opener, RequestHead
 from mirrord_tun.agent.steal.sockets import Connector, family_of, listening_sockets, new_sockets, original_destination
@@ -77,6 +78,12 @@ RULE_PRIORITY = 100
 MAX_PROXIED, MAX_PROXIED_PER_SOURCE = 4096, 1024  # connections: see connection_caps
 FD_RESERVE = 256  # fds left to SSH, sessions and the admission caps
 MIN_CAP = 16
+# Memory a proxied connection may hold at once: its head (up to MAX_HEAD) as read and as parsed,
+# and its transports; measured 127 KiB each under a flood of unfinished 60 KiB heads.
+PER_CONNECTION = 2 * MAX_HEAD + 32 * 1024
+MEMORY_RESERVE = 128 * 1024 * 1024  # the guard and the worker themselves, sessions, mirror buffers
+# The container's memory limit, cgroup v2 then v1: past it the kernel kills the agent (OOMKilled).
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
 def connection_caps() -> tuple[int, int]:
@@ -86,8 +93,26 @@ def connection_caps() -> tuple[int, int]:
     the pod's server directly, in the kernel (rules.declarations): a flood costs us nothing
     more, and the pod sees what it would without a session."""
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    total = max(MIN_CAP, min(MAX_PROXIED, (nofile - FD_RESERVE) // 3))
+    total = min(MAX_PROXIED, (nofile - FD_RESERVE) // 3)
+    limit = memory_limit()
+    if limit is not None:
+        # In Kubernetes the agent's Job has a memory limit: a neighbour's flood of unfinished
+        # heads from two pods got it OOMKilled, and the session with it.
+        total = min(total, (limit - MEMORY_RESERVE) // PER_CONNECTION)
+    total = max(MIN_CAP, total)
     return max(MIN_CAP, min(MAX_PROXIED_PER_SOURCE, total // 2)), total
+
+
+def memory_limit() -> int | None:
+    """This container's memory limit in bytes; None if it has none."""
+    for path in CGROUP_MEMORY_LIMITS:
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        return int(text) if text.isdigit() and int(text) < 1 << 60 else None  # "max", or v1's huge "none"
+    return None
 
 
 def _nft_table(family: str) -> str:

@@ -45,7 +45,7 @@ import socket
 from typing import Callable, NamedTuple
 
 from mirrord_tun import protocol
-from mirrord_tun.agent.steal import proxy
+from mirrord_tun.agent.steal import neighbours, proxy
 from mirrord_tun.agent.steal.filters import HttpFilter
 from mirrord_tun.netns import nft
 from mirrord_tun.netns.namespace import NetNs
@@ -255,7 +255,7 @@ class SessionSteal:
             if self._closed or not self._pod_addrs:  # ending; or nothing to DNAT from (declarations())
                 why = "the session is closing" if self._closed else "the pod has no address the session carries"
                 return StealState((), {name: why for name in names})
-            refused = self._registry.claim(self.holder, whole, set(filtered))
+            refused = await self._claim(whole, set(filtered), names)
             tcp = {p: l for p, l in req.tcp.items() if f"tcp/{p}" not in refused}
             udp = {p: l for p, l in req.udp.items() if f"udp/{p}" not in refused}
             wanted = {}
@@ -286,6 +286,20 @@ class SessionSteal:
             log.info("session %s: stealing %s%s", self.holder, " ".join(stolen) or "nothing",
                      f", refused {refused}" if refused else "")
             return StealState(tuple(stolen), refused)
+
+    async def _claim(self, whole: set[str], filtered: set[int], names: set[str]) -> dict[str, str]:
+        """The Registry's claim, after the ports other agents' sessions steal here are refused."""
+        try:
+            elsewhere = await self._ns.acall(neighbours.stolen_elsewhere)
+        except (nft.NftError, OSError) as e:  # apply() says what is wrong with nft, if anything
+            log.debug("session %s: other agents' steals unknown: %s", self.holder, e)
+            elsewhere = {}
+        busy = {name: f"{name.replace('/', ' port ')} is already stolen by session {elsewhere[name]} of another "
+                      "agent (another run on this pod; filtered steals share a port only within one agent)"
+                for name in names if name in elsewhere}
+        refused = self._registry.claim(self.holder, whole - set(busy),
+                                       {p for p in filtered if f"tcp/{p}" not in busy})
+        return {**refused, **busy}
 
     async def _refresh(self) -> None:
         while True:

@@ -7,18 +7,40 @@ asyncio's transports do not accept. A dup of its fd as a real socket does.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
+import threading
 
 from kubernetes.stream import portforward
 
 from mirrord_tun.kube.cluster import Cluster, api_errors
 
+log = logging.getLogger("mirrord-ns")
 DRAIN_TIMEOUT = 2.0  # seconds for the proxy thread to see our EOF and close its end
+PROXY_THREAD = "Kubernetes port forward proxy"  # the client's thread names start so
+
+
+def quiet_proxy_threads() -> None:
+    """The client's proxy thread may die with a traceback when the agent pod goes away under it
+    (seen on a real cluster when a flood got the agent OOMKilled: EBADF closing a socket that it
+    and the websocket's end both closed). That loss is run's to say, once, in one line."""
+    previous = threading.excepthook
+    if getattr(previous, "mirrord_ns", False):
+        return
+
+    def hook(args: "threading.ExceptHookArgs") -> None:
+        if args.thread is not None and args.thread.name.startswith(PROXY_THREAD):
+            log.debug("port-forward thread ended: %r", args.exc_value)
+        else:
+            previous(args)
+    hook.mirrord_ns = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 class Forward:
     def __init__(self, cluster: Cluster, pod: str, namespace: str, port: int) -> None:
+        quiet_proxy_threads()
         with api_errors(f"cannot port-forward to pod/{pod} port {port}"):
             self._pf = portforward(cluster.core.connect_get_namespaced_pod_portforward, pod, namespace,
                                    ports=str(port))

@@ -159,8 +159,17 @@ def reconnect_forward(cluster: Cluster, pod: str, namespace: str, forwards: list
         raise  # anything else may pass: the next attempt asks again
     phase = found.status and found.status.phase
     if found.metadata.deletion_timestamp or phase in ("Succeeded", "Failed"):
-        raise Gone(f"the agent pod/{pod} is gone ({(phase or 'being deleted').lower()})")
+        raise Gone(f"the agent pod/{pod} is gone ({(phase or 'being deleted').lower()}{_why_ended(found)})")
     return _forward_again(forwards, Forward(cluster, pod, namespace, manifest.AGENT_PORT))
+
+
+def _why_ended(pod: client.V1Pod) -> str:
+    """", OOMKilled (exit 137)" when its container ended so: an OOMKilled agent was only "failed"."""
+    for cs in (pod.status and pod.status.container_statuses) or []:
+        ended = cs.state and cs.state.terminated
+        if ended and ended.reason:
+            return f", {ended.reason} (exit {ended.exit_code})"
+    return ""
 
 
 def _forward_again(forwards: list[Forward], new: Forward) -> socket.socket:

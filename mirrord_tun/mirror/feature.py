@@ -7,7 +7,6 @@ too old, a pod without addresses, a namespace that cannot hold them); `MirrorFea
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Callable
 
 from mirrord_tun import protocol
@@ -55,11 +54,9 @@ def mirrorable(pod_addrs: list[str], exclude: set[str], local_ipv6: bool) -> lis
     for the others, whose copies are then dropped and counted (dropped_mirror_destination)."""
     addrs = [a for a in pod_addrs if a not in exclude]
     if len(addrs) < len(pod_addrs):
-        print(f"mirrord-ns: not mirroring traffic to {', '.join(sorted(set(pod_addrs) - set(addrs)))}: "
-              f"it is the agent's address, which must stay reachable from this namespace",
-              file=sys.stderr, flush=True)
+        log.warning("not mirroring traffic to %s: it is the agent's address, which must stay reachable "
+                    "from this namespace", ", ".join(sorted(set(pod_addrs) - set(addrs))))
     if not local_ipv6 and any(":" in a for a in addrs):  # an attached container with IPv6 off
-        print("mirrord-ns: not mirroring the pod's IPv6 clients: IPv6 is disabled in this namespace",
-              file=sys.stderr, flush=True)
+        log.warning("not mirroring the pod's IPv6 clients: IPv6 is disabled in this namespace")
         addrs = [a for a in addrs if ":" not in a]
     return addrs
