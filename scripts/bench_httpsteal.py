@@ -132,6 +132,18 @@ def _start_nginx(name: str) -> tuple[subprocess.Popen, int]:
     return _ready(proc, port, "nginx")
 
 
+def _start_busybox(name: str) -> tuple[subprocess.Popen, int]:
+    """busybox httpd: a server that closes every connection after one answer (HTTP/1.0-style,
+    "Connection: close") and forks per connection, so each request is a new connection through
+    the proxy too: the proxy's cost per connection, not per request."""
+    port, conf_dir = _free_port(), tempfile.mkdtemp(prefix="bench-busybox-")
+    with open(os.path.join(conf_dir, "x"), "w") as f:
+        f.write(name)
+    proc = subprocess.Popen(["busybox", "httpd", "-f", "-p", f"{HOST}:{port}", "-h", conf_dir], start_new_session=True)
+    proc.conf_dir = conf_dir  # type: ignore[attr-defined]
+    return _ready(proc, port, "busybox httpd")
+
+
 def _free_port() -> int:
     with socket.socket() as probe:  # nginx and haproxy have no "port 0, tell me"
         probe.bind((HOST, 0))
@@ -174,7 +186,7 @@ def _haproxy_argv(conf: str, bind: str, pod_port: int, local_port: int, threads:
 
 def _servers(kind: str) -> tuple[list[subprocess.Popen], int, int]:
     """The pod's server and the local program's: (processes, pod port, local port)."""
-    start = _start_nginx if kind == "nginx" else (lambda name: _start("serve", name))
+    start = {"nginx": _start_nginx, "busybox": _start_busybox}.get(kind) or (lambda name: _start("serve", name))
     pod, pod_port = start("pod")
     local, local_port = start("local")
     return [pod, local], pod_port, local_port
@@ -585,8 +597,9 @@ def main() -> None:
                     help="only wrk through the real agent in a sandbox (root), once per proxy worker count given "
                          "(`agent --steal-proxy-workers`), against the pod's server straight and haproxy")
     ap.add_argument("--wrk-only", action="store_true", help="only the wrk comparison")
-    ap.add_argument("--server", choices=("python", "nginx"), default="python",
-                    help="the pod's server (and the program's) for the wrk comparison")
+    ap.add_argument("--server", choices=("python", "nginx", "busybox"), default="python",
+                    help="the pod's server (and the program's) for the wrk comparison (busybox httpd: a new "
+                         "connection per request)")
     ap.add_argument("--redis", action="store_true",
                     help="only Redis next to a filtered steal (root: a sandbox with the agent; redis-server, "
                          "redis-benchmark, curl)")
