@@ -401,17 +401,8 @@ def redis(rounds: int, requests: int) -> dict:
             time.sleep(0.2)
         for _ in range(rounds):
             runs["direct"].append(_redis_benchmark(sb, pod, requests))
-            argv = sb.run_args(*PY, "-c", _PROGRAM)
-            argv[argv.index("--"):argv.index("--")] = ["--steal", "--http-header-filter", "^x-dev: me$"]
-            run = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            sb.procs.append(run)
+            run = _filtered_session(sb, HTTP_PORT, "-c", _PROGRAM)
             try:
-                deadline = time.monotonic() + 30
-                while not sb.exec("client", "curl", "-sS", "--max-time", "2", "-H", "x-dev: me",
-                                  f"http://{pod}:{HTTP_PORT}/").stdout.startswith("hello from local"):
-                    if time.monotonic() > deadline or run.poll() is not None:
-                        raise RuntimeError("the filtered steal did not start")
-                    time.sleep(0.2)
                 runs["session"].append(_redis_benchmark(sb, pod, requests))
             finally:
                 sb.stop(run)
@@ -463,23 +454,33 @@ def agent_load(workers: list[int], connections: int, seconds: int, rounds: int) 
     return out
 
 
+def _filtered_session(sb, port: int, *program: str) -> subprocess.Popen:
+    """`run --steal --http-header-filter '^x-dev: me$' -- python PROGRAM...`, once the pod's `port`
+    answers a matching request from the program ("hello from local")."""
+    from mirrord_tun.sandbox import ADDRS, PY
+
+    argv = sb.run_args(*PY, *program)
+    argv[argv.index("--"):argv.index("--")] = ["--steal", "--http-header-filter", "^x-dev: me$"]
+    run = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sb.procs.append(run)
+    deadline = time.monotonic() + 30
+    while not sb.exec("client", "curl", "-sS", "--max-time", "2", "-H", "x-dev: me",
+                      f"http://{ADDRS['pod']}:{port}/").stdout.startswith("hello from local"):
+        if time.monotonic() > deadline or run.poll() is not None:
+            sb.stop(run)
+            raise RuntimeError("the filtered steal did not start")
+        time.sleep(0.2)
+    return run
+
+
 def _through_agent(sb, workers: int, connections: int, seconds: int, server: subprocess.Popen) -> dict[str, float]:
     """One wrk run through a fresh agent with `workers` proxy workers and a filtered steal of port 80."""
-    from mirrord_tun.sandbox import ADDRS, PY
+    from mirrord_tun.sandbox import ADDRS
 
     guard = sb.start_agent("--steal-proxy-workers", str(workers), stderr=subprocess.DEVNULL)
     try:
-        argv = sb.run_args(*PY, "-m", "mirrord_tun.sandbox.http_server", "0.0.0.0", str(STOLEN), "local")
-        argv[argv.index("--"):argv.index("--")] = ["--steal", "--http-header-filter", "^x-dev: me$"]
-        run = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        sb.procs.append(run)
+        run = _filtered_session(sb, STOLEN, "-m", "mirrord_tun.sandbox.http_server", "0.0.0.0", str(STOLEN), "local")
         try:
-            deadline = time.monotonic() + 30
-            while not sb.exec("client", "curl", "-sS", "--max-time", "2", "-H", "x-dev: me",
-                              f"http://{ADDRS['pod']}:{STOLEN}/").stdout.startswith("hello from local"):
-                if time.monotonic() > deadline or run.poll() is not None:
-                    raise RuntimeError("the filtered steal did not start")
-                time.sleep(0.2)
             return _wrk_cpu(STOLEN, connections, seconds, {"proxy": guard, "pod": server}, host=ADDRS["pod"],
                             prefix=("ip", "netns", "exec", sb.ns("client")))
         finally:

@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 
 import pytest
 
+from mirrord_tun.netns.namespace import NetNs
 from mirrord_tun.netns.namespace import pids_in as pids_in_netns  # noqa: F401 (tests import it from here)
 from mirrord_tun.sandbox import ADDRS, Sandbox
 
@@ -82,6 +83,20 @@ def make_cluster(agent_wrap: tuple[str, ...] = (), ipv6: bool = False,
         yield Cluster(sb, sb.start_agent(*agent_args, wrap=agent_wrap))
     finally:
         sb.close()
+
+
+@pytest.fixture
+def private_ns() -> Iterator[NetNs]:
+    """A network namespace of the test's own with `lo` up, gone with the test (its fd and thread);
+    tests put what they need in it with `private_ns.call`."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network namespaces)")
+    n = NetNs.new()
+    try:
+        n.call(subprocess.check_call, ["ip", "link", "set", "lo", "up"])
+        yield n
+    finally:
+        n.close()
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,8 @@ removes is gone; errors are OSErrors with the kernel's errno. In a namespace of 
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import subprocess
-from typing import Iterator
 
 import pytest
 
@@ -17,15 +15,9 @@ MARK = 0x6d7274  # a table number past 255: given by attribute only
 
 
 @pytest.fixture
-def ns() -> Iterator[NetNs]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces)")
-    n = NetNs.new()
-    try:
-        n.call(ip, "tuntap", "add", "mrdtest0", "mode", "tun")
-        yield n
-    finally:
-        n.close()
+def ns(private_ns: NetNs) -> NetNs:
+    private_ns.call(ip, "tuntap", "add", "mrdtest0", "mode", "tun")
+    return private_ns
 
 
 def ip(*args: str) -> str:

@@ -1,32 +1,15 @@
 """netns/sockdiag.py against the kernel: which ports a namespace serves, asked from the test's
 own thread through a Probe made in a namespace of the test's own (the mirror and steal ask it
-every 0.25 s). Sockets the namespace has are made there (ns.call)."""
+every 0.25 s). Sockets the namespace has are made there (private_ns.call)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
-from typing import Iterator
-
-import pytest
 
 from mirrord_tun.netns import sockdiag
 from mirrord_tun.netns.namespace import NetNs
-from mirrord_tun.netns.rtnl import index, set_up
 
 POD = "198.18.0.20"
-
-
-@pytest.fixture
-def ns() -> Iterator[NetNs]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces)")
-    n = NetNs.new()
-    try:
-        n.call(lambda: set_up(index("lo")))
-        yield n
-    finally:
-        n.close()
 
 
 def _bound(kind: int, family: int, addr: str, connect: tuple[str, int] | None = None) -> socket.socket:
@@ -39,16 +22,16 @@ def _bound(kind: int, family: int, addr: str, connect: tuple[str, int] | None = 
     return s
 
 
-def test_what_would_receive_the_pods_traffic_is_served_and_nothing_else(ns: NetNs) -> None:
+def test_what_would_receive_the_pods_traffic_is_served_and_nothing_else(private_ns: NetNs) -> None:
     tcp, udp, v6 = socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.AF_INET6
     made = [
-        ("tcp", True, ns.call(_bound, tcp, socket.AF_INET, "0.0.0.0")),
-        ("tcp", True, ns.call(_bound, tcp, v6, "::")),
-        ("tcp", False, ns.call(_bound, tcp, socket.AF_INET, "127.0.0.1")),  # never sees the pod's traffic
-        ("udp", True, ns.call(_bound, udp, socket.AF_INET, "0.0.0.0")),
-        ("udp", False, ns.call(_bound, udp, socket.AF_INET, "0.0.0.0", ("127.0.0.1", 53))),  # a client
+        ("tcp", True, private_ns.call(_bound, tcp, socket.AF_INET, "0.0.0.0")),
+        ("tcp", True, private_ns.call(_bound, tcp, v6, "::")),
+        ("tcp", False, private_ns.call(_bound, tcp, socket.AF_INET, "127.0.0.1")),  # never sees the pod's traffic
+        ("udp", True, private_ns.call(_bound, udp, socket.AF_INET, "0.0.0.0")),
+        ("udp", False, private_ns.call(_bound, udp, socket.AF_INET, "0.0.0.0", ("127.0.0.1", 53))),  # a client
     ]
-    probe = asyncio.run(sockdiag.Probe.open(ns))
+    probe = asyncio.run(sockdiag.Probe.open(private_ns))
     try:
         for _ in range(3):  # the same socket, asked again, answers the same
             served_tcp, served_udp = probe.serving_ports([POD])
@@ -65,12 +48,12 @@ def test_what_would_receive_the_pods_traffic_is_served_and_nothing_else(ns: NetN
             s.close()
 
 
-def test_an_interrupted_dump_does_not_leak_into_the_next_answer(ns: NetNs) -> None:
+def test_an_interrupted_dump_does_not_leak_into_the_next_answer(private_ns: NetNs) -> None:
     """A dump whose answer was never read (an exception mid-recv) is still queued on the socket:
     the next ask skips it by its sequence number instead of counting its sockets twice or
     taking its DONE for its own."""
-    listener = ns.call(_bound, socket.SOCK_STREAM, socket.AF_INET, "0.0.0.0")
-    probe = asyncio.run(sockdiag.Probe.open(ns))
+    listener = private_ns.call(_bound, socket.SOCK_STREAM, socket.AF_INET, "0.0.0.0")
+    probe = asyncio.run(sockdiag.Probe.open(private_ns))
     try:
         sent = sockdiag._REQ.pack(socket.AF_INET, socket.IPPROTO_UDP, 0, 1 << sockdiag.TCP_CLOSE)
         probe._sock.send(sockdiag._NLMSG.pack(sockdiag._NLMSG.size + len(sent), sockdiag.SOCK_DIAG_BY_FAMILY,

@@ -5,10 +5,8 @@ looks is done, not an error. In a namespace of the test's own; nothing leaves it
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import subprocess
-from typing import Iterator
 
 import pytest
 
@@ -17,19 +15,13 @@ from mirrord_tun.netns.namespace import NetNs
 
 
 @pytest.fixture
-def ns() -> Iterator[NetNs]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces)")
-    n = NetNs.new()
-    try:
-        # 198.18.0.99 is routed into a TUN device nobody reads: a SYN there is never
-        # answered, so its connect stays in progress.
-        for argv in (["link", "set", "lo", "up"], ["tuntap", "add", "mrdblack", "mode", "tun"],
-                     ["link", "set", "mrdblack", "up"], ["addr", "add", "198.18.0.1/24", "dev", "mrdblack"]):
-            n.call(subprocess.check_call, ["ip", *argv])
-        yield n
-    finally:
-        n.close()
+def ns(private_ns: NetNs) -> NetNs:
+    # 198.18.0.99 is routed into a TUN device nobody reads: a SYN there is never answered, so
+    # its connect stays in progress.
+    for argv in (["tuntap", "add", "mrdblack", "mode", "tun"], ["link", "set", "mrdblack", "up"],
+                 ["addr", "add", "198.18.0.1/24", "dev", "mrdblack"]):
+        private_ns.call(subprocess.check_call, ["ip", *argv])
+    return private_ns
 
 
 def test_a_connect_to_this_namespace_completes_in_the_call(ns: NetNs) -> None:
