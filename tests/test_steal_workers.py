@@ -337,3 +337,32 @@ def test_auto_starts_no_worker_on_two_cpus_and_one_per_usable_cpu_past_that(monk
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(node)))
     monkeypatch.setattr(workers, "_usable_cpus", lambda cpus: min(cpus, limit))
     assert workers.auto_count() == want
+
+
+# A client like `printf 'GET ...' | nc host port`: one request with Connection: close, then its
+# side of the connection shut (FIN) before any answer. Prints each answer's first body line.
+_HALF_CLOSE = """
+import socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for i in range(n):
+    s = socket.create_connection((host, port), timeout=20)
+    me = "X-Mirrord-User: me\\r\\n" if i % 2 else ""
+    s.sendall(f"GET /{i} HTTP/1.1\\r\\nHost: pod\\r\\nConnection: close\\r\\n{me}\\r\\n".encode())
+    s.shutdown(socket.SHUT_WR)
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    s.close()
+    print(data.partition(b"\\r\\n\\r\\n")[2].decode().strip() or "(nothing)", flush=True)
+"""
+
+
+def test_a_client_that_shuts_its_side_after_the_request_gets_its_answer(sb: Sandbox, agent: WorkersAgent,
+                                                                         steal_me: Run) -> None:
+    """nc and friends send FIN right after the request: the worker that read it hands the
+    connection over with the EOF it saw, and the answer must still come back."""
+    r = sb.exec("client", sys.executable, "-c", _HALF_CLOSE, POD, str(HTTP), "40", timeout=120)
+    assert r.returncode == 0, r.stderr
+    answers = r.stdout.splitlines()
+    expected = [f"hello from {'local-me' if i % 2 else 'pod'}, you are {CLIENT}" for i in range(40)]
+    assert answers == expected

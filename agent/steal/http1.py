@@ -303,6 +303,8 @@ class _Requests(_Client):
         # The head (and the body bytes already here) go now: with `Expect: 100-continue`
         # the client waits for the upstream before sending the rest.
         self._forward_body(self.request.size)
+        if self.client_eof and self.state == BODY:  # it shut its side while the upstream opened
+            self._end("client closed")
 
     def _forward_body(self, start: int = 0) -> None:
         assert self.body is not None and self.link is not None
@@ -427,6 +429,9 @@ class HttpProxy(_Requests):
         self._advance()
 
     def eof_received(self) -> bool:
+        # A handed-over connection whose client sent FIN right after its request (nc, a
+        # half-closing client): the agent's first read is that EOF, before take_first has run.
+        self.take_first()
         self.client_eof = True
         if self.state == RAW:
             if self.link is not None and self.link.transport is not None and self.link.transport.can_write_eof():
@@ -434,8 +439,8 @@ class HttpProxy(_Requests):
             return self._raw_done()
         if self.state in (BODY, H2):
             self._end("client closed")
-        elif self.state in (SNIFF, HEAD) and self.response is None:
-            self._end("client done")
+        elif self.state in (SNIFF, HEAD) and self.response is None and self.request is None:
+            self._end("client done")  # (a request routed, its upstream still opening, goes on)
         return True  # a response may still be on its way
 
     # ------------------------------------------------------------------ upstream events
