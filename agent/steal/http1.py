@@ -429,9 +429,7 @@ class HttpProxy(_Requests):
         self._advance()
 
     def eof_received(self) -> bool:
-        # A handed-over connection whose client sent FIN right after its request (nc, a
-        # half-closing client): the agent's first read is that EOF, before take_first has run.
-        self.take_first()
+        self.take_first()  # a handed-over connection's EOF may come before its worker's bytes
         self.client_eof = True
         if self.state == RAW:
             if self.link is not None and self.link.transport is not None and self.link.transport.can_write_eof():
