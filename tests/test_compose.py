@@ -157,9 +157,11 @@ def stack() -> Iterator[Stack]:
 def test_the_stack_reaches_the_cluster_as_the_pod(stack: Stack) -> None:
     assert stack.curl_svc("api") == f"hello from svc, you are {POD}\n"
     assert stack.curl_svc("worker") == f"hello from svc, you are {POD}\n"
-    # The worker's own loop (its log) got there too, by name.
-    logs = stack.compose("logs", "--no-color", "worker").stdout
-    assert f"you are {POD}" in logs
+    # The worker's own loop (its log) got there too, by name: at one of its turns (every 2 s or
+    # so; a turn from before the tunnel was up may have timed out, so not necessarily yet).
+    def logged() -> bool:
+        return f"you are {POD}" in stack.compose("logs", "--no-color", "worker").stdout
+    assert wait_until(logged, SETTLE, 0.5), stack.compose("logs", "--no-color", "worker").stdout
 
 
 def test_dns_is_the_pods(stack: Stack) -> None:
