@@ -31,7 +31,8 @@ class AgentTunnel(Feature):
                  stole: Callable[[], bool]) -> None:
         assert plane.tun is not None
         self._ns, self.plane, self._stole = ns, plane, stole
-        self.pump = TunPump(plane.tun.fd, send, AgentMsg.PACKETS, admit_out=lambda _p: None,
+        # admit_out None: the pod's packets go to the client unchecked; `run` checks their destination.
+        self.pump = TunPump(plane.tun.fd, send, AgentMsg.PACKETS, admit_out=None,
                             admit_in=source_is(*plane.client_addrs), counters=counters)
 
     def frames(self) -> dict[int, Handler]:

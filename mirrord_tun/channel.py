@@ -36,6 +36,9 @@ class FrameSession(asyncssh.SSHClientSession[bytes], asyncssh.SSHServerSession[b
     def data_received(self, data: bytes | memoryview, datatype: asyncssh.DataType) -> None:
         if self.endpoint is None:
             return
+        if one := self.reader.whole(data):
+            self.endpoint.on_frame(*one)
+            return
         for kind, body in self.reader.feed(data):
             self.endpoint.on_frame(kind, body)
 
@@ -59,10 +62,12 @@ class FrameSession(asyncssh.SSHClientSession[bytes], asyncssh.SSHServerSession[b
         closing (or not open yet), which drops it, never raises: packets and copies race the
         loss of the connection, and nothing retries them."""
         chan = self.chan
-        if chan is None or chan.is_closing():
+        if chan is None:
             return False
-        if sshfast.send(chan, data):
+        if sshfast.send(chan, data):  # only on an open channel: is_closing() would say False
             return True
+        if chan.is_closing():
+            return False
         try:
             chan.write(bytes(data))
         except (BrokenPipeError, asyncssh.Error):

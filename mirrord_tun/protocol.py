@@ -116,13 +116,11 @@ FRAME_HEADER = _HEADER.size
 PACKET_LENGTH = _LEN.size
 
 
-def frame_header_into(buf: bytearray, offset: int, length: int, kind: int) -> None:
-    """A frame's header written in place, before a body built there (the pump's batches)."""
-    _HEADER.pack_into(buf, offset, length, kind)
-
-
-def packet_length_into(buf: bytearray, offset: int, length: int) -> None:
-    _LEN.pack_into(buf, offset, length)
+# In place, for the pump's batches (a body built in a buffer): a frame's header before it,
+# (buf, offset, length, kind), and a packet's length, (buf, offset, length). The structs' own
+# methods, not functions around them: a Python call per packet costs more than the packing.
+frame_header_into: Callable[[bytearray, int, int, int], None] = _HEADER.pack_into
+packet_length_into: Callable[[bytearray, int, int], None] = _LEN.pack_into
 
 
 def frame_packets(kind: int, packets: list[bytes]) -> bytes:
@@ -203,6 +201,17 @@ class FrameReader:
         if pos < end:
             self._buf += view[pos:]
             yield from self._buffered()
+
+    def whole(self, data: bytes | memoryview) -> tuple[int, memoryview] | None:
+        """`data` as one packet batch, when it is exactly one whole PACKETS frame in a memoryview
+        with nothing buffered (the usual SSH message between our ends): feed's result without
+        its generator, per message on the packet path. None: feed it."""
+        if self._buf or self._skip or type(data) is not memoryview or len(data) < _HEADER.size:
+            return None
+        length, kind = _HEADER.unpack_from(data)
+        if length + _HEADER.size != len(data) or length > MAX_BODY or kind not in _VIEW_KINDS:
+            return None
+        return kind, data[_HEADER.size :]
 
     def _buffered(self) -> Iterator[tuple[int, bytes]]:
         buf = self._buf

@@ -373,7 +373,15 @@ def _channel_data(conn: Any, plain: memoryview) -> bool:
     if (chan is None or not getattr(chan._session, "takes_memoryview", False) or chan._encoding
             or chan._recv_state != "open" or end != len(plain) - plain[0] or size > chan._recv_window):
         return False
-    chan._accept_data(plain[_HEAD_LEN:end])
+    data = plain[_HEAD_LEN:end]
+    window = chan._recv_window - size
+    if window >= chan._init_recv_window / 2 and not chan._recv_paused and chan._send_state == "open":
+        # What asyncssh's _accept_data and _deliver_data come to when no window adjust is due:
+        # two calls and a dozen checks less per message.
+        chan._recv_window = window
+        chan._session.data_received(data, None)
+    else:
+        chan._accept_data(data)
     conn._recv_seq = (conn._recv_seq + 1) & _SEQ_MASK
     return True
 

@@ -92,6 +92,21 @@ def test_reader_never_buffers_an_oversized_body() -> None:
 
 # --- packet batches
 
+def test_whole_takes_exactly_one_packet_batch_and_leaves_the_rest_to_feed() -> None:
+    batch = protocol.frame(ClientMsg.PACKETS, protocol.pack_packets([b"a" * 40, b"b" * 60]))
+    reader = FrameReader()
+    kind, body = reader.whole(memoryview(batch))
+    assert (kind, type(body), bytes(body)) == (ClientMsg.PACKETS, memoryview, batch[protocol.FRAME_HEADER :])
+    hello = protocol.control(ClientMsg.HELLO, {"version": 1})
+    for data in (batch, batch + batch, batch[:-1], hello, b"", batch[:3]):
+        assert reader.whole(memoryview(data) if data is not batch else data) is None  # bytes: feed copies
+    # Half a frame buffered: the next message is no longer one whole frame on its own.
+    assert feed_all(reader, [batch[:7]]) == []
+    assert reader.whole(memoryview(batch)) is None
+    assert feed_all(reader, [batch[7:]]) == [(ClientMsg.PACKETS, batch[protocol.FRAME_HEADER :])]
+    assert reader.whole(memoryview(batch)) is not None
+
+
 def test_pack_unpack_round_trip() -> None:
     packets = [b"a", b"bb" * 1000, VNET + b"\x45" + b"\x00" * 60]
     assert protocol.unpack_packets(protocol.pack_packets(packets)) == packets
