@@ -481,6 +481,11 @@ def poll(host: str, port: int, every: float, report_every: float = 5.0) -> None:
     print(json.dumps({"ok": ok, "fail": fail, "slowest_s": slowest, "last_error": last_error}), flush=True)
 
 
+# How long `latency` and `timed` stay after their span: `run` exits with its command, and without
+# a ProcWatch sample after the span's end its CPU over the span is unknown (most bulk runs said "-").
+LINGER = 0.25
+
+
 def timed_argv(argv: list[str]) -> list[str]:
     """`argv` run by `benchlib.py timed`: its output as JSON {"span": [start, end], "stdout": ...}."""
     return [sys.executable, os.path.join(HERE, "benchlib.py"), "timed", *argv]
@@ -720,11 +725,13 @@ def _main(argv: list[str]) -> int:
         span: list[float] = []
         samples = measure_latency(host, port, n, warmup, span, keepalive=argv[5:6] == ["keepalive"])
         print(json.dumps({"samples": samples, "span": span}))
+        time.sleep(LINGER)
         return 0
     if len(argv) >= 2 and argv[0] == "timed":
         t0 = time.time()
         p = subprocess.run(argv[1:], stdout=subprocess.PIPE)
         print(json.dumps({"span": [t0, time.time()], "stdout": p.stdout.decode()}))
+        time.sleep(LINGER)
         return p.returncode
     if len(argv) == 4 and argv[0] == "poll":
         poll(argv[1], int(argv[2]), float(argv[3]))
