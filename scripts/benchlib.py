@@ -293,29 +293,34 @@ class SshTunnel:
             raise RuntimeError(f"{' '.join(argv[:4])} in {role}: {p.stderr.strip()}")
 
 
-def run_time(pid: int) -> float:
-    """CPU seconds so far of one process, from the scheduler's nanosecond run time of every thread:
-    /proc/<pid>/stat counts 10 ms ticks, a fifth of what a 300-request run costs."""
-    total = 0
+def run_time(pid: int) -> tuple[float, int]:
+    """CPU seconds so far of one process, from the scheduler's nanosecond run time of every thread
+    (/proc/<pid>/stat counts 10 ms ticks, a fifth of what a 300-request run costs), and how many
+    times its threads were put on a CPU: the wake-ups, each paying for a switch and cold caches."""
+    total = slices = 0
     for tid in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-            total += int(f.read().split()[0])
-    return total / 1e9
+            run_ns, _wait_ns, ran = f.read().split()[:3]
+        total += int(run_ns)
+        slices += int(ran)
+    return total / 1e9, slices
 
 
-def tree_cpu(pids: Iterable[int]) -> tuple[float, float]:
+def tree_cpu(pids: Iterable[int]) -> tuple[float, float, int]:
     """CPU seconds so far of these processes and all their descendants alive now: in all
-    (run_time), and the part in the kernel (ticks: read it over many requests)."""
-    total, system, todo = 0.0, 0.0, list(pids)
+    (run_time), the part in the kernel (ticks: read it over many requests), and times on a CPU."""
+    total, system, slices, todo = 0.0, 0.0, 0, list(pids)
     while todo:
         pid = todo.pop()
         try:
-            total += run_time(pid)
+            cpu, ran = run_time(pid)
             system += _cpu_and_faults(pid)[2]
         except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
             continue
+        total += cpu
+        slices += ran
         todo += child_pids(pid)
-    return total, system
+    return total, system, slices
 
 
 class Sshuttle:
@@ -558,9 +563,9 @@ class ProcWatch:
         self.peak_rss: dict[str, int] = {}
         self.cpu: dict[str, float] = {}
         self.minflt: dict[str, int] = {}
-        # name -> [(time.time(), cpu seconds, system cpu seconds)] since watched
-        self.series: dict[str, list[tuple[float, float, float]]] = {}
-        self._cpu0: dict[str, tuple[int, float, int, float]] = {}
+        # name -> [(time.time(), cpu seconds, system cpu seconds, times on a CPU)] since watched
+        self.series: dict[str, list[tuple[float, float, float, int]]] = {}
+        self._cpu0: dict[str, tuple[int, float, int, float, int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.wall = 0.0
@@ -586,20 +591,22 @@ class ProcWatch:
             try:
                 st = _proc_status(pid)
                 _, faults, sys_cpu = _cpu_and_faults(pid)
-                cpu = run_time(pid)
+                cpu, ran = run_time(pid)
             except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
                 continue
             self.peak_rss[name] = max(self.peak_rss.get(name, 0), st.get("VmHWM", 0), st.get("VmRSS", 0))
             if name not in self._cpu0 or self._cpu0[name][0] != pid:
-                self._cpu0[name] = (pid, cpu, faults, sys_cpu)
+                self._cpu0[name] = (pid, cpu, faults, sys_cpu, ran)
             self.cpu[name] = cpu - self._cpu0[name][1]
             self.minflt[name] = faults - self._cpu0[name][2]
-            self.series.setdefault(name, []).append((time.time(), self.cpu[name], sys_cpu - self._cpu0[name][3]))
+            self.series.setdefault(name, []).append((time.time(), self.cpu[name], sys_cpu - self._cpu0[name][3],
+                                                     ran - self._cpu0[name][4]))
 
-    def cpu_between(self, name: str, t0: float, t1: float, system: bool = False) -> float | None:
-        """CPU seconds (or only system CPU seconds) `name` used between two wall-clock
-        times, interpolated between samples; None if the samples do not cover them."""
-        k = 2 if system else 1
+    def cpu_between(self, name: str, t0: float, t1: float, what: str = "cpu") -> float | None:
+        """CPU seconds ("cpu"), only system CPU seconds ("system") or times on a CPU ("slices")
+        of `name` between two wall-clock times, interpolated between samples; None if the
+        samples do not cover them."""
+        k = {"cpu": 1, "system": 2, "slices": 3}[what]
         pts = [(p[0], p[k]) for p in self.series.get(name) or []]
         if len(pts) < 2 or t0 < pts[0][0] or t1 > pts[-1][0]:
             return None
