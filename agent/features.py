@@ -41,6 +41,9 @@ class AgentTunnel(Feature):
     async def start(self) -> None:
         self.pump.start()
 
+    def packet_pump(self) -> TunPump:
+        return self.pump
+
     async def stop(self) -> None:
         self.pump.stop()
         await self._ns.acall(self.plane.close, self._stole())

@@ -21,7 +21,7 @@ from mirrord_tun.agent.dataplane import SessionPlane
 from mirrord_tun.channel import FrameSession
 from mirrord_tun.feature import Features
 from mirrord_tun.protocol import AgentMsg, ClientMsg
-from mirrord_tun.pump import Counters
+from mirrord_tun.pump import Counters, TunPump
 
 if TYPE_CHECKING:
     from mirrord_tun.agent.server import Agent
@@ -70,6 +70,9 @@ class ClientLink:
             self.counters["dropped_frames_closed"] += 1
 
     # Endpoint
+    def packet_sink(self) -> tuple[int, TunPump] | None:
+        return self.features.packet_sink()
+
     def on_frame(self, kind: int, body: bytes) -> None:
         handler = self.features.handlers.get(kind)
         if handler is not None:

@@ -7,12 +7,15 @@ and come in through sshfast where it can carry them (one copy, one cipher pass).
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import asyncssh
 
 from mirrord_tun import sshfast
 from mirrord_tun.protocol import FrameReader
+
+if TYPE_CHECKING:
+    from mirrord_tun.pump import TunPump
 
 
 class Endpoint(Protocol):
@@ -20,6 +23,9 @@ class Endpoint(Protocol):
     def on_pause(self) -> None: ...
     def on_resume(self) -> None: ...
     def on_closed(self, exc: Exception | None) -> None: ...
+    def packet_sink(self) -> tuple[int, TunPump] | None:
+        """The frame kind a packet pump takes, and the pump (Features.packet_sink); an endpoint
+        without this method gets every frame through on_frame."""
 
 
 class FrameSession(asyncssh.SSHClientSession[bytes], asyncssh.SSHServerSession[bytes]):
@@ -41,6 +47,17 @@ class FrameSession(asyncssh.SSHClientSession[bytes], asyncssh.SSHServerSession[b
             return
         for kind, body in self.reader.feed(data):
             self.endpoint.on_frame(kind, body)
+
+    def native_sink(self) -> tuple[int, TunPump, int, tuple] | None:
+        """For sshfast's C path: the PACKETS kind this channel's endpoint hands to a pump, the
+        pump, its TUN and its check; None where frames must go through data_received."""
+        sink = getattr(self.endpoint, "packet_sink", None)
+        found = sink() if sink is not None else None
+        if found is None:
+            return None
+        kind, pump = found
+        where = pump.native_sink()
+        return None if where is None else (kind, pump, *where)
 
     def pause_writing(self) -> None:
         if self.endpoint:

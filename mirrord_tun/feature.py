@@ -9,7 +9,10 @@ frame kinds it owns and hears the link's events. A new feature is a new class an
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from mirrord_tun.pump import TunPump
 
 log = logging.getLogger("mirrord-ns")
 Handler = Callable[[bytes], None]  # one frame's body; may raise protocol.Malformed
@@ -46,6 +49,11 @@ class Feature:
     def on_stats(self) -> None:
         """The session's counters are about to be read: bring this feature's share up to date."""
 
+    def packet_pump(self) -> TunPump | None:
+        """The pump that takes this feature's frames as its PACKETS, if it has one (and has started):
+        sshfast's C path then writes them to its TUN itself, without the frame's handler."""
+        return None
+
 
 class Features:
     """The features of one session in start order, and which one owns each frame kind."""
@@ -53,6 +61,7 @@ class Features:
     def __init__(self) -> None:
         self._started: list[Feature] = []
         self.handlers: dict[int, Handler] = {}
+        self._owners: dict[int, Feature] = {}
 
     async def start(self, feature: Feature) -> None:
         """Register `feature`'s frame kinds, then start it (registered first: its peer may answer at once).
@@ -61,8 +70,16 @@ class Features:
         if taken := set(frames) & set(self.handlers):
             raise ValueError(f"frame kinds {sorted(taken)} already have an owner")
         self.handlers.update(frames)
+        self._owners.update(dict.fromkeys(frames, feature))
         self._started.append(feature)
         await feature.start()
+
+    def packet_sink(self) -> tuple[int, TunPump] | None:
+        """The frame kind whose owner has a packet pump, and the pump (see Feature.packet_pump)."""
+        for kind, feature in self._owners.items():
+            if (pump := feature.packet_pump()) is not None:
+                return kind, pump
+        return None
 
     # The link's events, told to every feature in start order.
     def pause_writing(self) -> None:
@@ -103,5 +120,6 @@ class Features:
                 first = first or e
             for kind in f.frames():
                 self.handlers.pop(kind, None)
+                self._owners.pop(kind, None)
         if first is not None:
             raise first

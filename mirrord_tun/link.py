@@ -21,7 +21,7 @@ from mirrord_tun.channel import FrameSession
 from mirrord_tun.connect import Gone, SetupError, open_channel, printable
 from mirrord_tun.feature import Features
 from mirrord_tun.protocol import AgentMsg, ClientMsg
-from mirrord_tun.pump import Counters
+from mirrord_tun.pump import Counters, TunPump
 
 log = logging.getLogger("mirrord-ns")
 WELCOME_TIMEOUT = 15
@@ -101,6 +101,9 @@ class AgentLink:
             self.counters["dropped_frames_closed"] += 1
 
     # Endpoint (channel.py)
+    def packet_sink(self) -> tuple[int, TunPump] | None:
+        return self.features.packet_sink()
+
     def on_frame(self, kind: int, body: bytes) -> None:
         handler = self.features.handlers.get(kind)
         try:

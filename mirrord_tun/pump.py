@@ -9,6 +9,10 @@
    `vnet_check` (the virtio-net header: the other end is not trusted to write a sane one).
 5. Accepted packets are written to the peer's TUN, and its kernel forwards or delivers them.
 
+Steps 2 and 4-5 run in C where it was built (native.py: _datapath.c's tun_read_batch,
+tun_write_batch, and sshfast's open_batch, which takes 4-5 without a frame reaching Python);
+this module's Python is the reference the C follows, and the fallback.
+
 Backpressure: when the channel's send buffer passes its high-water mark, asyncssh
 calls `pause_writing`; reading the TUN stops, the kernel's TUN queue fills and
 drops, and TCP inside backs off. Nothing here buffers without bound.
@@ -24,6 +28,7 @@ import struct
 from typing import Callable
 
 from mirrord_tun import protocol
+from mirrord_tun.native import datapath
 from mirrord_tun.netns.tun import MAX_PACKET, VNET_HDR_LEN
 from mirrord_tun.protocol import Malformed, unpack_packets
 from mirrord_tun.sshfast import HEADROOM, TAILROOM, OutFrame
@@ -109,6 +114,9 @@ def _address_is(v4_offset: int, v6_offset: int, addrs: tuple[str, ...], reason: 
             return "dropped_malformed"
         return None if int.from_bytes(pkt[v6_offset:v6_end]) in allowed6 else reason
 
+    # The same check for the C path (_datapath.c's parse_check): offsets, the addresses packed.
+    check.native = (v4_offset, v6_offset, b"".join(a.packed for a in parsed if a.version == 4),  # type: ignore[attr-defined]
+                    b"".join(a.packed for a in parsed if a.version == 6), reason)
     return check
 
 
@@ -143,6 +151,13 @@ class TunPump:
         self._buf = bytearray(_BODY + BATCH_BYTES + protocol.PACKET_LENGTH + MAX_PACKET + TAILROOM)
         self._view = memoryview(self._buf)
         self._frame = OutFrame(self._buf, _FRAME, _FRAME)  # one per pump: `send` keeps no reference
+        # The C path takes a check it knows (`native`, from _address_is) or none; any other check
+        # (a test's) keeps that direction in Python.
+        self._out_spec = getattr(admit_out, "native", None)
+        self._read_native = datapath is not None and (admit_out is None or self._out_spec is not None)
+        self._in_spec = getattr(admit_in, "native", None) if datapath is not None else None
+        if self._read_native:
+            self._on_readable = self._read_batch  # type: ignore[method-assign]
 
     def start(self) -> None:
         self.resume()
@@ -182,17 +197,56 @@ class TunPump:
             # The device went away under us (session ending); the owner stops the pump.
             self.pause()
         if count:
-            c["packets_out"] += count
-            c["bytes_out"] += pos - _BODY - count * protocol.PACKET_LENGTH
-            c["frames_out"] += 1
-            protocol.frame_header_into(buf, _FRAME, pos - _BODY, self._kind)
-            frame = self._frame
-            frame.end = pos
-            self._send(frame)
+            self._send_batch(pos, count)
+
+    def _read_batch(self) -> None:
+        """_on_readable's loop in C (datapath.tun_read_batch): the same packets, checks and counters."""
+        try:
+            pos, count, drops = datapath.tun_read_batch(self._fd, self._buf, _BODY, _BODY + BATCH_BYTES,
+                                                        MAX_PACKET, self._out_spec)
+        except OSError:
+            self.pause()
+            return
+        if drops:
+            self.counters.update(drops)
+        if count:
+            self._send_batch(pos, count)
+
+    def _send_batch(self, pos: int, count: int) -> None:
+        """The batch read into the buffer up to `pos` (`count` packets) out as one PACKETS frame."""
+        c = self.counters
+        c["packets_out"] += count
+        c["bytes_out"] += pos - _BODY - count * protocol.PACKET_LENGTH
+        c["frames_out"] += 1
+        protocol.frame_header_into(self._buf, _FRAME, pos - _BODY, self._kind)
+        frame = self._frame
+        frame.end = pos
+        self._send(frame)
+
+    def native_sink(self) -> tuple[int, tuple] | None:
+        """Where the C path (sshfast's Receiver) writes this pump's incoming packets itself: the TUN
+        and the check, as `deliver` would; None when it cannot (no C path, a check it does not know)."""
+        return None if self._in_spec is None else (self._fd, self._in_spec)
+
+    def count_in(self, packets: int, size: int, drops: dict[str, int] | None, malformed: int = 0) -> None:
+        c = self.counters
+        c["packets_in"] += packets
+        c["bytes_in"] += size
+        if drops:
+            c.update(drops)
+        if malformed:
+            c["dropped_frames_malformed"] += malformed
 
     def deliver(self, body: bytes | memoryview) -> None:
         """Write a PACKETS body from the peer into the TUN (a memoryview of the decrypted message
         when it came through sshfast: its packets are written from there, never copied)."""
+        if self._in_spec is not None:
+            count, size, drops = datapath.tun_write_batch(self._fd, body, self._in_spec)
+            if count < 0:
+                self.counters["dropped_frames_malformed"] += 1
+            else:
+                self.count_in(count, size, drops)
+            return
         c = self.counters
         try:
             packets = unpack_packets(body)
@@ -216,5 +270,4 @@ class TunPump:
                 continue
             count += 1
             size += len(pkt)
-        c["packets_in"] += count
-        c["bytes_in"] += size
+        self.count_in(count, size, None)

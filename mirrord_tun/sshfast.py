@@ -16,6 +16,12 @@ module does the same work in one copy and one cipher pass each way:
   protocol, see Receiver), packets are decrypted from there into a reused buffer, and the
   channel data handed on as a memoryview of the plaintext.
 
+Where the C packet path is built (native.py), the per-message work in between is C's: `seal`
+builds and encrypts the pump's frame, and `open_batch` decrypts what arrived and writes the
+tunnel's packets to the pump's TUN itself (the channel found by _NativeInput), stopping at the
+first message that is anything else, which then takes the path below. The cipher calls are
+the same AES-GCM object's either way.
+
 Still SSH on the wire, with asyncssh's negotiated keys, IVs, sequence numbers, rekey limits
 and channel windows, which this code advances exactly as asyncssh would. Everything else
 (other messages, other ciphers, before authentication, during a key exchange, a full
@@ -39,6 +45,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from mirrord_tun import sshopts
+from mirrord_tun.native import datapath
 
 _U32 = struct.Struct("!I")
 _DATA_HEAD = struct.Struct("!BBII")  # padding length, message type, recipient channel, data length
@@ -123,7 +130,35 @@ def send(chan: asyncssh.SSHChannel, frame: bytes | OutFrame) -> bool:
     padlen = -(conn._send_enchdrlen + 9 + size) % blocksize  # 9: type + recipient + length
     if padlen < 4:
         padlen += blocksize
-    head = _DATA_HEAD.pack(padlen, MSG_CHANNEL_DATA, chan._send_chan, size)
+    pktlen = _HEAD_LEN + size + padlen
+    total = 4 + pktlen + _TAG
+    out = _out_buffer(conn, total)
+    cipher = enc._cipher
+    if datapath is not None and type(frame) is OutFrame:
+        # The same message built and encrypted in C (_datapath.c's seal).
+        done, cipher._iv = datapath.seal(aead, cipher._iv, frame.buf, frame.start, frame.end, padlen,
+                                         chan._send_chan, out)
+        if not done:
+            return False
+    elif not _encrypt(aead, cipher, frame, padlen, chan._send_chan, out, total):
+        return False
+    transport = conn._transport
+    transport.write(memoryview(out)[:total])
+    # Sent at once (the usual case): the buffer is ours again for the next message. Otherwise the
+    # transport queued a view of it, and the next message gets a new one.
+    if transport.get_write_buffer_size():
+        conn._mrd_out = None
+    conn._send_seq = (conn._send_seq + 1) & _SEQ_MASK
+    conn._rekey_bytes_sent += pktlen
+    chan._send_window -= size
+    return True
+
+
+def _encrypt(aead: AESGCM, cipher: Any, frame: bytes | OutFrame, padlen: int, send_chan: int, out: bytearray,
+             total: int) -> bool:
+    """send's message in Python: the header and padding around the frame, encrypted into `out`."""
+    size = total - 4 - _TAG - _HEAD_LEN - padlen
+    head = _DATA_HEAD.pack(padlen, MSG_CHANNEL_DATA, send_chan, size)
     if isinstance(frame, bytes):
         plain: bytes | memoryview = b"".join([head, frame, _padding.take(padlen)])
     else:
@@ -133,25 +168,12 @@ def send(chan: asyncssh.SSHChannel, frame: bytes | OutFrame) -> bool:
         buf[start : frame.start] = head
         buf[frame.end : end] = _padding.take(padlen)
         plain = memoryview(buf)[start:end]
-    pktlen = _HEAD_LEN + size + padlen
-    total = 4 + pktlen + _TAG
-    transport = conn._transport
-    out = _out_buffer(conn, total)
-    _U32.pack_into(out, 0, pktlen)
-    cipher = enc._cipher
-    view = memoryview(out)[:total]
-    aead.encrypt_into(cipher._iv, plain, view[:4], view[4:])
+    _U32.pack_into(out, 0, total - 4 - _TAG)
+    with memoryview(out) as view:
+        aead.encrypt_into(cipher._iv, plain, view[:4], view[4:total])
     if isinstance(plain, memoryview):
         plain.release()
     cipher._update_iv()
-    transport.write(view)
-    # Sent at once (the usual case): the buffer is ours again for the next message. Otherwise the
-    # transport queued a view of it, and the next message gets a new one.
-    if transport.get_write_buffer_size():
-        conn._mrd_out = None
-    conn._send_seq = (conn._send_seq + 1) & _SEQ_MASK
-    conn._rekey_bytes_sent += pktlen
-    chan._send_window -= size
     return True
 
 
@@ -243,6 +265,7 @@ class Receiver:
         self._alive = 0.0  # when we last told asyncssh the peer is alive
         self._plain = bytearray(_PACKET_MAX)  # decrypted packets, one at a time (see _decrypt)
         self._buffered = False  # whether we are the transport's protocol yet
+        self._native = _NativeInput(conn) if datapath is not None else None
         conn._recv_data = self.recv_data  # type: ignore[method-assign]
 
     def _ours(self) -> bool:
@@ -316,16 +339,28 @@ class Receiver:
         and whether it still is (only a packet asyncssh handled can change that)."""
         conn = self._conn
         n, pos = len(src), 0
+        native = self._native
+        sink = native.sink() if native is not None else None
         with memoryview(src) as view:
             while n - pos >= 4 + _TAG:
-                (pktlen,) = _U32.unpack_from(src, pos)
-                if pktlen > conn._max_recv_pktlen:
-                    raise asyncssh.ProtocolError("Max packet size exceeded")
-                end = pos + 4 + pktlen + _TAG
-                if end > n:
-                    break
-                plain = self._decrypt(view[pos + 4 : end], view[pos : pos + 4], pktlen)
-                pos = end
+                if sink is not None:
+                    # The tunnel's packets in C, up to the first message that is anything else.
+                    pos, stopped, pktlen = native.open(src, pos, n, self._plain, sink)
+                    if stopped == 0:
+                        break
+                    if stopped == 1:
+                        sink = None  # this one (and the rest of this read) through the loop below
+                        continue
+                    plain = memoryview(self._plain)[:pktlen]
+                else:
+                    (pktlen,) = _U32.unpack_from(src, pos)
+                    if pktlen > conn._max_recv_pktlen:
+                        raise asyncssh.ProtocolError("Max packet size exceeded")
+                    end = pos + 4 + pktlen + _TAG
+                    if end > n:
+                        break
+                    plain = self._decrypt(view[pos + 4 : end], view[pos : pos + 4], pktlen)
+                    pos = end
                 handled = _channel_data(conn, plain)
                 if not handled:
                     _through_asyncssh(conn, bytes(plain), bytes(view[pos - 4 - pktlen - _TAG : pos]))
@@ -336,6 +371,8 @@ class Receiver:
                     self._plain = bytearray(len(self._plain))
                 if not handled and not self._ours():
                     return pos, False
+                if sink is not None:
+                    sink = native.sink()  # that message may have changed the channel (a close, a pause)
         return pos, True
 
     def _decrypt(self, sealed: memoryview, length: memoryview, pktlen: int) -> memoryview:
@@ -360,6 +397,51 @@ class Receiver:
             raise asyncssh.MACError("MAC verification failed") from None
         enc._cipher._update_iv()
         return plain
+
+
+class _NativeInput:
+    """The C path's side of a Receiver (datapath.open_batch): it finds the channel whose PACKETS a
+    pump takes, and writes back what the C did, where asyncssh and the pump keep it."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._chan: Any = None  # the channel found last time
+
+    def sink(self) -> tuple[Any, int, Any, int, tuple] | None:
+        """That channel and its pump's sink (FrameSession.native_sink), while _channel_data would
+        hand it data directly; None otherwise."""
+        conn = self._conn
+        chan = self._chan
+        if chan is None or conn._channels.get(chan._recv_chan) is not chan:
+            chan = self._chan = next((c for c in conn._channels.values()
+                                      if getattr(c._session, "native_sink", None)), None)
+            if chan is None:
+                return None
+        session = chan._session
+        if (chan._recv_state != "open" or chan._send_state != "open" or chan._recv_paused or chan._encoding
+                or not getattr(session, "takes_memoryview", False)):
+            return None
+        found = session.native_sink()
+        return None if found is None else (chan, *found)
+
+    def open(self, src: memoryview, pos: int, n: int, plain: bytearray, sink: tuple) -> tuple[int, int, int]:
+        """datapath.open_batch from `pos`; the new position, why it stopped, the length of the
+        packet it stopped at (see _datapath.c)."""
+        chan, kind, pump, fd, check = sink
+        conn = self._conn
+        enc = conn._recv_encryption
+        cipher = enc._cipher
+        try:
+            pos, messages, consumed, cipher._iv, packets, size, drops, stopped, pktlen, malformed = datapath.open_batch(
+                src, pos, n, conn._max_recv_pktlen, _aead(enc), cipher._iv, plain, chan._recv_chan,
+                chan._recv_window, (chan._init_recv_window + 1) // 2, kind, fd, check)
+        except InvalidTag:
+            raise asyncssh.MACError("MAC verification failed") from None
+        if messages:
+            conn._recv_seq = (conn._recv_seq + messages) & _SEQ_MASK
+            chan._recv_window -= consumed
+            pump.count_in(packets, size, drops, malformed)
+        return pos, stopped, pktlen
 
 
 def _channel_data(conn: Any, plain: memoryview) -> bool:

@@ -64,6 +64,9 @@ class Tunnel(Feature):
         else:  # the agent's packets before our TUN exists
             self._counters["dropped_frames_unexpected"] += 1
 
+    def packet_pump(self) -> TunPump | None:
+        return self._pump
+
     def pause_writing(self) -> None:
         if self._pump:
             self._pump.pause()

@@ -11,6 +11,7 @@ files in it, so the editable install of the checkout stays out.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -68,14 +69,16 @@ def test_wheel_holds_every_module_under_mirrord_tun(dist: Path) -> None:
     assert not missing, f"modules left out of the wheel (add the package to pyproject.toml): {missing}"
     stray = sorted(n for n in names if not n.startswith(("mirrord_tun/", f"mirrord_ns-{VERSION}.dist-info/")))
     assert not stray, f"files outside mirrord_tun/ in the wheel: {stray}"
-    data = sorted(n for n in names if not n.endswith(".py") and "dist-info" not in n)
+    native = [n for n in names if re.fullmatch(r"mirrord_tun/_datapath\.[\w.-]+\.so", n)]
+    assert native, "the C packet path (setup.py) was not built into the wheel"
+    data = sorted(n for n in names if not n.endswith(".py") and "dist-info" not in n and n not in native)
     assert not data, f"non-Python files installed (MANIFEST.in is for the sdist): {data}"
 
 
 def test_sdist_holds_docs_manifests_and_sources(dist: Path) -> None:
     # mirrord_ns-VERSION/ since setuptools 69.3 (PEP 625), mirrord-ns-VERSION/ before.
     names = {n.partition("/")[2] for n in tarfile.open(_one(dist, "*.tar.gz")).getnames()}
-    wanted = {"README.md", "SECURITY.md", "pyproject.toml", "MANIFEST.in", "agent/Dockerfile",
+    wanted = {"README.md", "SECURITY.md", "pyproject.toml", "setup.py", "mirrord_tun/_datapath.c", "MANIFEST.in", "agent/Dockerfile",
               *(p.relative_to(REPO).as_posix() for p in (REPO / "deploy").iterdir()),
               *(p.relative_to(REPO).as_posix() for p in _sources().values())}
     assert not sorted(wanted - names), f"left out of the sdist: {sorted(wanted - names)}"

@@ -8,16 +8,22 @@ instead of reaching the peer (seen from the attacker's side: a relay that flips 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
-from typing import Any
+import socket
+import struct
+from collections import Counter
+from typing import Any, AsyncIterator
 
 import asyncssh
 import pytest
 
 from mirrord_tun import protocol, sshfast, sshopts
 from mirrord_tun.channel import FrameSession
-from mirrord_tun.protocol import ClientMsg
+from mirrord_tun.native import datapath
+from mirrord_tun.protocol import AgentMsg, ClientMsg
+from mirrord_tun.pump import VNET_HDR_LEN, TunPump, source_is
 
 SUBSYSTEM = "frames"
 
@@ -124,7 +130,13 @@ def _frames(n: int, seed: int) -> list[bytes]:
 
 
 @LOOPS
-def test_frames_round_trip_whole_in_order_past_the_window(monkeypatch: pytest.MonkeyPatch, loop: str) -> None:
+@pytest.mark.parametrize("native", [True, False], ids=["c", "python"])
+def test_frames_round_trip_whole_in_order_past_the_window(monkeypatch: pytest.MonkeyPatch, loop: str,
+                                                          native: bool) -> None:
+    if not native:  # as if the C packet path were not built: sshfast's own Python
+        monkeypatch.setattr(sshfast, "datapath", None)
+    elif datapath is None:
+        pytest.skip("the C packet path is not built (no compiler)")
     fast: list[bool] = []
     real_send = sshfast.send
     monkeypatch.setattr(sshfast, "send", lambda chan, parts: fast.append(real_send(chan, parts)) or fast[-1])
@@ -193,30 +205,36 @@ def test_a_plain_channel_still_gets_bytes() -> None:
     _run(go())
 
 
-@LOOPS
-def test_a_flipped_bit_on_the_wire_ends_the_connection(loop: str) -> None:
-    """The attacker sits on the path: after the handshake it flips one bit in our data."""
-    flipped: list[int] = []
-
+def _bit_flipper(flipped: list[int], after: int = 200_000) -> Any:
+    """A relay for _pair that flips one bit in what the client sends, once `after` bytes (well past
+    the handshake and login) went through; `flipped` gets the byte count where it did."""
     async def relay(port: int) -> int:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             up_r, up_w = await asyncio.open_connection("127.0.0.1", port)
             seen = 0
 
-            async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter, tamper: bool) -> None:
+            async def copy(r: asyncio.StreamReader, w: asyncio.StreamWriter, tamper: bool) -> None:
                 nonlocal seen
                 while data := await r.read(65536):
                     if tamper:
                         seen += len(data)
-                        if seen > 200_000 and not flipped:  # well past the handshake and login
+                        if seen > after and not flipped:
                             data = bytearray(data)
                             data[len(data) // 2] ^= 0x01
                             flipped.append(seen)
                     w.write(bytes(data))
                 w.close()
-            await asyncio.gather(pump(reader, up_w, True), pump(up_r, writer, False), return_exceptions=True)
+            await asyncio.gather(copy(reader, up_w, True), copy(up_r, writer, False), return_exceptions=True)
         relay_server = await asyncio.start_server(handle, "127.0.0.1", 0)
         return relay_server.sockets[0].getsockname()[1]
+    return relay
+
+
+@LOOPS
+def test_a_flipped_bit_on_the_wire_ends_the_connection(loop: str) -> None:
+    """The attacker sits on the path: after the handshake it flips one bit in our data."""
+    flipped: list[int] = []
+    relay = _bit_flipper(flipped)
 
     async def go() -> None:
         server, conn, session, mine, served = await _pair(relay)
@@ -275,3 +293,157 @@ def test_the_socket_is_read_into_sshfast_once_the_connection_is_ours(loop: str) 
             conn.close()
             server.close()
     _run(go(), loop)
+
+
+# The C packet path (native.py): the server's endpoint hands ClientMsg.PACKETS to a pump, as the
+# agent's does, and sshfast writes their packets to its "TUN" itself (a SOCK_SEQPACKET pair here,
+# which keeps packet boundaries as a TUN does; it holds less, so the tests send in steps).
+SOURCE = "100.64.0.1"
+needs_c = pytest.mark.skipif(datapath is None, reason="the C packet path is not built (no compiler)")
+
+
+def _tun_packet(payload: bytes, source: str = SOURCE) -> bytes:
+    """A plain IPv4 packet behind a zero virtio-net header, as a TUN hands it out."""
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, 17, 0,
+                     socket.inet_aton(source), socket.inet_aton("198.18.0.20"))
+    return bytes(VNET_HDR_LEN) + ip + payload
+
+
+def _body(packets: list[bytes]) -> bytes:
+    return b"".join(struct.pack("!I", len(p)) + p for p in packets)
+
+
+class _Tun:
+    """The server's pump on a datagram pair; `seen` gets, in order, every packet written to the
+    "TUN" and every other frame (as ("frame", body)), so their interleaving can be checked."""
+
+    def __init__(self) -> None:
+        self.tun, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for s in (self.tun, self.peer):
+            s.setblocking(False)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        self.pump = TunPump(self.tun.fileno(), lambda frame: None, AgentMsg.PACKETS, admit_out=None,
+                            admit_in=source_is(SOURCE), counters=Counter())
+        self.seen: list[tuple[str, bytes]] = []
+
+    def attach(self, end: _Collect) -> None:
+        end.packet_sink = lambda: (ClientMsg.PACKETS, self.pump)  # type: ignore[attr-defined]
+        on_frame = end.on_frame
+
+        def frame(kind: int, body: bytes | memoryview) -> None:
+            if kind == ClientMsg.PACKETS:  # the Python path: to the pump, as the link would
+                self.pump.deliver(body)
+            self.drain()
+            self.seen.append(("frame", bytes(body)))
+            on_frame(kind, body)
+        end.on_frame = frame  # type: ignore[method-assign]
+
+    def drain(self) -> None:
+        while True:
+            try:
+                self.seen.append(("packet", self.peer.recv(1 << 17)))
+            except BlockingIOError:
+                return
+
+    def close(self) -> None:
+        self.tun.close()
+        self.peer.close()
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = datapath.open_batch
+
+    def counted(*args: Any) -> Any:
+        result = real(*args)
+        calls.append(result[1])
+        return result
+    monkeypatch.setattr(datapath, "open_batch", counted)
+    return calls
+
+
+@contextlib.asynccontextmanager
+async def _tunnel_pair(relay: Any = None) -> AsyncIterator[tuple[FrameSession, _Collect, _Collect, _Tun]]:
+    """_pair whose server end hands PACKETS to a pump on a _Tun: the client's session, the client's
+    and the server's endpoints, the _Tun; all closed on the way out."""
+    server, conn, session, mine, served = await _pair(relay)
+    tun = _Tun()
+    try:
+        tun.attach(served[0])
+        yield session, mine, served[0], tun
+    finally:
+        conn.close()
+        server.close()
+        tun.close()
+
+
+@needs_c
+@LOOPS
+def test_tunnel_packets_go_to_the_tun_in_c_in_order_with_every_other_frame(monkeypatch: pytest.MonkeyPatch,
+                                                                             loop: str) -> None:
+    """Past the 8 MiB window (the C path stops where a window adjust is due, asyncssh's does it),
+    with control frames in between: every packet written once, in the order sent."""
+    calls = _counting(monkeypatch)
+
+    async def go() -> None:
+        async with _tunnel_pair() as (session, _, _, tun):
+            rng = random.Random(5)
+            want: list[tuple[str, bytes]] = []
+            for i in range(300):  # ~12 MB, in steps of up to 3 frames (~150 KB), each let through first
+                if i % 37 == 0:
+                    marker = f"marker {i}".encode()
+                    session.write(protocol.frame(ClientMsg.STATS, marker))
+                    want.append(("frame", marker))
+                packets = [_tun_packet(os.urandom(rng.choice([1, 100, 1400, 24_000]))) for _ in range(rng.randint(1, 2))]
+                session.write(protocol.frame(ClientMsg.PACKETS, _body(packets)))
+                want += [("packet", p) for p in packets]
+                if i % 3 == 2:
+                    await _until(lambda: (tun.drain(), len(tun.seen))[1] >= len(want), "the packets sent so far")
+            await _until(lambda: (tun.drain(), len(tun.seen))[1] >= len(want), "every packet and frame")
+            assert tun.seen == want
+            assert tun.pump.counters["packets_in"] == sum(1 for k, _ in want if k == "packet")
+    _run(go(), loop)
+    assert sum(calls) > 250, "the C path delivered (almost) nothing"
+
+
+@needs_c
+def test_hostile_tunnel_frames_are_counted_and_the_session_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From a hostile peer: spoofed sources, a bad virtio-net header, bodies whose lengths lie."""
+    calls = _counting(monkeypatch)
+
+    async def go() -> None:
+        async with _tunnel_pair() as (session, mine, _, tun):
+            good = _tun_packet(b"good")
+            bad_vnet = bytes([0x10]) + good[1:]  # a flag a TUN never sets
+            for body in (_body([_tun_packet(b"spoofed", "100.64.0.9"), good]), _body([bad_vnet]),
+                         struct.pack("!I", 1000) + good, struct.pack("!I", 0), b"\x00\x00", _body([good])):
+                session.write(protocol.frame(ClientMsg.PACKETS, body))
+            session.write(protocol.frame(ClientMsg.STATS, b"end"))
+            await _until(lambda: bool(mine.frames), "the echo of the last frame")
+            tun.drain()
+            assert [b for k, b in tun.seen if k == "packet"] == [good, good]
+            c = tun.pump.counters
+            assert (c["dropped_spoofed"], c["dropped_bad_vnet"], c["dropped_frames_malformed"]) == (1, 1, 3)
+    _run(go())
+    assert sum(calls) >= 5
+
+
+@needs_c
+def test_a_flipped_bit_ends_the_connection_before_the_tun() -> None:
+    """The attacker on the path again, now against the C path: no altered packet is written."""
+    flipped: list[int] = []
+    relay = _bit_flipper(flipped, after=300_000)
+
+    async def go() -> None:
+        async with _tunnel_pair(relay) as (session, _, server_end, tun):
+            packet = _tun_packet(os.urandom(30_000))
+            for _ in range(40):
+                session.write(protocol.frame(ClientMsg.PACKETS, _body([packet])))
+                await asyncio.sleep(0.002)
+                tun.drain()
+            await _until(lambda: server_end.closed.done(), "the server to drop the channel")
+            tun.drain()
+            assert flipped
+            assert all(p == packet for k, p in tun.seen if k == "packet")
+            assert 0 < len(tun.seen) < 40
+    _run(go())

@@ -1,0 +1,487 @@
+/* The per-message packet path in C: what pump.py and sshfast.py do per packet and per SSH
+ * message, without the interpreter in between.
+ *
+ * 1. tun_read_batch: every packet the TUN has ready, read into a frame being built, each behind
+ *    its 4-byte length, each checked (source address) before it is kept.
+ * 2. open_batch: the SSH packets in a received buffer, decrypted by the connection's own AES-GCM
+ *    object (cryptography's: no cipher code here), each one that is channel data on the tunnel's
+ *    channel and one whole PACKETS frame handed to 3; it stops at the first that is anything else.
+ * 3. tun_write_batch: a PACKETS body split, each packet checked (address, virtio-net header) and
+ *    written to the TUN; a malformed body is refused whole, before any packet is written.
+ * 4. seal: the frame 1 built, made one SSH_MSG_CHANNEL_DATA and encrypted (same AES-GCM object),
+ *    ready for the transport's write.
+ *
+ * The Python modules stay the reference and the fallback (no compiler, MIRRORD_NS_NATIVE=0):
+ * tests/test_datapath.py runs both on the same inputs, random and hostile, and wants the same
+ * packets out and the same counters. Everything here only reads and writes inside the buffers
+ * it is given, with every length checked against the buffer before use.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/random.h>
+#include <unistd.h>
+
+#define VNET_HDR_LEN 10 /* netns/tun.py */
+#define PACKET_LENGTH 4 /* protocol.PACKET_LENGTH */
+#define FRAME_HEADER 5  /* protocol.FRAME_HEADER: length (4), kind (1) */
+#define MAX_BODY (1u << 20)
+#define SSH_TAG 16
+#define MSG_CHANNEL_DATA 94
+#define DATA_HEAD 10 /* padding length, type, recipient channel, data length */
+
+/* Why a packet was dropped: the index into the counter names pump.py uses. */
+enum { OK = 0, R_MALFORMED, R_IPV6, R_ADDRESS, R_BAD_VNET, R_TUN_FULL, R_REJECTED, N_REASONS };
+
+/* One check of pump._address_is, parsed from its Python description (see _parse_check). */
+typedef struct {
+    int active;
+    Py_ssize_t v4_at, v6_at;   /* offsets in the packet, virtio-net header included */
+    Py_buffer v4, v6;          /* the allowed addresses, 4 and 16 bytes each, back to back */
+    PyObject *reason;          /* the counter for a packet whose address is not allowed */
+} check_t;
+
+static int parse_check(PyObject *spec, check_t *c) {
+    memset(c, 0, sizeof(*c));
+    if (spec == Py_None)
+        return 0;
+    if (!PyArg_ParseTuple(spec, "nny*y*U", &c->v4_at, &c->v6_at, &c->v4, &c->v6, &c->reason))
+        return -1;
+    c->active = 1;
+    if (c->v4_at < 0 || c->v6_at < 0 || c->v4_at + 4 > VNET_HDR_LEN + 20 || c->v6_at + 16 > VNET_HDR_LEN + 40
+            || c->v4.len % 4 || c->v6.len % 16) {
+        PyBuffer_Release(&c->v4);
+        PyBuffer_Release(&c->v6);
+        c->active = 0;
+        PyErr_SetString(PyExc_ValueError, "bad address check");
+        return -1;
+    }
+    return 0;
+}
+
+static void release_check(check_t *c) {
+    if (c->active) {
+        PyBuffer_Release(&c->v4);
+        PyBuffer_Release(&c->v6);
+    }
+}
+
+static int among(const uint8_t *addr, const Py_buffer *set, Py_ssize_t size) {
+    const uint8_t *p = set->buf;
+    for (Py_ssize_t i = 0; i + size <= set->len; i += size)
+        if (!memcmp(p + i, addr, size))
+            return 1;
+    return 0;
+}
+
+/* pump._address_is's check(). */
+static int check_address(const check_t *c, const uint8_t *pkt, Py_ssize_t len) {
+    if (len < VNET_HDR_LEN + 20)
+        return R_MALFORMED;
+    int version = pkt[VNET_HDR_LEN] >> 4;
+    if (version == 4)
+        return among(pkt + c->v4_at, &c->v4, 4) ? OK : R_ADDRESS;
+    if (version != 6)
+        return R_MALFORMED;
+    if (c->v6.len == 0)
+        return R_IPV6;
+    if (len < VNET_HDR_LEN + 40)
+        return R_MALFORMED;
+    return among(pkt + c->v6_at, &c->v6, 16) ? OK : R_ADDRESS;
+}
+
+/* pump.vnet_check(). */
+static int check_vnet(const uint8_t *pkt, Py_ssize_t len) {
+    Py_ssize_t size = len - VNET_HDR_LEN;
+    if (size < 20)
+        return R_MALFORMED;
+    uint8_t flags = pkt[0], gso = pkt[1];
+    uint16_t hdr_len, gso_size, csum_start, csum_offset;
+    memcpy(&hdr_len, pkt + 2, 2); /* host byte order, as a legacy TUN writes them */
+    memcpy(&gso_size, pkt + 4, 2);
+    memcpy(&csum_start, pkt + 6, 2);
+    memcpy(&csum_offset, pkt + 8, 2);
+    if ((flags & ~0x03) || hdr_len > size || ((flags & 0x01) && (Py_ssize_t)csum_start + csum_offset + 2 > size))
+        return R_BAD_VNET;
+    if (gso == 0)
+        return OK;
+    if (gso_size < 48 || !(flags & 0x01) || csum_offset != 16)
+        return R_BAD_VNET;
+    gso &= (uint8_t)~0x80;
+    const uint8_t *ip = pkt + VNET_HDR_LEN;
+    if (gso == 0x01)
+        return ((ip[0] >> 4) != 4 || ip[9] != 6 || csum_start != (ip[0] & 0x0F) * 4) ? R_BAD_VNET : OK;
+    if (gso != 0x04 || (ip[0] >> 4) != 6 || size < 40 || ip[6] != 6 || csum_start != 40)
+        return R_BAD_VNET;
+    return OK;
+}
+
+static const char *const REASONS[N_REASONS] = {
+    NULL, "dropped_malformed", "dropped_ipv6", NULL, "dropped_bad_vnet", "dropped_tun_full", "dropped_rejected",
+};
+
+/* The drops as {counter name: n}, or None when there were none (the usual case). */
+static PyObject *drops_dict(const Py_ssize_t *drops, const check_t *c) {
+    PyObject *d = NULL;
+    for (int r = 1; r < N_REASONS; r++) {
+        if (!drops[r])
+            continue;
+        if (!d && !(d = PyDict_New()))
+            return NULL;
+        PyObject *n = PyLong_FromSsize_t(drops[r]);
+        int err = !n || (r == R_ADDRESS ? PyDict_SetItem(d, c->reason, n) : PyDict_SetItemString(d, REASONS[r], n));
+        Py_XDECREF(n);
+        if (err) {
+            Py_DECREF(d);
+            return NULL;
+        }
+    }
+    if (!d)
+        Py_RETURN_NONE;
+    return d;
+}
+
+static void put_u32(uint8_t *p, uint32_t v) {
+    p[0] = v >> 24;
+    p[1] = v >> 16;
+    p[2] = v >> 8;
+    p[3] = v;
+}
+
+static uint32_t get_u32(const uint8_t *p) {
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+/* One read or write of a packet, without the GIL (as os.read/os.write), retried on EINTR;
+ * -1 with *err set on failure. */
+static ssize_t tun_io(int writing, int fd, uint8_t *p, size_t n, int *err) {
+    ssize_t r;
+    Py_BEGIN_ALLOW_THREADS
+    do {
+        r = writing ? write(fd, p, n) : read(fd, p, n);
+    } while (r < 0 && errno == EINTR);
+    *err = errno;
+    Py_END_ALLOW_THREADS
+    return r;
+}
+
+/* tun_read_batch(fd, buf, pos, stop, max_packet, check) -> (pos, count, drops)
+ * Reads packets into buf, each at pos + 4 behind its length, while pos < stop and a whole
+ * max_packet still fits; stops when the TUN is drained. An error other than EAGAIN raises
+ * OSError (the device went away; the pump stops), unless packets were read before it. */
+static PyObject *tun_read_batch(PyObject *self, PyObject *args) {
+    int fd;
+    Py_buffer buf;
+    Py_ssize_t pos, stop, max_packet;
+    PyObject *spec;
+    check_t check;
+    if (!PyArg_ParseTuple(args, "iw*nnnO", &fd, &buf, &pos, &stop, &max_packet, &spec))
+        return NULL;
+    if (parse_check(spec, &check) < 0) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    Py_ssize_t drops[N_REASONS] = {0}, count = 0;
+    uint8_t *base = buf.buf;
+    int err = 0;
+    if (pos < 0 || stop > buf.len || max_packet <= 0) {
+        PyErr_SetString(PyExc_ValueError, "tun_read_batch: bad bounds");
+        goto fail;
+    }
+    while (pos < stop && pos + PACKET_LENGTH + max_packet <= buf.len) {
+        uint8_t *at = base + pos + PACKET_LENGTH;
+        ssize_t n = tun_io(0, fd, at, (size_t)max_packet, &err);
+        if (n < 0) {
+            if (err == EAGAIN || err == EWOULDBLOCK || count)
+                break; /* drained; or failing after packets were read: they go out, the next call raises */
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto fail;
+        }
+        if (n == 0)
+            break;
+        int r = check.active ? check_address(&check, at, n) : OK;
+        if (r) {
+            drops[r]++;
+            continue;
+        }
+        put_u32(base + pos, (uint32_t)n);
+        pos += PACKET_LENGTH + n;
+        count++;
+    }
+    PyObject *d = drops_dict(drops, &check);
+    release_check(&check);
+    PyBuffer_Release(&buf);
+    if (!d)
+        return NULL;
+    return Py_BuildValue("nnN", pos, count, d);
+fail:
+    release_check(&check);
+    PyBuffer_Release(&buf);
+    return NULL;
+}
+
+/* Splits and writes one PACKETS body; -1: malformed (nothing written). */
+static Py_ssize_t write_body(int fd, const uint8_t *body, Py_ssize_t len, const check_t *check,
+                             Py_ssize_t *drops, Py_ssize_t *size) {
+    Py_ssize_t pos = 0;
+    while (pos < len) { /* protocol.unpack_packets: all or nothing */
+        if (len - pos < PACKET_LENGTH)
+            return -1;
+        uint32_t n = get_u32(body + pos);
+        pos += PACKET_LENGTH;
+        if (n == 0 || (Py_ssize_t)n > len - pos)
+            return -1;
+        pos += n;
+    }
+    Py_ssize_t count = 0;
+    for (pos = 0; pos < len;) {
+        Py_ssize_t n = get_u32(body + pos);
+        const uint8_t *pkt = body + pos + PACKET_LENGTH;
+        pos += PACKET_LENGTH + n;
+        int r = check->active ? check_address(check, pkt, n) : OK;
+        if (!r)
+            r = check_vnet(pkt, n);
+        if (r) {
+            drops[r]++;
+            continue;
+        }
+        int err;
+        if (tun_io(1, fd, (uint8_t *)pkt, (size_t)n, &err) < 0) {
+            drops[(err == EAGAIN || err == EWOULDBLOCK) ? R_TUN_FULL : R_REJECTED]++;
+            continue;
+        }
+        count++;
+        *size += n;
+    }
+    return count;
+}
+
+/* tun_write_batch(fd, body, check) -> (count, size, drops), count -1 for a malformed body. */
+static PyObject *tun_write_batch(PyObject *self, PyObject *args) {
+    int fd;
+    Py_buffer body;
+    PyObject *spec;
+    check_t check;
+    if (!PyArg_ParseTuple(args, "iy*O", &fd, &body, &spec))
+        return NULL;
+    if (parse_check(spec, &check) < 0) {
+        PyBuffer_Release(&body);
+        return NULL;
+    }
+    Py_ssize_t drops[N_REASONS] = {0}, size = 0;
+    Py_ssize_t count = write_body(fd, body.buf, body.len, &check, drops, &size);
+    PyObject *d = drops_dict(drops, &check);
+    release_check(&check);
+    PyBuffer_Release(&body);
+    if (!d)
+        return NULL;
+    return Py_BuildValue("nnN", count, size, d);
+}
+
+/* The nonce after this one: the fixed 4 bytes, then the invocation counter + 1 (RFC 5647). */
+static void next_nonce(uint8_t *iv) {
+    for (int i = 11; i >= 4; i--)
+        if (++iv[i])
+            break;
+}
+
+static PyObject *s_decrypt_into, *s_encrypt_into;
+
+/* aead.<method>(nonce, data, aad, out): cryptography's AESGCM encrypt_into/decrypt_into on our
+ * buffers (4 bytes of aad: the packet length, as asyncssh authenticates it); -1 with its error. */
+static int aead_into(PyObject *method, PyObject *aead, PyObject *nonce, const void *data, Py_ssize_t data_len,
+                     const void *aad, void *out, Py_ssize_t out_len) {
+    PyObject *d = PyMemoryView_FromMemory((char *)data, data_len, PyBUF_READ);
+    PyObject *a = d ? PyMemoryView_FromMemory((char *)aad, 4, PyBUF_READ) : NULL;
+    PyObject *o = a ? PyMemoryView_FromMemory(out, out_len, PyBUF_WRITE) : NULL;
+    PyObject *r = NULL;
+    if (o) {
+        PyObject *call[5] = {aead, nonce, d, a, o};
+        r = PyObject_VectorcallMethod(method, call, 5 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    }
+    Py_XDECREF(d);
+    Py_XDECREF(a);
+    Py_XDECREF(o);
+    if (!r)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* Random padding from a pool: one getrandom() per 4 KiB, each byte used once (sshfast._Padding). */
+static uint8_t pool[4096];
+static size_t pool_used = sizeof(pool);
+
+static int padding(uint8_t *to, size_t n) {
+    if (pool_used + n > sizeof(pool)) {
+        size_t got = 0;
+        while (got < sizeof(pool)) {
+            ssize_t r = getrandom(pool + got, sizeof(pool) - got, 0);
+            if (r < 0) {
+                if (errno == EINTR)
+                    continue;
+                PyErr_SetFromErrno(PyExc_OSError);
+                return -1;
+            }
+            got += (size_t)r;
+        }
+        pool_used = 0;
+    }
+    memcpy(to, pool + pool_used, n);
+    pool_used += n;
+    return 0;
+}
+
+/* seal(aead, iv, buf, start, end, padlen, chan, out) -> (total, iv)
+ * The frame buf[start:end] as one SSH_MSG_CHANNEL_DATA to `chan`, as sshfast.send builds it: the
+ * message's header written into the DATA_HEAD bytes before the frame, `padlen` random bytes after
+ * it, encrypted with aead.encrypt_into into out[:total] behind the packet length. `total` 0: the
+ * buffers are too small (nothing written to `out`); `iv`: the nonce for the next message. */
+static PyObject *seal(PyObject *self, PyObject *args) {
+    PyObject *aead, *iv_in;
+    Py_buffer buf, out;
+    Py_ssize_t start, end, padlen;
+    unsigned long chan;
+    if (!PyArg_ParseTuple(args, "OSw*nnnkw*", &aead, &iv_in, &buf, &start, &end, &padlen, &chan, &out))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t size = end - start, pktlen;
+    if (PyBytes_GET_SIZE(iv_in) != 12 || size <= 0 || padlen < 4 || padlen > 255 || size > 0xFFFFFFFFLL) {
+        PyErr_SetString(PyExc_ValueError, "seal: bad arguments");
+        goto done;
+    }
+    pktlen = DATA_HEAD + size + padlen;
+    if (start < DATA_HEAD || end + padlen > buf.len || 4 + pktlen + SSH_TAG > out.len) {
+        result = Py_BuildValue("iO", 0, iv_in);
+        goto done;
+    }
+    uint8_t *head = (uint8_t *)buf.buf + start - DATA_HEAD;
+    head[0] = (uint8_t)padlen;
+    head[1] = MSG_CHANNEL_DATA;
+    put_u32(head + 2, (uint32_t)chan);
+    put_u32(head + 6, (uint32_t)size);
+    if (padding((uint8_t *)buf.buf + end, (size_t)padlen) < 0)
+        goto done;
+    put_u32(out.buf, (uint32_t)pktlen);
+    if (aead_into(s_encrypt_into, aead, iv_in, head, pktlen, out.buf, (uint8_t *)out.buf + 4, pktlen + SSH_TAG) < 0)
+        goto done;
+    uint8_t iv[12];
+    memcpy(iv, PyBytes_AS_STRING(iv_in), 12);
+    next_nonce(iv);
+    result = Py_BuildValue("ny#", 4 + pktlen + SSH_TAG, (const char *)iv, (Py_ssize_t)12);
+done:
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* open_batch(src, start, end, max_pktlen, aead, iv, plain, chan, window, low_window, kind, fd, check)
+ *   -> (pos, messages, consumed, iv, packets, size, drops, stopped, stopped_len, malformed)
+ * Every whole SSH packet in src[start:end]: decrypted into `plain` with aead.decrypt_into; while
+ * each is CHANNEL_DATA to `chan`, leaves the window at least `low_window`, and is exactly one
+ * frame of `kind`, its packets go to the TUN (`messages` of them, `consumed` bytes of window,
+ * `malformed` bodies refused whole). `stopped`: 0 at a packet not wholly received yet (pos at
+ * its start), 1 at one the caller's own path must take (too long, or longer than `plain`; pos at
+ * its start, not decrypted), 2 after a packet that is something else (pos after it, its
+ * plaintext in plain[:stopped_len], not counted in `messages`). `iv`: the nonce after the last
+ * packet decrypted. */
+static PyObject *open_batch(PyObject *self, PyObject *args) {
+    Py_buffer src, plain;
+    Py_ssize_t start, end, max_pktlen, window, low_window;
+    PyObject *aead, *iv_in, *spec;
+    unsigned long chan;
+    int kind, fd;
+    check_t check;
+    if (!PyArg_ParseTuple(args, "y*nnnOSw*knniiO", &src, &start, &end, &max_pktlen, &aead, &iv_in, &plain,
+                          &chan, &window, &low_window, &kind, &fd, &spec))
+        return NULL;
+    if (parse_check(spec, &check) < 0) {
+        PyBuffer_Release(&src);
+        PyBuffer_Release(&plain);
+        return NULL;
+    }
+    Py_ssize_t drops[N_REASONS] = {0}, messages = 0, consumed = 0, packets = 0, size = 0, stopped_len = 0;
+    int stopped = 0;
+    uint8_t iv[12];
+    PyObject *result = NULL;
+    if (PyBytes_GET_SIZE(iv_in) != 12 || start < 0 || end > src.len || start > end) {
+        PyErr_SetString(PyExc_ValueError, "open_batch: bad arguments");
+        goto done;
+    }
+    memcpy(iv, PyBytes_AS_STRING(iv_in), 12);
+    const uint8_t *in = src.buf;
+    Py_ssize_t pos = start;
+    while (end - pos >= 4 + SSH_TAG) {
+        Py_ssize_t pktlen = get_u32(in + pos);
+        if (pktlen > max_pktlen || pktlen > plain.len) {
+            stopped = 1; /* the caller's own path refuses it, or decrypts it into a bigger buffer */
+            break;
+        }
+        if (pktlen > end - pos - 4 - SSH_TAG)
+            break;
+        PyObject *nonce = PyBytes_FromStringAndSize((const char *)iv, 12);
+        int failed = !nonce || aead_into(s_decrypt_into, aead, nonce, in + pos + 4, pktlen + SSH_TAG, in + pos,
+                                         plain.buf, pktlen) < 0;
+        Py_XDECREF(nonce);
+        if (failed)
+            goto done; /* InvalidTag and friends: the caller ends the connection */
+        next_nonce(iv);
+        pos += 4 + pktlen + SSH_TAG;
+        const uint8_t *p = plain.buf;
+        Py_ssize_t padlen = pktlen > 0 ? p[0] : 0;
+        int fast = pktlen >= DATA_HEAD + FRAME_HEADER && p[1] == MSG_CHANNEL_DATA && get_u32(p + 2) == chan;
+        Py_ssize_t data = fast ? get_u32(p + 6) : 0;
+        fast = fast && DATA_HEAD + data == pktlen - padlen && window - consumed - data >= low_window;
+        const uint8_t *frame = p + DATA_HEAD;
+        fast = fast && get_u32(frame) + FRAME_HEADER == (uint64_t)data && get_u32(frame) <= MAX_BODY
+               && frame[4] == kind;
+        if (!fast) {
+            stopped = 2;
+            stopped_len = pktlen;
+            break;
+        }
+        messages++;
+        consumed += data;
+        Py_ssize_t n = write_body(fd, frame + FRAME_HEADER, data - FRAME_HEADER, &check, drops, &size);
+        if (n < 0)
+            drops[OK]++; /* slot 0 is free: the malformed bodies, counted by the caller */
+        else
+            packets += n;
+    }
+    PyObject *d = drops_dict(drops, &check);
+    if (!d)
+        goto done;
+    result = Py_BuildValue("nnny#nnNinn", pos, messages, consumed, (const char *)iv, (Py_ssize_t)12, packets, size, d,
+                           stopped, stopped_len, drops[0]);
+done:
+    release_check(&check);
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&plain);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"tun_read_batch", tun_read_batch, METH_VARARGS, "Read every ready TUN packet into a PACKETS body."},
+    {"tun_write_batch", tun_write_batch, METH_VARARGS, "Check and write a PACKETS body's packets to a TUN."},
+    {"open_batch", open_batch, METH_VARARGS, "Decrypt SSH packets and deliver the tunnel's channel data."},
+    {"seal", seal, METH_VARARGS, "Build and encrypt one SSH channel data message around a frame."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "_datapath", .m_size = -1, .m_methods = methods};
+
+PyMODINIT_FUNC PyInit__datapath(void) {
+    s_decrypt_into = PyUnicode_InternFromString("decrypt_into");
+    s_encrypt_into = PyUnicode_InternFromString("encrypt_into");
+    if (!s_decrypt_into || !s_encrypt_into)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+#ifdef DATAPATH_SOURCE_SHA256 /* setup.py: native.py uses no extension built from another source */
+    if (m && PyModule_AddStringConstant(m, "SOURCE_SHA256", DATAPATH_SOURCE_SHA256) < 0)
+        Py_CLEAR(m);
+#endif
+    return m;
+}

@@ -1,0 +1,211 @@
+"""The packet path in C (_datapath.c) against its Python reference (pump.py), from a hostile peer's
+side: for random, truncated and crafted packets and bodies, the C must write the same packets,
+build the same frames and count the same drops as the Python. A TUN keeps packet boundaries;
+so does a SOCK_SEQPACKET socket pair, which stands in for it here (no root needed). Bounded in time.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+import sys
+import types
+from collections import Counter
+from typing import Any, Callable, Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mirrord_tun
+from mirrord_tun import native, pump
+from mirrord_tun.native import datapath
+from mirrord_tun.protocol import ClientMsg
+from mirrord_tun.pump import MAX_PACKET, VNET_HDR_LEN, TunPump, destination_is, source_is
+
+needs_c = pytest.mark.skipif(datapath is None, reason="the C packet path is not built (no compiler)")
+FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+ALLOWED = ("100.64.0.1", "fd00:100:64::1")
+OTHER4, OTHER6 = bytes([100, 64, 0, 9]), bytes.fromhex("fd000100006400000000000000000009")
+ALLOWED4 = bytes([100, 64, 0, 1])
+ALLOWED6 = bytes.fromhex("fd000100006400000000000000000001")
+
+
+@st.composite
+def tun_packets(draw: Any) -> bytes:
+    """A TUN packet aimed at every branch of the checks: the virtio-net header's flags, GSO type
+    and offsets around their limits; IPv4, IPv6 or neither; allowed addresses or not; short."""
+    small = st.sampled_from([0, 1, 2, 9, 10, 16, 19, 20, 38, 40, 48, 60, 0xFFFF]) | st.integers(0, 0xFFFF)
+    vnet = struct.pack("=BBHHHH", draw(st.sampled_from([0, 1, 2, 3, 4, 0x80]) | st.integers(0, 255)),
+                       draw(st.sampled_from([0, 1, 4, 0x81, 0x84, 3]) | st.integers(0, 255)),
+                       draw(small), draw(small), draw(small), draw(small))
+    version = draw(st.sampled_from([4, 6, 0, 5, 15]))
+    size = draw(st.sampled_from([0, 10, 19, 20, 39, 40, 41, 60]) | st.integers(0, 200))
+    ip = bytearray(draw(st.binary(min_size=size, max_size=size)))
+    if ip:
+        ip[0] = version << 4 | draw(st.sampled_from([5, 6, 15, 0]))
+    if version == 4 and size >= 20:
+        ip[9] = draw(st.sampled_from([6, 17, 1]))
+        ip[12:16] = draw(st.sampled_from([ALLOWED4, OTHER4]))
+        ip[16:20] = draw(st.sampled_from([ALLOWED4, OTHER4]))
+    if version == 6 and size >= 40:
+        ip[6] = draw(st.sampled_from([6, 17, 0]))
+        ip[8:24] = draw(st.sampled_from([ALLOWED6, OTHER6]))
+        ip[24:40] = draw(st.sampled_from([ALLOWED6, OTHER6]))
+    return vnet + bytes(ip)
+
+
+def _datagram_pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for s in (a, b):
+        s.setblocking(False)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    return a, b
+
+
+def _drain(s: socket.socket) -> list[bytes]:
+    out = []
+    while True:
+        try:
+            out.append(s.recv(MAX_PACKET + 1))
+        except BlockingIOError:
+            return out
+
+
+def _pumps(fd_c: int, fd_py: int, admit_out: Any, admit_in: Any, sent: list[tuple[str, bytes]]
+           ) -> tuple[TunPump, TunPump]:
+    """A pump on the C path and one on Python's (as if nothing were built), each sending to `sent`."""
+    def sender(tag: str) -> Callable[[Any], None]:
+        return lambda frame: sent.append((tag, bytes(frame)))
+    c = TunPump(fd_c, sender("c"), ClientMsg.PACKETS, admit_out, admit_in, Counter())
+    saved = pump.datapath
+    pump.datapath = None
+    try:
+        py = TunPump(fd_py, sender("py"), ClientMsg.PACKETS, admit_out, admit_in, Counter())
+    finally:
+        pump.datapath = saved
+    assert c._in_spec is not None and py._in_spec is None
+    return c, py
+
+
+def _in_loop(fn: Callable[[], None]) -> None:
+    async def go() -> None:
+        fn()
+    asyncio.run(go())
+
+
+@needs_c
+@FUZZ
+@given(st.lists(tun_packets(), max_size=12), st.sampled_from(["source", "destination"]))
+def test_a_body_from_the_peer_is_written_and_counted_as_python_does(packets: list[bytes], which: str) -> None:
+    check = (source_is if which == "source" else destination_is)(*ALLOWED)
+    body = b"".join(struct.pack("!I", len(p)) + p for p in packets if p)
+    _differential_deliver(body, check)
+
+
+@needs_c
+@FUZZ
+@given(st.binary(max_size=120), st.lists(tun_packets(), max_size=4))
+def test_a_malformed_body_is_refused_whole_as_python_does(junk: bytes, packets: list[bytes]) -> None:
+    """Lengths that run past the end, zero lengths, truncated length fields: nothing is written."""
+    body = b"".join(struct.pack("!I", len(p)) + p for p in packets if p) + junk
+    _differential_deliver(body, source_is(*ALLOWED))
+
+
+@contextlib.contextmanager
+def _two_tuns() -> Iterator[tuple[tuple[socket.socket, socket.socket], tuple[socket.socket, socket.socket]]]:
+    """(tun, peer) for the C pump and the same for Python's, closed on the way out."""
+    c, py = _datagram_pair(), _datagram_pair()
+    try:
+        yield c, py
+    finally:
+        for s in (*c, *py):
+            s.close()
+
+
+def _differential_deliver(body: bytes, check: Any) -> None:
+    with _two_tuns() as ((c_in, c_out), (py_in, py_out)):
+        def run() -> None:
+            c, py = _pumps(c_in.fileno(), py_in.fileno(), None, check, [])
+            c.deliver(memoryview(body))
+            py.deliver(memoryview(body))
+            assert _drain(c_out) == _drain(py_out)
+            assert c.counters == py.counters
+        _in_loop(run)
+
+
+@needs_c
+@FUZZ
+@given(st.lists(tun_packets(), min_size=1, max_size=9), st.booleans())
+def test_packets_read_from_the_tun_make_the_frame_python_makes(packets: list[bytes], checked: bool) -> None:
+    _differential_read([p for p in packets if p], source_is(*ALLOWED) if checked else None)
+
+
+@needs_c
+def test_a_batch_stops_at_the_same_packet_as_python() -> None:
+    """Past BATCH_BYTES the rest waits for the next frame, in both."""
+    big = [bytes(VNET_HDR_LEN) + bytes([0x45]) + os.urandom(60_000) for _ in range(5)]
+    _differential_read(big, None)
+
+
+def _differential_read(packets: list[bytes], admit_out: Any) -> None:
+    with _two_tuns() as ((c_tun, c_peer), (py_tun, py_peer)):
+        for p in packets:
+            c_peer.send(p)
+            py_peer.send(p)
+        sent: list[tuple[str, bytes]] = []
+
+        def run() -> None:
+            c, py = _pumps(c_tun.fileno(), py_tun.fileno(), admit_out, source_is(*ALLOWED), sent)
+            for _ in range(len(packets) + 1):  # every frame, and one more read of a drained TUN
+                c._on_readable()
+                py._on_readable()
+            assert [f for t, f in sent if t == "c"] == [f for t, f in sent if t == "py"]
+            assert c.counters == py.counters
+        _in_loop(run)
+
+
+@needs_c
+def test_a_tun_gone_under_the_pump_pauses_it() -> None:
+    """EBADF and friends: the pump stops reading, as on Python's path; nothing is sent."""
+    async def go() -> None:
+        sent: list[Any] = []
+        a, b = _datagram_pair()
+        p = TunPump(a.fileno(), sent.append, ClientMsg.PACKETS, None, source_is(*ALLOWED), Counter())
+        p.start()
+        a.close()
+        p._on_readable()
+        assert not p._reading and not sent
+        b.close()
+    asyncio.run(go())
+
+
+@needs_c
+def test_bad_arguments_raise_instead_of_touching_memory() -> None:
+    buf = bytearray(100)
+    with pytest.raises(ValueError):
+        datapath.tun_read_batch(-1, buf, 0, 1000, MAX_PACKET, None)  # stop beyond the buffer
+    with pytest.raises(ValueError):
+        datapath.tun_read_batch(-1, buf, 0, 50, MAX_PACKET, (99, 0, b"", b"", "x"))  # offset past the header
+    with pytest.raises(ValueError):
+        datapath.tun_write_batch(-1, b"", (22, 18, b"abc", b"", "x"))  # not whole addresses
+    with pytest.raises(TypeError):
+        datapath.tun_write_batch(-1, "text", None)
+    assert datapath.tun_read_batch(-1, buf, 0, 50, MAX_PACKET, None)[:2] == (0, 0)  # no room: nothing read
+    # A sane packet the kernel refuses (here: no such fd) is counted, not raised.
+    assert datapath.tun_write_batch(-1, struct.pack("!I", 30) + bytes(30), None) == (0, 0, {"dropped_rejected": 1})
+
+
+def test_an_extension_built_from_another_source_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An editable install after a `git pull` that changed the C: the old build would run old code."""
+    stale = types.ModuleType("mirrord_tun._datapath")
+    stale.SOURCE_SHA256 = "0" * 64  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "mirrord_tun._datapath", stale)
+    monkeypatch.setattr(mirrord_tun, "_datapath", stale, raising=False)
+    assert native._load() is None
+    monkeypatch.setenv("MIRRORD_NS_NATIVE", "0")
+    assert native._load() is None  # turned off
