@@ -71,7 +71,7 @@ static void release_check(check_t *c) {
 static int among(const uint8_t *addr, const Py_buffer *set, Py_ssize_t size) {
     const uint8_t *p = set->buf;
     for (Py_ssize_t i = 0; i + size <= set->len; i += size)
-        if (!memcmp(p + i, addr, size))
+        if (!memcmp(p + i, addr, (size_t)size))
             return 1;
     return 0;
 }
@@ -144,10 +144,10 @@ static PyObject *drops_dict(const Py_ssize_t *drops, const check_t *c) {
 }
 
 static void put_u32(uint8_t *p, uint32_t v) {
-    p[0] = v >> 24;
-    p[1] = v >> 16;
-    p[2] = v >> 8;
-    p[3] = v;
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
 }
 
 static uint32_t get_u32(const uint8_t *p) {

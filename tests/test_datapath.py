@@ -16,13 +16,14 @@ from collections import Counter
 from typing import Any, Callable, Iterator
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mirrord_tun
 from mirrord_tun import native, pump
 from mirrord_tun.native import datapath
-from mirrord_tun.protocol import ClientMsg
+from mirrord_tun.protocol import AgentMsg, ClientMsg
 from mirrord_tun.pump import MAX_PACKET, VNET_HDR_LEN, TunPump, destination_is, source_is
 
 needs_c = pytest.mark.skipif(datapath is None, reason="the C packet path is not built (no compiler)")
@@ -209,3 +210,66 @@ def test_an_extension_built_from_another_source_is_not_used(monkeypatch: pytest.
     assert native._load() is None
     monkeypatch.setenv("MIRRORD_NS_NATIVE", "0")
     assert native._load() is None  # turned off
+
+
+@st.composite
+def channel_messages(draw: Any) -> tuple[bytes, bool]:
+    """The plaintext of one SSH packet a hostile peer (who holds the session's keys) could send:
+    channel data to our channel carrying one PACKETS frame, or the same with one field lying
+    (another message type, another channel, a data or frame length off, another frame kind),
+    around a PACKETS body that is sane or not; and whether every field agrees."""
+    packets = draw(st.lists(tun_packets(), max_size=3))
+    body = b"".join(struct.pack("!I", len(p)) + p for p in packets if p)
+    if draw(st.booleans()):
+        body += draw(st.binary(max_size=8))  # maybe a torn length at the end
+    lie = draw(st.sampled_from([None, None, None, "type", "chan", "data_len", "frame_len", "kind"]))
+    kind = draw(st.sampled_from([ClientMsg.STATS, 0xFF, AgentMsg.PACKETS])) if lie == "kind" else ClientMsg.PACKETS
+    frame_len = draw(st.sampled_from([len(body) + 1, len(body) - 1, 0xFFFFFFFF])) if lie == "frame_len" else len(body)
+    data = struct.pack("!IB", frame_len % 2**32, kind) + body
+    data_len = draw(st.sampled_from([len(data) - 1, len(data) + 1, 0xFFFFFFFF])) if lie == "data_len" else len(data)
+    msg_type = draw(st.sampled_from([95, 0, 2])) if lie == "type" else 94
+    chan = CHAN + 1 if lie == "chan" else CHAN
+    padlen = draw(st.integers(4, 255))
+    plain = struct.pack("!BBII", padlen, msg_type, chan, data_len) + data + os.urandom(padlen)
+    return plain, lie is None
+
+
+CHAN = 7
+
+
+@needs_c
+@FUZZ
+@given(st.lists(channel_messages(), min_size=1, max_size=4), st.binary(min_size=16, max_size=16))
+def test_channel_data_from_a_hostile_peer_goes_to_the_tun_as_the_python_would(messages: list[tuple[bytes, bool]],
+                                                                             key: bytes) -> None:
+    """open_batch on what a hostile peer with the session's keys could send: it takes a message
+    only when every length and field agrees, writes exactly the packets Python's deliver writes
+    for it (checked, counted alike), and leaves anything else, decrypted, to the caller."""
+    aead, first_nonce = AESGCM(key), os.urandom(12)
+    nonce, wire, ends = bytearray(first_nonce), bytearray(), []
+    for plain, _ in messages:
+        length = struct.pack("!I", len(plain))
+        wire += length + aead.encrypt(bytes(nonce), plain, length)
+        ends.append(len(wire))
+        nonce[4:] = ((int.from_bytes(nonce[4:]) + 1) % 2**64).to_bytes(8)
+    check = source_is(*ALLOWED)
+    with _two_tuns() as ((c_in, c_out), (py_in, py_out)):
+        def run() -> None:
+            c, py = _pumps(c_in.fileno(), py_in.fileno(), None, check, [])
+            iv, pos, plain_buf = first_nonce, 0, bytearray(1 << 16)
+            for (plain, agrees), end in zip(messages, ends):
+                # One message per call (`end`): each call's verdict is that message's.
+                pos, taken, consumed, iv, packets, size, drops, stopped, stopped_len, malformed = datapath.open_batch(
+                    bytes(wire), pos, end, 1 << 16, aead, iv, plain_buf, CHAN, 1 << 30, 0, ClientMsg.PACKETS,
+                    c_in.fileno(), check.native)
+                assert pos == end
+                if agrees:
+                    assert (taken, stopped, consumed) == (1, 0, len(plain) - plain[0] - 10)
+                    c.count_in(packets, size, drops, malformed)
+                    py.deliver(memoryview(plain)[15 : len(plain) - plain[0]])
+                else:
+                    assert (taken, stopped, stopped_len) == (0, 2, len(plain))
+                    assert bytes(plain_buf[: len(plain)]) == plain  # decrypted, for the caller's own path
+                assert _drain(c_out) == _drain(py_out)
+            assert c.counters == py.counters
+        _in_loop(run)
