@@ -26,6 +26,7 @@ from mirrord_tun.agent.features import AgentTunnel, Capture, Stealing
 from mirrord_tun.agent.link import ClientLink
 from mirrord_tun.agent.target import read_resolv_conf
 from mirrord_tun.channel import FrameSession
+from mirrord_tun.native import datapath
 from mirrord_tun.protocol import AgentMsg
 from mirrord_tun.pump import Counters
 
@@ -73,9 +74,9 @@ class AgentSession(ClientLink):
             await self.features.start(Capture(self.agent.ns, plane, self.write, self.counters, self.sid))
         if version >= protocol.STEAL_VERSION:
             await self.features.start(stealing)
-        log.info("session %s from %s: tunnel %s via %s, pod %s", self.sid, self.peer,
+        log.info("session %s from %s: tunnel %s via %s, pod %s, packet path in %s", self.sid, self.peer,
                  ",".join(plane.client_addrs), plane.tun.name if plane.tun else "?",
-                 ",".join(plane.pod_addrs + plane.pod_addrs6))
+                 ",".join(plane.pod_addrs + plane.pod_addrs6), "C" if datapath is not None else "Python")
 
     def _welcome(self, plane: SessionPlane, resolv_conf: str) -> protocol.Welcome:
         welcome = protocol.Welcome(self.version, self.sid, plane.client_addr, plane.agent_addr, plane.mtu,
