@@ -154,9 +154,8 @@ class TunPump:
         # The C path takes a check it knows (`native`, from _address_is) or none; any other check
         # (a test's) keeps that direction in Python.
         self._out_spec = getattr(admit_out, "native", None)
-        self._read_native = datapath is not None and (admit_out is None or self._out_spec is not None)
         self._in_spec = getattr(admit_in, "native", None) if datapath is not None else None
-        if self._read_native:
+        if datapath is not None and (admit_out is None or self._out_spec is not None):
             self._on_readable = self._read_batch  # type: ignore[method-assign]
 
     def start(self) -> None:
