@@ -12,11 +12,11 @@ import sys
 import threading
 from typing import Any, Callable, Coroutine, NoReturn, Sequence, TypeVar
 
-from mirrord_tun import libfind, libwarnings, timing
+from mirrord_tun import libwarnings, sshstart, timing
 
 timing.mark("interpreter started")
 libwarnings.install()  # before any dependency is imported: their warnings are not the user's to read
-libfind.install()  # ... and before asyncssh's: its liboqs probe would run gcc at every start
+sshstart.install()  # ... and before asyncssh's: no gcc run for its liboqs probe, no X.509 loaded
 
 import click  # noqa: E402
 

@@ -1,11 +1,14 @@
-"""asyncssh's start-up library lookups, answered without running a compiler.
+"""asyncssh's start-up without the work we never use: installed by the CLI before asyncssh is imported.
 
-At import, asyncssh looks for liboqs (post-quantum key exchange) and libnettle (UMAC) with
-ctypes.util.find_library, which on Linux runs `ldconfig -p` and, for each name it finds nothing
-for (liboqs, usually), gcc and then ld: seven processes here before `mirrord-ns` does anything
-(114 ms of a `run -- true` under strace, more under load). Installed by the CLI before
-asyncssh is imported, this answers those names by looking where the dynamic loader looks;
-every other lookup is left to ctypes.
+- Library lookups: at import, asyncssh looks for liboqs (post-quantum key exchange) and libnettle
+  (UMAC) with ctypes.util.find_library, which on Linux runs `ldconfig -p` and, for each name it
+  finds nothing for (liboqs, usually), gcc and then ld: seven processes here before `mirrord-ns`
+  does anything (114 ms of a `run -- true` under strace, more under load). Those names are
+  answered by looking where the dynamic loader looks; every other lookup is left to ctypes.
+- X.509: asyncssh loads its X.509 certificate support when cryptography has it, and that import
+  (cryptography.x509) was ~23 ms of CPU of every start, a tenth of `run -- true`. Both of our ends
+  authenticate with pinned keys, never X.509 certificates, so asyncssh is imported as it is where
+  cryptography lacks it: its own fallback (an ImportError it catches) turns the feature off.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import ctypes.util
 import functools
 import glob
 import os
+import sys
 import sysconfig
 
 _ANSWERED = frozenset({"oqs", "liboqs", "nettle", "libnettle", "libnettle-6"})  # asyncssh/crypto/pq.py, umac.py
@@ -62,7 +66,12 @@ def _libraries_in(directory: str) -> tuple[str, ...]:
         return ()
 
 
+_X509 = "asyncssh.crypto.x509"  # the one module that imports cryptography.x509
+
+
 def install() -> None:
+    # None in sys.modules makes an import raise ImportError; no effect once asyncssh is loaded.
+    sys.modules.setdefault(_X509, None)
     original = ctypes.util.find_library
 
     def find_library(name: str) -> str | None:

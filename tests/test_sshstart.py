@@ -1,4 +1,4 @@
-"""libfind: our dependencies' start-up library lookups, the same answers without the processes."""
+"""sshstart: asyncssh's start-up library lookups, the same answers without the processes, and no X.509."""
 from __future__ import annotations
 
 import ctypes.util
@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from mirrord_tun import libfind
+from mirrord_tun import sshstart
 
 
 @pytest.mark.parametrize("name", ["c", "m", "z", "nettle", "oqs", "liboqs"])
 def test_same_answer_as_ctypes(name: str) -> None:
-    assert libfind.find_in_loader_dirs(name) == ctypes.util.find_library(name)
+    assert sshstart.find_in_loader_dirs(name) == ctypes.util.find_library(name)
 
 
 def test_ld_library_path_first(tmp_path, monkeypatch) -> None:
@@ -20,11 +20,11 @@ def test_ld_library_path_first(tmp_path, monkeypatch) -> None:
     (tmp_path / "libmrdfake.so.3.1").write_bytes(b"")
     (tmp_path / "libmrdfake.so.3").write_bytes(b"")
     monkeypatch.setenv("LD_LIBRARY_PATH", f"/nonexistent:{tmp_path}")
-    assert libfind.find_in_loader_dirs("mrdfake") == "libmrdfake.so.3"
+    assert sshstart.find_in_loader_dirs("mrdfake") == "libmrdfake.so.3"
 
 
 # asyncssh imported after install() starts no process (ctypes starts ldconfig, gcc
-# and ld through subprocess.Popen); other names still go to ctypes' own lookup.
+# and ld through subprocess.Popen) and loads no X.509 code; other names still go to ctypes' own lookup.
 _PROBE = """
 import subprocess, ctypes.util
 started = []
@@ -33,10 +33,11 @@ class Recorder(subprocess.Popen):
         started.append(args)
         super().__init__(args, *a, **kw)
 subprocess.Popen = Recorder
-from mirrord_tun import libfind
-libfind.install()
-import asyncssh
+from mirrord_tun import sshstart
+sshstart.install()
+import asyncssh, sys
 assert not started, started
+assert "cryptography.x509" not in sys.modules, "asyncssh loaded its X.509 support"
 ctypes.util.find_library("mrd-no-such-library")
 assert started, "other names go to ctypes"
 """
