@@ -18,9 +18,10 @@ from mirrord_tun.feature import Feature, Handler
 from mirrord_tun.netns.namespace import NetNs
 from mirrord_tun.protocol import AgentMsg, ClientMsg
 from mirrord_tun.pump import Counters, TunPump, source_is
+from mirrord_tun.sshfast import OutFrame
 
 log = logging.getLogger("mirrord-ns.agent")
-Send = Callable[[bytes], None]
+Send = Callable[[bytes | OutFrame], None]
 
 
 class AgentTunnel(Feature):

@@ -15,7 +15,9 @@ sockets see received packets only. IPv6 packets with an extension header before
 TCP/UDP arrive cut short (bpf.EXT_SNAPLEN) and are counted as
 mirror_skipped_ipv6_ext, not sent: their ports could not be checked.
 
-Copies travel as MIRROR frames on the session channel, batched like PACKETS.
+Copies travel as MIRROR frames on the session channel, batched like PACKETS and like them
+read straight into their place in the frame (pump.Batch), which sshfast encrypts from there:
+no bytes object per copy (each recvfrom allocated SNAPLEN, 256 KiB) and no join.
 While the channel is paused (its send buffer is full) the capture stops
 reading: copies wait in the socket's kernel buffer (RCVBUF, bounded), and once
 it is full the kernel drops further copies and counts them (PACKET_STATISTICS,
@@ -31,11 +33,13 @@ import socket
 import struct
 from typing import Callable
 
+from mirrord_tun import protocol
 from mirrord_tun.agent import bpf
 from mirrord_tun.agent.dataplane import TUN_PREFIX
 from mirrord_tun.netns.namespace import NetNs
-from mirrord_tun.protocol import AgentMsg, frame_packets
-from mirrord_tun.pump import BATCH_BYTES, Counters
+from mirrord_tun.protocol import AgentMsg
+from mirrord_tun.pump import Batch, Counters
+from mirrord_tun.sshfast import OutFrame
 
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 SOL_PACKET, PACKET_STATISTICS = 263, 6
@@ -49,7 +53,7 @@ RCVBUF = 64 * 1024 * 1024  # absorbs a burst while the event loop is busy elsewh
 class Sniffer:
     """A session's capture; `subscribe` may be called any time, `aclose` ends it."""
 
-    def __init__(self, ns: NetNs, pod_addrs: list[str], send: Callable[[bytes], None],
+    def __init__(self, ns: NetNs, pod_addrs: list[str], send: Callable[[OutFrame], None],
                  counters: Counters) -> None:
         self._ns = ns
         self._pod_addrs = pod_addrs
@@ -65,6 +69,7 @@ class Sniffer:
         self._paused = False
         self._reading = False
         self._drain_at: asyncio.TimerHandle | None = None
+        self._batch = Batch(bpf.SNAPLEN)
 
     def subscribe(self, ports: set[int]) -> None:
         """Mirror exactly `ports` from now on (the sockets open on the first call)."""
@@ -145,29 +150,33 @@ class Sniffer:
     def _drain(self) -> None:
         self._drain_at = None
         c = self.counters
+        batch = self._batch
+        buf, view, start, limit = batch.buf, batch.view, batch.start, batch.limit
         for sock in self._socks:
             budget = DRAIN_BYTES
+            recv = sock.recvfrom_into
             while sock in self._socks and not self._paused and budget > 0:
-                batch: list[bytes] = []
-                size = 0
+                pos, count = start, 0  # where the next copy's length goes; copies in the batch
                 try:
-                    while size < BATCH_BYTES:
-                        pkt, addr = sock.recvfrom(bpf.SNAPLEN)
+                    while pos < limit:
+                        at = pos + protocol.PACKET_LENGTH
+                        n, addr = recv(view[at : at + bpf.SNAPLEN])
                         if addr[0].startswith(TUN_PREFIX):
                             # A TUN made after the filter was built: the kernel could not know it.
                             c["mirror_skipped_tun"] += 1
-                        elif pkt[0] >> 4 == 6 and pkt[6] in bpf.IPV6_EXTENSIONS:
+                        elif view[at] >> 4 == 6 and view[at + 6] in bpf.IPV6_EXTENSIONS:
                             c["mirror_skipped_ipv6_ext"] += 1
                         else:
-                            batch.append(pkt)
-                            size += len(pkt)
+                            protocol.packet_length_into(buf, pos, n)
+                            pos, count = at + n, count + 1
                 except BlockingIOError:
                     budget = 0
-                if batch:
-                    c["mirror_packets"] += len(batch)
+                if count:
+                    size = pos - start - count * protocol.PACKET_LENGTH
+                    c["mirror_packets"] += count
                     c["mirror_bytes"] += size
                     budget -= size
-                    self._send(frame_packets(AgentMsg.MIRROR, batch))  # may pause us
+                    self._send(batch.frame(pos, AgentMsg.MIRROR))  # may pause us
         self._watch()
 
 

@@ -100,16 +100,9 @@ def parse_control(body: bytes) -> dict[str, Any]:
     return value
 
 
-def _packet_parts(packets: list[bytes]) -> list[bytes]:
-    parts: list[bytes] = []
-    for p in packets:
-        parts += (_LEN.pack(len(p)), p)
-    return parts
-
-
 def pack_packets(packets: list[bytes]) -> bytes:
     """A PACKETS (or MIRROR) body."""
-    return b"".join(_packet_parts(packets))
+    return b"".join(part for p in packets for part in (_LEN.pack(len(p)), p))
 
 
 FRAME_HEADER = _HEADER.size
@@ -121,12 +114,6 @@ PACKET_LENGTH = _LEN.size
 # methods, not functions around them: a Python call per packet costs more than the packing.
 frame_header_into: Callable[[bytearray, int, int, int], None] = _HEADER.pack_into
 packet_length_into: Callable[[bytearray, int, int], None] = _LEN.pack_into
-
-
-def frame_packets(kind: int, packets: list[bytes]) -> bytes:
-    """frame(kind, pack_packets(packets)) in one copy instead of two."""
-    parts = _packet_parts(packets)
-    return b"".join([_HEADER.pack(sum(map(len, parts)), kind), *parts])
 
 
 def unpack_packets(body: bytes | memoryview) -> list[bytes | memoryview]:

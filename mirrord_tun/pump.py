@@ -38,7 +38,7 @@ from mirrord_tun.sshfast import HEADROOM, TAILROOM, OutFrame
 # by asyncssh's generic path instead of going out whole through sshfast.
 BATCH_BYTES = 160 * 1024
 _IP = VNET_HDR_LEN  # where the IP header starts in a TUN packet
-_FRAME = HEADROOM  # where a batch's frame starts in the pump's buffer: sshfast's header goes before
+_FRAME = HEADROOM  # where a batch's frame starts in its buffer: sshfast's header goes before
 _BODY = _FRAME + protocol.FRAME_HEADER
 _U32 = struct.Struct("!I")
 
@@ -129,6 +129,27 @@ def destination_is(*addrs: str) -> Check:
     return _address_is(_IP + 16, _IP + 24, addrs, "dropped_misaddressed")
 
 
+class Batch:
+    """Packets read straight into their place in one frame, in a buffer reused for every batch:
+    from `start` on, each after its length, up to where the reader stopped. A batch stops once
+    past `limit`, with room left for one more packet (`max_packet`) and its length, and around
+    the frame for sshfast's header and padding, so the frame is encrypted from where it was read."""
+
+    start = _BODY
+    limit = _BODY + BATCH_BYTES
+
+    def __init__(self, max_packet: int) -> None:
+        self.buf = bytearray(_BODY + BATCH_BYTES + protocol.PACKET_LENGTH + max_packet + TAILROOM)
+        self.view = memoryview(self.buf)
+        self._frame = OutFrame(self.buf, _FRAME, _FRAME)  # one per batch buffer: `send` keeps no reference
+
+    def frame(self, end: int, kind: int) -> OutFrame:
+        """The packets up to `end` as one frame of `kind`, its header written in place."""
+        protocol.frame_header_into(self.buf, _FRAME, end - _BODY, kind)
+        self._frame.end = end
+        return self._frame
+
+
 class TunPump:
     """Moves packets between one TUN fd and one framed channel."""
 
@@ -146,11 +167,7 @@ class TunPump:
         self.counters = counters
         self._loop = asyncio.get_running_loop()
         self._reading = False
-        # The frame's body starts at _BODY; a batch stops once past BATCH_BYTES, with room left
-        # for one more packet and its length, and for sshfast's padding after the frame.
-        self._buf = bytearray(_BODY + BATCH_BYTES + protocol.PACKET_LENGTH + MAX_PACKET + TAILROOM)
-        self._view = memoryview(self._buf)
-        self._frame = OutFrame(self._buf, _FRAME, _FRAME)  # one per pump: `send` keeps no reference
+        self._batch = Batch(MAX_PACKET)
         # The C path takes a check it knows (`native`, from _address_is) or none; any other check
         # (a test's) keeps that direction in Python.
         self._out_spec = getattr(admit_out, "native", None)
@@ -176,7 +193,7 @@ class TunPump:
         self._fd = -1
 
     def _on_readable(self) -> None:
-        buf, view, read, admit = self._buf, self._view, self._file.readinto, self._admit_out
+        buf, view, read, admit = self._batch.buf, self._batch.view, self._file.readinto, self._admit_out
         pos = _BODY  # where the next packet's length goes
         count = 0
         c = self.counters
@@ -201,7 +218,7 @@ class TunPump:
     def _read_batch(self) -> None:
         """_on_readable's loop in C (datapath.tun_read_batch): the same packets, checks and counters."""
         try:
-            pos, count, drops = datapath.tun_read_batch(self._fd, self._buf, _BODY, _BODY + BATCH_BYTES,
+            pos, count, drops = datapath.tun_read_batch(self._fd, self._batch.buf, _BODY, _BODY + BATCH_BYTES,
                                                         MAX_PACKET, self._out_spec)
         except OSError:
             self.pause()
@@ -217,10 +234,7 @@ class TunPump:
         c["packets_out"] += count
         c["bytes_out"] += pos - _BODY - count * protocol.PACKET_LENGTH
         c["frames_out"] += 1
-        protocol.frame_header_into(self._buf, _FRAME, pos - _BODY, self._kind)
-        frame = self._frame
-        frame.end = pos
-        self._send(frame)
+        self._send(self._batch.frame(pos, self._kind))
 
     def native_sink(self) -> tuple[int, tuple] | None:
         """Where the C path (sshfast's Receiver) writes this pump's incoming packets itself: the TUN

@@ -321,10 +321,10 @@ def test_hostile_mirror_copies_never_reach_the_program(box: Sandbox) -> None:
             wanted = {POD_PORT_MAPPED, TCP_PORT_LEARNED}
             await session.expect(ClientMsg.SUBSCRIBE, lambda b: protocol.parse_subscribe(b) == wanted)
             hostile = [p for copies in HOSTILE_COPIES.values() for p in copies]
-            session.send(protocol.frame_packets(AgentMsg.MIRROR, hostile))
+            session.send(protocol.frame(AgentMsg.MIRROR, protocol.pack_packets(hostile)))
             # Then one real client's connection to the mapped port: the program prints it and exits.
-            session.send(protocol.frame_packets(AgentMsg.MIRROR, [
-                whole_connection(CLIENT_HOST, POD, POD_PORT_MAPPED, b"good", sport=40010)]))
+            session.send(protocol.frame(AgentMsg.MIRROR, protocol.pack_packets([
+                whole_connection(CLIENT_HOST, POD, POD_PORT_MAPPED, b"good", sport=40010)])))
 
         async with fake_agent(box) as (address, sessions):
             return await run_against(box, address, "-v", "--port", f"{TCP_PORT_MAPPED}:{POD_PORT_MAPPED}",
@@ -412,7 +412,7 @@ async def answer_datagrams(session: FakeSession) -> None:
         if kind == ClientMsg.PACKETS:
             answers = [a for a in map(udp_answer, protocol.unpack_packets(body)) if a]
             if answers:
-                session.send(protocol.frame_packets(AgentMsg.PACKETS, answers))
+                session.send(protocol.frame(AgentMsg.PACKETS, protocol.pack_packets(answers)))
 
 
 def test_hostile_virtio_headers_from_the_agent_are_dropped_and_the_session_survives(box: Sandbox) -> None:
@@ -425,7 +425,7 @@ def test_hostile_virtio_headers_from_the_agent_are_dropped_and_the_session_survi
             answering = asyncio.ensure_future(answer_datagrams(session))
             try:
                 assert await asyncio.wait_for(proc.stdout.readline(), FRAME_TIMEOUT) == b"ready\n"
-                session.send(protocol.frame_packets(AgentMsg.PACKETS, hostile))
+                session.send(protocol.frame(AgentMsg.PACKETS, protocol.pack_packets(hostile)))
                 proc.stdin.write(b"go\n")  # after the hostile batch: the tunnel must still carry traffic
                 await proc.stdin.drain()
                 assert await asyncio.wait_for(proc.stdout.readline(), FRAME_TIMEOUT) == b"alive\n"
@@ -451,7 +451,7 @@ def test_hostile_virtio_headers_from_a_client_never_reach_the_pod(cluster: Clust
         probe = await Probe().open(cluster.sb)
         try:
             me = (await probe.hello()).client_addr
-            probe.send(protocol.frame_packets(ClientMsg.PACKETS, hostile_vnet_packets(me, SVC)))
+            probe.send(protocol.frame(ClientMsg.PACKETS, protocol.pack_packets(hostile_vnet_packets(me, SVC))))
             before = await probe.stats()
             await probe.ping(me, 0x5EC3)
             return before, await probe.stats()
