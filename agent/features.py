@@ -65,7 +65,7 @@ class Capture(Feature):
 
     def __init__(self, ns: NetNs, plane: SessionPlane, send: Send, counters: Counters, sid: str) -> None:
         self._ns, self._plane, self._send, self._counters, self._sid = ns, plane, send, counters, sid
-        self.sniffer: Sniffer | None = None  # opened by the first SUBSCRIBE
+        self.sniffer: Sniffer | None = None  # made by the first SUBSCRIBE; its sockets open with a port
 
     def frames(self) -> dict[int, Handler]:
         return {ClientMsg.SUBSCRIBE: self._subscribe}

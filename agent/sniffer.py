@@ -72,17 +72,19 @@ class Sniffer:
         self._batch = Batch(bpf.SNAPLEN)
 
     def subscribe(self, ports: set[int]) -> None:
-        """Mirror exactly `ports` from now on (the sockets open on the first call)."""
+        """Mirror exactly `ports` from now on (the sockets open with the first port wanted)."""
         self._wanted = ports
         if self._applying is None or self._applying.done():
             self._applying = asyncio.create_task(self._apply())
 
     async def _apply(self) -> None:
         # Loops so that subscriptions arriving while the namespace thread works are not lost.
+        # No socket until a port is wanted: an open one runs its filter on every packet the pod
+        # receives (the tunnel's own included), for a session that mirrors nothing.
         try:
-            while self._wanted != self._applied or not self._opened:
+            while self._wanted != self._applied or (self._wanted and not self._opened):
                 wanted = self._wanted
-                if not self._opened:
+                if wanted and not self._opened:
                     families = {ipaddress.ip_address(a).version for a in self._pod_addrs}
                     for proto in [p for version, p in ((4, ETH_P_IP), (6, ETH_P_IPV6)) if version in families]:
                         if proto not in self._protos:  # a failed attempt may have opened one already

@@ -283,6 +283,23 @@ def test_no_mirror(sb: Sandbox) -> None:
         assert s.record.read_text() == ""
 
 
+def _capture_sockets(sb: Sandbox) -> int:
+    """Packet sockets open in the pod's namespace (the agent's capture is the only user there)."""
+    return len(sb.exec("pod", "cat", "/proc/net/packet").stdout.splitlines()) - 1  # less the header
+
+
+def test_a_session_with_nothing_to_mirror_taps_nothing_in_the_pod(sb: Sandbox) -> None:
+    # Every open capture socket runs its filter on every packet the pod receives.
+    idle = [PY, "-c", "import time; time.sleep(60)"]
+    with Session(sb, "idle", idle) as s:
+        assert wait_until(lambda: "mirroring pod ports: none" in s.log(), 30, interval=0.2), s.log()
+        time.sleep(1)  # the agent has had the (empty) SUBSCRIBE
+        assert _capture_sockets(sb) == 0
+        with Session(sb, "tapped", recorder()) as t:
+            t.wait_mirroring()
+            assert _capture_sockets(sb) > 0
+
+
 def test_pod_answers_identical_with_and_without_mirroring(sb: Sandbox) -> None:
     without = post(sb, 40, 4, 200_000, seed=8)
     with Session(sb, "same", recorder()) as s:
