@@ -194,11 +194,11 @@ class TunPump:
 
     def _on_readable(self) -> None:
         buf, view, read, admit = self._batch.buf, self._batch.view, self._file.readinto, self._admit_out
-        pos = _BODY  # where the next packet's length goes
+        pos = Batch.start  # where the next packet's length goes
         count = 0
         c = self.counters
         try:
-            while pos - _BODY < BATCH_BYTES:
+            while pos < Batch.limit:
                 at = pos + protocol.PACKET_LENGTH
                 n = read(view[at : at + MAX_PACKET])
                 if n is None:
@@ -218,7 +218,7 @@ class TunPump:
     def _read_batch(self) -> None:
         """_on_readable's loop in C (datapath.tun_read_batch): the same packets, checks and counters."""
         try:
-            pos, count, drops = datapath.tun_read_batch(self._fd, self._batch.buf, _BODY, _BODY + BATCH_BYTES,
+            pos, count, drops = datapath.tun_read_batch(self._fd, self._batch.buf, Batch.start, Batch.limit,
                                                         MAX_PACKET, self._out_spec)
         except OSError:
             self.pause()
@@ -232,7 +232,7 @@ class TunPump:
         """The batch read into the buffer up to `pos` (`count` packets) out as one PACKETS frame."""
         c = self.counters
         c["packets_out"] += count
-        c["bytes_out"] += pos - _BODY - count * protocol.PACKET_LENGTH
+        c["bytes_out"] += pos - Batch.start - count * protocol.PACKET_LENGTH
         c["frames_out"] += 1
         self._send(self._batch.frame(pos, self._kind))
 
