@@ -20,13 +20,12 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from mirrord_tun import protocol
+from mirrord_tun import native, protocol
 from mirrord_tun.agent.dataplane import SessionPlane
 from mirrord_tun.agent.features import AgentTunnel, Capture, Stealing
 from mirrord_tun.agent.link import ClientLink
 from mirrord_tun.agent.target import read_resolv_conf
 from mirrord_tun.channel import FrameSession
-from mirrord_tun.native import datapath
 from mirrord_tun.protocol import AgentMsg
 from mirrord_tun.pump import Counters
 
@@ -76,7 +75,7 @@ class AgentSession(ClientLink):
             await self.features.start(stealing)
         log.info("session %s from %s: tunnel %s via %s, pod %s, packet path in %s", self.sid, self.peer,
                  ",".join(plane.client_addrs), plane.tun.name if plane.tun else "?",
-                 ",".join(plane.pod_addrs + plane.pod_addrs6), "C" if datapath is not None else "Python")
+                 ",".join(plane.pod_addrs + plane.pod_addrs6), native.LANGUAGE)
 
     def _welcome(self, plane: SessionPlane, resolv_conf: str) -> protocol.Welcome:
         welcome = protocol.Welcome(self.version, self.sid, plane.client_addr, plane.agent_addr, plane.mtu,

@@ -27,3 +27,4 @@ def _load() -> ModuleType | None:
 
 
 datapath = _load()
+LANGUAGE = "C" if datapath is not None else "Python"  # what the session's first log line says

@@ -26,14 +26,13 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 
 import asyncssh
 
-from mirrord_tun import protocol, timing
+from mirrord_tun import native, protocol, timing
 from mirrord_tun.command import Command
 from mirrord_tun.connect import printable
 from mirrord_tun.feature import Feature
 from mirrord_tun.link import AgentLink
 from mirrord_tun.mirror.delivery import SPILL_LIMIT
 from mirrord_tun.mirror.feature import mirror_feature
-from mirrord_tun.native import datapath
 from mirrord_tun.netns import links
 from mirrord_tun.netns.namespace import NetNs
 from mirrord_tun.progress import QUIET
@@ -134,7 +133,7 @@ class LocalSession:
         self.agent_ip = peer[0] if isinstance(peer, tuple) and peer else None
         log.info("session %s: tunnel address %s, pod %s, mtu %d, packet path in %s", welcome.session,
                  ",".join(welcome.client_addrs), ",".join(welcome.pod_addrs + welcome.pod_addrs6) or "?",
-                 welcome.mtu, "C" if datapath is not None else "Python")
+                 welcome.mtu, native.LANGUAGE)
         if welcome.ipv6_off:
             log.warning("the pod has IPv6, but this session is IPv4 only: %s", printable(welcome.ipv6_off))
 

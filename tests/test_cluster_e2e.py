@@ -175,10 +175,12 @@ def test_ls_and_env(real_cluster: RealCluster, ns: str) -> None:
 
 
 @contextlib.contextmanager
-def session(k: RealCluster, ns: str, target: str, script: str, *opts: str) -> Iterator[subprocess.Popen[str]]:
+def session(k: RealCluster, ns: str, target: str, script: str, *opts: str,
+            env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
     """`run` with a command that prints "started" once it is up, then keeps going."""
     argv = k.mrd_argv("run", "-n", ns, "-t", target, *opts, "--", "sh", "-c", script)
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=None if env is None else dict(os.environ, **env))
     try:
         assert p.stdout is not None
         for line in p.stdout:  # a server's own banner may come first
@@ -347,12 +349,16 @@ def test_admission_policy_admits_the_agent_and_refuses_a_tampered_one(real_clust
         k.kubectl("delete", "-f", "-", "--ignore-not-found", input=policy_for(k.agent_image), check=False)
 
 
-def test_kill_9_of_run_leaves_no_agent_after_the_grace(real_cluster: RealCluster, ns: str) -> None:
+def test_kill_9_of_run_leaves_no_agent_after_the_grace(real_cluster: RealCluster, ns: str,
+                                                        tmp_path: Path) -> None:
     k = real_cluster
-    with session(k, ns, "pod/web", "echo started; exec sleep 600") as p:
+    spool = tmp_path / "tmp"  # where run's temporary files would go: the kubeconfig's key must not
+    spool.mkdir()
+    with session(k, ns, "pod/web", "echo started; exec sleep 600", env={"TMPDIR": str(spool)}) as p:
         assert agents_left(k, ns)
         p.kill()  # no cleanup by run at all: the agent's idle exit and the Job's TTL must do it
         p.wait(10)
+    assert not list(spool.iterdir())
     # The documented bound: the agent keeps the session for run to resume (grace), exits
     # --idle-exit later, and the finished Job goes after ttlSecondsAfterFinished.
     bound = RESUME_TIMEOUT + manifest.IDLE_EXIT + manifest.TTL_AFTER_FINISHED + 60

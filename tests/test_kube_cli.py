@@ -2,6 +2,7 @@
 client), against kmock's emulator, through the real command line."""
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pwd
@@ -198,6 +199,39 @@ def test_kubeconfig_files_merge_as_kubectl_merges_them(api: Api, tmp_path: Path)
     one_line_error(cli(api, "ls", "--context", "elsewhere", env={"KUBECONFIG": listed}), "cannot reach")
     # --kubeconfig names one file: the first alone lacks the context it makes current.
     one_line_error(cli(api, "ls", "--kubeconfig", first), "no context 'staging'")
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_inline_credentials_never_touch_the_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client writes inline CA, certificate and key data to temporary files that only its
+    atexit removes, so a kill -9 left the user's key in /tmp: they live in memfds instead."""
+    from mirrord_tun.kube import kubeconfig as kc
+
+    spool = tmp_path / "tmp"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    ca, cert, key = b"-----CA-----\n", b"-----CERT-----\n", b"-----KEY-----\n"
+    config = write_yaml(tmp_path / "config", {
+        "current-context": "c",
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+        "clusters": [{"name": "k", "cluster": {"server": "https://198.18.0.1:6443",
+                                               "certificate-authority-data": b64(ca)}}],
+        "users": [{"name": "u", "user": {"client-certificate-data": b64(cert), "client-key-data": b64(key)}}]})
+    api, _ = kc.api_client(kc.load(config), None)
+    c = api.configuration
+    paths = [c.ssl_ca_cert, c.cert_file, c.key_file]
+    assert all(p.startswith("/proc/self/fd/") for p in paths), paths
+    assert [Path(p).read_bytes() for p in paths] == [ca, cert, key]
+    assert not list(spool.iterdir())
+    bad = write_yaml(tmp_path / "bad", {
+        "current-context": "c", "contexts": [{"name": "c", "context": {"cluster": "k"}}],
+        "clusters": [{"name": "k", "cluster": {"server": "https://198.18.0.1:6443",
+                                               "certificate-authority-data": "not base64!"}}]})
+    with pytest.raises(kc.KubeError, match="certificate-authority-data is not base64"):
+        kc.api_client(kc.load(bad), None)
 
 
 @pytest.fixture

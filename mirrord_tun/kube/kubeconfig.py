@@ -40,6 +40,13 @@ ITEMS = ("clusters", "contexts", "users")
 # kubeconfig keys naming a file -> the key holding the same content inline (base64 but for tokens).
 FILE_KEYS = {"certificate-authority": "certificate-authority-data", "client-certificate": "client-certificate-data",
              "client-key": "client-key-data", "tokenFile": "token"}
+# The client takes the CA, certificate and key as files, and writes inline data to /tmp files
+# that only its atexit removes: a kill -9 would leave the user's key behind. Each goes to a memfd
+# instead, named by its /proc/self/fd path (a file to the client and to OpenSSL), which goes with
+# the process however it ends.
+IN_MEMORY = {"certificate-authority-data": "certificate-authority", "client-certificate-data": "client-certificate",
+             "client-key-data": "client-key"}
+_memfds: dict[bytes, str] = {}  # content -> path, kept open for the process (the client reopens on reconnect)
 EXPIRY_SKEW = datetime.timedelta(seconds=30)  # fetch a new token this long before the old one expires
 PLUGIN_TIMEOUT = 120  # a plugin that is not asking the user anything
 
@@ -144,7 +151,8 @@ def api_client(cfg: KubeConfig, context: str | None) -> tuple[client.ApiClient, 
             plugin = _Plugin(cfg.who, user.pop("exec"), cluster, user_base)
             user.update(plugin.credentials())
     doc = {"apiVersion": "v1", "kind": "Config", "current-context": name,
-           "clusters": [{"name": "c", "cluster": cluster}], "users": [{"name": "u", "user": user}],
+           "clusters": [{"name": "c", "cluster": _in_memory(cluster)}],
+           "users": [{"name": "u", "user": _in_memory(user)}],
            "contexts": [{"name": name, "context": {"cluster": "c", "user": "u"}}]}
     try:
         api = config.new_client_from_config_dict(doc, context=name, persist_config=False)
@@ -183,6 +191,37 @@ def _inline(who: Principal, obj: dict[str, Any], base: str) -> dict[str, Any]:
         obj[FILE_KEYS[key]] = (content.decode(errors="replace").strip() if key == "tokenFile"
                                else base64.b64encode(content).decode())
     return obj
+
+
+def _in_memory(obj: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a cluster or user entry whose inline CA, certificate and key are memfd files
+    (and an oidc auth-provider's CA, which the client would write to /tmp on refresh)."""
+    obj = dict(obj)
+    for data_key, file_key in IN_MEMORY.items():
+        if obj.get(data_key):
+            obj[file_key] = _memfd(obj.pop(data_key), data_key)
+    provider = obj.get("auth-provider")
+    if isinstance(provider, dict) and isinstance(provider.get("config"), dict) \
+            and provider["config"].get("idp-certificate-authority-data"):
+        cfg = dict(provider["config"])
+        cfg["idp-certificate-authority"] = _memfd(cfg.pop("idp-certificate-authority-data"),
+                                                  "idp-certificate-authority-data")
+        obj["auth-provider"] = dict(provider, config=cfg)
+    return obj
+
+
+def _memfd(data: Any, key: str) -> str:
+    try:
+        content = base64.b64decode(str(data))
+    except ValueError:
+        raise KubeError(f"kubeconfig: {key} is not base64") from None
+    path = _memfds.get(content)
+    if path is None:
+        fd = os.memfd_create("mirrord-ns-kube", os.MFD_CLOEXEC)
+        with open(fd, "wb", closefd=False) as f:
+            f.write(content)
+        path = _memfds[content] = f"/proc/self/fd/{fd}"
+    return path
 
 
 def user_path(who: Principal, base: str, path: str) -> str:
