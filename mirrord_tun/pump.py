@@ -155,7 +155,7 @@ class TunPump:
 
     def __init__(self, tun_fd: int, send: Callable[[OutFrame], None], out_kind: int,
                  admit_out: Check | None, admit_in: Check, counters: Counters) -> None:
-        self._fd = tun_fd
+        self.fd = tun_fd  # -1 once stopped
         # Read through a FileIO: its readinto returns None when the TUN is drained, where
         # os.readv raises, and a raised OSError (with its strerror decoded) cost ~1.3 us of the
         # ~3 reads a new connection's request ends with on each side.
@@ -180,17 +180,17 @@ class TunPump:
 
     def pause(self) -> None:
         if self._reading:
-            self._loop.remove_reader(self._fd)
+            self._loop.remove_reader(self.fd)
             self._reading = False
 
     def resume(self) -> None:
-        if not self._reading and self._fd >= 0:
-            self._loop.add_reader(self._fd, self._on_readable)
+        if not self._reading and self.fd >= 0:
+            self._loop.add_reader(self.fd, self._on_readable)
             self._reading = True
 
     def stop(self) -> None:
         self.pause()
-        self._fd = -1
+        self.fd = -1
 
     def _on_readable(self) -> None:
         buf, view, read, admit = self._batch.buf, self._batch.view, self._file.readinto, self._admit_out
@@ -218,7 +218,7 @@ class TunPump:
     def _read_batch(self) -> None:
         """_on_readable's loop in C (datapath.tun_read_batch): the same packets, checks and counters."""
         try:
-            pos, count, drops = datapath.tun_read_batch(self._fd, self._batch.buf, Batch.start, Batch.limit,
+            pos, count, drops = datapath.tun_read_batch(self.fd, self._batch.buf, Batch.start, Batch.limit,
                                                         MAX_PACKET, self._out_spec)
         except OSError:
             self.pause()
@@ -238,8 +238,9 @@ class TunPump:
 
     def native_sink(self) -> tuple[int, tuple] | None:
         """Where the C path (sshfast's Receiver) writes this pump's incoming packets itself: the TUN
-        and the check, as `deliver` would; None when it cannot (no C path, a check it does not know)."""
-        return None if self._in_spec is None else (self._fd, self._in_spec)
+        and the check, as `deliver` would; None when it cannot (no C path, a check it does not know,
+        stopped)."""
+        return None if self._in_spec is None or self.fd < 0 else (self.fd, self._in_spec)
 
     def count_in(self, packets: int, size: int, drops: dict[str, int] | None, malformed: int = 0) -> None:
         c = self.counters
@@ -254,7 +255,7 @@ class TunPump:
         """Write a PACKETS body from the peer into the TUN (a memoryview of the decrypted message
         when it came through sshfast: its packets are written from there, never copied)."""
         if self._in_spec is not None:
-            count, size, drops = datapath.tun_write_batch(self._fd, body, self._in_spec)
+            count, size, drops = datapath.tun_write_batch(self.fd, body, self._in_spec)
             if count < 0:
                 self.counters["dropped_frames_malformed"] += 1
             else:
@@ -266,7 +267,7 @@ class TunPump:
         except Malformed:
             c["dropped_frames_malformed"] += 1
             return
-        fd, admit, count, size = self._fd, self._admit_in, 0, 0
+        fd, admit, count, size = self.fd, self._admit_in, 0, 0
         for pkt in packets:
             reason = admit(pkt) or vnet_check(pkt)
             if reason:

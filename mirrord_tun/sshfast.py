@@ -406,6 +406,7 @@ class _NativeInput:
     def __init__(self, conn: Any) -> None:
         self._conn = conn
         self._chan: Any = None  # the channel found last time
+        self._found: tuple[Any, int, Any, int, tuple] | None = None  # ... and its sink, while its pump keeps its TUN
 
     def sink(self) -> tuple[Any, int, Any, int, tuple] | None:
         """That channel and its pump's sink (FrameSession.native_sink), while _channel_data would
@@ -413,16 +414,21 @@ class _NativeInput:
         conn = self._conn
         chan = self._chan
         if chan is None or conn._channels.get(chan._recv_chan) is not chan:
+            self._found = None
             chan = self._chan = next((c for c in conn._channels.values()
                                       if getattr(c._session, "native_sink", None)), None)
             if chan is None:
                 return None
-        session = chan._session
         if (chan._recv_state != "open" or chan._send_state != "open" or chan._recv_paused or chan._encoding
-                or not getattr(session, "takes_memoryview", False)):
+                or not getattr(chan._session, "takes_memoryview", False)):
             return None
-        found = session.native_sink()
-        return None if found is None else (chan, *found)
+        found = self._found
+        # The sink is asked for twice a read: through the session, endpoint and features it is
+        # seven calls, so it is kept while its pump still has that TUN (a stopped pump has none).
+        if found is None or found[2].fd != found[3]:
+            where = chan._session.native_sink()
+            found = self._found = None if where is None else (chan, *where)
+        return found
 
     def open(self, src: memoryview, pos: int, n: int, plain: bytearray, sink: tuple) -> tuple[int, int, int]:
         """datapath.open_batch from `pos`; the new position, why it stopped, the length of the

@@ -447,3 +447,25 @@ def test_a_flipped_bit_ends_the_connection_before_the_tun() -> None:
             assert all(p == packet for k, p in tun.seen if k == "packet")
             assert 0 < len(tun.seen) < 40
     _run(go())
+
+
+@needs_c
+def test_a_stopped_pump_gets_no_more_packets_from_the_c_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C path keeps the pump it found; once the pump stops (the session ending), what comes
+    next goes the Python way, never to the TUN the pump had."""
+    calls = _counting(monkeypatch)
+
+    async def go() -> None:
+        async with _tunnel_pair() as (session, mine, _, tun):
+            before, after = _tun_packet(b"before"), _tun_packet(b"after")
+            session.write(protocol.frame(ClientMsg.PACKETS, _body([before])))
+            await _until(lambda: (tun.drain(), len(tun.seen))[1] >= 1, "the first packet")
+            used = sum(calls)
+            tun.pump.stop()
+            session.write(protocol.frame(ClientMsg.PACKETS, _body([after])))
+            session.write(protocol.frame(ClientMsg.STATS, b"end"))
+            await _until(lambda: any(b == b"end" for _, b in mine.frames), "the echo of the last frame")
+            tun.drain()
+            assert [b for k, b in tun.seen if k == "packet"] == [before]
+            assert sum(calls) == used
+    _run(go())
