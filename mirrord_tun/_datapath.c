@@ -8,8 +8,9 @@
  *    channel and one whole PACKETS frame handed to 3; it stops at the first that is anything else.
  * 3. tun_write_batch: a PACKETS body split, each packet checked (address, virtio-net header) and
  *    written to the TUN; a malformed body is refused whole, before any packet is written.
- * 4. seal: the frame 1 built, made one SSH_MSG_CHANNEL_DATA and encrypted (same AES-GCM object),
- *    ready for the transport's write.
+ * 4. send_data: the frame 1 built, made one SSH_MSG_CHANNEL_DATA, encrypted (same AES-GCM object)
+ *    and written to the transport, asyncssh's sequence number, rekey count and window advanced
+ *    (sshfast.send's checks first: anything it would leave to asyncssh, this leaves too).
  *
  * The Python modules stay the reference and the fallback (no compiler, MIRRORD_NS_NATIVE=0):
  * tests/test_datapath.py runs both on the same inputs, random and hostile, and wants the same
@@ -22,6 +23,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/random.h>
+#include <time.h>
 #include <unistd.h>
 
 #define VNET_HDR_LEN 10 /* netns/tun.py */
@@ -335,46 +337,233 @@ static int padding(uint8_t *to, size_t n) {
     return 0;
 }
 
-/* seal(aead, iv, buf, start, end, padlen, chan, out) -> (total, iv)
- * The frame buf[start:end] as one SSH_MSG_CHANNEL_DATA to `chan`, as sshfast.send builds it: the
- * message's header written into the DATA_HEAD bytes before the frame, `padlen` random bytes after
- * it, encrypted with aead.encrypt_into into out[:total] behind the packet length. `total` 0: the
- * buffers are too small (nothing written to `out`); `iv`: the nonce for the next message. */
-static PyObject *seal(PyObject *self, PyObject *args) {
-    PyObject *aead, *iv_in;
-    Py_buffer buf, out;
-    Py_ssize_t start, end, padlen;
-    unsigned long chan;
-    if (!PyArg_ParseTuple(args, "OSw*nnnkw*", &aead, &iv_in, &buf, &start, &end, &padlen, &chan, &out))
+/* The asyncssh state send_data reads and advances (sshfast.send is the reference; the round
+ * trips of tests/test_sshfast.py fail if asyncssh renames any), interned once; what bind() gives. */
+static PyObject *s_conn, *s_send_encryption, *s_cipher, *s_mrd_aead, *s_compressor, *s_kex_complete,
+    *s_auth_complete, *s_send_state, *s_send_buf, *s_send_window, *s_send_pktsize, *s_transport,
+    *s_rekey_bytes_sent, *s_rekey_bytes, *s_rekey_seconds, *s_rekey_time, *s_send_blocksize, *s_send_enchdrlen,
+    *s_mrd_out, *s_iv, *s_send_seq, *s_send_chan, *s_write, *s_get_write_buffer_size, *s_open;
+static PyObject *gcm_type, *aead_of; /* asyncssh's GCMEncryption, sshfast._aead */
+static Py_ssize_t packet_max;
+
+/* bind(GCMEncryption, aead_of, packet_max): what send_data needs from sshfast, once. */
+static PyObject *bind(PyObject *self, PyObject *args) {
+    PyObject *type, *of;
+    Py_ssize_t max;
+    if (!PyArg_ParseTuple(args, "O!On", &PyType_Type, &type, &of, &max))
         return NULL;
-    PyObject *result = NULL;
-    Py_ssize_t size = end - start, pktlen;
-    if (PyBytes_GET_SIZE(iv_in) != 12 || size <= 0 || padlen < 4 || padlen > 255 || size > 0xFFFFFFFFLL) {
-        PyErr_SetString(PyExc_ValueError, "seal: bad arguments");
+    Py_XSETREF(gcm_type, Py_NewRef(type));
+    Py_XSETREF(aead_of, Py_NewRef(of));
+    packet_max = max;
+    Py_RETURN_NONE;
+}
+
+/* getattr(obj, name) as a Py_ssize_t; -1 (no error set) when it is not an int that fits. */
+static Py_ssize_t attr_size(PyObject *obj, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (!v)
+        return -1;
+    Py_ssize_t n = PyLong_Check(v) ? PyLong_AsSsize_t(v) : -1;
+    Py_DECREF(v);
+    if (n < 0)
+        PyErr_Clear();
+    return n;
+}
+
+/* 1 if getattr(obj, name) is true, 0 if false, -1 on an error. */
+static int attr_true(PyObject *obj, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (!v)
+        return -1;
+    int r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+static int set_size(PyObject *obj, PyObject *name, Py_ssize_t n) {
+    PyObject *v = PyLong_FromSsize_t(n);
+    int r = v ? PyObject_SetAttr(obj, name, v) : -1;
+    Py_XDECREF(v);
+    return r;
+}
+
+/* Whether asyncssh would send channel data of `size` bytes on chan as one message now, with
+ * AES-GCM and nothing queued: sshfast.send's conditions. 1 yes, 0 no, -1 on an error. */
+static int can_send(PyObject *conn, PyObject *chan, PyObject *enc, Py_ssize_t size) {
+    int t;
+    if (Py_TYPE(enc) != (PyTypeObject *)gcm_type || size <= 0)
+        return 0;
+    if ((t = attr_true(conn, s_compressor)) != 0 || (t = attr_true(conn, s_kex_complete)) != 1
+            || (t = attr_true(conn, s_auth_complete)) != 1 || (t = attr_true(chan, s_send_buf)) != 0)
+        return t < 0 ? -1 : 0;
+    PyObject *state = PyObject_GetAttr(chan, s_send_state);
+    if (!state)
+        return -1;
+    t = PyUnicode_Check(state) && PyUnicode_Compare(state, s_open) == 0;
+    Py_DECREF(state);
+    if (!t || size > attr_size(chan, s_send_window) || size > attr_size(chan, s_send_pktsize))
+        return PyErr_Occurred() ? -1 : 0;
+    PyObject *transport = PyObject_GetAttr(conn, s_transport);
+    if (!transport)
+        return -1;
+    t = transport != Py_None;
+    Py_DECREF(transport);
+    Py_ssize_t sent = attr_size(conn, s_rekey_bytes_sent), limit = attr_size(conn, s_rekey_bytes);
+    if (!t || sent < 0 || limit < 0 || sent >= limit)
+        return PyErr_Occurred() ? -1 : 0;
+    if ((t = attr_true(conn, s_rekey_seconds)) != 0) {
+        if (t < 0)
+            return -1;
+        struct timespec now; /* time.monotonic()'s clock */
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        PyObject *when = PyObject_GetAttr(conn, s_rekey_time);
+        double due = when ? PyFloat_AsDouble(when) : -1.0;
+        Py_XDECREF(when);
+        if (PyErr_Occurred())
+            return -1;
+        if ((double)now.tv_sec + now.tv_nsec * 1e-9 >= due)
+            return 0;
+    }
+    return 1;
+}
+
+/* conn._mrd_out, the connection's reused output buffer, made at least `size` bytes (sshfast._out_buffer). */
+static PyObject *out_buffer(PyObject *conn, Py_ssize_t size) {
+    PyObject *out = PyObject_GetAttr(conn, s_mrd_out);
+    if (!out)
+        PyErr_Clear();
+    if (out && PyByteArray_CheckExact(out) && PyByteArray_GET_SIZE(out) >= size)
+        return out;
+    Py_XDECREF(out);
+    out = PyByteArray_FromStringAndSize(NULL, size > packet_max ? size : packet_max);
+    if (out && PyObject_SetAttr(conn, s_mrd_out, out) < 0)
+        Py_CLEAR(out);
+    return out;
+}
+
+/* The frame in frame[start:end] as one SSH_MSG_CHANNEL_DATA to `chan` in out[:4 + pktlen + tag]: the
+ * message's header written into the DATA_HEAD bytes before the frame, the padding after it,
+ * encrypted with aead.encrypt_into behind the packet length; cipher._iv advanced. 0 when the
+ * frame's buffer has no room around it (nothing written), 1 done, -1 on an error. */
+static int seal(PyObject *cipher, PyObject *aead, Py_buffer *frame, Py_ssize_t start, Py_ssize_t end,
+                Py_ssize_t padlen, uint32_t chan, uint8_t *out) {
+    Py_ssize_t size = end - start, pktlen = DATA_HEAD + size + padlen;
+    if (start < DATA_HEAD || end + padlen > frame->len || size > 0xFFFFFFFFLL)
+        return 0;
+    PyObject *iv_in = PyObject_GetAttr(cipher, s_iv);
+    if (!iv_in)
+        return -1;
+    int r = -1;
+    if (!PyBytes_Check(iv_in) || PyBytes_GET_SIZE(iv_in) != 12) {
+        r = 0;
         goto done;
     }
-    pktlen = DATA_HEAD + size + padlen;
-    if (start < DATA_HEAD || end + padlen > buf.len || 4 + pktlen + SSH_TAG > out.len) {
-        result = Py_BuildValue("iO", 0, iv_in);
-        goto done;
-    }
-    uint8_t *head = (uint8_t *)buf.buf + start - DATA_HEAD;
+    uint8_t *head = (uint8_t *)frame->buf + start - DATA_HEAD;
     head[0] = (uint8_t)padlen;
     head[1] = MSG_CHANNEL_DATA;
-    put_u32(head + 2, (uint32_t)chan);
+    put_u32(head + 2, chan);
     put_u32(head + 6, (uint32_t)size);
-    if (padding((uint8_t *)buf.buf + end, (size_t)padlen) < 0)
+    if (padding((uint8_t *)frame->buf + end, (size_t)padlen) < 0)
         goto done;
-    put_u32(out.buf, (uint32_t)pktlen);
-    if (aead_into(s_encrypt_into, aead, iv_in, head, pktlen, out.buf, (uint8_t *)out.buf + 4, pktlen + SSH_TAG) < 0)
+    put_u32(out, (uint32_t)pktlen);
+    if (aead_into(s_encrypt_into, aead, iv_in, head, pktlen, out, out + 4, pktlen + SSH_TAG) < 0)
         goto done;
     uint8_t iv[12];
     memcpy(iv, PyBytes_AS_STRING(iv_in), 12);
     next_nonce(iv);
-    result = Py_BuildValue("ny#", 4 + pktlen + SSH_TAG, (const char *)iv, (Py_ssize_t)12);
+    PyObject *next = PyBytes_FromStringAndSize((const char *)iv, 12);
+    if (next) {
+        r = PyObject_SetAttr(cipher, s_iv, next) < 0 ? -1 : 1;
+        Py_DECREF(next);
+    }
 done:
-    PyBuffer_Release(&buf);
-    PyBuffer_Release(&out);
+    Py_DECREF(iv_in);
+    return r;
+}
+
+/* send_data(chan, frame, start, end) -> bool
+ * sshfast.send for a frame built in place (an OutFrame: frame[start:end], with room before and
+ * after it), in C: when asyncssh would send it as one message now, it is sealed into the
+ * connection's output buffer, written to the transport, and the sequence number, rekey count
+ * and window advanced as asyncssh would; False (nothing sent, nothing changed) where asyncssh
+ * must do it. */
+static PyObject *send_data(PyObject *self, PyObject *args) {
+    PyObject *chan, *frame_obj;
+    Py_ssize_t start, end;
+    if (!PyArg_ParseTuple(args, "OOnn", &chan, &frame_obj, &start, &end))
+        return NULL;
+    if (!gcm_type) {
+        PyErr_SetString(PyExc_RuntimeError, "send_data before bind");
+        return NULL;
+    }
+    PyObject *conn = NULL, *enc = NULL, *cipher = NULL, *aead = NULL, *out = NULL, *transport = NULL,
+             *view = NULL, *r = NULL, *result = NULL;
+    Py_buffer frame = {0};
+    Py_ssize_t size = end - start;
+    int ok;
+    if (!(conn = PyObject_GetAttr(chan, s_conn)))
+        return NULL;
+    if (conn == Py_None || !(enc = PyObject_GetAttr(conn, s_send_encryption)))
+        goto refuse;
+    if ((ok = can_send(conn, chan, enc, size)) <= 0)
+        goto refuse;
+    if (!(cipher = PyObject_GetAttr(enc, s_cipher)))
+        goto done;
+    if (!(aead = PyObject_GetAttr(cipher, s_mrd_aead))) { /* the first message with this key */
+        PyErr_Clear();
+        if (!(aead = PyObject_CallOneArg(aead_of, enc)))
+            goto done;
+    }
+    Py_ssize_t blocksize = attr_size(conn, s_send_blocksize), enchdrlen = attr_size(conn, s_send_enchdrlen);
+    Py_ssize_t chan_id = attr_size(chan, s_send_chan);
+    if (blocksize <= 0 || enchdrlen < 0 || chan_id < 0 || chan_id > 0xFFFFFFFFLL)
+        goto refuse;
+    Py_ssize_t padlen = ((-(enchdrlen + 9 + size)) % blocksize + blocksize) % blocksize;
+    if (padlen < 4)
+        padlen += blocksize;
+    Py_ssize_t pktlen = DATA_HEAD + size + padlen, total = 4 + pktlen + SSH_TAG;
+    if (padlen > 255 || !(out = out_buffer(conn, total)))
+        goto refuse;
+    if (PyObject_GetBuffer(frame_obj, &frame, PyBUF_WRITABLE) < 0)
+        goto done;
+    if ((ok = seal(cipher, aead, &frame, start, end, padlen, (uint32_t)chan_id,
+                   (uint8_t *)PyByteArray_AS_STRING(out))) <= 0)
+        goto refuse;
+    if (!(transport = PyObject_GetAttr(conn, s_transport)) || !(view = PyMemoryView_FromObject(out)))
+        goto done;
+    Py_SETREF(view, PySequence_GetSlice(view, 0, total));
+    if (!view || !(r = PyObject_CallMethodOneArg(transport, s_write, view)))
+        goto done;
+    Py_SETREF(r, PyObject_CallMethodNoArgs(transport, s_get_write_buffer_size));
+    if (!r || ((ok = PyObject_IsTrue(r)) > 0 && PyObject_SetAttr(conn, s_mrd_out, Py_None) < 0) || ok < 0)
+        goto done;
+    /* Sent at once (the usual case): the buffer is ours again for the next message. Otherwise the
+     * transport queued a view of it, and the next message gets a new one. */
+    PyObject *seq = PyObject_GetAttr(conn, s_send_seq);
+    unsigned long next = seq ? (PyLong_AsUnsignedLongMask(seq) + 1) & 0xFFFFFFFFul : 0;
+    Py_XDECREF(seq);
+    PyObject *next_seq = seq && !PyErr_Occurred() ? PyLong_FromUnsignedLong(next) : NULL;
+    ok = next_seq && PyObject_SetAttr(conn, s_send_seq, next_seq) == 0;
+    Py_XDECREF(next_seq);
+    if (!ok || set_size(conn, s_rekey_bytes_sent, attr_size(conn, s_rekey_bytes_sent) + pktlen) < 0
+            || set_size(chan, s_send_window, attr_size(chan, s_send_window) - size) < 0)
+        goto done;
+    result = Py_NewRef(Py_True);
+    goto done;
+refuse:
+    if (!PyErr_Occurred())
+        result = Py_NewRef(Py_False);
+done:
+    if (frame.obj)
+        PyBuffer_Release(&frame);
+    Py_XDECREF(conn);
+    Py_XDECREF(enc);
+    Py_XDECREF(cipher);
+    Py_XDECREF(aead);
+    Py_XDECREF(out);
+    Py_XDECREF(transport);
+    Py_XDECREF(view);
+    Py_XDECREF(r);
     return result;
 }
 
@@ -467,17 +656,28 @@ static PyMethodDef methods[] = {
     {"tun_read_batch", tun_read_batch, METH_VARARGS, "Read every ready TUN packet into a PACKETS body."},
     {"tun_write_batch", tun_write_batch, METH_VARARGS, "Check and write a PACKETS body's packets to a TUN."},
     {"open_batch", open_batch, METH_VARARGS, "Decrypt SSH packets and deliver the tunnel's channel data."},
-    {"seal", seal, METH_VARARGS, "Build and encrypt one SSH channel data message around a frame."},
+    {"send_data", send_data, METH_VARARGS, "Send a frame built in place as one SSH channel data message."},
+    {"bind", bind, METH_VARARGS, "Give send_data asyncssh's GCMEncryption, sshfast._aead and the largest packet."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "_datapath", .m_size = -1, .m_methods = methods};
 
 PyMODINIT_FUNC PyInit__datapath(void) {
-    s_decrypt_into = PyUnicode_InternFromString("decrypt_into");
-    s_encrypt_into = PyUnicode_InternFromString("encrypt_into");
-    if (!s_decrypt_into || !s_encrypt_into)
-        return NULL;
+    struct { PyObject **name; const char *text; } names[] = {
+        {&s_decrypt_into, "decrypt_into"}, {&s_encrypt_into, "encrypt_into"}, {&s_conn, "_conn"},
+        {&s_send_encryption, "_send_encryption"}, {&s_cipher, "_cipher"}, {&s_mrd_aead, "_mrd_aead"},
+        {&s_compressor, "_compressor"}, {&s_kex_complete, "_kex_complete"}, {&s_auth_complete, "_auth_complete"},
+        {&s_send_state, "_send_state"}, {&s_send_buf, "_send_buf"}, {&s_send_window, "_send_window"},
+        {&s_send_pktsize, "_send_pktsize"}, {&s_transport, "_transport"}, {&s_rekey_bytes_sent, "_rekey_bytes_sent"},
+        {&s_rekey_bytes, "_rekey_bytes"}, {&s_rekey_seconds, "_rekey_seconds"}, {&s_rekey_time, "_rekey_time"},
+        {&s_send_blocksize, "_send_blocksize"}, {&s_send_enchdrlen, "_send_enchdrlen"}, {&s_mrd_out, "_mrd_out"},
+        {&s_iv, "_iv"}, {&s_send_seq, "_send_seq"}, {&s_send_chan, "_send_chan"}, {&s_write, "write"},
+        {&s_get_write_buffer_size, "get_write_buffer_size"}, {&s_open, "open"},
+    };
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if (!(*names[i].name = PyUnicode_InternFromString(names[i].text)))
+            return NULL;
     PyObject *m = PyModule_Create(&module);
 #ifdef DATAPATH_SOURCE_SHA256 /* setup.py: native.py uses no extension built from another source */
     if (m && PyModule_AddStringConstant(m, "SOURCE_SHA256", DATAPATH_SOURCE_SHA256) < 0)

@@ -114,8 +114,13 @@ def send(chan: asyncssh.SSHChannel, frame: bytes | OutFrame) -> bool:
     """Send a frame as one SSH_MSG_CHANNEL_DATA; False (nothing sent) where asyncssh must do it:
     then the caller writes through the channel, which keeps the order (we only ever go first
     while its send buffer is empty)."""
+    if not ENABLED:
+        return False
+    if datapath is not None and type(frame) is OutFrame:
+        # The pump's frame: the same checks, message and state updates in C (_datapath.c's send_data).
+        return datapath.send_data(chan, frame.buf, frame.start, frame.end)
     conn = chan._conn
-    if not ENABLED or conn is None:  # None: the channel is gone
+    if conn is None:  # the channel is gone
         return False
     enc = conn._send_encryption
     aead = _aead(enc)
@@ -133,14 +138,7 @@ def send(chan: asyncssh.SSHChannel, frame: bytes | OutFrame) -> bool:
     pktlen = _HEAD_LEN + size + padlen
     total = 4 + pktlen + _TAG
     out = _out_buffer(conn, total)
-    cipher = enc._cipher
-    if datapath is not None and type(frame) is OutFrame:
-        # The same message built and encrypted in C (_datapath.c's seal).
-        done, cipher._iv = datapath.seal(aead, cipher._iv, frame.buf, frame.start, frame.end, padlen,
-                                         chan._send_chan, out)
-        if not done:
-            return False
-    elif not _encrypt(aead, cipher, frame, padlen, chan._send_chan, out, total):
+    if not _encrypt(aead, enc._cipher, frame, padlen, chan._send_chan, out, total):
         return False
     transport = conn._transport
     transport.write(memoryview(out)[:total])
@@ -204,6 +202,8 @@ class _Decrypted:
 # for the rest of the message, the length and the tag): each reused buffer is made this size once,
 # not grown step by step (every step would leave a freed buffer behind in the heap).
 _PACKET_MAX = 4 + sshopts.MAX_PKTSIZE + 1024 + _TAG
+if datapath is not None:
+    datapath.bind(GCMEncryption, _aead, _PACKET_MAX)
 _SMALL = 4096  # packets decrypted into a new bytes object, not the reused buffer (see _decrypt)
 # How much a read may bring at least: uvloop reads 256 KiB at a time into a buffer of its own.
 _READ_SIZE = 256 * 1024
