@@ -469,3 +469,42 @@ def test_a_stopped_pump_gets_no_more_packets_from_the_c_path(monkeypatch: pytest
             assert [b for k, b in tun.seen if k == "packet"] == [before]
             assert sum(calls) == used
     _run(go())
+
+
+@needs_c
+def test_the_c_send_advances_asyncssh_as_the_python_send_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """datapath.send_data against sshfast.send's Python: for the same frames, the same sequence
+    numbers, rekey count and window used, the same refusals, and the peer reads every frame."""
+    async def go() -> None:
+        server, conn, session, mine, _ = await _pair()
+        try:
+            chan = session.chan
+            assert chan is not None
+            buf = bytearray(sshfast.HEADROOM + 300 * 1024 + sshfast.TAILROOM)
+            sent: list[bytes] = []
+
+            def one(body: bytes, native: bool) -> tuple[bool, int, int, int]:
+                monkeypatch.setattr(sshfast, "datapath", datapath if native else None)
+                before = (conn._send_seq, conn._rekey_bytes_sent, chan._send_window)
+                whole = protocol.frame(ClientMsg.PACKETS, body)
+                buf[sshfast.HEADROOM : sshfast.HEADROOM + len(whole)] = whole
+                ok = sshfast.send(chan, sshfast.OutFrame(buf, sshfast.HEADROOM, sshfast.HEADROOM + len(whole)))
+                if ok:
+                    sent.append(body)
+                return (ok, conn._send_seq - before[0], conn._rekey_bytes_sent - before[1],
+                        before[2] - chan._send_window)
+
+            for size in (1, 15, 16, 17, 1500, 65_000, 200 * 1024):
+                body = os.urandom(size)
+                assert one(body, True) == one(body, False), size
+                await asyncio.sleep(0)
+            window = chan._send_window
+            chan._send_window = 10  # less than any frame: both leave it to asyncssh, nothing changed
+            assert one(b"x" * 20, True) == one(b"x" * 20, False) == (False, 0, 0, 0)
+            chan._send_window = window
+            await _until(lambda: len(mine.frames) == len(sent), "the echoes")
+            assert mine.frames == [(ClientMsg.PACKETS, b) for b in sent]
+        finally:
+            conn.close()
+            server.close()
+    _run(go())
