@@ -567,25 +567,41 @@ done:
     return result;
 }
 
-/* open_batch(src, start, end, max_pktlen, aead, iv, plain, chan, window, low_window, kind, fd, check)
- *   -> (pos, messages, consumed, iv, packets, size, drops, stopped, stopped_len, malformed)
- * Every whole SSH packet in src[start:end]: decrypted into `plain` with aead.decrypt_into; while
- * each is CHANNEL_DATA to `chan`, leaves the window at least `low_window`, and is exactly one
- * frame of `kind`, its packets go to the TUN (`messages` of them, `consumed` bytes of window,
- * `malformed` bodies refused whole). `stopped`: 0 at a packet not wholly received yet (pos at
- * its start), 1 at one the caller's own path must take (too long, or longer than `plain`; pos at
- * its start, not decrypted), 2 after a packet that is something else (pos after it, its
- * plaintext in plain[:stopped_len], not counted in `messages`). `iv`: the nonce after the last
- * packet decrypted. */
+/* counters[key] += n for a dict (a Counter: a missing key counts 0); -1 on an error. */
+static int count(PyObject *counters, PyObject *key, Py_ssize_t n) {
+    if (!n)
+        return 0;
+    PyObject *old = PyDict_GetItemWithError(counters, key);
+    Py_ssize_t was = old ? PyLong_AsSsize_t(old) : 0;
+    PyObject *now = PyErr_Occurred() ? NULL : PyLong_FromSsize_t(was + n);
+    int r = now ? PyDict_SetItem(counters, key, now) : -1;
+    Py_XDECREF(now);
+    return r;
+}
+
+/* The receive side's asyncssh state open_batch reads (and, after, advances). */
+static PyObject *s_recv_encryption, *s_max_recv_pktlen, *s_recv_seq, *s_recv_chan, *s_recv_window,
+    *s_init_recv_window, *s_packets_in, *s_bytes_in, *s_malformed_frames;
+
+/* open_batch(src, start, end, plain, conn, chan, kind, fd, check, counters)
+ *   -> (pos, messages, stopped, stopped_len)
+ * Every whole SSH packet in src[start:end]: decrypted into `plain` with the connection's AES-GCM
+ * object; while each is CHANNEL_DATA to `chan`, leaves its window at least half open, and is
+ * exactly one frame of `kind`, its packets go to the TUN (`messages` of them). `stopped`: 0 at a
+ * packet not wholly received yet (pos at its start), 1 at one the caller's own path must take
+ * (too long, or longer than `plain`; pos at its start, not decrypted), 2 after a packet that is
+ * something else (pos after it, its plaintext in plain[:stopped_len], its sequence number not
+ * counted). Then, as sshfast's Python would: the cipher's nonce, the connection's sequence
+ * number and the channel's window advanced, and the pump's counters (packets_in, bytes_in, the
+ * drops, dropped_frames_malformed for a body refused whole). */
 static PyObject *open_batch(PyObject *self, PyObject *args) {
     Py_buffer src, plain;
-    Py_ssize_t start, end, max_pktlen, window, low_window;
-    PyObject *aead, *iv_in, *spec;
-    unsigned long chan;
+    Py_ssize_t start, end;
+    PyObject *conn, *chan_obj, *spec, *counters;
     int kind, fd;
     check_t check;
-    if (!PyArg_ParseTuple(args, "y*nnnOSw*knniiO", &src, &start, &end, &max_pktlen, &aead, &iv_in, &plain,
-                          &chan, &window, &low_window, &kind, &fd, &spec))
+    if (!PyArg_ParseTuple(args, "y*nnw*OOiiOO!", &src, &start, &end, &plain, &conn, &chan_obj, &kind, &fd, &spec,
+                          &PyDict_Type, &counters))
         return NULL;
     if (parse_check(spec, &check) < 0) {
         PyBuffer_Release(&src);
@@ -593,10 +609,22 @@ static PyObject *open_batch(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_ssize_t drops[N_REASONS] = {0}, messages = 0, consumed = 0, packets = 0, size = 0, stopped_len = 0;
-    int stopped = 0;
+    int stopped = 0, decrypted = 0;
     uint8_t iv[12];
-    PyObject *result = NULL;
-    if (PyBytes_GET_SIZE(iv_in) != 12 || start < 0 || end > src.len || start > end) {
+    PyObject *result = NULL, *enc = NULL, *cipher = NULL, *aead = NULL, *iv_in = NULL;
+    Py_ssize_t max_pktlen = attr_size(conn, s_max_recv_pktlen), chan = attr_size(chan_obj, s_recv_chan);
+    Py_ssize_t window = attr_size(chan_obj, s_recv_window), low_window = attr_size(chan_obj, s_init_recv_window);
+    if (PyErr_Occurred() || !(enc = PyObject_GetAttr(conn, s_recv_encryption))
+            || !(cipher = PyObject_GetAttr(enc, s_cipher)) || !(iv_in = PyObject_GetAttr(cipher, s_iv)))
+        goto done;
+    if (!(aead = PyObject_GetAttr(cipher, s_mrd_aead))) { /* the first message with this key */
+        PyErr_Clear();
+        if (!(aead = PyObject_CallOneArg(aead_of, enc)))
+            goto done;
+    }
+    low_window = (low_window + 1) / 2;
+    if (!PyBytes_Check(iv_in) || PyBytes_GET_SIZE(iv_in) != 12 || start < 0 || end > src.len || start > end
+            || max_pktlen < 0 || chan < 0 || chan > 0xFFFFFFFFLL || window < 0 || aead == Py_None) {
         PyErr_SetString(PyExc_ValueError, "open_batch: bad arguments");
         goto done;
     }
@@ -618,10 +646,11 @@ static PyObject *open_batch(PyObject *self, PyObject *args) {
         if (failed)
             goto done; /* InvalidTag and friends: the caller ends the connection */
         next_nonce(iv);
+        decrypted = 1;
         pos += 4 + pktlen + SSH_TAG;
         const uint8_t *p = plain.buf;
         Py_ssize_t padlen = pktlen > 0 ? p[0] : 0;
-        int fast = pktlen >= DATA_HEAD + FRAME_HEADER && p[1] == MSG_CHANNEL_DATA && get_u32(p + 2) == chan;
+        int fast = pktlen >= DATA_HEAD + FRAME_HEADER && p[1] == MSG_CHANNEL_DATA && get_u32(p + 2) == (uint32_t)chan;
         Py_ssize_t data = fast ? get_u32(p + 6) : 0;
         fast = fast && DATA_HEAD + data == pktlen - padlen && window - consumed - data >= low_window;
         const uint8_t *frame = p + DATA_HEAD;
@@ -636,16 +665,42 @@ static PyObject *open_batch(PyObject *self, PyObject *args) {
         consumed += data;
         Py_ssize_t n = write_body(fd, frame + FRAME_HEADER, data - FRAME_HEADER, &check, drops, &size);
         if (n < 0)
-            drops[OK]++; /* slot 0 is free: the malformed bodies, counted by the caller */
+            drops[OK]++; /* slot 0 is free: the bodies refused whole */
         else
             packets += n;
     }
-    PyObject *d = drops_dict(drops, &check);
-    if (!d)
-        goto done;
-    result = Py_BuildValue("nnny#nnNinn", pos, messages, consumed, (const char *)iv, (Py_ssize_t)12, packets, size, d,
-                           stopped, stopped_len, drops[0]);
+    if (decrypted) {
+        PyObject *next = PyBytes_FromStringAndSize((const char *)iv, 12);
+        int r = next ? PyObject_SetAttr(cipher, s_iv, next) : -1;
+        Py_XDECREF(next);
+        if (r < 0)
+            goto done;
+    }
+    if (messages) {
+        PyObject *seq = PyObject_GetAttr(conn, s_recv_seq);
+        unsigned long next = seq ? (PyLong_AsUnsignedLongMask(seq) + (unsigned long)messages) & 0xFFFFFFFFul : 0;
+        Py_XDECREF(seq);
+        PyObject *next_seq = seq && !PyErr_Occurred() ? PyLong_FromUnsignedLong(next) : NULL;
+        int ok = next_seq && PyObject_SetAttr(conn, s_recv_seq, next_seq) == 0;
+        Py_XDECREF(next_seq);
+        if (!ok || set_size(chan_obj, s_recv_window, window - consumed) < 0 || count(counters, s_packets_in, packets) < 0
+                || count(counters, s_bytes_in, size) < 0 || count(counters, s_malformed_frames, drops[OK]) < 0)
+            goto done;
+        PyObject *d = drops_dict(drops, &check), *key, *n;
+        Py_ssize_t i = 0;
+        while (d && d != Py_None && PyDict_Next(d, &i, &key, &n))
+            if (count(counters, key, PyLong_AsSsize_t(n)) < 0)
+                break;
+        Py_XDECREF(d);
+        if (!d || PyErr_Occurred())
+            goto done;
+    }
+    result = Py_BuildValue("nnin", pos, messages, stopped, stopped_len);
 done:
+    Py_XDECREF(enc);
+    Py_XDECREF(cipher);
+    Py_XDECREF(aead);
+    Py_XDECREF(iv_in);
     release_check(&check);
     PyBuffer_Release(&src);
     PyBuffer_Release(&plain);
@@ -674,6 +729,10 @@ PyMODINIT_FUNC PyInit__datapath(void) {
         {&s_send_blocksize, "_send_blocksize"}, {&s_send_enchdrlen, "_send_enchdrlen"}, {&s_mrd_out, "_mrd_out"},
         {&s_iv, "_iv"}, {&s_send_seq, "_send_seq"}, {&s_send_chan, "_send_chan"}, {&s_write, "write"},
         {&s_get_write_buffer_size, "get_write_buffer_size"}, {&s_open, "open"},
+        {&s_recv_encryption, "_recv_encryption"}, {&s_max_recv_pktlen, "_max_recv_pktlen"},
+        {&s_recv_seq, "_recv_seq"}, {&s_recv_chan, "_recv_chan"}, {&s_recv_window, "_recv_window"},
+        {&s_init_recv_window, "_init_recv_window"}, {&s_packets_in, "packets_in"}, {&s_bytes_in, "bytes_in"},
+        {&s_malformed_frames, "dropped_frames_malformed"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (!(*names[i].name = PyUnicode_InternFromString(names[i].text)))

@@ -401,7 +401,7 @@ class Receiver:
 
 class _NativeInput:
     """The C path's side of a Receiver (datapath.open_batch): it finds the channel whose PACKETS a
-    pump takes, and writes back what the C did, where asyncssh and the pump keep it."""
+    pump takes, and hands the C the connection, the channel and the pump's TUN, check and counters."""
 
     def __init__(self, conn: Any) -> None:
         self._conn = conn
@@ -431,22 +431,14 @@ class _NativeInput:
         return found
 
     def open(self, src: memoryview, pos: int, n: int, plain: bytearray, sink: tuple) -> tuple[int, int, int]:
-        """datapath.open_batch from `pos`; the new position, why it stopped, the length of the
-        packet it stopped at (see _datapath.c)."""
+        """datapath.open_batch from `pos`, which advances asyncssh's state and the pump's counters
+        itself; the new position, why it stopped, the length of the packet it stopped at."""
         chan, kind, pump, fd, check = sink
-        conn = self._conn
-        enc = conn._recv_encryption
-        cipher = enc._cipher
         try:
-            pos, messages, consumed, cipher._iv, packets, size, drops, stopped, pktlen, malformed = datapath.open_batch(
-                src, pos, n, conn._max_recv_pktlen, _aead(enc), cipher._iv, plain, chan._recv_chan,
-                chan._recv_window, (chan._init_recv_window + 1) // 2, kind, fd, check)
+            pos, _, stopped, pktlen = datapath.open_batch(src, pos, n, plain, self._conn, chan, kind, fd, check,
+                                                          pump.counters)
         except InvalidTag:
             raise asyncssh.MACError("MAC verification failed") from None
-        if messages:
-            conn._recv_seq = (conn._recv_seq + messages) & _SEQ_MASK
-            chan._recv_window -= consumed
-            pump.count_in(packets, size, drops, malformed)
         return pos, stopped, pktlen
 
 

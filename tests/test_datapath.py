@@ -256,20 +256,29 @@ def test_channel_data_from_a_hostile_peer_goes_to_the_tun_as_the_python_would(me
     with _two_tuns() as ((c_in, c_out), (py_in, py_out)):
         def run() -> None:
             c, py = _pumps(c_in.fileno(), py_in.fileno(), None, check, [])
-            iv, pos, plain_buf = first_nonce, 0, bytearray(1 << 16)
+            # asyncssh's state as open_batch reads and advances it (sshfast's _NativeInput hands it the real one).
+            cipher = types.SimpleNamespace(_mrd_aead=aead, _iv=first_nonce)
+            conn = types.SimpleNamespace(_recv_encryption=types.SimpleNamespace(_cipher=cipher),
+                                         _max_recv_pktlen=1 << 16, _recv_seq=2**32 - 2)
+            chan = types.SimpleNamespace(_recv_chan=CHAN, _recv_window=1 << 30, _init_recv_window=0)
+            pos, plain_buf, taken_all, window = 0, bytearray(1 << 16), 0, 1 << 30
             for (plain, agrees), end in zip(messages, ends):
                 # One message per call (`end`): each call's verdict is that message's.
-                pos, taken, consumed, iv, packets, size, drops, stopped, stopped_len, malformed = datapath.open_batch(
-                    bytes(wire), pos, end, 1 << 16, aead, iv, plain_buf, CHAN, 1 << 30, 0, ClientMsg.PACKETS,
-                    c_in.fileno(), check.native)
+                pos, taken, stopped, stopped_len = datapath.open_batch(
+                    bytes(wire), pos, end, plain_buf, conn, chan, ClientMsg.PACKETS, c_in.fileno(), check.native,
+                    c.counters)
                 assert pos == end
                 if agrees:
-                    assert (taken, stopped, consumed) == (1, 0, len(plain) - plain[0] - 10)
-                    c.count_in(packets, size, drops, malformed)
+                    assert (taken, stopped) == (1, 0)
+                    window -= len(plain) - plain[0] - 10
                     py.deliver(memoryview(plain)[15 : len(plain) - plain[0]])
                 else:
                     assert (taken, stopped, stopped_len) == (0, 2, len(plain))
                     assert bytes(plain_buf[: len(plain)]) == plain  # decrypted, for the caller's own path
+                taken_all += taken
                 assert _drain(c_out) == _drain(py_out)
             assert c.counters == py.counters
+            assert (conn._recv_seq, chan._recv_window) == ((2**32 - 2 + taken_all) % 2**32, window)
+            nonce = int.from_bytes(first_nonce[4:]) + len(messages)  # every message decrypted, taken or not
+            assert cipher._iv == first_nonce[:4] + (nonce % 2**64).to_bytes(8)
         _in_loop(run)
