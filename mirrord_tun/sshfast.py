@@ -272,7 +272,7 @@ class Receiver:
         """Between two packets, with nothing left in asyncssh's buffer, AES-GCM and no compression."""
         conn = self._conn
         return (not conn._inpbuf and conn._recv_handler == self._boundary and conn._auth_complete
-                and not conn._decompressor and _aead(conn._recv_encryption) is not None)
+                and not conn._decompressor and type(conn._recv_encryption) is GCMEncryption)
 
     def _take_over(self) -> bool:
         """Take the input from asyncssh where it can be taken: with AES-GCM, also in the middle of
@@ -331,8 +331,8 @@ class Receiver:
             inp.clear()
             if conn._recv_handler == self._boundary:
                 self._slow()
-        elif not inp:
-            inp.clear()
+        elif inp.start == inp.end:  # all handled (the usual case): the next read goes to the front
+            inp.start = inp.end = 0
 
     def _packets(self, src: memoryview) -> tuple[int, bool]:
         """Handle every whole packet in `src` while the connection stays ours; the bytes used,
@@ -344,8 +344,14 @@ class Receiver:
         with memoryview(src) as view:
             while n - pos >= 4 + _TAG:
                 if sink is not None:
-                    # The tunnel's packets in C, up to the first message that is anything else.
-                    pos, stopped, pktlen = native.open(src, pos, n, self._plain, sink)
+                    # The tunnel's packets in C, up to the first message that is anything else;
+                    # it advances asyncssh's state and the pump's counters itself.
+                    chan, kind, pump, fd, check = sink
+                    try:
+                        pos, _, stopped, pktlen = datapath.open_batch(src, pos, n, self._plain, conn, chan, kind,
+                                                                      fd, check, pump.counters)
+                    except InvalidTag:
+                        raise asyncssh.MACError("MAC verification failed") from None
                     if stopped == 0:
                         break
                     if stopped == 1:
@@ -400,8 +406,8 @@ class Receiver:
 
 
 class _NativeInput:
-    """The C path's side of a Receiver (datapath.open_batch): it finds the channel whose PACKETS a
-    pump takes, and hands the C the connection, the channel and the pump's TUN, check and counters."""
+    """The C path's side of a Receiver: it finds the channel whose PACKETS a pump takes, for
+    datapath.open_batch (the connection, that channel, the pump's TUN, check and counters)."""
 
     def __init__(self, conn: Any) -> None:
         self._conn = conn
@@ -429,17 +435,6 @@ class _NativeInput:
             where = chan._session.native_sink()
             found = self._found = None if where is None else (chan, *where)
         return found
-
-    def open(self, src: memoryview, pos: int, n: int, plain: bytearray, sink: tuple) -> tuple[int, int, int]:
-        """datapath.open_batch from `pos`, which advances asyncssh's state and the pump's counters
-        itself; the new position, why it stopped, the length of the packet it stopped at."""
-        chan, kind, pump, fd, check = sink
-        try:
-            pos, _, stopped, pktlen = datapath.open_batch(src, pos, n, plain, self._conn, chan, kind, fd, check,
-                                                          pump.counters)
-        except InvalidTag:
-            raise asyncssh.MACError("MAC verification failed") from None
-        return pos, stopped, pktlen
 
 
 def _channel_data(conn: Any, plain: memoryview) -> bool:
