@@ -16,10 +16,11 @@ module does the same work in one copy and one cipher pass each way:
   protocol, see Receiver), packets are decrypted from there into a reused buffer, and the
   channel data handed on as a memoryview of the plaintext.
 
-Where the C packet path is built (native.py), the per-message work in between is C's: `send_data`
-is `send` for the pump's frame (the same checks, message and state updates), and `open_batch` decrypts what arrived and writes the
-tunnel's packets to the pump's TUN itself (the channel found by _NativeInput), stopping at the
-first message that is anything else, which then takes the path below. The cipher calls are
+Where the C packet path is built (native.py), the per-message work in between is C's:
+`send_data` is `send` for the pump's frame (the same checks, message and state updates), and
+`open_batch` decrypts what arrived and writes the tunnel's packets to the pump's TUN itself (the
+channel found by _NativeInput), advancing asyncssh's state and the pump's counters, stopping at
+the first message that is anything else, which then takes the path below. The cipher calls are
 the same AES-GCM object's either way.
 
 Still SSH on the wire, with asyncssh's negotiated keys, IVs, sequence numbers, rekey limits
