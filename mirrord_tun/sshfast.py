@@ -318,10 +318,12 @@ class Receiver:
                 if not ours and pos < len(src):
                     # asyncssh takes over (a message it handles asynchronously, or a cipher we do not do).
                     conn._inpbuf = bytes(src[pos:])
-        except asyncssh.DisconnectError as exc:
+        except (asyncssh.DisconnectError, InvalidTag) as exc:
+            # InvalidTag: a packet that failed authentication, in our decryption or the C's.
+            err = exc if isinstance(exc, asyncssh.DisconnectError) else asyncssh.MACError("MAC verification failed")
             inp.clear()
-            conn._send_disconnect(exc.code, exc.reason, exc.lang)
-            conn._force_close(exc)
+            conn._send_disconnect(err.code, err.reason, err.lang)
+            conn._force_close(err)
             return
         except Exception:  # noqa: BLE001 - asyncssh's own _recv_data does the same
             inp.clear()
@@ -348,11 +350,8 @@ class Receiver:
                     # The tunnel's packets in C, up to the first message that is anything else;
                     # it advances asyncssh's state and the pump's counters itself.
                     chan, kind, pump, fd, check = sink
-                    try:
-                        pos, _, stopped, pktlen = datapath.open_batch(src, pos, n, self._plain, conn, chan, kind,
-                                                                      fd, check, pump.counters)
-                    except InvalidTag:
-                        raise asyncssh.MACError("MAC verification failed") from None
+                    pos, _, stopped, pktlen = datapath.open_batch(src, pos, n, self._plain, conn, chan, kind, fd,
+                                                                  check, pump.counters)
                     if stopped == 0:
                         break
                     if stopped == 1:
@@ -389,19 +388,13 @@ class Receiver:
         aead = _aead(enc)
         assert aead is not None
         if pktlen <= _SMALL:  # a new bytes object costs less than the view of a reused buffer
-            try:
-                plain = memoryview(aead.decrypt(enc._cipher._iv, sealed, length))
-            except InvalidTag:
-                raise asyncssh.MACError("MAC verification failed") from None
+            plain = memoryview(aead.decrypt(enc._cipher._iv, sealed, length))
             enc._cipher._update_iv()
             return plain
         if len(self._plain) < pktlen:
             self._plain = bytearray(pktlen)
         plain = memoryview(self._plain)[:pktlen]
-        try:
-            aead.decrypt_into(enc._cipher._iv, sealed, length, plain)
-        except InvalidTag:
-            raise asyncssh.MACError("MAC verification failed") from None
+        aead.decrypt_into(enc._cipher._iv, sealed, length, plain)  # InvalidTag: _handle ends the connection
         enc._cipher._update_iv()
         return plain
 

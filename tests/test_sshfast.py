@@ -244,6 +244,7 @@ def test_a_flipped_bit_on_the_wire_ends_the_connection(loop: str) -> None:
                 session.write(protocol.frame(ClientMsg.STATS, body))
             await _until(lambda: served and served[0].closed.done(), "the server to drop the channel")
             assert flipped
+            assert isinstance(served[0].closed.result(), asyncssh.MACError)  # asyncssh's own verdict
             assert all(b == body for _, b in served[0].frames)  # nothing altered got through
             assert len(served[0].frames) < 20
         finally:
@@ -444,6 +445,7 @@ def test_a_flipped_bit_ends_the_connection_before_the_tun() -> None:
             await _until(lambda: server_end.closed.done(), "the server to drop the channel")
             tun.drain()
             assert flipped
+            assert isinstance(server_end.closed.result(), asyncssh.MACError)
             assert all(p == packet for k, p in tun.seen if k == "packet")
             assert 0 < len(tun.seen) < 40
     _run(go())
