@@ -358,7 +358,8 @@ static PyObject *bind(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* getattr(obj, name) as a Py_ssize_t; -1 (no error set) when it is not an int that fits. */
+/* getattr(obj, name) as a Py_ssize_t; -1 when it is not an int that fits (no error set) or not
+ * there at all (AttributeError set, as Python's own reads of it would raise). */
 static Py_ssize_t attr_size(PyObject *obj, PyObject *name) {
     PyObject *v = PyObject_GetAttr(obj, name);
     if (!v)
