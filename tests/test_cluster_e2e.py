@@ -11,8 +11,10 @@ import contextlib
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -210,22 +212,32 @@ def client_get(k: RealCluster, ns: str, path: str, *headers: str) -> str:
     return r.stdout.replace("\r\n", "\n").partition("\n\n")[2]  # text mode may have done it already
 
 
-LOCAL_SERVER = ("mkdir -p /tmp/mrd-e2e-www && echo stolen >/tmp/mrd-e2e-www/index.html && "
-                "(busybox httpd -f -p 8080 -h /tmp/mrd-e2e-www &) && sleep 1 && echo started && exec sleep 300")
+@pytest.fixture
+def local_server() -> Iterator[str]:
+    """The command of a `run` that serves "stolen" on port 8080, from a folder removed afterwards
+    (the command runs here, as the user behind sudo: the folder is readable by all)."""
+    www = Path(tempfile.mkdtemp(prefix="mrd-e2e-www-"))
+    try:
+        www.chmod(0o755)
+        (www / "index.html").write_text("stolen\n")
+        (www / "index.html").chmod(0o644)
+        yield f"(busybox httpd -f -p 8080 -h {www} &) && sleep 1 && echo started && exec sleep 300"
+    finally:
+        shutil.rmtree(www)
 
 
-def test_steal_from_a_client_in_another_pod(real_cluster: RealCluster, ns: str) -> None:
+def test_steal_from_a_client_in_another_pod(real_cluster: RealCluster, ns: str, local_server: str) -> None:
     k = real_cluster
-    with session(k, ns, "pod/web", LOCAL_SERVER, "--steal", "--port", "8080"):
+    with session(k, ns, "pod/web", local_server, "--steal", "--port", "8080"):
         assert eventually(lambda: client_get(k, ns, "/") == "stolen\n", timeout=60)
     assert eventually(lambda: client_get(k, ns, "/") == "hello from web\n", timeout=60)
     assert_no_agent_left(k, ns)
 
 
-def test_a_second_runs_steal_of_the_port_is_refused(real_cluster: RealCluster, ns: str) -> None:
+def test_a_second_runs_steal_of_the_port_is_refused(real_cluster: RealCluster, ns: str, local_server: str) -> None:
     # Each run has an agent of its own: the second one's steal silently took the port.
     k = real_cluster
-    with session(k, ns, "pod/web", LOCAL_SERVER, "--steal", "--port", "8080", "-q"):
+    with session(k, ns, "pod/web", local_server, "--steal", "--port", "8080", "-q"):
         assert eventually(lambda: client_get(k, ns, "/") == "stolen\n", timeout=60)
         r = run(k, ns, "pod/web", "echo ran", "--steal", "--port", "8080", "-q")
         assert (r.returncode, r.stdout) == (2, ""), r.stderr
@@ -234,9 +246,9 @@ def test_a_second_runs_steal_of_the_port_is_refused(real_cluster: RealCluster, n
     assert_no_agent_left(k, ns)
 
 
-def test_header_filtered_steal(real_cluster: RealCluster, ns: str) -> None:
+def test_header_filtered_steal(real_cluster: RealCluster, ns: str, local_server: str) -> None:
     k = real_cluster
-    with session(k, ns, "pod/web", LOCAL_SERVER, "--steal", "--port", "8080",
+    with session(k, ns, "pod/web", local_server, "--steal", "--port", "8080",
                  "--http-header-filter", "^x-mrd-e2e: yes$"):
         assert eventually(lambda: client_get(k, ns, "/", "X-Mrd-E2e: yes") == "stolen\n",
                           timeout=60)
