@@ -242,14 +242,12 @@ class TunPump:
         stopped)."""
         return None if self._in_spec is None or self.fd < 0 else (self.fd, self._in_spec)
 
-    def count_in(self, packets: int, size: int, drops: dict[str, int] | None, malformed: int = 0) -> None:
+    def count_in(self, packets: int, size: int, drops: dict[str, int] | None) -> None:
         c = self.counters
         c["packets_in"] += packets
         c["bytes_in"] += size
         if drops:
             c.update(drops)
-        if malformed:
-            c["dropped_frames_malformed"] += malformed
 
     def deliver(self, body: bytes | memoryview) -> None:
         """Write a PACKETS body from the peer into the TUN (a memoryview of the decrypted message
