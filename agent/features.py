@@ -14,6 +14,7 @@ from mirrord_tun import protocol
 from mirrord_tun.agent.dataplane import SessionPlane
 from mirrord_tun.agent.sniffer import Sniffer
 from mirrord_tun.agent.steal.rules import SessionSteal
+from mirrord_tun.channel import Sender
 from mirrord_tun.feature import Feature, Handler
 from mirrord_tun.netns.namespace import NetNs
 from mirrord_tun.protocol import AgentMsg, ClientMsg
@@ -28,12 +29,12 @@ class AgentTunnel(Feature):
     """The session's TUN in the target's namespace (an open SessionPlane) and its pump; `stop`
     closes the plane, which resets conntrack if `stole()` says anything was ever stolen."""
 
-    def __init__(self, ns: NetNs, plane: SessionPlane, send: Send, counters: Counters,
+    def __init__(self, ns: NetNs, plane: SessionPlane, out: Sender, counters: Counters,
                  stole: Callable[[], bool]) -> None:
         assert plane.tun is not None
         self._ns, self.plane, self._stole = ns, plane, stole
         # admit_out None: the pod's packets go to the client unchecked; `run` checks their destination.
-        self.pump = TunPump(plane.tun.fd, send, AgentMsg.PACKETS, admit_out=None,
+        self.pump = TunPump(plane.tun.fd, out, AgentMsg.PACKETS, admit_out=None,
                             admit_in=source_is(*plane.client_addrs), counters=counters)
 
     def frames(self) -> dict[int, Handler]:

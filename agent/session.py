@@ -61,7 +61,7 @@ class AgentSession(ClientLink):
         self.version = version
         stealing = Stealing(self.agent.ns, plane, self.write, self.counters, f"{self.sid} (from {self.peer})",
                             lambda: self._closed)
-        tunnel = AgentTunnel(self.agent.ns, plane, self.write, self.counters, lambda: stealing.used)
+        tunnel = AgentTunnel(self.agent.ns, plane, self, self.counters, lambda: stealing.used)
         if self._closed:  # the client left while we were setting up
             await self.features.start(tunnel)  # only so that _teardown closes the plane
             await self._teardown()

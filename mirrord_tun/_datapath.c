@@ -1,8 +1,9 @@
 /* The per-message packet path in C: what pump.py and sshfast.py do per packet and per SSH
  * message, without the interpreter in between.
  *
- * 1. tun_read_batch: every packet the TUN has ready, read into a frame being built, each behind
- *    its 4-byte length, each checked (source address) before it is kept.
+ * 1. pump_out: every packet the TUN has ready, read into a frame being built, each behind its
+ *    4-byte length, each checked (source address) before it is kept; the frame then goes to 4.
+ *    The event loop calls it itself, so a TUN's wake-up runs no Python at all.
  * 2. open_batch: the SSH packets in a received buffer, decrypted by the connection's own AES-GCM
  *    object (cryptography's: no cipher code here), each one that is channel data on the tunnel's
  *    channel and one whole PACKETS frame handed to 3; it stops at the first that is anything else.
@@ -169,60 +170,35 @@ static ssize_t tun_io(int writing, int fd, uint8_t *p, size_t n, int *err) {
     return r;
 }
 
-/* tun_read_batch(fd, buf, pos, stop, max_packet, check) -> (pos, count, drops)
- * Reads packets into buf, each at pos + 4 behind its length, while pos < stop and a whole
- * max_packet still fits; stops when the TUN is drained. An error other than EAGAIN raises
- * OSError (the device went away; the pump stops), unless packets were read before it. */
-static PyObject *tun_read_batch(PyObject *self, PyObject *args) {
-    int fd;
-    Py_buffer buf;
-    Py_ssize_t pos, stop, max_packet;
-    PyObject *spec;
-    check_t check;
-    if (!PyArg_ParseTuple(args, "iw*nnnO", &fd, &buf, &pos, &stop, &max_packet, &spec))
-        return NULL;
-    if (parse_check(spec, &check) < 0) {
-        PyBuffer_Release(&buf);
-        return NULL;
-    }
-    Py_ssize_t drops[N_REASONS] = {0}, count = 0;
-    uint8_t *base = buf.buf;
-    int err = 0;
-    if (pos < 0 || stop > buf.len || max_packet <= 0) {
-        PyErr_SetString(PyExc_ValueError, "tun_read_batch: bad bounds");
-        goto fail;
-    }
-    while (pos < stop && pos + PACKET_LENGTH + max_packet <= buf.len) {
-        uint8_t *at = base + pos + PACKET_LENGTH;
+/* Reads packets into base[:len], each at *pos + 4 behind its length, while *pos < stop and a
+ * whole max_packet still fits; stops when the TUN is drained. The packets kept are counted in
+ * *count, the ones `check` refuses in drops. -1 with errno set on an error other than EAGAIN
+ * before any packet was read (the device went away); after one, the batch goes out and the next
+ * call fails. */
+static int read_packets(int fd, uint8_t *base, Py_ssize_t len, Py_ssize_t *pos, Py_ssize_t stop,
+                        Py_ssize_t max_packet, const check_t *check, Py_ssize_t *drops, Py_ssize_t *count) {
+    while (*pos < stop && *pos + PACKET_LENGTH + max_packet <= len) {
+        uint8_t *at = base + *pos + PACKET_LENGTH;
+        int err = 0;
         ssize_t n = tun_io(0, fd, at, (size_t)max_packet, &err);
         if (n < 0) {
-            if (err == EAGAIN || err == EWOULDBLOCK || count)
-                break; /* drained; or failing after packets were read: they go out, the next call raises */
+            if (err == EAGAIN || err == EWOULDBLOCK || *count)
+                return 0;
             errno = err;
-            PyErr_SetFromErrno(PyExc_OSError);
-            goto fail;
+            return -1;
         }
         if (n == 0)
-            break;
-        int r = check.active ? check_address(&check, at, n) : OK;
+            return 0;
+        int r = check->active ? check_address(check, at, n) : OK;
         if (r) {
             drops[r]++;
             continue;
         }
-        put_u32(base + pos, (uint32_t)n);
-        pos += PACKET_LENGTH + n;
-        count++;
+        put_u32(base + *pos, (uint32_t)n);
+        *pos += PACKET_LENGTH + n;
+        (*count)++;
     }
-    PyObject *d = drops_dict(drops, &check);
-    release_check(&check);
-    PyBuffer_Release(&buf);
-    if (!d)
-        return NULL;
-    return Py_BuildValue("nnN", pos, count, d);
-fail:
-    release_check(&check);
-    PyBuffer_Release(&buf);
-    return NULL;
+    return 0;
 }
 
 /* Splits and writes one PACKETS body; -1: malformed (nothing written). */
@@ -482,28 +458,24 @@ done:
     return r;
 }
 
-/* send_data(chan, frame, start, end) -> bool
- * sshfast.send for a frame built in place (an OutFrame: frame[start:end], with room before and
+/* sshfast.send for a frame built in place (an OutFrame: frame[start:end], with room before and
  * after it), in C: when asyncssh would send it as one message now, it is sealed into the
  * connection's output buffer, written to the transport, and the sequence number, rekey count
- * and window advanced as asyncssh would; False (nothing sent, nothing changed) where asyncssh
- * must do it. */
-static PyObject *send_data(PyObject *self, PyObject *args) {
-    PyObject *chan, *frame_obj;
-    Py_ssize_t start, end;
-    if (!PyArg_ParseTuple(args, "OOnn", &chan, &frame_obj, &start, &end))
-        return NULL;
+ * and window advanced as asyncssh would: 1. 0 (nothing sent, nothing changed) where asyncssh
+ * must do it; -1 on an error. */
+static int send_frame(PyObject *chan, PyObject *frame_obj, Py_ssize_t start, Py_ssize_t end) {
     if (!gcm_type) {
         PyErr_SetString(PyExc_RuntimeError, "send_data before bind");
-        return NULL;
+        return -1;
     }
     PyObject *conn = NULL, *enc = NULL, *cipher = NULL, *aead = NULL, *out = NULL, *transport = NULL,
-             *view = NULL, *r = NULL, *result = NULL;
+             *view = NULL, *r = NULL;
+    int result = -1;
     Py_buffer frame = {0};
     Py_ssize_t size = end - start;
     int ok;
     if (!(conn = PyObject_GetAttr(chan, s_conn)))
-        return NULL;
+        return -1;
     if (conn == Py_None || !(enc = PyObject_GetAttr(conn, s_send_encryption)))
         goto refuse;
     if ((ok = can_send(conn, chan, enc, size)) <= 0)
@@ -549,11 +521,11 @@ static PyObject *send_data(PyObject *self, PyObject *args) {
     if (!ok || set_size(conn, s_rekey_bytes_sent, attr_size(conn, s_rekey_bytes_sent) + pktlen) < 0
             || set_size(chan, s_send_window, attr_size(chan, s_send_window) - size) < 0)
         goto done;
-    result = Py_NewRef(Py_True);
+    result = 1;
     goto done;
 refuse:
     if (!PyErr_Occurred())
-        result = Py_NewRef(Py_False);
+        result = 0;
 done:
     if (frame.obj)
         PyBuffer_Release(&frame);
@@ -568,6 +540,16 @@ done:
     return result;
 }
 
+/* send_data(chan, frame, start, end) -> bool: send_frame for sshfast.send. */
+static PyObject *send_data(PyObject *self, PyObject *args) {
+    PyObject *chan, *frame_obj;
+    Py_ssize_t start, end;
+    if (!PyArg_ParseTuple(args, "OOnn", &chan, &frame_obj, &start, &end))
+        return NULL;
+    int r = send_frame(chan, frame_obj, start, end);
+    return r < 0 ? NULL : PyBool_FromLong(r);
+}
+
 /* counters[key] += n for a dict (a Counter: a missing key counts 0); -1 on an error. */
 static int count(PyObject *counters, PyObject *key, Py_ssize_t n) {
     if (!n)
@@ -578,6 +560,84 @@ static int count(PyObject *counters, PyObject *key, Py_ssize_t n) {
     int r = now ? PyDict_SetItem(counters, key, now) : -1;
     Py_XDECREF(now);
     return r;
+}
+
+static PyObject *reason_names[N_REASONS]; /* REASONS, interned (R_ADDRESS: the check's own) */
+
+/* counters[reason] += n for each drop; -1 on an error. */
+static int count_drops(PyObject *counters, const Py_ssize_t *drops, const check_t *c) {
+    for (int r = 1; r < N_REASONS; r++)
+        if (drops[r] && count(counters, r == R_ADDRESS ? c->reason : reason_names[r], drops[r]) < 0)
+            return -1;
+    return 0;
+}
+
+static PyObject *s_chan, *s_packets_out, *s_bytes_out, *s_frames_out;
+
+/* pump_out(fd, buf, start, limit, max_packet, check, kind, sender, counters, unsent, gone) -> None
+ * A TUN's whole wake-up, called by the event loop itself (TunPump registers it with add_reader):
+ * the packets read_packets finds go into buf from `start` on as one frame of `kind` (its header
+ * in the FRAME_HEADER bytes before `start`), counted as pump._send_batch counts them, and sent
+ * with send_frame on sender.chan.chan (a FrameSession's asyncssh channel; sender None: never).
+ * Where send_frame leaves the frame to asyncssh, or there is no channel, unsent(end) sends it
+ * through the generic path; a TUN that fails before any packet was read calls gone(). */
+static PyObject *pump_out(PyObject *self, PyObject *args) {
+    int fd, kind;
+    Py_buffer buf;
+    Py_ssize_t start, limit, max_packet;
+    PyObject *spec, *sender, *counters, *unsent, *gone;
+    check_t check;
+    if (!PyArg_ParseTuple(args, "iw*nnnOiOO!OO", &fd, &buf, &start, &limit, &max_packet, &spec, &kind, &sender,
+                          &PyDict_Type, &counters, &unsent, &gone))
+        return NULL;
+    if (parse_check(spec, &check) < 0) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    PyObject *result = NULL, *fs = NULL, *chan = NULL;
+    Py_ssize_t drops[N_REASONS] = {0}, packets = 0, pos = start;
+    if (start < FRAME_HEADER || limit > buf.len || max_packet <= 0 || kind < 0 || kind > 255) {
+        PyErr_SetString(PyExc_ValueError, "pump_out: bad bounds");
+        goto done;
+    }
+    uint8_t *base = buf.buf;
+    int failed = read_packets(fd, base, buf.len, &pos, limit, max_packet, &check, drops, &packets) < 0;
+    if (count_drops(counters, drops, &check) < 0)
+        goto done;
+    if (failed) {
+        result = PyObject_CallNoArgs(gone);
+        goto done;
+    }
+    if (!packets) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    Py_ssize_t body = pos - start;
+    put_u32(base + start - FRAME_HEADER, (uint32_t)body); /* protocol.frame_header_into */
+    base[start - 1] = (uint8_t)kind;
+    if (count(counters, s_packets_out, packets) < 0 || count(counters, s_bytes_out, body - packets * PACKET_LENGTH) < 0
+            || count(counters, s_frames_out, 1) < 0)
+        goto done;
+    int sent = 0;
+    if (sender != Py_None) {
+        if (!(fs = PyObject_GetAttr(sender, s_chan)) || !(chan = PyObject_GetAttr(fs, s_chan)))
+            goto done;
+        if (chan != Py_None && (sent = send_frame(chan, buf.obj, start - FRAME_HEADER, pos)) < 0)
+            goto done;
+    }
+    if (sent) {
+        result = Py_NewRef(Py_None);
+    } else {
+        PyObject *end = PyLong_FromSsize_t(pos);
+        result = end ? PyObject_CallOneArg(unsent, end) : NULL;
+        Py_XDECREF(end);
+    }
+done:
+    Py_XDECREF(fs);
+    Py_XDECREF(chan);
+    release_check(&check);
+    PyBuffer_Release(&buf);
+    return result;
 }
 
 /* The receive side's asyncssh state open_batch reads (and, after, advances). */
@@ -687,13 +747,7 @@ static PyObject *open_batch(PyObject *self, PyObject *args) {
         if (!ok || set_size(chan_obj, s_recv_window, window - consumed) < 0 || count(counters, s_packets_in, packets) < 0
                 || count(counters, s_bytes_in, size) < 0 || count(counters, s_malformed_frames, drops[OK]) < 0)
             goto done;
-        PyObject *d = drops_dict(drops, &check), *key, *n;
-        Py_ssize_t i = 0;
-        while (d && d != Py_None && PyDict_Next(d, &i, &key, &n))
-            if (count(counters, key, PyLong_AsSsize_t(n)) < 0)
-                break;
-        Py_XDECREF(d);
-        if (!d || PyErr_Occurred())
+        if (count_drops(counters, drops, &check) < 0)
             goto done;
     }
     result = Py_BuildValue("nnin", pos, messages, stopped, stopped_len);
@@ -709,7 +763,7 @@ done:
 }
 
 static PyMethodDef methods[] = {
-    {"tun_read_batch", tun_read_batch, METH_VARARGS, "Read every ready TUN packet into a PACKETS body."},
+    {"pump_out", pump_out, METH_VARARGS, "A TUN's wake-up: read its packets, frame them and send the frame."},
     {"tun_write_batch", tun_write_batch, METH_VARARGS, "Check and write a PACKETS body's packets to a TUN."},
     {"open_batch", open_batch, METH_VARARGS, "Decrypt SSH packets and deliver the tunnel's channel data."},
     {"send_data", send_data, METH_VARARGS, "Send a frame built in place as one SSH channel data message."},
@@ -733,10 +787,14 @@ PyMODINIT_FUNC PyInit__datapath(void) {
         {&s_recv_encryption, "_recv_encryption"}, {&s_max_recv_pktlen, "_max_recv_pktlen"},
         {&s_recv_seq, "_recv_seq"}, {&s_recv_chan, "_recv_chan"}, {&s_recv_window, "_recv_window"},
         {&s_init_recv_window, "_init_recv_window"}, {&s_packets_in, "packets_in"}, {&s_bytes_in, "bytes_in"},
-        {&s_malformed_frames, "dropped_frames_malformed"},
+        {&s_malformed_frames, "dropped_frames_malformed"}, {&s_chan, "chan"}, {&s_packets_out, "packets_out"},
+        {&s_bytes_out, "bytes_out"}, {&s_frames_out, "frames_out"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (!(*names[i].name = PyUnicode_InternFromString(names[i].text)))
+            return NULL;
+    for (int r = 1; r < N_REASONS; r++)
+        if (REASONS[r] && !(reason_names[r] = PyUnicode_InternFromString(REASONS[r])))
             return NULL;
     PyObject *m = PyModule_Create(&module);
 #ifdef DATAPATH_SOURCE_SHA256 /* setup.py: native.py uses no extension built from another source */

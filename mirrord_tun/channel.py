@@ -28,6 +28,14 @@ class Endpoint(Protocol):
         without this method gets every frame through on_frame."""
 
 
+class Sender(Protocol):
+    """Where a pump's frames go: the endpoint's `write` (which counts what a closed connection
+    drops), and the FrameSession it writes to, `chan`, on whose open channel the C path sends."""
+    chan: FrameSession
+
+    def write(self, data: bytes | sshfast.OutFrame) -> None: ...
+
+
 class FrameSession(asyncssh.SSHClientSession[bytes], asyncssh.SSHServerSession[bytes]):
     takes_memoryview = True  # sshfast may hand data_received a memoryview of the plaintext
 

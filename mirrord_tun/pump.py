@@ -1,6 +1,6 @@
 """The packet path, the same at both ends of the tunnel.
 
-1. The kernel routes a packet into the TUN; `loop.add_reader` wakes `_on_readable`.
+1. The kernel routes a packet into the TUN; `loop.add_reader` wakes the pump's reader.
 2. Every packet ready is read at once (up to a batch limit) and checked by `admit_out`, if any.
 3. The batch becomes one PACKETS frame: one SSH channel write, not one per packet. Packets
    are read straight into their place in the frame, in a buffer reused for every batch, and
@@ -9,9 +9,9 @@
    `vnet_check` (the virtio-net header: the other end is not trusted to write a sane one).
 5. Accepted packets are written to the peer's TUN, and its kernel forwards or delivers them.
 
-Steps 2 and 4-5 run in C where it was built (native.py: _datapath.c's tun_read_batch,
-tun_write_batch, and sshfast's open_batch, which takes 4-5 without a frame reaching Python);
-this module's Python is the reference the C follows, and the fallback.
+Steps 1-3 and 4-5 run in C where it was built (native.py): the event loop calls _datapath.c's
+pump_out itself for 1-3 (sent with sshfast's C send), and sshfast's open_batch takes 4-5 without a
+frame reaching Python; this module's Python is the reference the C follows, and the fallback.
 
 Backpressure: when the channel's send buffer passes its high-water mark, asyncssh
 calls `pause_writing`; reading the TUN stops, the kernel's TUN queue fills and
@@ -25,13 +25,16 @@ import io
 import ipaddress
 import os
 import struct
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from mirrord_tun import protocol
+from mirrord_tun import protocol, sshfast
 from mirrord_tun.native import datapath
 from mirrord_tun.netns.tun import MAX_PACKET, VNET_HDR_LEN
 from mirrord_tun.protocol import Malformed, unpack_packets
 from mirrord_tun.sshfast import HEADROOM, TAILROOM, OutFrame
+
+if TYPE_CHECKING:
+    from mirrord_tun.channel import Sender
 
 # A batch stops reading past this, so that one more packet (MAX_PACKET) and the 4-byte length
 # of each still fit one SSH message (sshopts.MAX_PKTSIZE, 256 KiB): a bigger frame would be split
@@ -153,14 +156,14 @@ class Batch:
 class TunPump:
     """Moves packets between one TUN fd and one framed channel."""
 
-    def __init__(self, tun_fd: int, send: Callable[[OutFrame], None], out_kind: int,
+    def __init__(self, tun_fd: int, out: Sender, out_kind: int,
                  admit_out: Check | None, admit_in: Check, counters: Counters) -> None:
         self.fd = tun_fd  # -1 once stopped
         # Read through a FileIO: its readinto returns None when the TUN is drained, where
         # os.readv raises, and a raised OSError (with its strerror decoded) cost ~1.3 us of the
         # ~3 reads a new connection's request ends with on each side.
         self._file = io.FileIO(tun_fd, "r", closefd=False)
-        self._send = send
+        self._out = out
         self._kind = out_kind
         self._admit_out = admit_out
         self._admit_in = admit_in
@@ -170,10 +173,14 @@ class TunPump:
         self._batch = Batch(MAX_PACKET)
         # The C path takes a check it knows (`native`, from _address_is) or none; any other check
         # (a test's) keeps that direction in Python.
-        self._out_spec = getattr(admit_out, "native", None)
+        out_spec = getattr(admit_out, "native", None)
         self._in_spec = getattr(admit_in, "native", None) if datapath is not None else None
-        if datapath is not None and (admit_out is None or self._out_spec is not None):
-            self._on_readable = self._read_batch  # type: ignore[method-assign]
+        # What the loop calls when the TUN is readable, and with what: in C (pump_out), a whole
+        # wake-up without a Python call in between (each cost ~3-4 us of a cold cache, measured).
+        self._reader: tuple = (self._on_readable,)
+        if datapath is not None and (admit_out is None or out_spec is not None):
+            self._reader = (datapath.pump_out, tun_fd, self._batch.buf, Batch.start, Batch.limit, MAX_PACKET, out_spec,
+                            out_kind, out if sshfast.ENABLED else None, counters, self._unsent, self.pause)
 
     def start(self) -> None:
         self.resume()
@@ -185,7 +192,7 @@ class TunPump:
 
     def resume(self) -> None:
         if not self._reading and self.fd >= 0:
-            self._loop.add_reader(self.fd, self._on_readable)
+            self._loop.add_reader(self.fd, *self._reader)
             self._reading = True
 
     def stop(self) -> None:
@@ -215,26 +222,17 @@ class TunPump:
         if count:
             self._send_batch(pos, count)
 
-    def _read_batch(self) -> None:
-        """_on_readable's loop in C (datapath.tun_read_batch): the same packets, checks and counters."""
-        try:
-            pos, count, drops = datapath.tun_read_batch(self.fd, self._batch.buf, Batch.start, Batch.limit,
-                                                        MAX_PACKET, self._out_spec)
-        except OSError:
-            self.pause()
-            return
-        if drops:
-            self.counters.update(drops)
-        if count:
-            self._send_batch(pos, count)
-
     def _send_batch(self, pos: int, count: int) -> None:
         """The batch read into the buffer up to `pos` (`count` packets) out as one PACKETS frame."""
         c = self.counters
         c["packets_out"] += count
         c["bytes_out"] += pos - Batch.start - count * protocol.PACKET_LENGTH
         c["frames_out"] += 1
-        self._send(self._batch.frame(pos, self._kind))
+        self._out.write(self._batch.frame(pos, self._kind))
+
+    def _unsent(self, end: int) -> None:
+        """pump_out's batch (read and counted up to `end`) that the C could not send itself."""
+        self._out.write(self._batch.frame(end, self._kind))
 
     def native_sink(self) -> tuple[int, tuple] | None:
         """Where the C path (sshfast's Receiver) writes this pump's incoming packets itself: the TUN

@@ -108,7 +108,7 @@ class LocalSession:
                 from mirrord_tun.mounts import MountsFeature
 
                 await link.features.start(MountsFeature(self.mounts, lambda: link.conn))
-            tunnel = Tunnel(open_ns, steer, welcome, link.write, link.counters)
+            tunnel = Tunnel(open_ns, steer, welcome, link, link.counters)
             await link.features.start(tunnel)  # 3
             timing.mark("tunnel up")
             assert tunnel.ns is not None

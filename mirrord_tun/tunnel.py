@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from mirrord_tun import protocol
+from mirrord_tun.channel import Sender
 from mirrord_tun.feature import Feature, Handler
 from mirrord_tun.netns import links
 from mirrord_tun.netns.namespace import NetNs
@@ -25,9 +26,9 @@ Steer = Callable[[str], "Callable[[], None] | None"]
 
 class Tunnel(Feature):
     def __init__(self, open_ns: Callable[[], NetNs], steer: Steer, welcome: protocol.Welcome,
-                 send: Callable[[bytes], None], counters: Counters) -> None:
+                 out: Sender, counters: Counters) -> None:
         self._open_ns, self._steer, self._welcome = open_ns, steer, welcome
-        self._send, self._counters = send, counters
+        self._out, self._counters = out, counters
         self.ns: NetNs | None = None
         self._tun: Tun | None = None
         self._undo: Callable[[], None] | None = None
@@ -42,7 +43,7 @@ class Tunnel(Feature):
         self._tun = tun = ns.call(Tun, TUN_NAME)
         ns.call(links.bring_up_tun, tun.name, addrs, self._welcome.mtu)
         self._undo = ns.call(self._steer, tun.name)
-        self._pump = TunPump(tun.fd, self._send, ClientMsg.PACKETS, admit_out=source_is(*addrs),
+        self._pump = TunPump(tun.fd, self._out, ClientMsg.PACKETS, admit_out=source_is(*addrs),
                              admit_in=destination_is(*addrs), counters=self._counters)
         self._pump.start()
 

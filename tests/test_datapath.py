@@ -77,19 +77,34 @@ def _drain(s: socket.socket) -> list[bytes]:
             return out
 
 
+class _Sender:
+    """An endpoint without a connection (`chan.chan` None: the C sends through `write` too),
+    recording each frame it is given under its tag."""
+
+    def __init__(self, tag: str, sent: list[tuple[str, bytes]]) -> None:
+        self.chan = types.SimpleNamespace(chan=None)
+        self._tag, self._sent = tag, sent
+
+    def write(self, frame: Any) -> None:
+        self._sent.append((self._tag, bytes(frame)))
+
+
+def _wake(p: TunPump) -> None:
+    """What the event loop does when the pump's TUN is readable."""
+    p._reader[0](*p._reader[1:])
+
+
 def _pumps(fd_c: int, fd_py: int, admit_out: Any, admit_in: Any, sent: list[tuple[str, bytes]]
            ) -> tuple[TunPump, TunPump]:
     """A pump on the C path and one on Python's (as if nothing were built), each sending to `sent`."""
-    def sender(tag: str) -> Callable[[Any], None]:
-        return lambda frame: sent.append((tag, bytes(frame)))
-    c = TunPump(fd_c, sender("c"), ClientMsg.PACKETS, admit_out, admit_in, Counter())
+    c = TunPump(fd_c, _Sender("c", sent), ClientMsg.PACKETS, admit_out, admit_in, Counter())
     saved = pump.datapath
     pump.datapath = None
     try:
-        py = TunPump(fd_py, sender("py"), ClientMsg.PACKETS, admit_out, admit_in, Counter())
+        py = TunPump(fd_py, _Sender("py", sent), ClientMsg.PACKETS, admit_out, admit_in, Counter())
     finally:
         pump.datapath = saved
-    assert c._in_spec is not None and py._in_spec is None
+    assert c._in_spec is not None and py._in_spec is None and c._reader[0] is datapath.pump_out
     return c, py
 
 
@@ -163,8 +178,8 @@ def _differential_read(packets: list[bytes], admit_out: Any) -> None:
         def run() -> None:
             c, py = _pumps(c_tun.fileno(), py_tun.fileno(), admit_out, source_is(*ALLOWED), sent)
             for _ in range(len(packets) + 1):  # every frame, and one more read of a drained TUN
-                c._on_readable()
-                py._on_readable()
+                _wake(c)
+                _wake(py)
             assert [f for t, f in sent if t == "c"] == [f for t, f in sent if t == "py"]
             assert c.counters == py.counters
         _in_loop(run)
@@ -174,12 +189,12 @@ def _differential_read(packets: list[bytes], admit_out: Any) -> None:
 def test_a_tun_gone_under_the_pump_pauses_it() -> None:
     """EBADF and friends: the pump stops reading, as on Python's path; nothing is sent."""
     async def go() -> None:
-        sent: list[Any] = []
+        sent: list[tuple[str, bytes]] = []
         a, b = _datagram_pair()
-        p = TunPump(a.fileno(), sent.append, ClientMsg.PACKETS, None, source_is(*ALLOWED), Counter())
+        p = TunPump(a.fileno(), _Sender("c", sent), ClientMsg.PACKETS, None, source_is(*ALLOWED), Counter())
         p.start()
         a.close()
-        p._on_readable()
+        _wake(p)
         assert not p._reading and not sent
         b.close()
     asyncio.run(go())
@@ -188,15 +203,23 @@ def test_a_tun_gone_under_the_pump_pauses_it() -> None:
 @needs_c
 def test_bad_arguments_raise_instead_of_touching_memory() -> None:
     buf = bytearray(100)
+
+    def never(*_: Any) -> None:
+        raise AssertionError("nothing was read, so nothing is unsent and the TUN not gone")
+
+    def out(start: int, limit: int, check: Any) -> None:
+        datapath.pump_out(-1, buf, start, limit, MAX_PACKET, check, ClientMsg.PACKETS, None, Counter(), never, never)
     with pytest.raises(ValueError):
-        datapath.tun_read_batch(-1, buf, 0, 1000, MAX_PACKET, None)  # stop beyond the buffer
+        out(5, 1000, None)  # stop beyond the buffer
     with pytest.raises(ValueError):
-        datapath.tun_read_batch(-1, buf, 0, 50, MAX_PACKET, (99, 0, b"", b"", "x"))  # offset past the header
+        out(0, 50, None)  # no room for the frame's header before the body
+    with pytest.raises(ValueError):
+        out(5, 50, (99, 0, b"", b"", "x"))  # offset past the header
     with pytest.raises(ValueError):
         datapath.tun_write_batch(-1, b"", (22, 18, b"abc", b"", "x"))  # not whole addresses
     with pytest.raises(TypeError):
         datapath.tun_write_batch(-1, "text", None)
-    assert datapath.tun_read_batch(-1, buf, 0, 50, MAX_PACKET, None)[:2] == (0, 0)  # no room: nothing read
+    out(5, 50, None)  # no room for a packet: nothing read
     # A sane packet the kernel refuses (here: no such fd) is counted, not raised.
     assert datapath.tun_write_batch(-1, struct.pack("!I", 30) + bytes(30), None) == (0, 0, {"dropped_rejected": 1})
 

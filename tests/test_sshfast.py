@@ -13,6 +13,7 @@ import os
 import random
 import socket
 import struct
+import types
 from collections import Counter
 from typing import Any, AsyncIterator
 
@@ -314,6 +315,10 @@ def _body(packets: list[bytes]) -> bytes:
     return b"".join(struct.pack("!I", len(p)) + p for p in packets)
 
 
+# The pump below only takes packets in; its reader never runs.
+_NO_SENDER = types.SimpleNamespace(chan=types.SimpleNamespace(chan=None), write=lambda frame: None)
+
+
 class _Tun:
     """The server's pump on a datagram pair; `seen` gets, in order, every packet written to the
     "TUN" and every other frame (as ("frame", body)), so their interleaving can be checked."""
@@ -323,7 +328,7 @@ class _Tun:
         for s in (self.tun, self.peer):
             s.setblocking(False)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-        self.pump = TunPump(self.tun.fileno(), lambda frame: None, AgentMsg.PACKETS, admit_out=None,
+        self.pump = TunPump(self.tun.fileno(), _NO_SENDER, AgentMsg.PACKETS, admit_out=None,
                             admit_in=source_is(SOURCE), counters=Counter())
         self.seen: list[tuple[str, bytes]] = []
 
@@ -471,6 +476,52 @@ def test_a_stopped_pump_gets_no_more_packets_from_the_c_path(monkeypatch: pytest
             assert [b for k, b in tun.seen if k == "packet"] == [before]
             assert sum(calls) == used
     _run(go())
+
+
+@needs_c
+@LOOPS
+def test_a_pump_sends_its_tun_in_c_in_order_across_key_exchanges(monkeypatch: pytest.MonkeyPatch, loop: str) -> None:
+    """The TUN's wake-up in C (pump_out), over a real connection that renews its keys every MB:
+    what the C cannot send during a key exchange goes through asyncssh, and nothing it sends
+    later overtakes that. The server echoes every frame; the packets come back once, in order."""
+    unsent: list[int] = []
+    real_unsent = TunPump._unsent
+
+    def counted(self: TunPump, end: int) -> None:
+        unsent.append(end)
+        real_unsent(self, end)
+    monkeypatch.setattr(TunPump, "_unsent", counted)
+
+    async def go() -> None:
+        server, conn, session, mine, _ = await _pair(rekey_bytes=1_000_000)
+        tun, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            for s in (tun, peer):
+                s.setblocking(False)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            out = types.SimpleNamespace(chan=session, write=session.write)
+            counters: Counter[str] = Counter()
+            pump = TunPump(tun.fileno(), out, ClientMsg.PACKETS, source_is(SOURCE), source_is(SOURCE), counters)
+            assert pump._reader[0] is datapath.pump_out
+            pump.start()
+            rng = random.Random(7)
+            sent = [_tun_packet(os.urandom(rng.choice([1, 100, 1400, 30_000]))) for _ in range(400)]
+            for i in range(0, len(sent), 20):  # ~6 MB in steps the socket pair holds
+                for p in sent[i : i + 20]:
+                    peer.send(p)
+                await _until(lambda: counters["packets_out"] >= i + 20 or counters["packets_out"] == len(sent),
+                             "the pump to read the step")
+            await _until(lambda: sum(len(protocol.unpack_packets(b)) for _, b in mine.frames) >= len(sent), "the echoes")
+            assert [bytes(p) for _, b in mine.frames for p in protocol.unpack_packets(b)] == sent
+            assert counters["frames_out"] == len(mine.frames) > 2 * len(unsent)  # most went out in C
+            pump.stop()
+        finally:
+            conn.close()
+            server.close()
+            tun.close()
+            peer.close()
+    _run(go(), loop)
+    assert unsent, "no frame met a key exchange: the fallback went untested"
 
 
 @needs_c
