@@ -321,16 +321,19 @@ static PyObject *s_conn, *s_send_encryption, *s_cipher, *s_mrd_aead, *s_compress
     *s_mrd_out, *s_iv, *s_send_seq, *s_send_chan, *s_write, *s_get_write_buffer_size, *s_open;
 static PyObject *gcm_type, *aead_of; /* asyncssh's GCMEncryption, sshfast._aead */
 static Py_ssize_t packet_max;
+static double keepalive_reset; /* sshfast._KEEPALIVE_RESET: received() leaves a due reset to the Python */
 
-/* bind(GCMEncryption, aead_of, packet_max): what send_data needs from sshfast, once. */
+/* bind(GCMEncryption, aead_of, packet_max, keepalive_reset): what the C needs from sshfast, once. */
 static PyObject *bind(PyObject *self, PyObject *args) {
     PyObject *type, *of;
     Py_ssize_t max;
-    if (!PyArg_ParseTuple(args, "O!On", &PyType_Type, &type, &of, &max))
+    double reset;
+    if (!PyArg_ParseTuple(args, "O!Ond", &PyType_Type, &type, &of, &max, &reset))
         return NULL;
     Py_XSETREF(gcm_type, Py_NewRef(type));
     Py_XSETREF(aead_of, Py_NewRef(of));
     packet_max = max;
+    keepalive_reset = reset;
     Py_RETURN_NONE;
 }
 
@@ -644,6 +647,108 @@ done:
 static PyObject *s_recv_encryption, *s_max_recv_pktlen, *s_recv_seq, *s_recv_chan, *s_recv_window,
     *s_init_recv_window, *s_packets_in, *s_bytes_in, *s_malformed_frames;
 
+/* What open_packets did: where it stopped in the input, how many messages it delivered, and why it
+ * stopped (see open_batch), with the length of a packet it decrypted but left to the caller. */
+typedef struct {
+    Py_ssize_t pos, messages, stopped_len;
+    int stopped;
+} opened_t;
+
+/* open_batch's work on the SSH packets in in[start:end]; 0, or -1 with an exception (InvalidTag
+ * and friends: the caller ends the connection). */
+static int open_packets(const uint8_t *in, Py_ssize_t in_len, Py_ssize_t start, Py_ssize_t end, Py_buffer *plain,
+                        PyObject *conn, PyObject *chan_obj, int kind, int fd, const check_t *check,
+                        PyObject *counters, opened_t *o) {
+    Py_ssize_t drops[N_REASONS] = {0}, consumed = 0, packets = 0, size = 0;
+    int decrypted = 0, result = -1;
+    uint8_t iv[12];
+    PyObject *enc = NULL, *cipher = NULL, *aead = NULL, *iv_in = NULL;
+    memset(o, 0, sizeof(*o));
+    Py_ssize_t max_pktlen = attr_size(conn, s_max_recv_pktlen), chan = attr_size(chan_obj, s_recv_chan);
+    Py_ssize_t window = attr_size(chan_obj, s_recv_window), low_window = attr_size(chan_obj, s_init_recv_window);
+    if (PyErr_Occurred() || !(enc = PyObject_GetAttr(conn, s_recv_encryption))
+            || !(cipher = PyObject_GetAttr(enc, s_cipher)) || !(iv_in = PyObject_GetAttr(cipher, s_iv)))
+        goto done;
+    if (!(aead = PyObject_GetAttr(cipher, s_mrd_aead))) { /* the first message with this key */
+        PyErr_Clear();
+        if (!(aead = PyObject_CallOneArg(aead_of, enc)))
+            goto done;
+    }
+    low_window = (low_window + 1) / 2;
+    if (!PyBytes_Check(iv_in) || PyBytes_GET_SIZE(iv_in) != 12 || start < 0 || end > in_len || start > end
+            || max_pktlen < 0 || chan < 0 || chan > 0xFFFFFFFFLL || window < 0 || aead == Py_None) {
+        PyErr_SetString(PyExc_ValueError, "open_batch: bad arguments");
+        goto done;
+    }
+    memcpy(iv, PyBytes_AS_STRING(iv_in), 12);
+    Py_ssize_t pos = start;
+    while (end - pos >= 4 + SSH_TAG) {
+        Py_ssize_t pktlen = get_u32(in + pos);
+        if (pktlen > max_pktlen || pktlen > plain->len) {
+            o->stopped = 1; /* the caller's own path refuses it, or decrypts it into a bigger buffer */
+            break;
+        }
+        if (pktlen > end - pos - 4 - SSH_TAG)
+            break;
+        PyObject *nonce = PyBytes_FromStringAndSize((const char *)iv, 12);
+        int failed = !nonce || aead_into(s_decrypt_into, aead, nonce, in + pos + 4, pktlen + SSH_TAG, in + pos,
+                                         plain->buf, pktlen) < 0;
+        Py_XDECREF(nonce);
+        if (failed)
+            goto done;
+        next_nonce(iv);
+        decrypted = 1;
+        pos += 4 + pktlen + SSH_TAG;
+        const uint8_t *p = plain->buf;
+        Py_ssize_t padlen = pktlen > 0 ? p[0] : 0;
+        int fast = pktlen >= DATA_HEAD + FRAME_HEADER && p[1] == MSG_CHANNEL_DATA && get_u32(p + 2) == (uint32_t)chan;
+        Py_ssize_t data = fast ? get_u32(p + 6) : 0;
+        fast = fast && DATA_HEAD + data == pktlen - padlen && window - consumed - data >= low_window;
+        const uint8_t *frame = p + DATA_HEAD;
+        fast = fast && get_u32(frame) + FRAME_HEADER == (uint64_t)data && get_u32(frame) <= MAX_BODY
+               && frame[4] == kind;
+        if (!fast) {
+            o->stopped = 2;
+            o->stopped_len = pktlen;
+            break;
+        }
+        o->messages++;
+        consumed += data;
+        Py_ssize_t n = write_body(fd, frame + FRAME_HEADER, data - FRAME_HEADER, check, drops, &size);
+        if (n < 0)
+            drops[OK]++; /* slot 0 is free: the bodies refused whole */
+        else
+            packets += n;
+    }
+    o->pos = pos;
+    if (decrypted) {
+        PyObject *next = PyBytes_FromStringAndSize((const char *)iv, 12);
+        int r = next ? PyObject_SetAttr(cipher, s_iv, next) : -1;
+        Py_XDECREF(next);
+        if (r < 0)
+            goto done;
+    }
+    if (o->messages) {
+        PyObject *seq = PyObject_GetAttr(conn, s_recv_seq);
+        unsigned long next = seq ? (PyLong_AsUnsignedLongMask(seq) + (unsigned long)o->messages) & 0xFFFFFFFFul : 0;
+        Py_XDECREF(seq);
+        PyObject *next_seq = seq && !PyErr_Occurred() ? PyLong_FromUnsignedLong(next) : NULL;
+        int ok = next_seq && PyObject_SetAttr(conn, s_recv_seq, next_seq) == 0;
+        Py_XDECREF(next_seq);
+        if (!ok || set_size(chan_obj, s_recv_window, window - consumed) < 0 || count(counters, s_packets_in, packets) < 0
+                || count(counters, s_bytes_in, size) < 0 || count(counters, s_malformed_frames, drops[OK]) < 0
+                || count_drops(counters, drops, check) < 0)
+            goto done;
+    }
+    result = 0;
+done:
+    Py_XDECREF(enc);
+    Py_XDECREF(cipher);
+    Py_XDECREF(aead);
+    Py_XDECREF(iv_in);
+    return result;
+}
+
 /* open_batch(src, start, end, plain, conn, chan, kind, fd, check, counters)
  *   -> (pos, messages, stopped, stopped_len)
  * Every whole SSH packet in src[start:end]: decrypted into `plain` with the connection's AES-GCM
@@ -664,101 +769,215 @@ static PyObject *open_batch(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*nnw*OOiiOO!", &src, &start, &end, &plain, &conn, &chan_obj, &kind, &fd, &spec,
                           &PyDict_Type, &counters))
         return NULL;
-    if (parse_check(spec, &check) < 0) {
-        PyBuffer_Release(&src);
-        PyBuffer_Release(&plain);
-        return NULL;
+    PyObject *result = NULL;
+    opened_t o;
+    if (parse_check(spec, &check) == 0) {
+        if (open_packets(src.buf, src.len, start, end, &plain, conn, chan_obj, kind, fd, &check, counters, &o) == 0)
+            result = Py_BuildValue("nnin", o.pos, o.messages, o.stopped, o.stopped_len);
+        release_check(&check);
     }
-    Py_ssize_t drops[N_REASONS] = {0}, messages = 0, consumed = 0, packets = 0, size = 0, stopped_len = 0;
-    int stopped = 0, decrypted = 0;
-    uint8_t iv[12];
-    PyObject *result = NULL, *enc = NULL, *cipher = NULL, *aead = NULL, *iv_in = NULL;
-    Py_ssize_t max_pktlen = attr_size(conn, s_max_recv_pktlen), chan = attr_size(chan_obj, s_recv_chan);
-    Py_ssize_t window = attr_size(chan_obj, s_recv_window), low_window = attr_size(chan_obj, s_init_recv_window);
-    if (PyErr_Occurred() || !(enc = PyObject_GetAttr(conn, s_recv_encryption))
-            || !(cipher = PyObject_GetAttr(enc, s_cipher)) || !(iv_in = PyObject_GetAttr(cipher, s_iv)))
-        goto done;
-    if (!(aead = PyObject_GetAttr(cipher, s_mrd_aead))) { /* the first message with this key */
-        PyErr_Clear();
-        if (!(aead = PyObject_CallOneArg(aead_of, enc)))
-            goto done;
-    }
-    low_window = (low_window + 1) / 2;
-    if (!PyBytes_Check(iv_in) || PyBytes_GET_SIZE(iv_in) != 12 || start < 0 || end > src.len || start > end
-            || max_pktlen < 0 || chan < 0 || chan > 0xFFFFFFFFLL || window < 0 || aead == Py_None) {
-        PyErr_SetString(PyExc_ValueError, "open_batch: bad arguments");
-        goto done;
-    }
-    memcpy(iv, PyBytes_AS_STRING(iv_in), 12);
-    const uint8_t *in = src.buf;
-    Py_ssize_t pos = start;
-    while (end - pos >= 4 + SSH_TAG) {
-        Py_ssize_t pktlen = get_u32(in + pos);
-        if (pktlen > max_pktlen || pktlen > plain.len) {
-            stopped = 1; /* the caller's own path refuses it, or decrypts it into a bigger buffer */
-            break;
-        }
-        if (pktlen > end - pos - 4 - SSH_TAG)
-            break;
-        PyObject *nonce = PyBytes_FromStringAndSize((const char *)iv, 12);
-        int failed = !nonce || aead_into(s_decrypt_into, aead, nonce, in + pos + 4, pktlen + SSH_TAG, in + pos,
-                                         plain.buf, pktlen) < 0;
-        Py_XDECREF(nonce);
-        if (failed)
-            goto done; /* InvalidTag and friends: the caller ends the connection */
-        next_nonce(iv);
-        decrypted = 1;
-        pos += 4 + pktlen + SSH_TAG;
-        const uint8_t *p = plain.buf;
-        Py_ssize_t padlen = pktlen > 0 ? p[0] : 0;
-        int fast = pktlen >= DATA_HEAD + FRAME_HEADER && p[1] == MSG_CHANNEL_DATA && get_u32(p + 2) == (uint32_t)chan;
-        Py_ssize_t data = fast ? get_u32(p + 6) : 0;
-        fast = fast && DATA_HEAD + data == pktlen - padlen && window - consumed - data >= low_window;
-        const uint8_t *frame = p + DATA_HEAD;
-        fast = fast && get_u32(frame) + FRAME_HEADER == (uint64_t)data && get_u32(frame) <= MAX_BODY
-               && frame[4] == kind;
-        if (!fast) {
-            stopped = 2;
-            stopped_len = pktlen;
-            break;
-        }
-        messages++;
-        consumed += data;
-        Py_ssize_t n = write_body(fd, frame + FRAME_HEADER, data - FRAME_HEADER, &check, drops, &size);
-        if (n < 0)
-            drops[OK]++; /* slot 0 is free: the bodies refused whole */
-        else
-            packets += n;
-    }
-    if (decrypted) {
-        PyObject *next = PyBytes_FromStringAndSize((const char *)iv, 12);
-        int r = next ? PyObject_SetAttr(cipher, s_iv, next) : -1;
-        Py_XDECREF(next);
-        if (r < 0)
-            goto done;
-    }
-    if (messages) {
-        PyObject *seq = PyObject_GetAttr(conn, s_recv_seq);
-        unsigned long next = seq ? (PyLong_AsUnsignedLongMask(seq) + (unsigned long)messages) & 0xFFFFFFFFul : 0;
-        Py_XDECREF(seq);
-        PyObject *next_seq = seq && !PyErr_Occurred() ? PyLong_FromUnsignedLong(next) : NULL;
-        int ok = next_seq && PyObject_SetAttr(conn, s_recv_seq, next_seq) == 0;
-        Py_XDECREF(next_seq);
-        if (!ok || set_size(chan_obj, s_recv_window, window - consumed) < 0 || count(counters, s_packets_in, packets) < 0
-                || count(counters, s_bytes_in, size) < 0 || count(counters, s_malformed_frames, drops[OK]) < 0)
-            goto done;
-        if (count_drops(counters, drops, &check) < 0)
-            goto done;
-    }
-    result = Py_BuildValue("nnin", pos, messages, stopped, stopped_len);
-done:
-    Py_XDECREF(enc);
-    Py_XDECREF(cipher);
-    Py_XDECREF(aead);
-    Py_XDECREF(iv_in);
-    release_check(&check);
     PyBuffer_Release(&src);
     PyBuffer_Release(&plain);
+    return result;
+}
+
+/* sshfast.Receiver's state that received() reads: the receiver's, its _Input's, its _NativeInput's
+ * and asyncssh's (the round trips of tests/test_sshfast.py fail if any is renamed). */
+static PyObject *s_input, *s_start, *s_end, *s_plain, *s_native, *s_found, *s_alive, *s_inpbuf, *s_recv_handler,
+    *s_boundary, *s_decompressor, *s_channels, *s_recv_state, *s_recv_paused, *s_encoding, *s_session,
+    *s_takes_memoryview, *s_fd, *s_counters, *s_handle, *s_give_back, *s_fail, *s_whole, *s_room, *s_buf;
+
+/* Receiver._ours(): between two packets, nothing in asyncssh's buffer, AES-GCM, no compression. */
+static int ours(PyObject *receiver, PyObject *conn) {
+    int t;
+    if ((t = attr_true(conn, s_inpbuf)) != 0 || (t = attr_true(conn, s_auth_complete)) != 1
+            || (t = attr_true(conn, s_decompressor)) != 0)
+        return t < 0 ? -1 : 0;
+    PyObject *enc = PyObject_GetAttr(conn, s_recv_encryption);
+    if (!enc)
+        return -1;
+    t = Py_TYPE(enc) == (PyTypeObject *)gcm_type;
+    Py_DECREF(enc);
+    PyObject *handler = t ? PyObject_GetAttr(conn, s_recv_handler) : NULL;
+    PyObject *boundary = handler ? PyObject_GetAttr(receiver, s_boundary) : NULL;
+    if (t && !boundary)
+        t = -1;
+    else if (t)
+        t = PyObject_RichCompareBool(handler, boundary, Py_EQ);
+    Py_XDECREF(handler);
+    Py_XDECREF(boundary);
+    return t;
+}
+
+/* 1 if getattr(obj, name) == text (a str), 0 if not, -1 on an error. */
+static int attr_is(PyObject *obj, PyObject *name, PyObject *text) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (!v)
+        return -1;
+    int r = PyUnicode_Check(v) && PyUnicode_Compare(v, text) == 0;
+    Py_DECREF(v);
+    return r;
+}
+
+/* The sink _NativeInput.sink() would return, when it is the one it found last time and still
+ * holds (the same checks): a new reference to its (chan, kind, pump, fd, check); None when the
+ * Python must look (nothing found yet, something changed); NULL on an error. */
+static PyObject *cached_sink(PyObject *receiver, PyObject *conn) {
+    PyObject *native = PyObject_GetAttr(receiver, s_native);
+    PyObject *found = native && native != Py_None ? PyObject_GetAttr(native, s_found) : NULL;
+    Py_XDECREF(native);
+    if (!found)
+        return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    if (!PyTuple_Check(found) || PyTuple_GET_SIZE(found) != 5) {
+        Py_DECREF(found);
+        return Py_NewRef(Py_None);
+    }
+    PyObject *chan = PyTuple_GET_ITEM(found, 0), *channels = NULL, *id = NULL, *session = NULL;
+    int t = (channels = PyObject_GetAttr(conn, s_channels)) && (id = PyObject_GetAttr(chan, s_recv_chan)) ? 1 : -1;
+    if (t > 0) {
+        PyObject *current = PyDict_Check(channels) ? PyDict_GetItemWithError(channels, id) : NULL;
+        t = PyErr_Occurred() ? -1 : current == chan;
+    }
+    if (t > 0 && (t = attr_is(chan, s_recv_state, s_open)) > 0 && (t = attr_is(chan, s_send_state, s_open)) > 0
+            && (t = attr_true(chan, s_recv_paused)) == 0 && (t = attr_true(chan, s_encoding)) == 0)
+        t = (session = PyObject_GetAttr(chan, s_session)) ? attr_true(session, s_takes_memoryview) : -1;
+    if (t > 0) { /* the pump still has that TUN (a stopped pump has none) */
+        Py_ssize_t fd = attr_size(PyTuple_GET_ITEM(found, 2), s_fd);
+        t = PyErr_Occurred() ? -1 : PyLong_Check(PyTuple_GET_ITEM(found, 3))
+                                        && fd == PyLong_AsSsize_t(PyTuple_GET_ITEM(found, 3));
+    }
+    Py_XDECREF(channels);
+    Py_XDECREF(id);
+    Py_XDECREF(session);
+    if (t < 0) {
+        PyErr_Clear(); /* an attribute missing: the Python's own look decides */
+        Py_DECREF(found);
+        return Py_NewRef(Py_None);
+    }
+    if (!t)
+        Py_SETREF(found, Py_NewRef(Py_None));
+    return found;
+}
+
+/* The monotonic clock, as time.monotonic() reads it. */
+static double monotonic(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)now.tv_sec + now.tv_nsec * 1e-9;
+}
+
+/* received(receiver, nbytes): sshfast._ReadInto.buffer_updated for the event loop itself, in C for
+ * the usual read (the connection ours, the tunnel's sink as found last time, no keepalive due):
+ * open_packets over what is in the receiver's _Input, which then starts after what it used; the
+ * rest as the Python does it: a packet it left (stopped 1 or 2) with Receiver._handle, the read
+ * asyncssh must see with Receiver._give_back, a failure with Receiver._fail. */
+static PyObject *received(PyObject *self, PyObject *args) {
+    PyObject *receiver;
+    Py_ssize_t nbytes;
+    if (!PyArg_ParseTuple(args, "On", &receiver, &nbytes))
+        return NULL;
+    PyObject *inp = NULL, *conn = NULL, *sink = NULL, *buf = NULL, *plain_obj = NULL, *counters = NULL,
+             *result = NULL;
+    Py_buffer src = {0}, plain = {0};
+    if (!(inp = PyObject_GetAttr(receiver, s_input)) || !(conn = PyObject_GetAttr(receiver, s_conn)))
+        goto done;
+    Py_ssize_t start = attr_size(inp, s_start), end = attr_size(inp, s_end);
+    if (PyErr_Occurred() || start < 0 || end < start || nbytes < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "received: bad input state");
+        goto done;
+    }
+    Py_ssize_t had = end - start;
+    end += nbytes;
+    if (set_size(inp, s_end, end) < 0)
+        goto done;
+    int t = had ? 1 : ours(receiver, conn);
+    if (t <= 0) {
+        result = t < 0 ? NULL : PyObject_CallMethodNoArgs(receiver, s_give_back);
+        goto done;
+    }
+    PyObject *alive = PyObject_GetAttr(receiver, s_alive);
+    double last = alive ? PyFloat_AsDouble(alive) : -1.0;
+    Py_XDECREF(alive);
+    if (PyErr_Occurred() || !(sink = cached_sink(receiver, conn)))
+        goto done;
+    if (sink == Py_None || monotonic() - last >= keepalive_reset) {
+        result = PyObject_CallMethodNoArgs(receiver, s_handle);
+        goto done;
+    }
+    PyObject *chan = PyTuple_GET_ITEM(sink, 0), *pump = PyTuple_GET_ITEM(sink, 2);
+    int kind = (int)PyLong_AsLong(PyTuple_GET_ITEM(sink, 1)), fd = (int)PyLong_AsLong(PyTuple_GET_ITEM(sink, 3));
+    check_t check;
+    if (PyErr_Occurred() || !(counters = PyObject_GetAttr(pump, s_counters)) || !PyDict_Check(counters)
+            || !(buf = PyObject_GetAttr(inp, s_buf)) || !(plain_obj = PyObject_GetAttr(receiver, s_plain))
+            || PyObject_GetBuffer(buf, &src, PyBUF_SIMPLE) < 0 || PyObject_GetBuffer(plain_obj, &plain, PyBUF_WRITABLE) < 0
+            || parse_check(PyTuple_GET_ITEM(sink, 4), &check) < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "received: the pump's counters are not a dict");
+        goto done;
+    }
+    opened_t o;
+    int failed = open_packets(src.buf, src.len, start, end, &plain, conn, chan, kind, fd, &check, counters, &o) < 0;
+    release_check(&check);
+    if (failed) {
+        PyObject *type, *exc, *tb;
+        PyErr_Fetch(&type, &exc, &tb); /* PyErr_GetRaisedException from Python 3.12 on */
+        PyErr_NormalizeException(&type, &exc, &tb);
+        if (exc && tb)
+            PyException_SetTraceback(exc, tb);
+        result = exc ? PyObject_CallMethodOneArg(receiver, s_fail, exc) : NULL;
+        Py_XDECREF(type);
+        Py_XDECREF(exc);
+        Py_XDECREF(tb);
+        goto done;
+    }
+    /* All used (the usual case): the next read goes to the front. Not after a packet left to the
+     * Python: Receiver._handle reads its ciphertext just before the input's start. */
+    int all_used = !o.stopped && o.pos == end;
+    if (set_size(inp, s_start, all_used ? 0 : o.pos) < 0 || (all_used && set_size(inp, s_end, 0) < 0))
+        goto done;
+    if (!o.stopped) {
+        result = Py_NewRef(Py_None);
+    } else {
+        PyObject *pending = PyLong_FromSsize_t(o.stopped == 2 ? o.stopped_len : 0);
+        result = pending ? PyObject_CallMethodOneArg(receiver, s_handle, pending) : NULL;
+        Py_XDECREF(pending);
+    }
+done:
+    if (src.obj)
+        PyBuffer_Release(&src);
+    if (plain.obj)
+        PyBuffer_Release(&plain);
+    Py_XDECREF(inp);
+    Py_XDECREF(conn);
+    Py_XDECREF(sink);
+    Py_XDECREF(buf);
+    Py_XDECREF(plain_obj);
+    Py_XDECREF(counters);
+    return result;
+}
+
+/* get_buffer(receiver, size, sizehint): _ReadInto.get_buffer for the event loop itself: the whole
+ * of an empty _Input (the usual case), else its room(size) in Python. */
+static PyObject *get_buffer(PyObject *self, PyObject *args) {
+    PyObject *receiver, *hint;
+    Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "OnO", &receiver, &size, &hint))
+        return NULL;
+    PyObject *inp = PyObject_GetAttr(receiver, s_input), *buf = NULL, *result = NULL;
+    if (!inp)
+        return NULL;
+    Py_ssize_t end = attr_size(inp, s_end);
+    if (!PyErr_Occurred() && end == 0 && (buf = PyObject_GetAttr(inp, s_buf)) && PyByteArray_Check(buf)
+            && PyByteArray_GET_SIZE(buf) >= size) {
+        result = PyObject_GetAttr(inp, s_whole);
+    } else if (!PyErr_Occurred()) {
+        PyObject *n = PyLong_FromSsize_t(size);
+        result = n ? PyObject_CallMethodOneArg(inp, s_room, n) : NULL;
+        Py_XDECREF(n);
+    }
+    Py_XDECREF(buf);
+    Py_DECREF(inp);
     return result;
 }
 
@@ -766,8 +985,10 @@ static PyMethodDef methods[] = {
     {"pump_out", pump_out, METH_VARARGS, "A TUN's wake-up: read its packets, frame them and send the frame."},
     {"tun_write_batch", tun_write_batch, METH_VARARGS, "Check and write a PACKETS body's packets to a TUN."},
     {"open_batch", open_batch, METH_VARARGS, "Decrypt SSH packets and deliver the tunnel's channel data."},
+    {"received", received, METH_VARARGS, "sshfast's buffer_updated: open_batch over what the socket brought."},
+    {"get_buffer", get_buffer, METH_VARARGS, "sshfast's get_buffer: where the socket's next read goes."},
     {"send_data", send_data, METH_VARARGS, "Send a frame built in place as one SSH channel data message."},
-    {"bind", bind, METH_VARARGS, "Give send_data asyncssh's GCMEncryption, sshfast._aead and the largest packet."},
+    {"bind", bind, METH_VARARGS, "Give the C asyncssh's GCMEncryption, sshfast._aead, the largest packet and more."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -788,7 +1009,13 @@ PyMODINIT_FUNC PyInit__datapath(void) {
         {&s_recv_seq, "_recv_seq"}, {&s_recv_chan, "_recv_chan"}, {&s_recv_window, "_recv_window"},
         {&s_init_recv_window, "_init_recv_window"}, {&s_packets_in, "packets_in"}, {&s_bytes_in, "bytes_in"},
         {&s_malformed_frames, "dropped_frames_malformed"}, {&s_chan, "chan"}, {&s_packets_out, "packets_out"},
-        {&s_bytes_out, "bytes_out"}, {&s_frames_out, "frames_out"},
+        {&s_bytes_out, "bytes_out"}, {&s_frames_out, "frames_out"}, {&s_input, "_input"}, {&s_start, "start"},
+        {&s_end, "end"}, {&s_plain, "_plain"}, {&s_native, "_native"}, {&s_found, "_found"}, {&s_alive, "_alive"},
+        {&s_inpbuf, "_inpbuf"}, {&s_recv_handler, "_recv_handler"}, {&s_boundary, "_boundary"},
+        {&s_decompressor, "_decompressor"}, {&s_channels, "_channels"}, {&s_recv_state, "_recv_state"},
+        {&s_recv_paused, "_recv_paused"}, {&s_encoding, "_encoding"}, {&s_session, "_session"},
+        {&s_takes_memoryview, "takes_memoryview"}, {&s_fd, "fd"}, {&s_counters, "counters"}, {&s_handle, "_handle"},
+        {&s_give_back, "_give_back"}, {&s_fail, "_fail"}, {&s_whole, "_whole"}, {&s_room, "room"}, {&s_buf, "buf"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (!(*names[i].name = PyUnicode_InternFromString(names[i].text)))

@@ -33,6 +33,7 @@ session.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import struct
 import sys
@@ -203,11 +204,11 @@ class _Decrypted:
 # for the rest of the message, the length and the tag): each reused buffer is made this size once,
 # not grown step by step (every step would leave a freed buffer behind in the heap).
 _PACKET_MAX = 4 + sshopts.MAX_PKTSIZE + 1024 + _TAG
-if datapath is not None:
-    datapath.bind(GCMEncryption, _aead, _PACKET_MAX)
 _SMALL = 4096  # packets decrypted into a new bytes object, not the reused buffer (see _decrypt)
 # How much a read may bring at least: uvloop reads 256 KiB at a time into a buffer of its own.
 _READ_SIZE = 256 * 1024
+if datapath is not None:
+    datapath.bind(GCMEncryption, _aead, _PACKET_MAX, _KEEPALIVE_RESET)
 
 
 class _Input:
@@ -304,8 +305,10 @@ class Receiver:
             # After this callback, not inside the transport's own read path.
             asyncio.get_running_loop().call_soon(_ReadInto(self).install)
 
-    def _handle(self) -> None:
-        """Every whole packet in the input while the connection stays ours."""
+    def _handle(self, pending: int = 0) -> None:
+        """Every whole packet in the input while the connection stays ours; first, with `pending`,
+        the packet of that length just before the input that the C decrypted into _plain and
+        left to us (datapath.received)."""
         conn = self._conn
         now = time.monotonic()
         if now - self._alive >= _KEEPALIVE_RESET:
@@ -313,21 +316,14 @@ class Receiver:
             self._alive = now
         inp = self._input
         try:
+            before = bytes(memoryview(inp.buf)[inp.start - 4 - pending - _TAG : inp.start]) if pending else b""
             with memoryview(inp.buf)[inp.start : inp.end] as src:
-                pos, ours = self._packets(src)
+                pos, ours = self._packets(src, pending, before)
                 if not ours and pos < len(src):
                     # asyncssh takes over (a message it handles asynchronously, or a cipher we do not do).
                     conn._inpbuf = bytes(src[pos:])
-        except (asyncssh.DisconnectError, InvalidTag) as exc:
-            # InvalidTag: a packet that failed authentication, in our decryption or the C's.
-            err = exc if isinstance(exc, asyncssh.DisconnectError) else asyncssh.MACError("MAC verification failed")
-            inp.clear()
-            conn._send_disconnect(err.code, err.reason, err.lang)
-            conn._force_close(err)
-            return
-        except Exception:  # noqa: BLE001 - asyncssh's own _recv_data does the same
-            inp.clear()
-            conn.internal_error()
+        except Exception as exc:  # noqa: BLE001 - asyncssh's own _recv_data ends the connection too
+            self._fail(exc)
             return
         inp.start += pos
         if conn._inpbuf:
@@ -337,16 +333,38 @@ class Receiver:
         elif inp.start == inp.end:  # all handled (the usual case): the next read goes to the front
             inp.start = inp.end = 0
 
-    def _packets(self, src: memoryview) -> tuple[int, bool]:
-        """Handle every whole packet in `src` while the connection stays ours; the bytes used,
-        and whether it still is (only a packet asyncssh handled can change that)."""
+    def _fail(self, exc: Exception) -> None:
+        """A packet that failed (in our Python or the C's): the connection ends, as asyncssh ends it."""
+        conn = self._conn
+        self._input.clear()
+        if isinstance(exc, (asyncssh.DisconnectError, InvalidTag)):
+            # InvalidTag: a packet that failed authentication, in our decryption or the C's.
+            err = exc if isinstance(exc, asyncssh.DisconnectError) else asyncssh.MACError("MAC verification failed")
+            conn._send_disconnect(err.code, err.reason, err.lang)
+            conn._force_close(err)
+        else:
+            conn.internal_error()
+
+    def _give_back(self) -> None:
+        """What just arrived, to asyncssh's own path as bytes (its turn, or it holds the start of these)."""
+        inp = self._input
+        data = bytes(memoryview(inp.buf)[inp.start : inp.end])
+        inp.clear()
+        self._conn.data_received(data)
+
+    def _packets(self, src: memoryview, pending: int, before: bytes) -> tuple[int, bool]:
+        """Handle every whole packet in `src` while the connection stays ours (first a `pending`
+        one, see _handle: `before` is its ciphertext); the bytes used, and whether it still is
+        (only a packet asyncssh handled can change that)."""
         conn = self._conn
         n, pos = len(src), 0
         native = self._native
         sink = native.sink() if native is not None else None
         with memoryview(src) as view:
-            while n - pos >= 4 + _TAG:
-                if sink is not None:
+            while pending or n - pos >= 4 + _TAG:
+                if pending:
+                    plain, pktlen, pending = memoryview(self._plain)[:pending], pending, 0
+                elif sink is not None:
                     # The tunnel's packets in C, up to the first message that is anything else;
                     # it advances asyncssh's state and the pump's counters itself.
                     chan, kind, pump, fd, check = sink
@@ -369,7 +387,7 @@ class Receiver:
                     pos = end
                 handled = _channel_data(conn, plain)
                 if not handled:
-                    _through_asyncssh(conn, bytes(plain), bytes(view[pos - 4 - pktlen - _TAG : pos]))
+                    _through_asyncssh(conn, bytes(plain), bytes(view[pos - 4 - pktlen - _TAG : pos]) if pos else before)
                 del plain
                 # Whoever kept a view of the plaintext (a paused channel queues it) keeps the
                 # buffer: the next packet gets a new one. Ours and the argument are 2 references.
@@ -479,6 +497,11 @@ class _ReadInto(asyncio.BufferedProtocol):
     def __init__(self, receiver: Receiver) -> None:
         self._receiver = receiver
         self._conn = receiver._conn
+        if datapath is not None:
+            # The transport calls these for every read: in C (the same work as the methods below,
+            # which stay the reference), so a read of the tunnel's data runs no Python at all.
+            self.get_buffer = functools.partial(datapath.get_buffer, receiver, _READ_SIZE)  # type: ignore[method-assign]
+            self.buffer_updated = functools.partial(datapath.received, receiver)  # type: ignore[method-assign]
 
     def install(self) -> None:
         transport = self._conn._transport
@@ -494,10 +517,7 @@ class _ReadInto(asyncio.BufferedProtocol):
         had = inp.end - inp.start
         inp.end += nbytes
         if not had and not receiver._ours():
-            # asyncssh's turn (or it holds the start of these bytes): as bytes, through its own path.
-            data = bytes(memoryview(inp.buf)[inp.start : inp.end])
-            inp.clear()
-            self._conn.data_received(data)
+            receiver._give_back()
             return
         receiver._handle()
 
