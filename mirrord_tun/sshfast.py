@@ -20,8 +20,10 @@ Where the C packet path is built (native.py), the per-message work in between is
 `send_data` is `send` for the pump's frame (the same checks, message and state updates), and
 `open_batch` decrypts what arrived and writes the tunnel's packets to the pump's TUN itself (the
 channel found by _NativeInput), advancing asyncssh's state and the pump's counters, stopping at
-the first message that is anything else, which then takes the path below. The cipher calls are
-the same AES-GCM object's either way.
+the first message that is anything else, which then takes the path below. The transport calls
+the C for each read itself (`received`, `get_buffer`): a read of the tunnel's data runs no Python;
+any other case it hands to the Receiver's Python. The cipher calls are the same AES-GCM object's
+either way.
 
 Still SSH on the wire, with asyncssh's negotiated keys, IVs, sequence numbers, rekey limits
 and channel windows, which this code advances exactly as asyncssh would. Everything else
