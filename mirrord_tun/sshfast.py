@@ -317,17 +317,17 @@ class Receiver:
             conn._reset_keepalive_timer()
             self._alive = now
         inp = self._input
+        back = 4 + pending + _TAG if pending else 0  # the pending packet's ciphertext, before the input
         try:
-            before = bytes(memoryview(inp.buf)[inp.start - 4 - pending - _TAG : inp.start]) if pending else b""
-            with memoryview(inp.buf)[inp.start : inp.end] as src:
-                pos, ours = self._packets(src, pending, before)
+            with memoryview(inp.buf)[inp.start - back : inp.end] as src:
+                pos, ours = self._packets(src, pending)
                 if not ours and pos < len(src):
                     # asyncssh takes over (a message it handles asynchronously, or a cipher we do not do).
                     conn._inpbuf = bytes(src[pos:])
         except Exception as exc:  # noqa: BLE001 - asyncssh's own _recv_data ends the connection too
             self._fail(exc)
             return
-        inp.start += pos
+        inp.start += pos - back
         if conn._inpbuf:
             inp.clear()
             if conn._recv_handler == self._boundary:
@@ -354,12 +354,12 @@ class Receiver:
         inp.clear()
         self._conn.data_received(data)
 
-    def _packets(self, src: memoryview, pending: int, before: bytes) -> tuple[int, bool]:
-        """Handle every whole packet in `src` while the connection stays ours (first a `pending`
-        one, see _handle: `before` is its ciphertext); the bytes used, and whether it still is
-        (only a packet asyncssh handled can change that)."""
+    def _packets(self, src: memoryview, pending: int) -> tuple[int, bool]:
+        """Handle every whole packet in `src` while the connection stays ours (with `pending`, the
+        first is one the C decrypted already, see _handle); the bytes used, and whether it still
+        is (only a packet asyncssh handled can change that)."""
         conn = self._conn
-        n, pos = len(src), 0
+        n, pos = len(src), 4 + pending + _TAG if pending else 0
         native = self._native
         sink = native.sink() if native is not None else None
         with memoryview(src) as view:
@@ -389,7 +389,7 @@ class Receiver:
                     pos = end
                 handled = _channel_data(conn, plain)
                 if not handled:
-                    _through_asyncssh(conn, bytes(plain), bytes(view[pos - 4 - pktlen - _TAG : pos]) if pos else before)
+                    _through_asyncssh(conn, bytes(plain), bytes(view[pos - 4 - pktlen - _TAG : pos]))
                 del plain
                 # Whoever kept a view of the plaintext (a paused channel queues it) keeps the
                 # buffer: the next packet gets a new one. Ours and the argument are 2 references.
