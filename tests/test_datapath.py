@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mirrord_tun
-from mirrord_tun import native, pump
+from mirrord_tun import native, pump, sshfast
 from mirrord_tun.native import datapath
 from mirrord_tun.protocol import AgentMsg, ClientMsg
 from mirrord_tun.pump import MAX_PACKET, VNET_HDR_LEN, TunPump, destination_is, source_is
@@ -198,6 +198,25 @@ def test_a_tun_gone_under_the_pump_pauses_it() -> None:
         assert not p._reading and not sent
         b.close()
     asyncio.run(go())
+
+
+@needs_c
+def test_with_sshfast_off_the_c_reader_leaves_every_frame_to_the_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MIRRORD_NS_SSHFAST=0: the TUN is still read in C, but each frame goes out through the
+    endpoint's write (asyncssh's path), the channel never looked at."""
+    monkeypatch.setattr(sshfast, "ENABLED", False)
+    with _two_tuns() as ((tun, peer), _):
+        packet = bytes(VNET_HDR_LEN) + bytes([0x45]) + os.urandom(40)
+        peer.send(packet)
+        sent: list[bytes] = []
+
+        def run() -> None:
+            out = types.SimpleNamespace(write=lambda frame: sent.append(bytes(frame)))  # no `chan` to look at
+            p = TunPump(tun.fileno(), out, ClientMsg.PACKETS, None, source_is(*ALLOWED), Counter())  # type: ignore[arg-type]
+            _wake(p)
+            assert sent == [struct.pack("!IB", 4 + len(packet), ClientMsg.PACKETS) + struct.pack("!I", len(packet)) + packet]
+            assert (p.counters["packets_out"], p.counters["frames_out"]) == (1, 1)
+        _in_loop(run)
 
 
 @needs_c
