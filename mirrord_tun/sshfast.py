@@ -336,16 +336,8 @@ class Receiver:
             inp.start = inp.end = 0
 
     def _fail(self, exc: Exception) -> None:
-        """A packet that failed (in our Python or the C's): the connection ends, as asyncssh ends it."""
-        conn = self._conn
         self._input.clear()
-        if isinstance(exc, (asyncssh.DisconnectError, InvalidTag)):
-            # InvalidTag: a packet that failed authentication, in our decryption or the C's.
-            err = exc if isinstance(exc, asyncssh.DisconnectError) else asyncssh.MACError("MAC verification failed")
-            conn._send_disconnect(err.code, err.reason, err.lang)
-            conn._force_close(err)
-        else:
-            conn.internal_error()
+        _end(self._conn, exc)
 
     def _give_back(self) -> None:
         """What just arrived, to asyncssh's own path as bytes (its turn, or it holds the start of these)."""
@@ -385,7 +377,9 @@ class Receiver:
                     end = pos + 4 + pktlen + _TAG
                     if end > n:
                         break
-                    plain = self._decrypt(view[pos + 4 : end], view[pos : pos + 4], pktlen)
+                    if len(self._plain) < pktlen:
+                        self._plain = bytearray(pktlen)
+                    plain = _decrypt(conn, self._plain, view[pos + 4 : end], view[pos : pos + 4])
                     pos = end
                 handled = _channel_data(conn, plain)
                 if not handled:
@@ -401,22 +395,32 @@ class Receiver:
                     sink = native.sink()  # that message may have changed the channel (a close, a pause)
         return pos, True
 
-    def _decrypt(self, sealed: memoryview, length: memoryview, pktlen: int) -> memoryview:
-        """One packet's plaintext, in a buffer reused from packet to packet (not a new bytes
-        object of ~160 KiB per message)."""
-        enc = self._conn._recv_encryption
-        aead = _aead(enc)
-        assert aead is not None
-        if pktlen <= _SMALL:  # a new bytes object costs less than the view of a reused buffer
-            plain = memoryview(aead.decrypt(enc._cipher._iv, sealed, length))
-            enc._cipher._update_iv()
-            return plain
-        if len(self._plain) < pktlen:
-            self._plain = bytearray(pktlen)
-        plain = memoryview(self._plain)[:pktlen]
-        aead.decrypt_into(enc._cipher._iv, sealed, length, plain)  # InvalidTag: _handle ends the connection
-        enc._cipher._update_iv()
-        return plain
+
+def _decrypt(conn: Any, into: bytearray, sealed: memoryview, length: memoryview) -> memoryview:
+    """One packet's plaintext, in `into`, a buffer reused from packet to packet and long enough
+    (not a new bytes object of ~160 KiB per message)."""
+    enc = conn._recv_encryption
+    aead = _aead(enc)
+    assert aead is not None
+    pktlen = len(sealed) - _TAG
+    if pktlen <= _SMALL:  # a new bytes object costs less than the view of a reused buffer
+        plain = memoryview(aead.decrypt(enc._cipher._iv, sealed, length))
+    else:
+        plain = memoryview(into)[:pktlen]
+        aead.decrypt_into(enc._cipher._iv, sealed, length, plain)  # InvalidTag: Receiver._fail ends the connection
+    enc._cipher._update_iv()
+    return plain
+
+
+def _end(conn: Any, exc: Exception) -> None:
+    """The connection ends over a packet that failed (in our Python or the C's), as asyncssh ends it."""
+    if isinstance(exc, (asyncssh.DisconnectError, InvalidTag)):
+        # InvalidTag: a packet that failed authentication, in our decryption or the C's.
+        err = exc if isinstance(exc, asyncssh.DisconnectError) else asyncssh.MACError("MAC verification failed")
+        conn._send_disconnect(err.code, err.reason, err.lang)
+        conn._force_close(err)
+    else:
+        conn.internal_error()
 
 
 class _NativeInput:
