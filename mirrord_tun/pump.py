@@ -176,7 +176,8 @@ class TunPump:
         out_spec = getattr(admit_out, "native", None)
         self._in_spec = getattr(admit_in, "native", None) if datapath is not None else None
         # What the loop calls when the TUN is readable, and with what: in C (pump_out), a whole
-        # wake-up without a Python call in between (each cost ~3-4 us of a cold cache, measured).
+        # wake-up without a Python call in between (right after a wake-up each cost several us:
+        # docs/benchmarks.md, ninth pass).
         self._reader: tuple = (self._on_readable,)
         if datapath is not None and (admit_out is None or out_spec is not None):
             self._reader = (datapath.pump_out, tun_fd, self._batch.buf, Batch.start, Batch.limit, MAX_PACKET, out_spec,
