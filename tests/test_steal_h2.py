@@ -345,7 +345,8 @@ public class H2c {
 @pytest.mark.skipif(not shutil.which("java"), reason="needs java (a JDK: single-file source launch)")
 def test_java_httpclient_h2c_upgrade_with_a_body_then_streams_routed_apart(h2proxy: Proxy, tmp_path) -> None:
     (tmp_path / "H2c.java").write_text(_JAVA)
-    r = subprocess.run(["java", str(tmp_path / "H2c.java"), f"http://{HOST}:{h2proxy.port}"],
+    # -XX:-UsePerfData: no /tmp/hsperfdata_<user> left behind by the JVM.
+    r = subprocess.run(["java", "-XX:-UsePerfData", str(tmp_path / "H2c.java"), f"http://{HOST}:{h2proxy.port}"],
                        capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout == b"".join(b"HTTP_2 " + _answer(name, method, f"/j{i}", b"x" * 100_000 if i == 0 else b"")
