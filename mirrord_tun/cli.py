@@ -69,8 +69,10 @@ def _status(cli: Callable[[], Any]) -> int:
         click.echo(e.format_message(), err=True)
         return 2
     except click.UsageError as e:
-        hint = f" Try '{e.ctx.command_path} -h' for help." if e.ctx else ""
-        return _fail(_usage_message(e) + hint)
+        message = _usage_message(e).rstrip()
+        if e.ctx:  # one line: the reason, then where to look
+            message += f"{'' if message.endswith(('.', '?', '!')) else '.'} Try '{e.ctx.command_path} -h' for help."
+        return _fail(message)
     except click.ClickException as e:
         return _fail(e.format_message())
     except (click.Abort, KeyboardInterrupt):  # click turns Ctrl-C outside a session into Abort
@@ -92,7 +94,7 @@ def _usage_message(e: click.UsageError) -> str:
     # difflib finds '--help' close to any short option ('--stel'): only the best match may be it.
     best, *rest = e.possibilities
     meant = [best, *(p for p in rest if p != "--help")]
-    return f"{e.message} (Did you mean {' or '.join(map(repr, meant))}?)"
+    return f"{e.message} Did you mean {' or '.join(map(repr, meant))}?"
 
 
 def _internal_error(e: Exception) -> int:

@@ -177,7 +177,9 @@ def test_a_bad_file_is_one_line_and_exit_2(tmp_path: Path, text: str, says: str)
 def test_usage_errors_are_one_line() -> None:
     for args in (("run",), ("runn",), ("run", "--port", "http", "--", "true"), ("attach",),
                  ("run", "--agent", "127.0.0.1:1", "--", "true")):
-        one_error_line(mirrord_ns(*args))
+        line = one_error_line(mirrord_ns(*args))
+        reason, _, hint = line.partition(" Try '")
+        assert hint.endswith(" -h' for help.") and reason[-1] in ".?!", line  # two sentences, not one run-on
 
 
 def test_our_errors_exit_2_not_clicks_1() -> None:
