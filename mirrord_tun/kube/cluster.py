@@ -11,6 +11,7 @@ from kubernetes import client
 from urllib3.exceptions import HTTPError
 
 from mirrord_tun.kube import kubeconfig as kc
+from mirrord_tun.kube import operations
 from mirrord_tun.kube.errors import KubeError
 
 RBAC_HINT = "deploy/rbac.yaml lists the permissions mirrord-ns needs"
@@ -24,17 +25,18 @@ class Cluster:
     api: client.ApiClient
     namespace: str  # -n, else the context's namespace, else "default"
 
+    # The operations we make, by path (kube/operations.py says why not the generated API classes).
     @property
-    def core(self) -> client.CoreV1Api:
-        return client.CoreV1Api(self.api)
+    def core(self) -> operations.ApiGroup:
+        return operations.core(self.api)
 
     @property
-    def apps(self) -> client.AppsV1Api:
-        return client.AppsV1Api(self.api)
+    def apps(self) -> operations.ApiGroup:
+        return operations.apps(self.api)
 
     @property
-    def batch(self) -> client.BatchV1Api:
-        return client.BatchV1Api(self.api)
+    def batch(self) -> operations.ApiGroup:
+        return operations.batch(self.api)
 
 
 def connect(context: str | None, kubeconfig: str | None, namespace: str | None) -> Cluster:
