@@ -19,15 +19,18 @@ def _names() -> dict[int, str]:
 def bring_up_tun(name: str, addresses: list[str], mtu: int, peers: list[str] = []) -> None:
     """Give a TUN host addresses (/32, /128), an MTU, and host routes to peers behind it.
 
-    IPv6 is on only when an IPv6 address is given, and then without a link-local address
-    (addr_gen_mode 1: none) or duplicate address detection, so the tunnel carries no router
-    solicitations or MLD noise and the address works at once."""
+    The TUN never has an IPv6 link-local address or duplicate address detection, so the tunnel
+    carries no router solicitations or MLD noise and an IPv6 address works at once; IPv6 is
+    on only when an IPv6 address is given. The first is set over rtnetlink: where /proc/sys is
+    read-only (an unprivileged agent container) IPv6 stays on, and the TUN sent a router
+    solicitation into every IPv4-only session."""
     ipv6 = any(":" in a for a in addresses)
     idx = rtnl.index(name)
+    with contextlib.suppress(OSError):  # EAFNOSUPPORT: a kernel without IPv6, nothing to quiet
+        rtnl.set_no_ipv6_link_local(idx)
     if ipv6:
-        for knob, value in (("addr_gen_mode", "1"), ("disable_ipv6", "0")):
-            with open(f"/proc/sys/net/ipv6/conf/{name}/{knob}", "w") as f:
-                f.write(value)
+        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+            f.write("0")
     else:
         with contextlib.suppress(OSError), open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
             f.write("1")

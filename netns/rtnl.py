@@ -34,6 +34,7 @@ RT_TABLE_MAIN = 254
 _FR_ACT_TO_TBL = 1
 _IFF_UP = 0x1
 _IFLA_INET_CONF, _IPV4_DEVCONF_FORWARDING = 1, 1
+_IFLA_INET6_ADDR_GEN_MODE, _IN6_ADDR_GEN_MODE_NONE = 8, 1
 
 _IFINFO = struct.Struct("BxHiII")  # family, type, index, flags, change
 _IFADDR = struct.Struct("BBBBI")  # family, prefixlen, flags, scope, index
@@ -138,6 +139,15 @@ def set_ipv4_forwarding(idx: int, on: bool) -> None:
     conf = attr(_IPV4_DEVCONF_FORWARDING, struct.pack("I", int(on)))
     spec = attr(IFLA_AF_SPEC | _NLA_F_NESTED,
                 attr(socket.AF_INET | _NLA_F_NESTED, attr(_IFLA_INET_CONF | _NLA_F_NESTED, conf)))
+    _change(RTM_NEWLINK, _IFINFO.pack(socket.AF_UNSPEC, 0, idx, 0, 0) + spec)
+
+
+def set_no_ipv6_link_local(idx: int) -> None:
+    """No IPv6 link-local address when the device comes up, so the kernel sends no duplicate
+    address detection, router solicitation or MLD report from it: IFLA_AF_SPEC/AF_INET6/
+    IFLA_INET6_ADDR_GEN_MODE (addr_gen_mode none), which needs no writable /proc/sys."""
+    mode = attr(_IFLA_INET6_ADDR_GEN_MODE, struct.pack("B", _IN6_ADDR_GEN_MODE_NONE))
+    spec = attr(IFLA_AF_SPEC | _NLA_F_NESTED, attr(socket.AF_INET6 | _NLA_F_NESTED, mode))
     _change(RTM_NEWLINK, _IFINFO.pack(socket.AF_UNSPEC, 0, idx, 0, 0) + spec)
 
 

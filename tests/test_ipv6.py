@@ -451,6 +451,19 @@ def test_where_ipv6_forwarding_cannot_be_switched_on_the_session_is_ipv4_only(
     assert pod_sysctls6(sb) == before
 
 
+def test_an_ipv4_only_session_sends_nothing_of_ipv6_into_the_tunnel(
+        ipv4_only_agent: tuple[Cluster, list[str]]) -> None:
+    """The agent's TUN never gets an IPv6 link-local address, also where /proc/sys is read-only
+    and its IPv6 cannot be switched off: the kernel sent a router solicitation from it into
+    every IPv4-only session of an unprivileged agent (seen in a real cluster)."""
+    cluster, _ = ipv4_only_agent
+    run = start_run(cluster.sb, "sh", "-c", "echo up && sleep 30")
+    assert read_line(run) == "up\n"
+    addresses = cluster.sb.exec("pod", "ip", "-6", "-o", "addr", "show").stdout
+    assert not [line for line in addresses.splitlines() if line.split()[1].startswith("mrd")], addresses
+    cluster.sb.stop(run)
+
+
 @pytest.fixture
 def app6(cluster6: Cluster) -> Iterator[str]:
     yield from make_app(cluster6.sb)
