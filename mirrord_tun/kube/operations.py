@@ -1,6 +1,6 @@
 """The Kubernetes API operations mirrord-ns makes, one line each: HTTP method, path, what comes back.
 
-The client's generated classes (CoreV1Api, AppsV1Api, BatchV1Api) wrap each of their ~1,200
+The client's generated classes (CoreV1Api, AppsV1Api, BatchV1Api) wrap each of their ~580
 methods in pydantic validation and import every model those methods name when they are imported:
 1.0-1.1 s of CPU of every `run -t` on the 2-core test machine, where the models we read cost
 0.3-0.4 s (docs/benchmarks.md, "run -t: the Kubernetes client's start"). These are the same
