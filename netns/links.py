@@ -21,9 +21,9 @@ def bring_up_tun(name: str, addresses: list[str], mtu: int, peers: list[str] = [
 
     The TUN never has an IPv6 link-local address or duplicate address detection, so the tunnel
     carries no router solicitations or MLD noise and an IPv6 address works at once; IPv6 is
-    on only when an IPv6 address is given. The first is set over rtnetlink: where /proc/sys is
-    read-only (an unprivileged agent container) IPv6 stays on, and the TUN sent a router
-    solicitation into every IPv4-only session."""
+    on only when an IPv6 address is given. The link-local part is set over rtnetlink, before
+    the link comes up: where /proc/sys is read-only (an unprivileged agent container) IPv6
+    cannot be switched off, and the TUN sent a router solicitation into every IPv4-only session."""
     ipv6 = any(":" in a for a in addresses)
     idx = rtnl.index(name)
     with contextlib.suppress(OSError):  # EAFNOSUPPORT: a kernel without IPv6, nothing to quiet

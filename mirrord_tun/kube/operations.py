@@ -3,7 +3,7 @@
 The client's generated classes (CoreV1Api, AppsV1Api, BatchV1Api) wrap each of their ~580
 methods in pydantic validation and import every model those methods name when they are imported:
 1.0-1.1 s of CPU of every `run -t` on the 2-core test machine, where the models we read cost
-0.3-0.4 s (docs/benchmarks.md, "run -t: the Kubernetes client's start"). These are the same
+0.3-0.4 s (docs/benchmarks.md, "Tenth pass"). These are the same
 requests through the same ApiClient (the kubeconfig's credentials, TLS and proxy), under the
 generated methods' names, with their arguments, returning their models and raising their
 ApiException, so kubernetes.watch and kubernetes.stream (the port-forward) take them as they take
