@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import POD, Cluster, mrd_run, read_line, wait_until
-from test_steal import LIVENESS, Agent, Run, agent, runs, sb  # noqa: F401 - `agent`, `runs`, `sb` are fixtures
+from conftest import POD, Cluster, mrd_run, read_line, start_run, wait_until
+from test_steal import LIVENESS, Agent, Run, agent, get, runs, sb  # noqa: F401 - `agent`, `runs`, `sb` are fixtures
 
 from mirrord_tun.sandbox import ADDRS, Sandbox
 
@@ -99,27 +99,22 @@ def test_it_resolves_a_pod_dns_name_and_reaches_the_service_as_the_pod(cluster: 
     assert r.stdout == f"hello from svc, you are {POD}\n"
 
 
-def _curl(sb: Sandbox) -> str:
-    return sb.exec("client", "curl", "-sS", "-m", "5", f"http://{POD}/").stdout
-
-
 def test_it_answers_the_pods_clients_under_steal(sb: Sandbox, agent: Agent, runs: list[Run], gobin: str) -> None:
     run = Run(sb, [gobin, "serve", "0.0.0.0:80"])
     runs.append(run)
     assert read_line(run.proc) == "ready\n", run.log()
-    assert wait_until(lambda: _curl(sb) == f"hello from go, you are {CLIENT}\n", LIVENESS), (_curl(sb), run.log())
+    assert wait_until(lambda: get(sb) == f"hello from go, you are {CLIENT}", LIVENESS), (get(sb), run.log())
     assert read_line(run.proc).startswith("request from ")
 
 
 def test_it_gets_a_copy_of_the_pods_traffic_under_mirror(sb: Sandbox, agent: Agent, gobin: str) -> None:
-    p = subprocess.Popen(sb.run_args(gobin, "serve", "0.0.0.0:80"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    sb.procs.append(p)
+    p = start_run(sb, gobin, "serve", "0.0.0.0:80", stderr=subprocess.DEVNULL)
     answers: list[str] = []
     done = threading.Event()
 
     def clients() -> None:  # until the mirror has subscribed the port, no copy is made
         while not done.wait(0.25):
-            answers.append(_curl(sb))
+            answers.append(get(sb))
 
     caller = threading.Thread(target=clients)
     try:
@@ -131,4 +126,4 @@ def test_it_gets_a_copy_of_the_pods_traffic_under_mirror(sb: Sandbox, agent: Age
         if caller.is_alive():
             caller.join()
         sb.stop(p)
-    assert answers and all(a == f"hello from pod, you are {CLIENT}\n" for a in answers), answers  # the pod answered
+    assert answers and all(a == f"hello from pod, you are {CLIENT}" for a in answers), answers  # the pod answered
