@@ -18,8 +18,8 @@ import signal
 import subprocess
 import sys
 import time
-from types import FrameType
 
+from mirrord_tun.interrupts import Interrupts
 from mirrord_tun.sandbox import ADDRS, PY, Sandbox
 
 TOUR = r"""
@@ -35,7 +35,8 @@ $PING -c 3 -W 2 svc || exit 1
 """
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# SIGINT too: before `run` starts it, demo's own (Python's default handler can lose it as well).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 STEAL_HEADER = "x-mirrord-user: me"
 STEAL_START_TIMEOUT = 30.0
 
@@ -43,52 +44,46 @@ STEAL_START_TIMEOUT = 30.0
 def demo(command: list[str], verbose: int = 0) -> int:
     run: list[subprocess.Popen[bytes]] = []  # `mirrord-ns run`, once started
 
-    def stop(sig: int, _frame: FrameType | None) -> None:
-        if run:
+    def to_run(sig: int) -> bool:
+        if not run:
+            return False  # KeyboardInterrupt: unwinds through Sandbox's cleanup
+        if sig != signal.SIGINT:  # the terminal sent SIGINT to `run` already
             # `run` stops its command and cleans up; we remove the sandbox once it has.
             with contextlib.suppress(ProcessLookupError):
                 run[0].send_signal(sig)
-        else:
-            _hold_signals()
-            raise KeyboardInterrupt  # unwinds through Sandbox's cleanup, like Ctrl-C
+        return True
 
-    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
-    previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)
-    try:
-        return _tour(command, run, verbose)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with Interrupts(STOP_SIGNALS, divert=to_run) as stop:
+        return _tour(command, run, verbose, stop)
 
 
-def _tour(command: list[str], run: list[subprocess.Popen[bytes]], verbose: int) -> int:
+def _tour(command: list[str], run: list[subprocess.Popen[bytes]], verbose: int, stop: Interrupts) -> int:
     _say(f"building a sandbox cluster from namespaces: pod {ADDRS['pod']}, svc {ADDRS['svc']}, "
          f"dns {ADDRS['dns']}")
     with Sandbox() as sb:
-        sb.start_services()
-        sb.start_agent()
+        for step in (sb.start_services, sb.start_agent):
+            stop.check()
+            step()
         direct = sb.exec("laptop", "curl", "-sS", "-m", "2", f"http://{ADDRS['svc']}/")
         _say(f"from the laptop namespace without mirrord-ns: {(direct.stderr or direct.stdout).strip()}")
         argv = command or ["sh", "-c", TOUR]
+        stop.check()
         _say(f"now through the tunnel: {' '.join(argv) if command else 'a short tour'}")
         run.append(subprocess.Popen(sb.run_args(*argv, verbose=verbose)))
         sb.procs.append(run[0])  # whatever happens next, close() stops it first
-        try:
-            code = run[0].wait()
-        except KeyboardInterrupt:
-            # The terminal sent SIGINT to `run` as well; let it finish and clean up.
-            code = run[0].wait()
+        code = run[0].wait()
         run.clear()  # a stop signal now unwinds through the sandbox's cleanup
+        code = 128 - code if code < 0 else code  # `run` killed by signal N, as a shell says it
         _say(f"exit status {code}", before="\n")
         if code == 0 and not command:
             sb.start_ready("pod", [*PY, "-m", "mirrord_tun.sandbox.http_server", "0.0.0.0", "80", "pod"])
-            code = _mirror(sb) or _steal(sb)
-        _hold_signals()
+            code = _mirror(sb, stop) or _steal(sb, stop)
+        stop.hold()
         _say("removing the sandbox")
     return code
 
 
-def _mirror(sb: Sandbox) -> int:
+def _mirror(sb: Sandbox, stop: Interrupts) -> int:
     """The pod answers a client; a laptop program gets a copy, from the client's own address."""
     argv = sb.run_args(*PY, "-m", "mirrord_tun.sandbox.recorder", "tcp", "8080", "-")
     argv[argv.index("--"):argv.index("--")] = ["--port", "8080:80"]
@@ -99,6 +94,7 @@ def _mirror(sb: Sandbox) -> int:
         deadline = time.monotonic() + STEAL_START_TIMEOUT
         # Copies start once the program's port is seen listening: ask until one arrives.
         while time.monotonic() < deadline and mirror.poll() is None:
+            stop.check()
             answer = _curl(sb, data="hello pod")
             copy = _line(mirror, 1.0)
             if copy:
@@ -127,7 +123,7 @@ def _line(p: subprocess.Popen[str], timeout: float) -> dict[str, object] | None:
     return None
 
 
-def _steal(sb: Sandbox) -> int:
+def _steal(sb: Sandbox, stop: Interrupts) -> int:
     """The pod's server and a laptop program on the same port, requests routed by a header."""
     server = [*PY, "-m", "mirrord_tun.sandbox.http_server", "0.0.0.0"]
     # The program runs as the user, who may not bind port 80: it serves 8080, which takes the pod's 80.
@@ -140,6 +136,7 @@ def _steal(sb: Sandbox) -> int:
     sb.procs.append(steal)
     deadline = time.monotonic() + STEAL_START_TIMEOUT
     while not _curl(sb, STEAL_HEADER).startswith("hello from laptop"):
+        stop.check()
         if steal.poll() is not None or time.monotonic() > deadline:
             _say("the steal did not start")
             return 1
@@ -155,12 +152,6 @@ def _curl(sb: Sandbox, *headers: str, data: str | None = None) -> str:
     r = sb.exec("client", "curl", "-sS", "-m", "3", *(a for h in headers for a in ("-H", h)),
                 *(["--data-binary", data] if data is not None else []), f"http://{ADDRS['pod']}/")
     return (r.stdout or r.stderr).strip()
-
-
-def _hold_signals() -> None:
-    """From here on no signal may cut the sandbox's removal short."""
-    for sig in (signal.SIGINT, *STOP_SIGNALS):
-        signal.signal(sig, signal.SIG_IGN)
 
 
 def _say(text: str, before: str = "") -> None:

@@ -20,6 +20,7 @@ from kubernetes import client
 from urllib3.exceptions import HTTPError
 
 from mirrord_tun.connect import Gone, SetupError
+from mirrord_tun.interrupts import Interrupts
 from mirrord_tun.kube import manifest
 from mirrord_tun.kube.cluster import Cluster, connect, describe
 from mirrord_tun.kube.env import container_env
@@ -78,28 +79,29 @@ class Plan:
         forward: Forward | None = None
         forwards: list[Forward] = []  # the reconnects' (each replaces the one before)
         # So that `finally` runs and deletes the agent, also when the terminal closes (SIGHUP).
-        previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-        try:
-            started = agent.start(progress=progress)
-            env = self._env()
-            if self.opts.agent_address:
-                address, sock = self.opts.agent_address, None
-            else:
-                forward = Forward(self.cluster, started.pod, agent.namespace, manifest.AGENT_PORT)
-                address, sock = f"pod/{started.pod}:{manifest.AGENT_PORT}", forward.sock
-            reconnect = None if forward is None else lambda: reconnect_forward(
-                self.cluster, started.pod, agent.namespace, forwards)
-            yield Link(address, started.host_key, sock, env, self._probe_sources(), self._volumes(), reconnect)
-        except SetupError:
-            if forward is not None and forward.error():
-                log.error("port-forward: %s", forward.error())
-            raise
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            for f in [*forwards, *([forward] if forward else [])]:
-                f.close()
-            agent.delete()
+        with Interrupts((signal.SIGTERM, signal.SIGHUP)) as stop:
+            try:
+                started = agent.start(progress=progress)
+                stop.check()
+                env = self._env()
+                if self.opts.agent_address:
+                    address, sock = self.opts.agent_address, None
+                else:
+                    forward = Forward(self.cluster, started.pod, agent.namespace, manifest.AGENT_PORT)
+                    address, sock = f"pod/{started.pod}:{manifest.AGENT_PORT}", forward.sock
+                reconnect = None if forward is None else lambda: reconnect_forward(
+                    self.cluster, started.pod, agent.namespace, forwards)
+                stop.check()
+                yield Link(address, started.host_key, sock, env, self._probe_sources(), self._volumes(), reconnect)
+            except SetupError:
+                if forward is not None and forward.error():
+                    log.error("port-forward: %s", forward.error())
+                raise
+            finally:
+                stop.hold()
+                for f in [*forwards, *([forward] if forward else [])]:
+                    f.close()
+                agent.delete()
 
     def _volumes(self) -> tuple[str, ...]:
         from mirrord_tun.mounts import volume_mount_paths
@@ -178,7 +180,3 @@ def _forward_again(forwards: list[Forward], new: Forward) -> socket.socket:
         old.close()
     forwards[:] = [new]
     return new.sock
-
-
-def _interrupt(_sig: int, _frame: object) -> None:
-    raise KeyboardInterrupt
