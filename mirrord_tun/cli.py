@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import sys
 import threading
 from typing import Any, Callable, Coroutine, NoReturn, Sequence, TypeVar
@@ -22,6 +23,7 @@ import click  # noqa: E402
 
 from mirrord_tun import __version__
 from mirrord_tun.config import ENV_PREFIX, config_option
+from mirrord_tun.interrupts import Interrupts
 from mirrord_tun.kube.commands import complete_context, complete_namespace
 from mirrord_tun.netns.ipv6 import FORWARDING_MODES
 from mirrord_tun.options import (SERVE_FS_KINDS, ConnectionArgs, KubeArgs, MirrorArgs, MountArgs, StealArgs,
@@ -128,18 +130,23 @@ class _Cli(click.Group):
         prog_name = prog_name or PROG
         if not standalone_mode:  # the caller handles click's exceptions itself
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
-        sys.exit(_status(lambda: super(_Cli, self).main(args, prog_name, complete_var, False, **extra)))
+        # SIGTERM and SIGHUP (a closed terminal) stop any command as Ctrl-C does: cleanup, 130.
+        with Interrupts((signal.SIGTERM, signal.SIGHUP)) as stop:
+            code = _status(lambda: super(_Cli, self).main(args, prog_name, complete_var, False, obj=stop, **extra))
+        sys.exit(code)
 
 
 def _run_async(coro: Coroutine[Any, Any, T]) -> T:
     """uvloop when present: it halves the per-wake-up cost that dominates tunnel latency."""
+    stop = click.get_current_context().find_object(Interrupts)
+    work = stop.until_stopped(coro) if stop else coro
     try:
         import uvloop
     except ImportError:
         import asyncio
 
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+        return asyncio.run(work)
+    return uvloop.run(work)
 
 
 def _need_root() -> None:
@@ -183,7 +190,7 @@ RUN_EPILOG = f"""\b
 Exit status:
   N    COMMAND's own (128+N if signal N killed it, 127 if it was not found)
   2    mirrord-ns failed: bad usage or config, no cluster or agent, tunnel lost
-  130  Ctrl-C or SIGTERM before COMMAND started
+  130  Ctrl-C, SIGTERM or SIGHUP before COMMAND started
 
 Each option can also be set as {ENV_PREFIX}_<OPTION> (e.g. {ENV_PREFIX}_TARGET, {ENV_PREFIX}_AGENT_IMAGE;
 lists space-separated) or in the -f file (e.g. target = "pod/web", port = [8080]). Flags win over

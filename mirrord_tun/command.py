@@ -68,8 +68,8 @@ class Command:
         try:
             return await self._spawn_and_wait(ns, resolv, pid)
         finally:
-            for sig in _SIGNALS:
-                loop.remove_signal_handler(sig)
+            for sig in _SIGNALS:  # held, not reset: a signal must not cut the cleanup short
+                loop.add_signal_handler(sig, lambda: None)
 
     async def _spawn_and_wait(self, ns: NetNs, resolv: str | None, pid: list[int]) -> int:
         try:

@@ -8,13 +8,20 @@ ignored" and lost: setup went on and started the command, and SIGTERM did nothin
 CI). So the signal is also remembered, the lost exception is not printed, and setup calls
 check() between its steps, which raises it again. After the first signal the others are
 ignored until the block ends: cleanup must not be cut short by a second one.
+
+Once an event loop runs, a raised KeyboardInterrupt would land inside the loop's own code:
+`until_stopped` hands the signals to the loop instead, where one cancels the work (its
+cleanup runs as tasks' does), as asyncio.run does with Ctrl-C.
 """
 from __future__ import annotations
 
+import asyncio
 import signal
 import sys
 from types import FrameType
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, TypeVar
+
+T = TypeVar("T")
 
 
 class Interrupts:
@@ -44,12 +51,39 @@ class Interrupts:
         if self.received is not None:
             raise KeyboardInterrupt
 
+    async def until_stopped(self, work: Awaitable[T]) -> T:
+        """`work` in the running loop; a stop signal cancels it, then raises KeyboardInterrupt.
+        Handlers `work` adds for the same signals (a command's forwarding) take over meanwhile."""
+        self.check()
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(work)
+
+        def stop(sig: int) -> None:
+            if self.received is None:  # a second one must not cancel the cleanup
+                self.received = sig
+                task.cancel()
+        before = {sig: signal.getsignal(sig) for sig in self.signals}
+        for sig in self.signals:
+            loop.add_signal_handler(sig, stop, sig)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if self.received is None:
+                raise
+            raise KeyboardInterrupt from None
+        finally:
+            for sig, handler in before.items():
+                loop.remove_signal_handler(sig)  # leaves SIG_DFL: what was there again, or held
+                signal.signal(sig, handler if self.received is None else signal.SIG_IGN)
+
     def hold(self) -> None:
         """From here on no signal may cut the cleanup short."""
         for sig in self.signals:
             signal.signal(sig, signal.SIG_IGN)
 
     def _handle(self, sig: int, _frame: FrameType | None) -> None:
+        if self.received is not None:  # held: an inner block put this handler back after its cleanup
+            return
         if self._divert and self._divert(sig):
             return
         self.received = sig

@@ -21,7 +21,7 @@ import asyncssh
 import pytest
 
 from conftest import (CLEAN_TIMEOUT, POD, RUN_TIMEOUT, SVC, UDP_ECHO_PORT, Cluster, assert_clean, children,
-                      finish, leftovers, mrd_run, read_line, run_env, start_run, wait_until)
+                      finish, kill_pids, leftovers, mrd_run, pid_alive, read_line, run_env, start_run, wait_until)
 from mirrord_tun.sandbox import DOMAIN
 
 TUNNEL_NET = ipaddress.ip_network("100.64.0.0/10")
@@ -205,6 +205,44 @@ def test_sigterm_is_forwarded_and_its_status_returned(cluster: Cluster) -> None:
     p.send_signal(signal.SIGTERM)
     code, out, err = finish(p, timeout=20)
     assert (code, out) == (5, "got-term\n"), err
+    assert_clean(cluster.sb)
+
+
+def test_sigterm_before_the_command_starts_cleans_up_and_exits_130(fresh_cluster: Cluster) -> None:
+    """A supervisor's SIGTERM while run still connects (the agent frozen mid-handshake): the
+    session is given up as for Ctrl-C, exit 130, one quiet exit; no command ever starts."""
+    sb, agent = fresh_cluster.sb, fresh_cluster.agent
+    frozen = [agent.pid, *children(agent.pid)]
+    kill_pids(frozen, signal.SIGSTOP)
+    try:
+        p = start_run(sb, "sh", "-c", "echo started")
+
+        def connected() -> bool:
+            return bool(sb.exec("laptop", "ss", "-Htn", "state", "established", "dst", sb.agent_address).stdout.strip())
+        assert wait_until(connected, RUN_TIMEOUT), "run never connected to the agent"
+        p.send_signal(signal.SIGTERM)
+        code, out, err = finish(p, timeout=20)
+        assert (code, out) == (130, ""), err
+        assert "Traceback" not in err and len(err.splitlines()) <= 1, err
+    finally:
+        kill_pids(frozen, signal.SIGCONT)
+    assert_clean(sb)
+
+
+def test_a_signal_during_the_cleanup_after_the_command_does_not_cut_it_short(cluster: Cluster) -> None:
+    """The command exits leaving a child that ignores SIGTERM: run stops it (SIGTERM, then SIGKILL
+    a second later). A SIGTERM to run meanwhile must not leave that child running."""
+    p = start_run(cluster.sb, "sh", "-c", '(trap "" TERM; exec sleep 300) & echo $!')
+    left = int(read_line(p))
+    try:
+        time.sleep(0.3)  # run is sending SIGTERM to what the command left, and waiting
+        assert pid_alive(left) and pid_alive(p.pid)
+        p.send_signal(signal.SIGTERM)
+        code, _, err = finish(p, timeout=20)
+        assert code == 0, err
+        assert wait_until(lambda: not pid_alive(left), 5), "the command's child outlived run"
+    finally:
+        kill_pids([left])
     assert_clean(cluster.sb)
 
 
