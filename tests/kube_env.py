@@ -224,6 +224,9 @@ def seed(emu: Emulator, web_container_id: str) -> None:
     unready = running_pod("web-old", "e" * 64, {"app": "web"}, [app], created="2025-01-01T00:00:00Z")
     unready["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
     emu.put("v1/pods", unready)
+    node_wide = running_pod("node-agent", "9" * 64, {"app": "node-agent"}, [{"name": "c", "image": "c:1"}])
+    node_wide["spec"]["hostNetwork"] = True
+    emu.put("v1/pods", node_wide)
     pending = running_pod("starting", "f" * 64, {"app": "starting"}, [{"name": "c", "image": "c:1"}])
     pending["status"] = {"phase": "Pending"}
     emu.put("v1/pods", pending)

@@ -45,6 +45,8 @@ def test_container_choice(api: Api) -> None:
     ("pod/starting", "pod/starting is not running and ready (Pending)"),
     ("deploy/idle", "deployment/idle in namespace default has no running, ready pod (selector app=idle)"),
     ("svc/web", "bad target 'svc/web'"),
+    ("pod/node-agent", "pod/node-agent shares its node's network (hostNetwork: true): a session would change the "
+                       "node's own routing and firewall, so mirrord-ns does not target it"),
 ])
 def test_bad_targets(api: Api, target: str, message: str) -> None:
     with pytest.raises(KubeError, match=message.replace("(", r"\(").replace(")", r"\)")):

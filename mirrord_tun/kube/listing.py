@@ -2,7 +2,8 @@
 
 The same rule as `targets.resolve`: a pod when it is running and ready; a
 deployment or statefulset when at least one running, ready pod matches its
-selector. The agents' own pods are not targets.
+selector. The agents' own pods are not targets, nor pods on their node's network
+(hostNetwork), which `resolve` refuses.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def targets(cluster: Cluster, all_namespaces: bool, timeout: float | None = None
     """The namespace's targets (every namespace's with all_namespaces), by namespace, kind, name."""
     where = "every namespace" if all_namespaces else f"namespace {cluster.namespace}"
     pods = [p for p in _list(cluster, "pods", where, all_namespaces, timeout)
-            if is_ready(p) and manifest.LABEL_SESSION not in (p.metadata.labels or {})]
+            if is_ready(p) and not p.spec.host_network and manifest.LABEL_SESSION not in (p.metadata.labels or {})]
     found = [Target(f"pod/{p.metadata.name}", p.metadata.namespace, "pod", p.metadata.name,
                     [c.name for c in p.spec.containers]) for p in pods]
     for kind, plural in (("deployment", "deployments"), ("statefulset", "statefulsets")):

@@ -67,6 +67,11 @@ def resolve(cluster: Cluster, target: str, container: str | None) -> TargetPod:
             if e.status == 404:
                 raise KubeError(f"{where} not found") from None
             raise
+    if pod.spec.host_network:
+        # Its network namespace is the node's: our TUN, routes and nft table would sit in front of
+        # the node's own traffic and that of every hostNetwork pod on it.
+        raise KubeError(f"pod/{pod.metadata.name} shares its node's network (hostNetwork: true): a session would "
+                        "change the node's own routing and firewall, so mirrord-ns does not target it")
     chosen = _container(pod, container)
     return TargetPod(pod, chosen, _container_id(pod, chosen))
 
