@@ -27,7 +27,7 @@ from mirrord_tun.agent.link import ClientLink
 from mirrord_tun.agent.target import read_resolv_conf
 from mirrord_tun.channel import FrameSession
 from mirrord_tun.protocol import AgentMsg
-from mirrord_tun.pump import Counters
+from mirrord_tun.pump import Counters, dropped_summary
 
 if TYPE_CHECKING:
     from mirrord_tun.agent.server import Agent
@@ -107,7 +107,7 @@ async def _resolver(agent: "Agent") -> str:
 def _log_closed(sid: str, c: Counters) -> None:
     log.info("session %s closed: %d packets / %d bytes in, %d packets / %d bytes out, "
              "dropped: %s", sid, c["packets_in"], c["bytes_in"], c["packets_out"],
-             c["bytes_out"], {k: v for k, v in c.items() if k.startswith("dropped_")} or "none")
+             c["bytes_out"], dropped_summary(c))
 
 
 def _hello_version(body: bytes) -> int:

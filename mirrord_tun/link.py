@@ -21,7 +21,7 @@ from mirrord_tun.channel import FrameSession
 from mirrord_tun.connect import Gone, SetupError, open_channel, printable
 from mirrord_tun.feature import Features
 from mirrord_tun.protocol import AgentMsg, ClientMsg
-from mirrord_tun.pump import Counters, TunPump
+from mirrord_tun.pump import Counters, TunPump, dropped_summary
 
 log = logging.getLogger("mirrord-ns")
 WELCOME_TIMEOUT = 15
@@ -166,8 +166,7 @@ class AgentLink:
     async def _log_counters(self) -> None:
         c = self.counters
         log.info("local: %d packets / %d bytes sent, %d packets / %d bytes received, dropped: %s",
-                 c["packets_out"], c["bytes_out"], c["packets_in"], c["bytes_in"],
-                 {k: v for k, v in c.items() if k.startswith("dropped_")} or "none")
+                 c["packets_out"], c["bytes_out"], c["packets_in"], c["bytes_in"], dropped_summary(c))
         try:
             stats = await self.agent_stats()
             log.info("agent: %s", ", ".join(f"{k} {v}" for k, v in sorted(stats.items())))

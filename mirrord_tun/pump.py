@@ -48,6 +48,13 @@ _U32 = struct.Struct("!I")
 # A check returns None to accept a packet, or the name of the counter it is dropped under.
 Check = Callable[["bytes | memoryview"], "str | None"]
 Counters = collections.Counter
+DROPPED = "dropped_"  # the prefix of the counters of packets and frames not passed on, by reason
+
+
+def dropped_summary(c: Counters) -> str:
+    """What the closing lines say was dropped: "2 spoofed, 1 frames malformed", or "none"."""
+    return ", ".join(f"{n} {k[len(DROPPED):].replace('_', ' ')}" for k, n in sorted(c.items())
+                     if k.startswith(DROPPED) and n) or "none"
 
 
 # struct virtio_net_hdr (linux/virtio_net.h), in host byte order as a legacy TUN uses it.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -193,6 +194,16 @@ def leftovers(sb: Sandbox) -> list[str]:
         if fwd != "0":  # the sandbox starts the pod with 0; the agent must put that back
             found.append(f"{knob}={fwd}")
     return found
+
+
+def local_dropped(err: str) -> dict[str, int]:
+    """The counters `run -v`'s closing line names as dropped ("dropped: 2 spoofed, 1 ipv6"), by name."""
+    m = re.search(r"^mirrord-ns: local: .* dropped: (.*)$", err, re.M)
+    assert m, f"no counters in run's output:\n{err}"
+    if m[1] == "none":
+        return {}
+    return {"dropped_" + reason.replace(" ", "_"): int(n)
+            for n, reason in (part.split(" ", 1) for part in m[1].split(", "))}
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:

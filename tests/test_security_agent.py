@@ -9,7 +9,6 @@ left behind) or drop and count it, and never let it steer the command's network.
 """
 from __future__ import annotations
 
-import ast
 import asyncio
 import contextlib
 import glob
@@ -26,7 +25,7 @@ import asyncssh
 import dpkt
 import pytest
 
-from conftest import SVC, Cluster, assert_clean
+from conftest import SVC, Cluster, assert_clean, local_dropped
 from frames import QueuedEndpoint
 from mirrord_tun import protocol, sshopts
 from mirrord_tun.channel import FrameSession
@@ -158,13 +157,6 @@ def left_behind(sb: Sandbox, run_pid: int) -> list[str]:
     """Processes still in the box, and the resolver file of that run if it outlived it."""
     procs = subprocess.run(["ip", "netns", "pids", sb.ns("laptop")], capture_output=True, text=True).stdout.split()
     return [f"pid {p}" for p in procs] + glob.glob(os.path.join(RESOLV_DIR, f"{RESOLV_PREFIX}{run_pid}.*"))
-
-
-def dropped(err: str) -> dict[str, int]:
-    """The `dropped: {...}` counters `run -v` prints at the end of the session."""
-    m = re.search(r"^mirrord-ns: local: .* dropped: (\{.*\}|none)$", err, re.M)
-    assert m, f"no counters in run's output:\n{err}"
-    return {} if m.group(1) == "none" else ast.literal_eval(m.group(1))
 
 
 # --- WELCOME: refused in one line
@@ -334,7 +326,7 @@ def test_hostile_mirror_copies_never_reach_the_program(box: Sandbox) -> None:
     assert rc == 0, err
     # Only the real client's connection reached the program, on the mapped port, with its address.
     assert out.splitlines() == [f"tcp {TCP_PORT_MAPPED} {CLIENT_HOST} good"]
-    counts = dropped(err)
+    counts = local_dropped(err)
     assert {k: counts.get(k, 0) for k in HOSTILE_COPIES} == {k: len(v) for k, v in HOSTILE_COPIES.items()}
     assert "Traceback" not in err
     assert left_behind(box, pid) == []
@@ -439,7 +431,7 @@ def test_hostile_virtio_headers_from_the_agent_are_dropped_and_the_session_survi
 
     rc, _out, err, pid = in_box(box, scenario)
     assert rc == 0, err
-    counts = dropped(err)
+    counts = local_dropped(err)
     assert counts.get("dropped_bad_vnet") == len(hostile), counts
     assert "dropped_rejected" not in counts and "Traceback" not in err
     assert left_behind(box, pid) == []
