@@ -248,13 +248,24 @@ def _ipv6_method(mode: str, mtu: int) -> tuple[str, str]:
     return ("", unusable) if unusable else (method, "")
 
 
+# A cluster may number its pods from 100.64.0.0/10 as well (EKS custom networking: /16 VPC
+# blocks; GKE: a /14 by default). A pod reaches the others through its default route, so its
+# namespace shows only its own address: a /30 of ours next to it could be another pod's address,
+# and the pod's traffic to that pod would meet our TUN. So the /14 around each address the pod
+# has in the range is avoided too, while that leaves room (1/16 of the range per address).
+CLUSTER_GUESS = 14
+
+
 def _free_block() -> ipaddress.IPv4Network:
-    used = links.ipv4_in_use()
-    for _ in range(64):
-        n = random.randrange(TUNNEL_NET.num_addresses // 4)
-        block = ipaddress.IPv4Network((int(TUNNEL_NET.network_address) + 4 * n, 30))
-        if not any(block.overlaps(u) for u in used if u.prefixlen > 0):
-            return block
+    used = [u for u in links.ipv4_in_use() if u.prefixlen > 0]
+    near = [ipaddress.IPv4Network(f"{a}/{CLUSTER_GUESS}", strict=False)
+            for a in links.ipv4_addresses(exclude_prefix=TUN_PREFIX) if ipaddress.ip_address(a) in TUNNEL_NET]
+    for avoid in (used + near, used):
+        for _ in range(64):
+            n = random.randrange(TUNNEL_NET.num_addresses // 4)
+            block = ipaddress.IPv4Network((int(TUNNEL_NET.network_address) + 4 * n, 30))
+            if not any(block.overlaps(u) for u in avoid):
+                return block
     raise RuntimeError("no free /30 left in 100.64.0.0/10 in the target namespace")
 
 

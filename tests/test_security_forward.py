@@ -24,7 +24,9 @@ from conftest import (CLEAN_TIMEOUT, POD, SVC, Cluster, assert_clean, children, 
 
 from test_attach import app, detach, start_attach  # noqa: F401 - `app` is a fixture
 
+from mirrord_tun.agent import dataplane
 from mirrord_tun.agent.guard import sweep
+from mirrord_tun.netns.namespace import NetNs
 from mirrord_tun.sandbox import ADDRS, Sandbox
 
 PORT = 7070
@@ -371,3 +373,20 @@ def test_an_older_agents_leftovers_are_undone_with_what_ip_forward_changed(clust
         sb.exec("pod", "nft", "delete", "table", "ip", table)
         sb.exec("pod", "sysctl", "-qw", "net.ipv4.ip_forward=0")
     assert_clean(sb)
+
+
+def test_tunnel_addresses_stay_clear_of_a_pod_network_numbered_from_the_same_range(private_ns: NetNs) -> None:
+    """A cluster whose pods are 100.66.x.x (EKS custom networking, GKE): the pod sees only its own
+    address, its neighbours are behind the default route. A /30 of ours among them would take a
+    teammate's traffic to one of them into our TUN; none is ever picked within the pod's /14."""
+    def setup() -> None:
+        subprocess.run(["ip", "tuntap", "add", "eth0", "mode", "tun"], check=True)
+        subprocess.run(["ip", "addr", "add", "100.66.23.45/32", "dev", "eth0"], check=True)
+        subprocess.run(["ip", "link", "set", "eth0", "up"], check=True)
+        subprocess.run(["ip", "route", "add", "default", "dev", "eth0"], check=True)
+
+    private_ns.call(setup)
+    picked = private_ns.call(lambda: [dataplane._free_block() for _ in range(2000)])
+    pods = ipaddress.ip_network("100.64.0.0/14")
+    assert not [b for b in picked if b.overlaps(pods)]
+    assert len(set(picked)) > 1900  # still random over the rest of the range
