@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 
 from mirrord_tun import protocol, timing
 from mirrord_tun.connect import SetupError
+from mirrord_tun.interrupts import terminal_foreground
 from mirrord_tun.netns import exec as nsexec
 from mirrord_tun.netns.namespace import NetNs, pids_in
 
@@ -131,7 +132,7 @@ _SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
 def _forward_signals(loop: asyncio.AbstractEventLoop, pid: list[int]) -> None:
     """Pass signals on to the command, except keyboard ones it already got from the terminal."""
     def forward(sig: signal.Signals) -> None:
-        if sig in (signal.SIGINT, signal.SIGQUIT) and _terminal_foreground():
+        if sig in (signal.SIGINT, signal.SIGQUIT) and terminal_foreground():
             return
         for p in pid:
             try:
@@ -141,13 +142,6 @@ def _forward_signals(loop: asyncio.AbstractEventLoop, pid: list[int]) -> None:
 
     for sig in _SIGNALS:
         loop.add_signal_handler(sig, forward, sig)
-
-
-def _terminal_foreground() -> bool:
-    try:
-        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
-    except OSError:
-        return False
 
 
 RESOLV_DIR = "/run"

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from mirrord_tun.interrupts import Interrupts
+from mirrord_tun.interrupts import Interrupts, terminal_foreground
 from mirrord_tun.sandbox import ADDRS, PY, Sandbox
 
 TOUR = r"""
@@ -47,7 +47,7 @@ def demo(command: list[str], verbose: int = 0) -> int:
     def to_run(sig: int) -> bool:
         if not run:
             return False  # KeyboardInterrupt: unwinds through Sandbox's cleanup
-        if sig != signal.SIGINT:  # the terminal sent SIGINT to `run` already
+        if sig != signal.SIGINT or not terminal_foreground():  # else the terminal sent it to `run` too
             # `run` stops its command and cleans up; we remove the sandbox once it has.
             with contextlib.suppress(ProcessLookupError):
                 run[0].send_signal(sig)

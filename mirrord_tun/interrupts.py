@@ -16,6 +16,7 @@ cleanup runs as tasks' does), as asyncio.run does with Ctrl-C.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from types import FrameType
@@ -95,3 +96,10 @@ class Interrupts:
         if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and self.received is not None):
             self._unraisable(unraisable)
 
+
+def terminal_foreground() -> bool:
+    """Whether we are the terminal's foreground job: then a typed ^C or ^\\ reached our children too."""
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except OSError:
+        return False

@@ -175,6 +175,24 @@ def test_closing_the_terminal_of_demo_leaves_nothing() -> None:
             _cleanup_after(p.pid)
 
 
+def test_sigint_from_a_script_reaches_the_demos_command() -> None:
+    """`kill -INT` without a terminal: nobody else sent it to the command, so demo passes it on."""
+    p = subprocess.Popen([*CLI, "demo", "--", "sleep", "60"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, env=run_env())
+    try:
+        assert wait_until(lambda: _runs(p.pid, ["sleep", "60"]) or p.poll() is not None, DEMO_TIMEOUT)
+        prefix = _sandbox_of(p.pid)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=RUN_TIMEOUT)
+        assert p.returncode == 128 + signal.SIGINT, err
+        assert prefix and _traces(prefix) == []
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+            _cleanup_after(p.pid)
+
+
 @pytest.mark.parametrize("when", ["its-directory", "its-first-namespace"])
 def test_sigterm_while_demo_builds_its_sandbox_leaves_nothing(when: str) -> None:
     """SIGTERM once the sandbox's directory exists, or as soon as its first namespace appears:
