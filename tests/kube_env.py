@@ -205,6 +205,9 @@ def running_pod(name: str, container_id: str, labels: dict[str, str], containers
     }
 
 
+SEEDED_PODS = ("web", "db-0", "web-old", "node-agent", "starting")  # what seed() puts in
+
+
 def seed(emu: Emulator, web_container_id: str) -> None:
     """web (pod + deployment, 2 containers, env of every kind), db-0 (statefulset), a pending pod."""
     app = {"name": "app", "image": "web:1", "envFrom": [{"configMapRef": {"name": "web-config"}, "prefix": "CFG_"}],

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Iterator
 
-from kube_env import JOBS, PODS, KubeCluster, eventually, kube_cluster  # noqa: F401 - `kube_cluster` is a fixture
+from kube_env import JOBS, PODS, SEEDED_PODS, KubeCluster, eventually, kube_cluster  # noqa: F401 - `kube_cluster` is a fixture
 from mirrord_tun.agent.server import DEFAULT_RESUME_TIMEOUT as RESUME_TIMEOUT
 from mirrord_tun.kube import manifest
 from mirrord_tun.sandbox import ADDRS
@@ -29,7 +29,7 @@ def test_run_target_pod(kube_cluster: KubeCluster) -> None:
     assert args[args.index("--container-id") + 1] == f"containerd://{k.container_id}"
     # Job deleted on the way out, its pod with it, and the agent stopped with them.
     assert eventually(lambda: k.emu.run(lambda: (k.emu.live(JOBS), k.emu.live(PODS).keys() - {
-        ("default", n) for n in ("web", "web-old", "db-0", "starting")})) == ({}, set()))
+        ("default", n) for n in SEEDED_PODS})) == ({}, set()))
     deadline = time.monotonic() + 10
     while k.kubelet.agents and time.monotonic() < deadline:
         time.sleep(0.1)
