@@ -138,7 +138,8 @@ class _Cli(click.Group):
 
 def _run_async(coro: Coroutine[Any, Any, T]) -> T:
     """uvloop when present: it halves the per-wake-up cost that dominates tunnel latency."""
-    stop = click.get_current_context().find_object(Interrupts)
+    ctx = click.get_current_context(silent=True)
+    stop = ctx.find_object(Interrupts) if ctx else None  # None: called outside `main`, as a library
     work = stop.until_stopped(coro) if stop else coro
     try:
         import uvloop
