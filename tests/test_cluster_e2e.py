@@ -176,6 +176,24 @@ def test_ls_and_env(real_cluster: RealCluster, ns: str) -> None:
     assert re.search(r"^FROM_SECRET=['\"]?s3cret['\"]?$", r.stdout, re.M), r.stdout
 
 
+def test_a_host_network_pod_is_refused_in_one_line_and_not_listed(real_cluster: RealCluster, ns: str) -> None:
+    """Its network namespace is the node's (here: this machine's own); a session must put nothing there."""
+    k = real_cluster
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "node-wide", "labels": {"app": "node-wide"}},
+           "spec": {"hostNetwork": True, "terminationGracePeriodSeconds": 1,
+                    "containers": [{"name": "c", "image": k.testapp_image, "command": ["sleep", "3600"],
+                                    "imagePullPolicy": "IfNotPresent"}]}}
+    k.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(pod))
+    wait_ready(k, ns, "app=node-wide")
+    r = run(k, ns, "pod/node-wide", "true")
+    assert (r.returncode, r.stderr.strip().splitlines()) == (2, [
+        "mirrord-ns: pod/node-wide shares its node's network (hostNetwork: true): a session would change the "
+        "node's own routing and firewall, so mirrord-ns does not target it"]), r.stderr
+    listed = k.mrd("ls", "-n", ns)
+    assert "pod/web" in listed.stdout.split() and "pod/node-wide" not in listed.stdout.split(), listed.stdout
+    assert agents_left(k, ns) == []
+
+
 @contextlib.contextmanager
 def session(k: RealCluster, ns: str, target: str, script: str, *opts: str,
             env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
