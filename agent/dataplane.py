@@ -101,9 +101,9 @@ class SessionPlane:
         return [a for a in (self.client_addr, self.client_addr6) if a]
 
     def open(self) -> None:
-        block = _free_block()
-        self.agent_addr, self.client_addr = str(block[1]), str(block[2])
         self.pod_addrs = links.ipv4_addresses(exclude_prefix=TUN_PREFIX)
+        block = _free_block(self.pod_addrs)
+        self.agent_addr, self.client_addr = str(block[1]), str(block[2])
         self.mtu = links.uplink_mtu()
         self.pod_addrs6 = ipv6.global_addresses(exclude_prefix=TUN_PREFIX)
         method = ""
@@ -256,10 +256,12 @@ def _ipv6_method(mode: str, mtu: int) -> tuple[str, str]:
 CLUSTER_GUESS = 14
 
 
-def _free_block() -> ipaddress.IPv4Network:
+def _free_block(pod_addrs: list[str]) -> ipaddress.IPv4Network:
+    """A random /30 of TUNNEL_NET clear of the namespace's addresses and routes (`pod_addrs`: its
+    own addresses, our TUNs' left out)."""
     used = [u for u in links.ipv4_in_use() if u.prefixlen > 0]
     near = [ipaddress.IPv4Network(f"{a}/{CLUSTER_GUESS}", strict=False)
-            for a in links.ipv4_addresses(exclude_prefix=TUN_PREFIX) if ipaddress.ip_address(a) in TUNNEL_NET]
+            for a in pod_addrs if ipaddress.ip_address(a) in TUNNEL_NET]
     for avoid in (used + near, used):
         for _ in range(64):
             n = random.randrange(TUNNEL_NET.num_addresses // 4)

@@ -26,6 +26,7 @@ from test_attach import app, detach, start_attach  # noqa: F401 - `app` is a fix
 
 from mirrord_tun.agent import dataplane
 from mirrord_tun.agent.guard import sweep
+from mirrord_tun.netns import links
 from mirrord_tun.netns.namespace import NetNs
 from mirrord_tun.sandbox import ADDRS, Sandbox
 
@@ -386,7 +387,9 @@ def test_tunnel_addresses_stay_clear_of_a_pod_network_numbered_from_the_same_ran
         subprocess.run(["ip", "route", "add", "default", "dev", "eth0"], check=True)
 
     private_ns.call(setup)
-    picked = private_ns.call(lambda: [dataplane._free_block() for _ in range(2000)])
+    own = private_ns.call(lambda: links.ipv4_addresses(exclude_prefix=dataplane.TUN_PREFIX))
+    assert own == ["100.66.23.45"]
+    picked = private_ns.call(lambda: [dataplane._free_block(own) for _ in range(2000)])
     pods = ipaddress.ip_network("100.64.0.0/14")
     assert not [b for b in picked if b.overlaps(pods)]
     assert len(set(picked)) > 1900  # still random over the rest of the range
