@@ -75,7 +75,7 @@ class AgentSession(ClientLink):
             await self.features.start(stealing)
         log.info("session %s from %s: tunnel %s via %s, pod %s, packet path in %s", self.sid, self.peer,
                  ",".join(plane.client_addrs), plane.tun.name if plane.tun else "?",
-                 ",".join(plane.pod_addrs + plane.pod_addrs6), native.LANGUAGE)
+                 ",".join(plane.pod_addrs + plane.pod_addrs6), native.describe())
 
     def _welcome(self, plane: SessionPlane, resolv_conf: str) -> protocol.Welcome:
         welcome = protocol.Welcome(self.version, self.sid, plane.client_addr, plane.agent_addr, plane.mtu,

@@ -4,12 +4,13 @@
  * 1. pump_out: every packet the TUN has ready, read into a frame being built, each behind its
  *    4-byte length, each checked (source address) before it is kept; the frame then goes to 4.
  *    The event loop calls it itself, so a TUN's wake-up runs no Python at all.
- * 2. open_batch: the SSH packets in a received buffer, decrypted by the connection's own AES-GCM
- *    object (cryptography's: no cipher code here), each one that is channel data on the tunnel's
- *    channel and one whole PACKETS frame handed to 3; it stops at the first that is anything else.
+ * 2. open_batch: the SSH packets in a received buffer, decrypted with the connection's own key
+ *    (libcrypto's AES-GCM through _gcm.c, else cryptography's object), each one that is channel
+ *    data on the tunnel's channel and one whole PACKETS frame handed to 3; it stops at the first
+ *    that is anything else.
  * 3. tun_write_batch: a PACKETS body split, each packet checked (address, virtio-net header) and
  *    written to the TUN; a malformed body is refused whole, before any packet is written.
- * 4. send_data: the frame 1 built, made one SSH_MSG_CHANNEL_DATA, encrypted (same AES-GCM object)
+ * 4. send_data: the frame 1 built, made one SSH_MSG_CHANNEL_DATA, encrypted (the same way)
  *    and written to the transport, asyncssh's sequence number, rekey count and window advanced
  *    (sshfast.send's checks first: anything it would leave to asyncssh, this leaves too).
  *
@@ -26,6 +27,8 @@
 #include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "_gcm.h"
 
 #define VNET_HDR_LEN 10 /* netns/tun.py */
 #define PACKET_LENGTH 4 /* protocol.PACKET_LENGTH */
@@ -268,11 +271,17 @@ static void next_nonce(uint8_t *iv) {
 
 static PyObject *s_decrypt_into, *s_encrypt_into;
 
-/* aead.<method>(nonce, data, aad, out): cryptography's AESGCM encrypt_into/decrypt_into on our
- * buffers (4 bytes of aad: the packet length, as asyncssh authenticates it); -1 with its error. */
-static int aead_into(PyObject *method, PyObject *aead, PyObject *nonce, const void *data, Py_ssize_t data_len,
-                     const void *aad, void *out, Py_ssize_t out_len) {
-    PyObject *d = PyMemoryView_FromMemory((char *)data, data_len, PyBUF_READ);
+/* One SSH packet's AES-GCM, in place of aead.<method>(nonce, data, aad, out) (cryptography's
+ * AESGCM encrypt_into/decrypt_into; 4 bytes of aad: the packet length, as asyncssh authenticates
+ * it): through libcrypto when `key` (gcm_key_of) is not None, else through cryptography's object
+ * `aead`. -1 with the error (InvalidTag when a packet does not authenticate). */
+static int aead_into(PyObject *method, PyObject *key, PyObject *aead, const uint8_t *iv, const void *data,
+                     Py_ssize_t data_len, const void *aad, void *out, Py_ssize_t out_len) {
+    if (key != Py_None)
+        return method == s_encrypt_into ? gcm_seal(key, iv, aad, data, data_len, out)
+                                        : gcm_open(key, iv, aad, data, data_len, out);
+    PyObject *nonce = PyBytes_FromStringAndSize((const char *)iv, 12);
+    PyObject *d = nonce ? PyMemoryView_FromMemory((char *)data, data_len, PyBUF_READ) : NULL;
     PyObject *a = d ? PyMemoryView_FromMemory((char *)aad, 4, PyBUF_READ) : NULL;
     PyObject *o = a ? PyMemoryView_FromMemory(out, out_len, PyBUF_WRITE) : NULL;
     PyObject *r = NULL;
@@ -280,6 +289,7 @@ static int aead_into(PyObject *method, PyObject *aead, PyObject *nonce, const vo
         PyObject *call[5] = {aead, nonce, d, a, o};
         r = PyObject_VectorcallMethod(method, call, 5 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
     }
+    Py_XDECREF(nonce);
     Py_XDECREF(d);
     Py_XDECREF(a);
     Py_XDECREF(o);
@@ -421,11 +431,27 @@ static PyObject *out_buffer(PyObject *conn, Py_ssize_t size) {
     return out;
 }
 
+/* The cipher object's two ways to AES-GCM (see aead_into): *key from gcm_key_of, and *aead,
+ * cryptography's object (sshfast._aead, made once per key), only where *key is None. -1 with an
+ * error. */
+static int keys_of(PyObject *cipher, PyObject *enc, PyObject **key, PyObject **aead) {
+    if (!(*key = gcm_key_of(cipher)))
+        return -1;
+    if (*key != Py_None)
+        *aead = Py_NewRef(Py_None);
+    else if (!(*aead = PyObject_GetAttr(cipher, s_mrd_aead))) { /* the first message with this key */
+        PyErr_Clear();
+        if (!(*aead = PyObject_CallOneArg(aead_of, enc)))
+            return -1;
+    }
+    return 0;
+}
+
 /* The frame in frame[start:end] as one SSH_MSG_CHANNEL_DATA to `chan` in out[:4 + pktlen + tag]: the
  * message's header written into the DATA_HEAD bytes before the frame, the padding after it,
- * encrypted with aead.encrypt_into behind the packet length; cipher._iv advanced. 0 when the
+ * encrypted (aead_into) behind the packet length; cipher._iv advanced. 0 when the
  * frame's buffer has no room around it (nothing written), 1 done, -1 on an error. */
-static int seal(PyObject *cipher, PyObject *aead, Py_buffer *frame, Py_ssize_t start, Py_ssize_t end,
+static int seal(PyObject *cipher, PyObject *key, PyObject *aead, Py_buffer *frame, Py_ssize_t start, Py_ssize_t end,
                 Py_ssize_t padlen, uint32_t chan, uint8_t *out) {
     Py_ssize_t size = end - start, pktlen = DATA_HEAD + size + padlen;
     if (start < DATA_HEAD || end + padlen > frame->len || size > 0xFFFFFFFFLL)
@@ -446,7 +472,7 @@ static int seal(PyObject *cipher, PyObject *aead, Py_buffer *frame, Py_ssize_t s
     if (padding((uint8_t *)frame->buf + end, (size_t)padlen) < 0)
         goto done;
     put_u32(out, (uint32_t)pktlen);
-    if (aead_into(s_encrypt_into, aead, iv_in, head, pktlen, out, out + 4, pktlen + SSH_TAG) < 0)
+    if (aead_into(s_encrypt_into, key, aead, (const uint8_t *)PyBytes_AS_STRING(iv_in), head, pktlen, out, out + 4, pktlen + SSH_TAG) < 0)
         goto done;
     uint8_t iv[12];
     memcpy(iv, PyBytes_AS_STRING(iv_in), 12);
@@ -471,7 +497,7 @@ static int send_frame(PyObject *chan, PyObject *frame_obj, Py_ssize_t start, Py_
         PyErr_SetString(PyExc_RuntimeError, "send_data before bind");
         return -1;
     }
-    PyObject *conn = NULL, *enc = NULL, *cipher = NULL, *aead = NULL, *out = NULL, *transport = NULL,
+    PyObject *conn = NULL, *enc = NULL, *cipher = NULL, *key = NULL, *aead = NULL, *out = NULL, *transport = NULL,
              *view = NULL, *r = NULL;
     int result = -1;
     Py_buffer frame = {0};
@@ -483,13 +509,8 @@ static int send_frame(PyObject *chan, PyObject *frame_obj, Py_ssize_t start, Py_
         goto refuse;
     if ((ok = can_send(conn, chan, enc, size)) <= 0)
         goto refuse;
-    if (!(cipher = PyObject_GetAttr(enc, s_cipher)))
+    if (!(cipher = PyObject_GetAttr(enc, s_cipher)) || keys_of(cipher, enc, &key, &aead) < 0)
         goto done;
-    if (!(aead = PyObject_GetAttr(cipher, s_mrd_aead))) { /* the first message with this key */
-        PyErr_Clear();
-        if (!(aead = PyObject_CallOneArg(aead_of, enc)))
-            goto done;
-    }
     Py_ssize_t blocksize = attr_size(conn, s_send_blocksize), enchdrlen = attr_size(conn, s_send_enchdrlen);
     Py_ssize_t chan_id = attr_size(chan, s_send_chan);
     if (blocksize <= 0 || enchdrlen < 0 || chan_id < 0 || chan_id > 0xFFFFFFFFLL)
@@ -502,7 +523,7 @@ static int send_frame(PyObject *chan, PyObject *frame_obj, Py_ssize_t start, Py_
         goto refuse;
     if (PyObject_GetBuffer(frame_obj, &frame, PyBUF_WRITABLE) < 0)
         goto done;
-    if ((ok = seal(cipher, aead, &frame, start, end, padlen, (uint32_t)chan_id,
+    if ((ok = seal(cipher, key, aead, &frame, start, end, padlen, (uint32_t)chan_id,
                    (uint8_t *)PyByteArray_AS_STRING(out))) <= 0)
         goto refuse;
     if (!(transport = PyObject_GetAttr(conn, s_transport)) || !(view = PyMemoryView_FromObject(out)))
@@ -535,6 +556,7 @@ done:
     Py_XDECREF(conn);
     Py_XDECREF(enc);
     Py_XDECREF(cipher);
+    Py_XDECREF(key);
     Py_XDECREF(aead);
     Py_XDECREF(out);
     Py_XDECREF(transport);
@@ -662,21 +684,17 @@ static int open_packets(const uint8_t *in, Py_ssize_t in_len, Py_ssize_t start, 
     Py_ssize_t drops[N_REASONS] = {0}, consumed = 0, packets = 0, size = 0;
     int decrypted = 0, result = -1;
     uint8_t iv[12];
-    PyObject *enc = NULL, *cipher = NULL, *aead = NULL, *iv_in = NULL;
+    PyObject *enc = NULL, *cipher = NULL, *key = NULL, *aead = NULL, *iv_in = NULL;
     memset(o, 0, sizeof(*o));
     Py_ssize_t max_pktlen = attr_size(conn, s_max_recv_pktlen), chan = attr_size(chan_obj, s_recv_chan);
     Py_ssize_t window = attr_size(chan_obj, s_recv_window), low_window = attr_size(chan_obj, s_init_recv_window);
     if (PyErr_Occurred() || !(enc = PyObject_GetAttr(conn, s_recv_encryption))
-            || !(cipher = PyObject_GetAttr(enc, s_cipher)) || !(iv_in = PyObject_GetAttr(cipher, s_iv)))
+            || !(cipher = PyObject_GetAttr(enc, s_cipher)) || !(iv_in = PyObject_GetAttr(cipher, s_iv))
+            || keys_of(cipher, enc, &key, &aead) < 0)
         goto done;
-    if (!(aead = PyObject_GetAttr(cipher, s_mrd_aead))) { /* the first message with this key */
-        PyErr_Clear();
-        if (!(aead = PyObject_CallOneArg(aead_of, enc)))
-            goto done;
-    }
     low_window = (low_window + 1) / 2;
     if (!PyBytes_Check(iv_in) || PyBytes_GET_SIZE(iv_in) != 12 || start < 0 || end > in_len || start > end
-            || max_pktlen < 0 || chan < 0 || chan > 0xFFFFFFFFLL || window < 0 || aead == Py_None) {
+            || max_pktlen < 0 || chan < 0 || chan > 0xFFFFFFFFLL || window < 0 || (key == Py_None && aead == Py_None)) {
         PyErr_SetString(PyExc_ValueError, "open_batch: bad arguments");
         goto done;
     }
@@ -690,11 +708,7 @@ static int open_packets(const uint8_t *in, Py_ssize_t in_len, Py_ssize_t start, 
         }
         if (pktlen > end - pos - 4 - SSH_TAG)
             break;
-        PyObject *nonce = PyBytes_FromStringAndSize((const char *)iv, 12);
-        int failed = !nonce || aead_into(s_decrypt_into, aead, nonce, in + pos + 4, pktlen + SSH_TAG, in + pos,
-                                         plain->buf, pktlen) < 0;
-        Py_XDECREF(nonce);
-        if (failed)
+        if (aead_into(s_decrypt_into, key, aead, iv, in + pos + 4, pktlen + SSH_TAG, in + pos, plain->buf, pktlen) < 0)
             goto done;
         next_nonce(iv);
         decrypted = 1;
@@ -744,6 +758,7 @@ static int open_packets(const uint8_t *in, Py_ssize_t in_len, Py_ssize_t start, 
 done:
     Py_XDECREF(enc);
     Py_XDECREF(cipher);
+    Py_XDECREF(key);
     Py_XDECREF(aead);
     Py_XDECREF(iv_in);
     return result;
@@ -981,6 +996,11 @@ static PyObject *get_buffer(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* libcrypto() -> bool: whether packets are sealed and opened by libcrypto (_gcm.c), for the logs. */
+static PyObject *libcrypto(PyObject *self, PyObject *unused) {
+    return PyBool_FromLong(gcm_available());
+}
+
 static PyMethodDef methods[] = {
     {"pump_out", pump_out, METH_VARARGS, "A TUN's wake-up: read its packets, frame them and send the frame."},
     {"tun_write_batch", tun_write_batch, METH_VARARGS, "Check and write a PACKETS body's packets to a TUN."},
@@ -988,6 +1008,7 @@ static PyMethodDef methods[] = {
     {"received", received, METH_VARARGS, "sshfast's buffer_updated: open_batch over what the socket brought."},
     {"get_buffer", get_buffer, METH_VARARGS, "sshfast's get_buffer: where the socket's next read goes."},
     {"send_data", send_data, METH_VARARGS, "Send a frame built in place as one SSH channel data message."},
+    {"libcrypto", libcrypto, METH_NOARGS, "Whether AES-GCM goes through libcrypto directly (_gcm.c)."},
     {"bind", bind, METH_VARARGS, "Give the C asyncssh's GCMEncryption, sshfast._aead, the largest packet and more."},
     {NULL, NULL, 0, NULL},
 };

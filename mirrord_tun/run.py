@@ -133,7 +133,7 @@ class LocalSession:
         self.agent_ip = peer[0] if isinstance(peer, tuple) and peer else None
         log.info("session %s: tunnel address %s, pod %s, mtu %d, packet path in %s", welcome.session,
                  ",".join(welcome.client_addrs), ",".join(welcome.pod_addrs + welcome.pod_addrs6) or "?",
-                 welcome.mtu, native.LANGUAGE)
+                 welcome.mtu, native.describe())
         if welcome.ipv6_off:
             log.warning("the pod has IPv6, but this session is IPv4 only: %s", printable(welcome.ipv6_off))
 

@@ -10,12 +10,14 @@ import contextlib
 import os
 import socket
 import struct
+import subprocess
 import sys
 import types
 from collections import Counter
 from typing import Any, Callable, Iterator
 
 import pytest
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -279,14 +281,30 @@ def channel_messages(draw: Any) -> tuple[bytes, bool]:
 CHAN = 7
 
 
+def _receiving(gcm: str, key: bytes, nonce: bytes) -> tuple[Any, Any, Any]:
+    """asyncssh's cipher, connection and channel as open_batch reads and advances them (sshfast's
+    _NativeInput hands it the real ones); `gcm`: which AES-GCM the C opens packets with."""
+    cipher = types.SimpleNamespace(_mrd_aead=AESGCM(key), _iv=nonce,
+                                   **({"_key": key} if gcm == "libcrypto" else {"_mrd_gcm": None}))
+    conn = types.SimpleNamespace(_recv_encryption=types.SimpleNamespace(_cipher=cipher),
+                                 _max_recv_pktlen=1 << 16, _recv_seq=2**32 - 2)
+    chan = types.SimpleNamespace(_recv_chan=CHAN, _recv_window=1 << 30, _init_recv_window=0)
+    return cipher, conn, chan
+
+
 @needs_c
+@pytest.mark.parametrize("gcm", ["libcrypto", "cryptography"])
 @FUZZ
-@given(st.lists(channel_messages(), min_size=1, max_size=4), st.binary(min_size=16, max_size=16))
-def test_channel_data_from_a_hostile_peer_goes_to_the_tun_as_the_python_would(messages: list[tuple[bytes, bool]],
+@given(st.lists(channel_messages(), min_size=1, max_size=4), st.sampled_from([16, 32]).flatmap(
+    lambda n: st.binary(min_size=n, max_size=n)))
+def test_channel_data_from_a_hostile_peer_goes_to_the_tun_as_the_python_would(gcm: str,
+                                                                             messages: list[tuple[bytes, bool]],
                                                                              key: bytes) -> None:
     """open_batch on what a hostile peer with the session's keys could send: it takes a message
     only when every length and field agrees, writes exactly the packets Python's deliver writes
-    for it (checked, counted alike), and leaves anything else, decrypted, to the caller."""
+    for it (checked, counted alike), and leaves anything else, decrypted, to the caller. The
+    messages are sealed by cryptography and opened by libcrypto (_gcm.c), or by cryptography's
+    object where libcrypto is not used."""
     aead, first_nonce = AESGCM(key), os.urandom(12)
     nonce, wire, ends = bytearray(first_nonce), bytearray(), []
     for plain, _ in messages:
@@ -298,11 +316,7 @@ def test_channel_data_from_a_hostile_peer_goes_to_the_tun_as_the_python_would(me
     with _two_tuns() as ((c_in, c_out), (py_in, py_out)):
         def run() -> None:
             c, py = _pumps(c_in.fileno(), py_in.fileno(), None, check, [])
-            # asyncssh's state as open_batch reads and advances it (sshfast's _NativeInput hands it the real one).
-            cipher = types.SimpleNamespace(_mrd_aead=aead, _iv=first_nonce)
-            conn = types.SimpleNamespace(_recv_encryption=types.SimpleNamespace(_cipher=cipher),
-                                         _max_recv_pktlen=1 << 16, _recv_seq=2**32 - 2)
-            chan = types.SimpleNamespace(_recv_chan=CHAN, _recv_window=1 << 30, _init_recv_window=0)
+            cipher, conn, chan = _receiving(gcm, key, first_nonce)
             pos, plain_buf, taken_all, window = 0, bytearray(1 << 16), 0, 1 << 30
             for (plain, agrees), end in zip(messages, ends):
                 # One message per call (`end`): each call's verdict is that message's.
@@ -323,4 +337,65 @@ def test_channel_data_from_a_hostile_peer_goes_to_the_tun_as_the_python_would(me
             assert (conn._recv_seq, chan._recv_window) == ((2**32 - 2 + taken_all) % 2**32, window)
             nonce = int.from_bytes(first_nonce[4:]) + len(messages)  # every message decrypted, taken or not
             assert cipher._iv == first_nonce[:4] + (nonce % 2**64).to_bytes(8)
+            assert (type(cipher._mrd_gcm).__name__ == "PyCapsule") == (gcm == "libcrypto")
+        _in_loop(run)
+
+
+@needs_c
+def test_libcrypto_can_be_turned_off_for_a_b_runs() -> None:
+    """MIRRORD_NS_LIBCRYPTO=0 (scripts/bench --env): the C opens packets with cryptography's object,
+    and the session's first log line says so."""
+    code = """if True:
+        import os, struct, types
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        from mirrord_tun.native import datapath, describe
+        key, nonce, plain = bytes(16), bytes(12), bytes([4, 2]) + bytes(14)
+        length = struct.pack("!I", len(plain))
+        wire = length + AESGCM(key).encrypt(nonce, plain, length)
+        cipher = types.SimpleNamespace(_mrd_aead=AESGCM(key), _iv=nonce, _key=key)
+        conn = types.SimpleNamespace(_recv_encryption=types.SimpleNamespace(_cipher=cipher), _max_recv_pktlen=1 << 16,
+                                     _recv_seq=0)
+        chan = types.SimpleNamespace(_recv_chan=7, _recv_window=1 << 20, _init_recv_window=0)
+        assert datapath.open_batch(wire, 0, len(wire), bytearray(64), conn, chan, 1, -1, None, {})[2] == 2
+        print(type(cipher._mrd_gcm).__name__, describe())
+    """
+    def used(value: str) -> str:
+        env = {**os.environ, "MIRRORD_NS_LIBCRYPTO": value}
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    assert used("1") == "PyCapsule C, AES-GCM by libcrypto"
+    assert used("0") == "NoneType C, AES-GCM by cryptography"
+
+@needs_c
+@pytest.mark.parametrize("gcm", ["libcrypto", "cryptography"])
+@pytest.mark.parametrize("where", ["length", "body", "tag"])
+def test_a_message_changed_on_the_wire_is_refused_whole(gcm: str, where: str) -> None:
+    """A relay flips one bit of a sealed message (its authenticated length, its body or its tag):
+    open_batch raises InvalidTag (sshfast then ends the connection), writes none of its packets
+    to the TUN, advances no state, and leaves none of the unauthenticated plaintext behind."""
+    key, nonce = os.urandom(16), os.urandom(12)
+    udp = b"\x30\x39\x00\x50\x00\x1a\x00\x00" + b"secret payload 18b"
+    packet = bytes(VNET_HDR_LEN) + struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, ALLOWED4,
+                                               OTHER4) + udp
+    data = struct.pack("!IB", len(packet) + 4, ClientMsg.PACKETS) + struct.pack("!I", len(packet)) + packet
+    plain = struct.pack("!BBII", 4, 94, CHAN, len(data)) + data + bytes(4)
+    length = struct.pack("!I", len(plain))
+    wire = bytearray(length + AESGCM(key).encrypt(nonce, plain, length))
+    if where == "length":  # authenticated as the AAD: a packet 16 bytes shorter, still whole on the wire
+        wire[:4] = struct.pack("!I", len(plain) - 16)
+    else:
+        wire[20 if where == "body" else len(wire) - 1] ^= 0x01
+    check = source_is(*ALLOWED)
+    with _two_tuns() as ((c_in, c_out), _):
+        def run() -> None:
+            c, _ = _pumps(c_in.fileno(), c_in.fileno(), None, check, [])
+            cipher, conn, chan = _receiving(gcm, key, nonce)
+            plain_buf = bytearray(1 << 16)
+            with pytest.raises(InvalidTag):
+                datapath.open_batch(bytes(wire), 0, len(wire), plain_buf, conn, chan, ClientMsg.PACKETS,
+                                    c_in.fileno(), check.native, c.counters)
+            assert _drain(c_out) == []
+            assert (cipher._iv, conn._recv_seq, chan._recv_window) == (nonce, 2**32 - 2, 1 << 30)
+            if gcm == "libcrypto":  # cryptography's object makes no such promise
+                assert b"secret payload" not in plain_buf
         _in_loop(run)

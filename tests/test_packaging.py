@@ -78,7 +78,8 @@ def test_wheel_holds_every_module_under_mirrord_tun(dist: Path) -> None:
 def test_sdist_holds_docs_manifests_and_sources(dist: Path) -> None:
     # mirrord_ns-VERSION/ since setuptools 69.3 (PEP 625), mirrord-ns-VERSION/ before.
     names = {n.partition("/")[2] for n in tarfile.open(_one(dist, "*.tar.gz")).getnames()}
-    wanted = {"README.md", "SECURITY.md", "pyproject.toml", "setup.py", "mirrord_tun/_datapath.c", "MANIFEST.in", "agent/Dockerfile",
+    wanted = {"README.md", "SECURITY.md", "pyproject.toml", "setup.py", "mirrord_tun/_datapath.c",
+              "mirrord_tun/_gcm.c", "mirrord_tun/_gcm.h", "MANIFEST.in", "agent/Dockerfile",
               *(p.relative_to(REPO).as_posix() for p in (REPO / "deploy").iterdir()),
               *(p.relative_to(REPO).as_posix() for p in _sources().values())}
     assert not sorted(wanted - names), f"left out of the sdist: {sorted(wanted - names)}"
