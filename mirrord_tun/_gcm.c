@@ -138,27 +138,38 @@ static int failed(const char *what) {
     return -1;
 }
 
-int gcm_seal(PyObject *key, const uint8_t *iv, const uint8_t *aad, const uint8_t *in, Py_ssize_t len, uint8_t *out) {
+/* The context for one packet of `key` in one direction: its IV set and its 4 bytes of AAD fed;
+ * NULL with an exception. */
+static CTX *begin(PyObject *key, int seal, const uint8_t *iv, const uint8_t *aad) {
     gcm_key_t *k = PyCapsule_GetPointer(key, CAPSULE);
-    CTX *ctx = k ? ready(k, 1, iv) : NULL;
-    int n;
     if (!k)
-        return -1;
-    if (!ctx || len > INT32_MAX - TAG || ssl.update(ctx, NULL, &n, aad, 4) != 1
-            || ssl.update(ctx, out, &n, in, (int)len) != 1 || ssl.final(ctx, out + n, &n) != 1
+        return NULL;
+    CTX *ctx = ready(k, seal, iv);
+    int n;
+    if (!ctx || ssl.update(ctx, NULL, &n, aad, 4) != 1) {
+        failed(seal ? "seal" : "open");
+        return NULL;
+    }
+    return ctx;
+}
+
+int gcm_seal(PyObject *key, const uint8_t *iv, const uint8_t *aad, const uint8_t *in, Py_ssize_t len, uint8_t *out) {
+    CTX *ctx = len <= INT32_MAX - TAG ? begin(key, 1, iv, aad) : NULL;
+    int n;
+    if (!ctx)
+        return PyErr_Occurred() ? -1 : failed("seal");
+    if (ssl.update(ctx, out, &n, in, (int)len) != 1 || ssl.final(ctx, out + n, &n) != 1
             || ssl.ctrl(ctx, CTRL_GCM_GET_TAG, TAG, out + len) != 1)
         return failed("seal");
     return 0;
 }
 
 int gcm_open(PyObject *key, const uint8_t *iv, const uint8_t *aad, const uint8_t *in, Py_ssize_t len, uint8_t *out) {
-    gcm_key_t *k = PyCapsule_GetPointer(key, CAPSULE);
-    CTX *ctx = k ? ready(k, 0, iv) : NULL;
+    CTX *ctx = len >= TAG && len <= INT32_MAX ? begin(key, 0, iv, aad) : NULL;
     int n;
-    if (!k)
-        return -1;
-    if (!ctx || len < TAG || len > INT32_MAX || ssl.update(ctx, NULL, &n, aad, 4) != 1
-            || ssl.update(ctx, out, &n, in, (int)(len - TAG)) != 1
+    if (!ctx)
+        return PyErr_Occurred() ? -1 : failed("open");
+    if (ssl.update(ctx, out, &n, in, (int)(len - TAG)) != 1
             || ssl.ctrl(ctx, CTRL_GCM_SET_TAG, TAG, (void *)(in + len - TAG)) != 1)
         return failed("open");
     if (ssl.final(ctx, out + n, &n) == 1)
