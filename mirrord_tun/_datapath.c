@@ -472,7 +472,8 @@ static int seal(PyObject *cipher, PyObject *key, PyObject *aead, Py_buffer *fram
     if (padding((uint8_t *)frame->buf + end, (size_t)padlen) < 0)
         goto done;
     put_u32(out, (uint32_t)pktlen);
-    if (aead_into(s_encrypt_into, key, aead, (const uint8_t *)PyBytes_AS_STRING(iv_in), head, pktlen, out, out + 4, pktlen + SSH_TAG) < 0)
+    if (aead_into(s_encrypt_into, key, aead, (const uint8_t *)PyBytes_AS_STRING(iv_in), head, pktlen, out, out + 4,
+                  pktlen + SSH_TAG) < 0)
         goto done;
     uint8_t iv[12];
     memcpy(iv, PyBytes_AS_STRING(iv_in), 12);
