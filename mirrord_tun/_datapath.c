@@ -1045,6 +1045,8 @@ PyMODINIT_FUNC PyInit__datapath(void) {
     for (int r = 1; r < N_REASONS; r++)
         if (REASONS[r] && !(reason_names[r] = PyUnicode_InternFromString(REASONS[r])))
             return NULL;
+    if (gcm_init() < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
 #ifdef DATAPATH_SOURCE_SHA256 /* setup.py: native.py uses no extension built from another source */
     if (m && PyModule_AddStringConstant(m, "SOURCE_SHA256", DATAPATH_SOURCE_SHA256) < 0)

@@ -107,9 +107,13 @@ static PyObject *make_key(PyObject *cipher) {
     return capsule;
 }
 
+int gcm_init(void) {
+    s_key = PyUnicode_InternFromString("_key");
+    s_mrd_gcm = s_key ? PyUnicode_InternFromString("_mrd_gcm") : NULL;
+    return s_mrd_gcm ? 0 : -1;
+}
+
 PyObject *gcm_key_of(PyObject *cipher) {
-    if (!s_key && (!(s_key = PyUnicode_InternFromString("_key")) || !(s_mrd_gcm = PyUnicode_InternFromString("_mrd_gcm"))))
-        return NULL;
     PyObject *key = PyObject_GetAttr(cipher, s_mrd_gcm);
     if (key || !PyErr_ExceptionMatches(PyExc_AttributeError))
         return key;

@@ -5,6 +5,9 @@
 #include <Python.h>
 #include <stdint.h>
 
+/* The attribute names below, interned once: 0, or -1 with an exception (the module's init). */
+int gcm_init(void);
+
 /* The key of asyncssh's cipher object `cipher` (its _key), set up once and kept on it as _mrd_gcm:
  * a new reference to a capsule, or to None where libcrypto is not there or the key is not one of
  * AES-GCM's (the caller then uses cryptography's object); NULL with an exception on an error. */
