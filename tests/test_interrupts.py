@@ -5,12 +5,23 @@ __del__'s (every subprocess.Popen has one), the handler's KeyboardInterrupt is p
 "Exception ignored" and dropped. CI met it: SIGTERM to `demo` while it built its sandbox
 did nothing. Each case runs in a child Python, which sends the signal to itself from inside
 a __del__ so that the handler runs there, every time.
+
+Then the whole `mirrord-ns run` start, signal by signal and phase by phase (the phases that
+MIRRORD_NS_TIMING=1 prints), against an agent that never answers: always a quiet 130.
 """
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+from typing import Iterator
+
+import asyncssh
+import pytest
 
 CHILD = textwrap.dedent("""
     import os, signal, sys
@@ -75,3 +86,56 @@ def test_a_second_signal_cannot_cut_the_cleanup_short() -> None:
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert (r.returncode, r.stdout, r.stderr) == (0, "cleaned up\ninterrupted\n", "")
+
+
+# --- a stop signal at each moment of `run`'s start
+
+INSTALLED = str(Path(sys.executable).parent / "mirrord-ns")
+
+
+@pytest.fixture(scope="module")
+def silent_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """`run`'s options toward an agent that takes the connection and never says a word (its
+    kernel completes the handshake; nothing accepts): run waits there until stopped."""
+    d = tmp_path_factory.mktemp("keys")
+    asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(d / "id"))
+    asyncssh.generate_private_key("ssh-ed25519").write_public_key(str(d / "host.pub"))
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        yield ["--agent", "127.0.0.1:%d" % listener.getsockname()[1], "--identity", str(d / "id"),
+               "--agent-host-key", str(d / "host.pub")]
+
+
+# The phases `MIRRORD_NS_TIMING=1` names, in order: the signal is sent as the line arrives, so it
+# lands in what follows: cli's imports, option parsing (the mirror's imports), reading the keys
+# and starting the event loop, the SSH connection.
+PHASES = ["interpreter started", "command line imported", "options parsed", "keys read"]
+
+
+@pytest.mark.parametrize("argv0", [[INSTALLED], [sys.executable, "-m", "mirrord_tun"]], ids=["installed", "python -m"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_stop_signal_at_any_moment_of_the_start_is_a_quiet_130(silent_agent: list[str], sig: signal.Signals,
+                                                                  argv0: list[str]) -> None:
+    """A Ctrl-C during the imports printed a KeyboardInterrupt traceback, a SIGTERM or SIGHUP
+    there killed run by the signal, and one just before the event loop ran left Python's
+    "coroutine ... was never awaited" warnings: each is one quiet exit with 130."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SUDO_", "MIRRORD_NS_"))}
+    for phase in PHASES:
+        p = subprocess.Popen([*argv0, "run", *silent_agent, "--", "true"], stderr=subprocess.PIPE, text=True,
+                             env={**env, "MIRRORD_NS_TIMING": "1"}, restore_signals=True)
+        try:
+            seen = []
+            assert p.stderr is not None
+            for line in p.stderr:
+                seen.append(line)
+                if line.startswith(f"mirrord-ns: timing: {phase}:"):
+                    p.send_signal(sig)
+                    break
+            rest = p.stderr.read()
+            code = p.wait(30)
+        finally:
+            p.kill()
+            p.wait()
+        told = [line for line in rest.splitlines() if line.strip() and not line.startswith("mirrord-ns: timing: ")]
+        assert (code, told) == (130, []), (phase, "".join(seen) + rest)
