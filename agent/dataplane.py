@@ -48,12 +48,16 @@ from typing import Callable, NamedTuple
 from mirrord_tun.agent import owner
 from mirrord_tun.agent.steal import proxy as steal_proxy, rules as steal_rules
 from mirrord_tun.netns import ipv6, links, nft
+from mirrord_tun.netns.exec import COMMAND_PORTS
 from mirrord_tun.netns.tun import Tun
 
 log = logging.getLogger("mirrord-ns.agent")
 TABLE_PREFIX = "mirrord_ns_"
 TUN_PREFIX = "mrd"
 TUNNEL_NET = ipaddress.IPv4Network("100.64.0.0/10")
+# The client's TCP and UDP leave from these ports of the pod's, which `run` also takes its own
+# from (kept as they are where free); the pod's own use the ports below (netns/exec.py).
+_PORTS = "%d-%d" % COMMAND_PORTS
 # A unique-local prefix of ours (RFC 4193: fd + a 40-bit global ID, here "mrdns" in ASCII),
 # with the session's IPv4 tunnel address in the last 32 bits: the pair is as unique as the
 # IPv4 /30 it comes from. A pod's own ULA prefix carries the random global ID its network
@@ -168,6 +172,7 @@ def _ruleset(table: str, tun: str, block: ipaddress.IPv4Network, record: _Record
         f'  comment "{record.comment()}"\n'
         "  chain postrouting {\n"
         "    type nat hook postrouting priority srcnat; policy accept;\n"
+        f'    ip saddr {client} oifname != "{tun}" meta l4proto {{ tcp, udp }} masquerade to :{_PORTS}\n'
         f'    ip saddr {client} oifname != "{tun}" masquerade\n'
         "  }\n"
         "  chain forward {\n"
@@ -207,6 +212,7 @@ def _ruleset6(table: str, tun: str, agent: str, client: str, record: _Record6, p
         f'  comment "{record.comment()}"\n'
         "  chain postrouting {\n"
         "    type nat hook postrouting priority srcnat; policy accept;\n"
+        f'    ip6 saddr {client} oifname != "{tun}" meta l4proto {{ tcp, udp }} masquerade to :{_PORTS}\n'
         f'    ip6 saddr {client} oifname != "{tun}" masquerade\n'
         "  }\n"
         "  chain forward {\n"

@@ -33,6 +33,25 @@ PR_SET_PDEATHSIG = 1
 # namespace holds only the user's command, and without it `ping` as the user fails
 # with "permission denied" (a fresh namespace starts at "1 0", nobody).
 PING_GROUP_RANGE = "0 2147483647"
+# The command's source ports, which the agent masquerades its connections into too: above the
+# kernel's default range (32768-60999), which the pod's own connections use. A connection of the
+# command's and a later one of the pod's on the same port to the same server (or the other way
+# round) carry unrelated TCP timestamps: a server that closed the first and holds it in TIME_WAIT
+# refuses the second's SYN as old (PAWS), and that client resets and tries again (the pod's own
+# new connections to such a server took up to 3.5x as long for a minute after a session). 4,536
+# ports allow that many connections open at once to one server (the default range 28,232); the
+# command reuses its own TIME_WAIT ports after a second (their timestamps tell the connections
+# apart), so they set no limit on new ones a second. docs/usage.md, "Outbound".
+COMMAND_PORTS = (61000, 65535)
+_SYSCTLS = {"/proc/sys/net/ipv4/ping_group_range": PING_GROUP_RANGE,
+            "/proc/sys/net/ipv4/ip_local_port_range": "%d %d" % COMMAND_PORTS,
+            "/proc/sys/net/ipv4/tcp_tw_reuse": "1",
+            # Timestamps from this machine's clock as it is (2), not offset per address pair (1):
+            # each session has another tunnel address, so with offsets a session's connections
+            # met the previous session's in the servers' TIME_WAIT as older, and were refused as
+            # above (a session right after one that made 3,000 connections to a server took 30-65
+            # s for its own 3,000 instead of 11-14). The clock says how long this machine has been up.
+            "/proc/sys/net/ipv4/tcp_timestamps": "2"}
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -71,7 +90,8 @@ class ExtraMounts(Protocol):
 
 def spawn(argv: list[str], netns_fd: int, resolv_conf: str | None, user: User | None,
           extra_env: dict[str, str] | None = None, mounts: ExtraMounts | None = None) -> subprocess.Popen[bytes]:
-    """Start argv in the namespace (a fresh one of ours: its ping range is opened up).
+    """Start argv in the namespace (a fresh one of ours: its ping range is opened up, its ports
+    are its own: _SYSCTLS).
 
     `mounts.mount_here` runs in this thread inside the command's private mount namespace
     (made for it even without resolv_conf), before the command starts.
@@ -123,8 +143,9 @@ def _inside(netns_fd: int, resolv_conf: str | None, mount_more: Callable[[], Non
     try:
         try:
             setns(netns_fd, CLONE_NEWNET)
-            with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
-                f.write(PING_GROUP_RANGE)
+            for path, value in _SYSCTLS.items():
+                with open(path, "w") as f:
+                    f.write(value)
             if resolv_conf or mount_more:
                 # Implies CLONE_FS: this thread alone gets its own root, cwd and mounts (and
                 # keeps its own cwd and umask from now on, which `run` never changes).

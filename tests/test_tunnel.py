@@ -22,7 +22,8 @@ import pytest
 
 from conftest import (CLEAN_TIMEOUT, POD, RUN_TIMEOUT, SVC, UDP_ECHO_PORT, Cluster, assert_clean, children,
                       finish, kill_pids, leftovers, mrd_run, pid_alive, read_line, run_env, start_run, wait_until)
-from mirrord_tun.sandbox import DOMAIN
+from mirrord_tun.netns.exec import COMMAND_PORTS
+from mirrord_tun.sandbox import DOMAIN, Sandbox
 
 TUNNEL_NET = ipaddress.ip_network("100.64.0.0/10")
 
@@ -96,6 +97,58 @@ def test_closed_ports_are_refused_not_silent(cluster: Cluster) -> None:
            "except ConnectionRefusedError:\n"
            "    print('refused')\n")
     assert ok(mrd_run(cluster.sb, sys.executable, "-c", udp, SVC)) == "refused\n"
+
+
+# N connections one after the other, HTTP/1.0: the server closes first and keeps each in TIME_WAIT.
+CONNECTIONS = ("import socket, sys\n"
+               "ports = []\n"
+               "for _ in range(int(sys.argv[2])):\n"
+               "    with socket.create_connection((sys.argv[1], 80), timeout=10) as s:\n"
+               "        ports.append(s.getsockname()[1])\n"
+               "        s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n"
+               "        while s.recv(65536):\n"
+               "            pass\n"
+               "print(min(ports), max(ports))\n")
+
+
+def _tcp_ext(sb: Sandbox, role: str) -> dict[str, int]:
+    """The TcpExt counters of one sandbox host's namespace."""
+    lines = [line.split() for line in sb.exec(role, "cat", "/proc/net/netstat").stdout.splitlines()
+             if line.startswith("TcpExt:")]
+    return dict(zip(lines[0][1:], map(int, lines[1][1:])))
+
+
+def _time_wait_ports(sb: Sandbox, role: str, peer: str) -> set[int]:
+    """The peer's ports of the connections `role` holds in TIME_WAIT."""
+    out = sb.exec(role, "ss", "-Htan", "state", "time-wait", "dst", peer).stdout
+    return {int(line.split()[-1].rpartition(":")[2]) for line in out.splitlines()}
+
+
+def test_the_commands_ports_are_not_the_pods_so_its_own_new_connections_are_not_refused_after(
+        cluster: Cluster) -> None:
+    """The command's connections leave as the pod's, with TCP timestamps of their own: one that used
+    the same port as a later one of the pod's own left the server (which closed first) a TIME_WAIT
+    that refused the pod's SYN as old (PAWS; 35-60 of these 1,500 were, before; in the real cluster
+    205-301 of 3,000). The command's ports, and those the agent maps them to, are above the pod's
+    range; and as each session has another tunnel address, its timestamps come from the clock as it
+    is, or a second session right after the first found its connections refused as older (18)."""
+    sb, n = cluster.sb, 1500
+    low, high = COMMAND_PORTS
+    pod_range = [int(p) for p in sb.exec("pod", "cat", "/proc/sys/net/ipv4/ip_local_port_range").stdout.split()]
+    assert pod_range[1] < low, pod_range
+    before, before_svc = _time_wait_ports(sb, "svc", POD), _tcp_ext(sb, "svc")
+    for _ in range(2):
+        out = ok(mrd_run(sb, "sh", "-c", "cat /proc/sys/net/ipv4/ip_local_port_range && "
+                         f"{sys.executable} -c \"$0\" {SVC} {n}", CONNECTIONS)).split()
+        assert [int(p) for p in out[:2]] == [low, high] and low <= int(out[2]) <= int(out[3]) <= high, out
+    seen = _time_wait_ports(sb, "svc", POD) - before
+    assert len(seen) > n and all(low <= port <= high for port in seen), sorted(seen)[:5]
+    between_svc, before_pod = _tcp_ext(sb, "svc"), _tcp_ext(sb, "pod")
+    sb.exec("pod", sys.executable, "-c", CONNECTIONS, SVC, str(n), timeout=120).check_returncode()
+    after_pod, after_svc = _tcp_ext(sb, "pod"), _tcp_ext(sb, "svc")
+    refused = [between_svc["PAWSTimewait"] - before_svc["PAWSTimewait"],
+               after_svc["PAWSTimewait"] - between_svc["PAWSTimewait"]]
+    assert refused == [0, 0] and after_pod["TCPSynRetrans"] - before_pod["TCPSynRetrans"] == 0, refused
 
 
 def test_dns_over_udp_with_dig(cluster: Cluster) -> None:
