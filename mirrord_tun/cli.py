@@ -137,25 +137,29 @@ class _Cli(click.Group):
         sys.exit(code)
 
 
-def _run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """uvloop when present: it halves the per-wake-up cost that dominates tunnel latency.
-    asyncio.Runner with uvloop's loop is what uvloop.run does, less a wrapper coroutine of its own."""
-    ctx = click.get_current_context(silent=True)
-    stop = ctx.find_object(Interrupts) if ctx else None  # None: called outside `main`, as a library
-    work = stop.until_stopped(coro) if stop else coro
+def _run_async(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """`make()`'s coroutine, on uvloop when present: it halves the per-wake-up cost that dominates
+    tunnel latency. asyncio.Runner with uvloop's loop is what uvloop.run does, less a wrapper
+    coroutine of its own. The coroutine is made here, not by the caller: a stop signal's
+    KeyboardInterrupt can land between any two steps before the loop starts it (the import, the
+    loop's creation), and every coroutine made by then is closed below, or Python would warn at
+    exit that it was never awaited. Closing a finished coroutine does nothing."""
+    made: list[Coroutine[Any, Any, Any]] = []
     try:
+        ctx = click.get_current_context(silent=True)
+        stop = ctx.find_object(Interrupts) if ctx else None  # None: called outside `main`, as a library
+        made.append(make())
+        if stop:
+            made.append(stop.until_stopped(made[0]))
         try:
             from uvloop import new_event_loop
         except ImportError:
             new_event_loop = asyncio.new_event_loop
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            return runner.run(work)
+            return runner.run(made[-1])
     finally:
-        # A stop signal before the loop ran them (its KeyboardInterrupt can land in the import or
-        # the loop's creation) leaves both never started: closed, or Python warns at exit that
-        # they were never awaited. Closing a finished coroutine does nothing.
-        work.close()
-        coro.close()
+        for coro in made:
+            coro.close()
 
 
 def _need_root() -> None:
@@ -262,11 +266,15 @@ def run(connection: ConnectionArgs, kube: KubeArgs, mounts: MountArgs, mirror: M
             return 0
         progress = Progress.on_stderr(quiet)
         with progress, plan.launch(progress) as link:  # the session closes it before COMMAND starts
-            return _run_async(go(link.address, plan.key, link.host_key, link.probe_sources, link.volumes,
-                                 progress, sock=link.sock, env=link.env, reconnect=link.reconnect))
+            return _run_async(lambda: go(link.address, plan.key, link.host_key, link.probe_sources, link.volumes,
+                                         progress, sock=link.sock, env=link.env, reconnect=link.reconnect))
+
+    def by_hand() -> Coroutine[Any, Any, int]:
+        key, pinned = load_keys(connection.identity, connection.host_key)
+        return go(agent, key, pinned)  # a plain call: no signal is taken between it and _run_async's list
 
     if connection.given():
-        _exit_with(lambda: _run_async(go(agent, *load_keys(connection.identity, connection.host_key))))
+        _exit_with(lambda: _run_async(by_hand))
     _exit_with(in_cluster)
 
 
@@ -372,8 +380,8 @@ def agent(listen: str, authorized_key: str | None, authorized_key_data: str | No
         workers.configure(None if steal_proxy_workers == "auto" else int(steal_proxy_workers))
         files = Policy(frozenset(serve_fs), file_timeout)
         try:
-            _run_async(Agent(target, resume_timeout, ipv6_forwarding, files).serve(host, port, key, authorized,
-                                                                                   idle_exit))
+            _run_async(lambda: Agent(target, resume_timeout, ipv6_forwarding, files).serve(host, port, key, authorized,
+                                                                                           idle_exit))
         except (OSError, ValueError) as e:
             click.echo(f"mirrord-ns agent: {e}", err=True)
             return 2
@@ -411,7 +419,7 @@ def attach(netns: str | None, pid: int | None, container: str | None, connection
                                spill_limit=mirror.spill_limit, steal=stealing)
         return await at.until_signalled(at.attach(session, target))
 
-    _exit_with(lambda: _run_async(go()))
+    _exit_with(lambda: _run_async(go))
 
 
 @main.command()
@@ -446,7 +454,7 @@ def sidecar(hold: bool, connection: ConnectionArgs, no_dns: bool, mirror: Mirror
                                                      spill_limit=mirror.spill_limit, steal=stealing),
                                 at.own_namespace(dns=not no_dns))
 
-    _exit_with(lambda: _run_async(go()))
+    _exit_with(lambda: _run_async(go))
 
 
 # Cluster commands (defined with their completions in mirrord_tun.kube.commands, which imports
