@@ -20,8 +20,10 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
+import asyncssh
 import pytest
 
 from mirrord_tun.netns.namespace import NetNs
@@ -34,6 +36,17 @@ for _var in [v for v in os.environ if v.startswith("SUDO_")]:
     del os.environ[_var]
 
 POD, SVC = ADDRS["pod"], ADDRS["svc"]
+# The command as users start it: the installed console script, and as demo's children do.
+INSTALLED = [str(Path(sys.executable).parent / "mirrord-ns")]
+MIRRORD_NS = [sys.executable, "-m", "mirrord_tun"]
+
+
+def key_pair(directory: Path) -> tuple[str, str]:
+    """A client identity and a pinned agent host key (the public half) in `directory`."""
+    identity, host = directory / "id", directory / "host.pub"
+    asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(identity))
+    asyncssh.generate_private_key("ssh-ed25519").write_public_key(str(host))
+    return str(identity), str(host)
 UDP_ECHO_PORT = 7
 # Liveness bounds, not speed checks: long enough for a loaded 2-core machine.
 RUN_TIMEOUT = 60

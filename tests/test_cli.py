@@ -12,16 +12,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import asyncssh
 import click
 import pytest
 from click.testing import CliRunner
 
+from conftest import INSTALLED, MIRRORD_NS, key_pair
 from mirrord_tun import cli
 from mirrord_tun.connect import SetupError, parse_hostport
 
-MIRRORD_NS = [sys.executable, "-m", "mirrord_tun"]
-INSTALLED = [str(Path(sys.executable).parent / "mirrord-ns")]
 
 
 @pytest.fixture(autouse=True)
@@ -53,10 +51,7 @@ def one_error_line(r: subprocess.CompletedProcess[str]) -> str:
 
 @pytest.fixture
 def keys(tmp_path: Path) -> tuple[str, str]:
-    identity, host = tmp_path / "id", tmp_path / "host.pub"
-    asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(identity))
-    asyncssh.generate_private_key("ssh-ed25519").write_public_key(str(host))
-    return str(identity), str(host)
+    return key_pair(tmp_path)
 
 
 # --- parsing

@@ -17,11 +17,11 @@ import socket
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 from typing import Iterator
 
-import asyncssh
 import pytest
+
+from conftest import INSTALLED, MIRRORD_NS, key_pair
 
 CHILD = textwrap.dedent("""
     import os, signal, sys
@@ -90,21 +90,16 @@ def test_a_second_signal_cannot_cut_the_cleanup_short() -> None:
 
 # --- a stop signal at each moment of `run`'s start
 
-INSTALLED = str(Path(sys.executable).parent / "mirrord-ns")
-
-
 @pytest.fixture(scope="module")
 def silent_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     """`run`'s options toward an agent that takes the connection and never says a word (its
     kernel completes the handshake; nothing accepts): run waits there until stopped."""
-    d = tmp_path_factory.mktemp("keys")
-    asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(d / "id"))
-    asyncssh.generate_private_key("ssh-ed25519").write_public_key(str(d / "host.pub"))
+    identity, host = key_pair(tmp_path_factory.mktemp("keys"))
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(64)
-        yield ["--agent", "127.0.0.1:%d" % listener.getsockname()[1], "--identity", str(d / "id"),
-               "--agent-host-key", str(d / "host.pub")]
+        yield ["--agent", "127.0.0.1:%d" % listener.getsockname()[1], "--identity", identity,
+               "--agent-host-key", host]
 
 
 # The phases `MIRRORD_NS_TIMING=1` names, in order: the signal is sent as the line arrives, so it
@@ -113,7 +108,7 @@ def silent_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]
 PHASES = ["interpreter started", "command line imported", "options parsed", "keys read"]
 
 
-@pytest.mark.parametrize("argv0", [[INSTALLED], [sys.executable, "-m", "mirrord_tun"]], ids=["installed", "python -m"])
+@pytest.mark.parametrize("argv0", [INSTALLED, MIRRORD_NS], ids=["installed", "python -m"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 def test_a_stop_signal_at_any_moment_of_the_start_is_a_quiet_130(silent_agent: list[str], sig: signal.Signals,
                                                                   argv0: list[str]) -> None:
