@@ -187,7 +187,13 @@ HOSTILE_ENV = [
     {"name": "PROMPT_COMMAND", "value": "echo pwned >> {marker}"},
     {"name": "BASH_FUNC_echo%%", "value": "() {{ builtin echo hijacked; }}"},  # replaces echo in bash
     {"name": "PYTHONPATH", "value": "/attacker/lib"},
+    {"name": "PYTHONPYCACHEPREFIX", "value": "/attacker/pyc"},  # bytecode under it is loaded unchecked
+    {"name": "OPENSSL_CONF", "value": "/attacker/openssl.cnf"},  # can load a provider into any TLS client
+    {"name": "PYTHONUNBUFFERED", "value": "1"},  # tuning only: imported
+    {"name": "NULLED", "value": "a\u0000b"},  # as a Secret's bytes can be: no program can be given it
 ]
+DENIED_HERE = ("BASH_ENV", "BASH_FUNC_echo%%", "LD_PRELOAD", "PROMPT_COMMAND", "PYTHONPATH", "PYTHONPYCACHEPREFIX",
+               "OPENSSL_CONF")
 
 
 def test_loader_and_shell_hooks_in_the_workloads_env_do_not_reach_the_command(kube_cluster: KubeCluster,
@@ -217,18 +223,21 @@ def test_loader_and_shell_hooks_in_the_workloads_env_do_not_reach_the_command(ku
     assert r.stdout.startswith("ran\n") and "hijacked" not in r.stdout
     assert not marker.exists()
     names = {line.split("=", 1)[0] for line in r.stdout.splitlines()}
-    assert not names & {"LD_PRELOAD", "BASH_ENV", "PROMPT_COMMAND", "BASH_FUNC_echo%%", "PYTHONPATH"}
+    assert not names & {*DENIED_HERE, "NULLED"}
     assert "LITERAL=hello" in r.stdout and "CFG_KEY=value" in r.stdout  # ordinary variables still come
-    assert "cannot be preloaded" not in r.stderr
-    [warning] = [line for line in r.stderr.splitlines() if "not importing" in line]
-    for name in ("BASH_ENV", "BASH_FUNC_echo%%", "LD_PRELOAD", "PROMPT_COMMAND", "PYTHONPATH"):
+    assert "PYTHONUNBUFFERED=1" in r.stdout
+    assert "cannot be preloaded" not in r.stderr and "Traceback" not in r.stderr
+    [warning] = [line for line in r.stderr.splitlines() if "(they make programs load code" in line]
+    for name in DENIED_HERE:
         assert name in warning
+    [nul] = [line for line in r.stderr.splitlines() if "NUL byte" in line]
+    assert "'NULLED'" in nul
     assert "pwned" not in r.stderr and "/attacker" not in r.stderr  # names, never values
 
     # What the deny-list stops: allowed back, the workload's BASH_ENV runs its command.
     r = run("--env-allow", "BASH_ENV")
     assert marker.read_text() == "pwned\n"
-    assert "BASH_ENV" not in next(line for line in r.stderr.splitlines() if "not importing" in line)
+    assert "BASH_ENV" not in next(line for line in r.stderr.splitlines() if "load code" in line)
 
 
 def deploy_docs() -> list[dict[str, Any]]:

@@ -24,8 +24,12 @@ image) and is exactly what a hostile workload would set. It holds:
   commands in every bash script), PROMPT_COMMAND, PS0-PS4 (command substitution
   in prompts and xtrace), SHELLOPTS, BASHOPTS, BASH_XTRACEFD, IFS, CDPATH,
   GLOBIGNORE, ZDOTDIR;
-- runtimes a command commonly starts: PYTHONPATH, PYTHONHOME, PYTHONSTARTUP,
-  PYTHONBREAKPOINT, PYTHONUSERBASE; NODE_OPTIONS (`--require`, `--import`),
+- libcrypto: OPENSSL_CONF, OPENSSL_MODULES, OPENSSL_ENGINES (a configuration that loads
+  providers or engines, in every program that starts OpenSSL);
+- runtimes a command commonly starts: every `PYTHON*` but those that only tune the interpreter
+  (`PYTHON_TUNING`), since new ones keep coming and several name files (PYTHONPATH, PYTHONHOME,
+  PYTHONSTARTUP, PYTHONUSERBASE, PYTHONPYCACHEPREFIX: bytecode loaded unchecked from under it,
+  PYTHONPLATLIBDIR) or code (PYTHONBREAKPOINT); NODE_OPTIONS (`--require`, `--import`),
   NODE_PATH; PERL5OPT (`-M`), PERL5LIB, PERLLIB, PERL5DB; RUBYOPT (`-r`), RUBYLIB;
   JAVA_TOOL_OPTIONS, JDK_JAVA_OPTIONS, _JAVA_OPTIONS (`-javaagent:`,
   `-XX:OnError=cmd`), CLASSPATH.
@@ -53,8 +57,7 @@ DENIED = frozenset({
     "GCONV_PATH", "GETCONF_DIR", "GLIBC_TUNABLES", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH", "NIS_PATH",
     "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS", "TMPDIR", "TZDIR",
     "BASH_ENV", "ENV", "PROMPT_COMMAND", "PS0", "PS1", "PS2", "PS3", "PS4", "SHELLOPTS", "BASHOPTS",
-    "BASH_XTRACEFD", "IFS", "CDPATH", "GLOBIGNORE", "ZDOTDIR",
-    "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONBREAKPOINT", "PYTHONUSERBASE",
+    "BASH_XTRACEFD", "IFS", "CDPATH", "GLOBIGNORE", "ZDOTDIR", "OPENSSL_CONF", "OPENSSL_MODULES", "OPENSSL_ENGINES",
     "NODE_OPTIONS", "NODE_PATH", "PERL5OPT", "PERL5LIB", "PERLLIB", "PERL5DB", "RUBYOPT", "RUBYLIB",
     "JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "_JAVA_OPTIONS", "CLASSPATH",
 })
@@ -62,8 +65,18 @@ _REF = re.compile(r"\$(\$|\(([A-Za-z_][A-Za-z0-9_.-]*)\))")
 _KEYED_FIELD = re.compile(r"metadata\.(labels|annotations)\['([^']+)'\]$")
 
 
+# The interpreter's switches that name no file or module: what a pod commonly sets for Python.
+PYTHON_TUNING = frozenset({
+    "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING", "PYTHONHASHSEED", "PYTHONUTF8",
+    "PYTHONOPTIMIZE", "PYTHONFAULTHANDLER", "PYTHONDEVMODE", "PYTHONNOUSERSITE", "PYTHONSAFEPATH",
+    "PYTHONINTMAXSTRDIGITS", "PYTHONCOERCECLOCALE", "PYTHONASYNCIODEBUG", "PYTHONTRACEMALLOC",
+    "PYTHONMALLOC", "PYTHONNODEBUGRANGES", "PYTHONWARNDEFAULTENCODING",
+})
+
+
 def denied(name: str) -> bool:
-    return name in DENIED or name.startswith(DENIED_PREFIXES)
+    return (name in DENIED or name.startswith(DENIED_PREFIXES)
+            or (name.startswith("PYTHON") and name not in PYTHON_TUNING))
 
 
 def container_env(cluster: Cluster, target: TargetPod, exclude: frozenset[str] = frozenset(),
@@ -85,6 +98,10 @@ def container_env(cluster: Cluster, target: TargetPod, exclude: frozenset[str] =
         elif not _optional(var.value_from):
             log.warning("environment: %s not set (its reference cannot be read)", var.name)
     wanted = {k: v for k, v in env.items() if k not in exclude and k not in KEEP_LOCAL}
+    unset = sorted(k for k, v in wanted.items() if "\0" in k or "\0" in v)
+    if unset:  # a Secret's bytes may hold one; no program can be given it
+        log.warning("environment: not importing %s (a NUL byte in the value)", ", ".join(map(repr, unset)))
+        wanted = {k: v for k, v in wanted.items() if k not in unset}
     dropped = sorted(k for k in wanted if denied(k) and k not in allow)
     if dropped:  # names only: the values may be secrets
         log.warning("environment: not importing %s (they make programs load code; --env-allow NAME imports one)",
