@@ -12,11 +12,18 @@ under either cgroup driver:
 So the runtime does not matter: the ID as a whole path component (optionally
 with a runtime prefix and `.scope`) in /proc/PID/cgroup names the container.
 The agent runs with hostPID, so /proc shows every process of the node.
+
+A PID is only a number: once its process exits (the container restarts), the node may give it
+to any other process, whose /proc/PID/root and namespaces are not the container's. So the agent
+holds the target by a pidfd (`Process`) and checks it after opening anything through /proc/PID.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
+import signal
+from dataclasses import dataclass
 
 _ID = re.compile(r"^[0-9a-f]{12,64}$")
 
@@ -36,16 +43,72 @@ def _mentions(cgroup_text: str, ident: str) -> bool:
     return any(component.search(line.split(":", 2)[-1]) for line in cgroup_text.splitlines())
 
 
+def _in_container(proc: str, pid: int, ident: str) -> bool:
+    try:
+        with open(os.path.join(proc, str(pid), "cgroup")) as f:
+            return _mentions(f.read(), ident)
+    except OSError:  # exited while we looked, or a kernel thread we may not read
+        return False
+
+
+def _status(proc: str, pid: int) -> dict[str, list[str]]:
+    try:
+        with open(os.path.join(proc, str(pid), "status")) as f:
+            return {key: value.split() for key, _, value in (line.partition(":") for line in f)}
+    except OSError:
+        return {}
+
+
 def find_pid(container_id: str, proc: str = "/proc") -> int:
-    """The oldest (lowest) PID in the container: its init, which every exec'd process shares namespaces with."""
+    """The container's init, which every exec'd process shares namespaces with: PID 1 of its own PID
+    namespace, else a process whose parent is outside the container (the runtime's shim), lowest PID
+    first. Not merely the lowest PID: after the node's PIDs wrap around, a process the container
+    forked later (perhaps into namespaces of its own making) can have a lower one."""
     ident = parse_container_id(container_id)
-    for entry in sorted((e for e in os.listdir(proc) if e.isdigit()), key=int):
+    members = [pid for pid in sorted(int(e) for e in os.listdir(proc) if e.isdigit()) if _in_container(proc, pid, ident)]
+    if not members:
+        raise ValueError(f"no process of container {ident[:12]} under {proc}: is the agent running "
+                         f"on the target's node with hostPID?")
+
+    def rank(pid: int) -> tuple[bool, bool, int]:
+        status = _status(proc, pid)
+        first = status.get("NSpid", [""])[-1] == "1"
+        outside = status.get("PPid", [""])[0].isdigit() and int(status["PPid"][0]) not in members
+        return not first, not outside, pid
+    return min(members, key=rank)
+
+
+GONE = "the target container's process has exited (the container restarted?): its files are no longer served"
+
+
+@dataclass(frozen=True)
+class Process:
+    """The target process, held by a pidfd so that its PID is never taken for whatever has it next."""
+
+    pid: int
+    pidfd: int
+
+    @classmethod
+    def hold(cls, pid: int, container_id: str | None = None) -> Process:
+        """ValueError (one line) if `pid` is no process, or no longer `container_id`'s."""
         try:
-            with open(os.path.join(proc, entry, "cgroup")) as f:
-                text = f.read()
-        except OSError:  # exited while we looked, or a kernel thread we may not read
-            continue
-        if _mentions(text, ident):
-            return int(entry)
-    raise ValueError(f"no process of container {ident[:12]} under {proc}: is the agent running "
-                     f"on the target's node with hostPID?")
+            held = cls(pid, os.pidfd_open(pid))
+        except ProcessLookupError:
+            raise ValueError(f"no process {pid}") from None
+        except OSError as e:  # ENOSYS: Linux before 5.3
+            raise ValueError(f"cannot hold process {pid} (pidfd_open: {e.strerror})") from None
+        if container_id and not _in_container("/proc", pid, parse_container_id(container_id)):
+            raise ValueError(f"process {pid} left container {parse_container_id(container_id)[:12]} as the agent started")
+        return held
+
+    def path(self, name: str) -> str:
+        """/proc/PID/NAME: what it names must be confirm()ed once opened."""
+        return f"/proc/{self.pid}/{name}"
+
+    def confirm(self) -> None:
+        """Call after opening through path(): ProcessLookupError if the process had exited, when
+        its PID, and so what was opened, may be another process's. (A zombie still holds its PID.)"""
+        try:
+            signal.pidfd_send_signal(self.pidfd, 0)
+        except ProcessLookupError:
+            raise ProcessLookupError(errno.ESRCH, GONE) from None

@@ -35,6 +35,7 @@ import asyncssh
 from asyncssh.stream import SSHServerStreamSession
 
 from mirrord_tun.agent import fileworkers, fsview
+from mirrord_tun.agent.containers import Process
 from mirrord_tun.netns import rootfs
 
 SUBSYSTEM = "sftp"
@@ -62,16 +63,24 @@ class Reader:
         return bool(st.st_mode & stat.S_IROTH)
 
 
-def reader_of(pid: int) -> Reader:
-    """The fs uid, groups and capabilities of process `pid`, as /proc/PID/status gives them."""
+def reader_of(process: Process) -> Reader:
+    """The process's fs uid, groups and capabilities, as /proc/PID/status gives them."""
     fields: dict[str, list[str]] = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            fields[key] = value.split()
+    try:
+        with open(process.path("status")) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields[key] = value.split()
+    finally:
+        process.confirm()  # raises if it had exited: what was read may be another process's
     # Uid:/Gid: are real, effective, saved, fs; file access is checked against fs.
     gids = {int(fields["Gid"][3]), *(int(g) for g in fields.get("Groups", []))}
     return Reader(int(fields["Uid"][3]), frozenset(gids), bool(int(fields["CapEff"][0], 16) & _DAC_BYPASS))
+
+
+def _view_and_reader(process: Process, serve_fs: frozenset[str]) -> tuple[fsview.View, Reader]:
+    reader = reader_of(process)  # first: a view made before a failure here would stay open
+    return fsview.open_view(process, serve_fs), reader
 
 
 @dataclass(frozen=True)
@@ -82,9 +91,9 @@ class Policy:
     timeout: float = fileworkers.DEFAULT_TIMEOUT
 
 
-def session_for(pid: int, policy: Policy, workers: fileworkers.Workers) -> SSHServerStreamSession:
-    """An SSH session that runs the read-only SFTP server on `pid`'s root, in `workers`' threads."""
-    return SSHServerStreamSession(None, lambda chan: ContainerFiles(chan, pid, policy, workers), SFTP_VERSION)
+def session_for(process: Process, policy: Policy, workers: fileworkers.Workers) -> SSHServerStreamSession:
+    """An SSH session that runs the read-only SFTP server on the process's root, in `workers`' threads."""
+    return SSHServerStreamSession(None, lambda chan: ContainerFiles(chan, process, policy, workers), SFTP_VERSION)
 
 
 def _read_only(*_args: object) -> NoReturn:
@@ -104,10 +113,10 @@ def _attrs(st: os.stat_result) -> asyncssh.SFTPAttrs:
 
 
 class ContainerFiles(asyncssh.SFTPServer):
-    def __init__(self, chan: asyncssh.SSHServerChannel, pid: int, policy: Policy,
+    def __init__(self, chan: asyncssh.SSHServerChannel, process: Process, policy: Policy,
                  workers: fileworkers.Workers) -> None:
         super().__init__(chan)
-        self._pid, self._policy, self._workers = pid, policy, workers
+        self._process, self._policy, self._workers = process, policy, workers
         self._view: fsview.View | None = None
         self._reader = Reader(0, frozenset(), False)  # replaced with the process's in _root
 
@@ -128,7 +137,7 @@ class ContainerFiles(asyncssh.SFTPServer):
         that can hang. The first request builds the view (asyncssh serves a channel's requests in turn)."""
         if self._view is None:
             self._view, self._reader = await self._workers.call(
-                lambda: (fsview.open_view(self._pid, self._policy.serve_fs), reader_of(self._pid)),
+                lambda: _view_and_reader(self._process, self._policy.serve_fs),
                 discard=lambda late: late[0].close())
         text = _path(path)
         why = self._view.refusal(posixpath.normpath("/" + text.lstrip("/")))

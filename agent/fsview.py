@@ -32,6 +32,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 
+from mirrord_tun.agent.containers import Process
 from mirrord_tun.netns import rootfs
 from mirrord_tun.netns.namespace import CLONE_NEWNS, mount, setns, unshare
 
@@ -85,12 +86,28 @@ def mounts_of(pid: int) -> list[tuple[str, str]]:
     return out
 
 
-def open_view(pid: int, allowed: frozenset[str]) -> View:
-    """`pid`'s root, without the mounts of kinds not in `allowed` ("all": the live root itself)."""
+def open_view(process: Process, allowed: frozenset[str]) -> View:
+    """The process's root, without the mounts of kinds not in `allowed` ("all": the live root
+    itself); ProcessLookupError if it has exited (its PID, and so what /proc/PID shows, may be
+    another process's by now)."""
+    try:
+        view = _open_view(process, allowed)
+    except OSError:
+        process.confirm()  # gone: say that, not which of its /proc files vanished
+        raise
+    try:
+        process.confirm()
+    except ProcessLookupError:
+        view.close()
+        raise
+    return view
+
+
+def _open_view(process: Process, allowed: frozenset[str]) -> View:
     if "all" in allowed:
-        return View(rootfs.open_root(f"/proc/{pid}/root"))
+        return View(rootfs.open_root(process.path("root")))
     stacks: dict[str, list[str]] = {}
-    for point, fstype in mounts_of(pid):
+    for point, fstype in mounts_of(process.pid):
         stacks.setdefault(point, []).append(fstype)
     # At each point, the refused mounts on top (a walk stops at the topmost mount there).
     refused: dict[str, list[str]] = {}
@@ -102,7 +119,7 @@ def open_view(pid: int, allowed: frozenset[str]) -> View:
                                             "hang: not served (agent --serve-fs)")
     got: list[View | OSError] = []
     # A thread of its own: it leaves our mount namespace and root, for good.
-    worker = threading.Thread(target=lambda: got.append(_copy(pid, refused)), name="mirrord-ns fsview")
+    worker = threading.Thread(target=lambda: got.append(_copy(process, refused)), name="mirrord-ns fsview")
     worker.start()
     worker.join()
     if isinstance(got[0], PermissionError):
@@ -112,18 +129,19 @@ def open_view(pid: int, allowed: frozenset[str]) -> View:
         if refused:
             log.warning("cannot leave the container's %s out of the file service (%s); requests that reach "
                         "them through a link wait up to the file timeout", ", ".join(sorted(refused)), got[0])
-        return View(rootfs.open_root(f"/proc/{pid}/root"), {point: types[0] for point, types in refused.items()})
+        return View(rootfs.open_root(process.path("root")), {point: types[0] for point, types in refused.items()})
     if isinstance(got[0], OSError):
         raise got[0]
     return got[0]
 
 
-def _copy(pid: int, refused: dict[str, list[str]]) -> View | OSError:
+def _copy(process: Process, refused: dict[str, list[str]]) -> View | OSError:
     opened: list[int] = []
     try:
-        for path, flags in (("/proc", os.O_PATH | os.O_DIRECTORY), (f"/proc/{pid}/ns/mnt", os.O_RDONLY),
-                            (f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY)):
+        for path, flags in (("/proc", os.O_PATH | os.O_DIRECTORY), (process.path("ns/mnt"), os.O_RDONLY),
+                            (process.path("root"), os.O_PATH | os.O_DIRECTORY)):
             opened.append(os.open(path, flags | os.O_CLOEXEC))
+        process.confirm()  # before entering what they name
         proc, ns, root = opened
         unshare(CLONE_FS)  # this thread's root and cwd become its own
         setns(ns, CLONE_NEWNS)

@@ -43,8 +43,8 @@ class _Channel(FrameSession):
         return False
 
     def subsystem_requested(self, subsystem: str) -> bool:
-        if subsystem == files.SUBSYSTEM and self._agent.target.pid and self.chan:
-            self._files = files.session_for(self._agent.target.pid, self._agent.files, self._workers)
+        if subsystem == files.SUBSYSTEM and self._agent.target.process and self.chan:
+            self._files = files.session_for(self._agent.target.process, self._agent.files, self._workers)
             self._files.connection_made(self.chan)
             self.takes_memoryview = False  # asyncssh's SFTP server wants bytes
             return True
@@ -184,7 +184,7 @@ class Agent:
         )
         bound = server.sockets[0].getsockname()
         # The one line a launcher reads from the log to pin this agent's host key.
-        print(f"mirrord-ns agent listening on {bound[0]}:{bound[1]} netns {self.target.netns_path} "
+        print(f"mirrord-ns agent listening on {bound[0]}:{bound[1]} netns {self.target.label} "
               f"host-key {key.export_public_key('openssh').decode().strip()} "
               f"({key.get_fingerprint('sha256')})", flush=True)
         stop = asyncio.Event()

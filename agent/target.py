@@ -6,6 +6,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from mirrord_tun.agent.containers import Process
 from mirrord_tun.netns import rootfs
 
 log = logging.getLogger("mirrord-ns.agent")
@@ -19,23 +20,33 @@ class Target:
     # with `resolv_root` as `/` (a container's /proc/PID/root, else this host's own /).
     resolv_root: str
     resolv_path: str
-    pid: int | None = None  # --pid: whose root `run --mount` reads files from (agent/files.py)
+    process: Process | None = None  # --pid: whose root `run --mount` reads files from (agent/files.py)
+    label: str = ""  # the namespace as the user named it, for the log
 
 
-def resolve(netns: str | None, pid: int | None, resolv_conf: str | None) -> Target:
+def resolve(netns: str | None, process: Process | None, resolv_conf: str | None) -> Target:
     """Find the target from what the user gave.
 
     --pid PID: that process's namespace and its root's /etc/resolv.conf (how a
-    container's view is reached from the node). --netns /run/netns/NAME: that
+    container's view is reached from the node); the namespace is held open from
+    now on, so a restart of the container never moves us into whatever process
+    gets its PID next. --netns /run/netns/NAME: that
     namespace and /etc/netns/NAME/resolv.conf when it exists, which is what
     `ip netns exec NAME` shows a process. Nothing: the agent's own. An explicit
     --resolv-conf wins over all of these.
     """
-    if netns and pid:
+    if netns and process:
         raise ValueError("give --netns or --pid, not both")
-    root, conf = "/", "/etc/resolv.conf"
-    if pid:
-        path, root = f"/proc/{pid}/ns/net", f"/proc/{pid}/root"
+    root, conf, label = "/", "/etc/resolv.conf", ""
+    if process:
+        label, root = process.path("ns/net"), process.path("root")
+        fd = os.open(label, os.O_RDONLY)
+        try:
+            process.confirm()
+        except ProcessLookupError as e:
+            os.close(fd)  # another process's namespace
+            raise ValueError(e.strerror) from None
+        path = f"/proc/self/fd/{fd}"  # held from now on; a fork (the guard's worker) has it too
     elif netns:
         path = netns
         named = os.path.join("/etc/netns", os.path.basename(netns), "resolv.conf")
@@ -47,7 +58,7 @@ def resolve(netns: str | None, pid: int | None, resolv_conf: str | None) -> Targ
         raise ValueError(f"target namespace {path} does not exist")
     if resolv_conf:
         root, conf = "/", os.path.abspath(resolv_conf)
-    return Target(path, root, conf, pid)
+    return Target(path, root, conf, process, label or path)
 
 
 def read_resolv_conf(target: Target, serve_fs: frozenset[str] = frozenset()) -> str:
@@ -55,8 +66,8 @@ def read_resolv_conf(target: Target, serve_fs: frozenset[str] = frozenset()) -> 
     call it in bounded threads (fileworkers.py); the file is the container's to choose, and a
     container's is read without the file systems that can hang (fsview.py) but `serve_fs`."""
     try:
-        if target.pid and target.resolv_root == f"/proc/{target.pid}/root":
-            data = _read_in_view(target.pid, target.resolv_path, serve_fs)
+        if target.process and target.resolv_root == target.process.path("root"):
+            data = _read_in_view(target.process, target.resolv_path, serve_fs)
         else:
             data = rootfs.read_regular(target.resolv_root, target.resolv_path, RESOLV_CONF_MAX)
     except FileNotFoundError:
@@ -67,10 +78,10 @@ def read_resolv_conf(target: Target, serve_fs: frozenset[str] = frozenset()) -> 
     return data.decode("utf-8", "replace")
 
 
-def _read_in_view(pid: int, path: str, serve_fs: frozenset[str]) -> bytes:
+def _read_in_view(process: Process, path: str, serve_fs: frozenset[str]) -> bytes:
     from mirrord_tun.agent import fsview
 
-    view = fsview.open_view(pid, serve_fs)
+    view = fsview.open_view(process, serve_fs)
     try:
         if view.refusal(path):
             raise PermissionError(errno.EACCES, view.refusal(path))

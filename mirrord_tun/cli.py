@@ -354,7 +354,7 @@ def agent(listen: str, authorized_key: str | None, authorized_key_data: str | No
     """Serve tunnel sessions (run starts it)."""
     _need_root()
     from mirrord_tun.agent import keys
-    from mirrord_tun.agent.containers import find_pid
+    from mirrord_tun.agent.containers import Process, find_pid
     from mirrord_tun.agent.guard import run_guarded
     from mirrord_tun.agent.target import resolve
     from mirrord_tun.connect import parse_hostport
@@ -362,7 +362,8 @@ def agent(listen: str, authorized_key: str | None, authorized_key_data: str | No
     try:
         if container_id and (pid or netns):
             raise ValueError("give one of --container-id, --pid and --netns")
-        target = resolve(netns, find_pid(container_id) if container_id else pid, resolv_conf)
+        chosen = find_pid(container_id) if container_id else pid
+        target = resolve(netns, Process.hold(chosen, container_id) if chosen else None, resolv_conf)
         host, port = parse_hostport(listen)
         if steal_proxy_workers != "auto" and not (steal_proxy_workers.isdigit() and int(steal_proxy_workers) <= 64):
             raise ValueError(f"--steal-proxy-workers {steal_proxy_workers!r}: a number from 0 to 64, or auto")
