@@ -43,6 +43,7 @@ import asyncssh
 
 from mirrord_tun.connect import SetupError, printable
 from mirrord_tun.feature import Feature
+from mirrord_tun.netns.exec import invoking_user
 from mirrord_tun.netns.namespace import mount
 from mirrord_tun.sftprelay import SftpRelay
 
@@ -50,6 +51,19 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC = 1, 2, 4, 8, 4096, 1
 PR_SET_PDEATHSIG = 1
 # Kubernetes volume kinds that hold what a program reads as configuration (not data volumes).
 CONFIG_VOLUMES = ("config_map", "secret", "projected", "downward_api")
+# Where the target's volumes never go by default: the pod spec's author is not trusted (SECURITY.md),
+# and a directory of theirs in these trees could give this machine's programs code or settings
+# (a .pth in a site-packages that is empty here runs in every Python, even from a noexec mount).
+SYSTEM_TREES = ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/boot", "/root", "/home",
+                "/run/user", "/proc", "/sys", "/dev", "/snap", "/nix")
+# In /etc a volume gets a directory of its own that this machine lacks (/etc/myapp), unless programs
+# look for that name when it is there (Go's /etc/pki/tls/certs, pip's /etc/xdg/pip, git, sudo...).
+ETC_NAMES_READ = ("pki", "xdg", "ssl", "ca-certificates", "crypto-policies", "python", "perl", "pip", "npm",
+                  "node", "yarn", "git", "mercurial", "subversion", "containers", "docker", "ssh", "gnupg", "sudo",
+                  "profile", "bash", "zsh", "ld.so", "environment", "systemd", "security", "pam", "java", "jvm",
+                  "maven", "gradle", "ruby", "gem", "krb5", "openssl", "curl", "wget", "vim", "emacs", "X11",
+                  "fonts", "dconf", "gtk", "polkit", "dbus", "apt", "dpkg", "alternatives", "udev", "modprobe",
+                  "cron", "sysctl", "default", "init", "kube", "helm", "cni", "nix")
 # Attributes and directory entries cached up to 1 s, as the kernel does for FUSE by default:
 # a read then reaches the pod, a ConfigMap update shows within a second.
 SSHFS_OPTIONS = "passive,ro,follow_symlinks,dcache_timeout=1,max_read=262144"
@@ -97,6 +111,13 @@ class Mounts:
         missing, not a directory, or the agent serves no files."""
         if not shutil.which("sshfs"):
             raise SetupError("--mount needs sshfs (apt-get install sshfs)")
+        user = invoking_user()
+        home = user.home if user else os.path.expanduser("~")
+        inside = {v: tree for v in self.volumes if v not in self.paths and (tree := _system_tree(v, home))}
+        if inside:
+            _warn("not mounting the target's volumes where this machine's programs look for code or settings: "
+                  f"{' '.join(f'{v} (in {t})' for v, t in inside.items())} (--mount PATH to have them anyway)")
+        self.volumes = [v for v in self.volumes if v not in inside]
         covering = [v for v in self.volumes if v not in self.paths and not _vacant(v)]
         if covering:
             _warn(f"not mounting the target's volumes over this machine's files: {' '.join(covering)} "
@@ -227,6 +248,27 @@ class MountsFeature(Feature):
 
 def _warn(text: str) -> None:
     log.warning("%s", text)  # through logging: -q leaves it out
+
+
+def _system_tree(path: str, home: str) -> str | None:
+    """The tree of SYSTEM_TREES (or /etc/NAME of ETC_NAMES_READ, or `home`) that `path` is in here,
+    as written or through this machine's symlinks (/lib is /usr/lib on a merged /usr); else None."""
+    written = os.path.normpath(path)
+    ancestor = written
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    resolved = os.path.normpath(os.path.join(os.path.realpath(ancestor), os.path.relpath(written, ancestor)))
+    for p in (written, resolved):
+        for tree in (*SYSTEM_TREES, os.path.normpath(home)):
+            if tree != "/" and (p == tree or p.startswith(tree + "/")):
+                return tree
+        parts = p.split("/")
+        if len(parts) > 2 and parts[1] == "etc":
+            if os.path.lexists(os.path.join("/etc", parts[2])) and len(parts) > 3:
+                return f"/etc/{parts[2]}"  # a directory this machine has: theirs would go among its files
+            if parts[2].lower().startswith(tuple(n.lower() for n in ETC_NAMES_READ)):
+                return f"/etc/{parts[2]}"
+    return None
 
 
 def _vacant(path: str) -> bool:

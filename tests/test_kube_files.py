@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,8 @@ def test_run_target_mounts_the_containers_volumes_from_its_pod_spec(k: KubeClust
                      "ca.crt", "namespace", "token", TOKEN,
                      "LOCAL-CERTS", str(len([n for n in os.listdir(CERTS) if not n.startswith(".")])),  # all ours
                      f"NO {DATA}", f"NO {SUBPATH}", "LOCAL-ETC"], err
-    assert f"not mounting the target's volumes over this machine's files: {CERTS} " in err
+    assert f"not mounting the target's volumes where this machine's programs look for code or settings: {CERTS} " \
+           "(in /etc/ssl)" in err
     assert "Traceback" not in err
     # Nothing of it stays: not in the host's mount table, not in any namespace, not on the disk.
     assert host_mounts() == before
@@ -153,3 +155,42 @@ def test_no_mount_leaves_the_volumes_out_and_mount_still_adds_paths(k: KubeClust
     assert lines == ["pod-secret-password", f"NO {CONFIG}", f"NO {PODINFO}", f"NO {SA}", "LOCAL-CERTS"], err
     assert "not mounting" not in err  # --no-mount: the volumes are not even considered
     assert wait_until(lambda: not mounts_anywhere(), 10), mounts_anywhere()
+
+
+def _site_dir() -> str:
+    """The first site directory of this machine's Python that exists: where a .pth or a
+    `usercustomize` package runs in every start of it."""
+    r = subprocess.run(["/usr/bin/python3", "-c", "import site; print(*site.getsitepackages(), sep=chr(10))"],
+                       capture_output=True, text=True, check=True)
+    return next(d for d in r.stdout.splitlines() if os.path.isdir(d))
+
+
+SITE_HOOK = f"{_site_dir()}/usercustomize"  # missing here, under a directory that exists: mountable before
+GO_CA_DIR = "/etc/pki/tls/certs"  # every .crt in it is a CA Go's TLS trusts, where it exists
+
+
+def hostile_files(root: Path) -> None:
+    container_files(root)
+    kubelet_volume(root, SITE_HOOK, {"__init__.py": "print('PWNED by the pod spec')\n"})
+    kubelet_volume(root, GO_CA_DIR, {"attacker.crt": "-----BEGIN CERTIFICATE-----\n"})
+
+
+@pytest.mark.parametrize("kube_cluster", [hostile_files], indirect=True, ids=["hostile-volumes"])
+def test_a_pod_spec_cannot_plant_code_or_settings_for_this_machines_programs(kube_cluster: KubeCluster) -> None:
+    """The pod spec's author mounts ConfigMaps where this machine's Python imports a package at
+    every start and where Go reads CAs: the command must see neither, and the pod's ordinary
+    volume still comes."""
+    for path in (SITE_HOOK, "/etc/pki"):
+        assert not os.path.lexists(path), f"{path} exists on this machine: the test would not show the pod's"
+    pod = volume_pod(kube_cluster.container_id)
+    pod["spec"]["containers"][0]["volumeMounts"] += [{"name": "hook", "mountPath": SITE_HOOK},
+                                                     {"name": "ca", "mountPath": GO_CA_DIR}]
+    pod["spec"]["volumes"] += [{"name": "hook", "configMap": {"name": "hook"}},
+                               {"name": "ca", "secret": {"secretName": "ca"}}]
+    kube_cluster.emu.run(lambda: kube_cluster.emu.put("v1/pods", pod))
+    lines, err = show(kube_cluster, script=f"/usr/bin/python3 -c 'print(1)'; {absent(SITE_HOOK, GO_CA_DIR)}; "
+                                           f"cat {CONFIG}/greeting")
+    assert lines == ["1", f"NO {SITE_HOOK}", f"NO {GO_CA_DIR}", "hello from the pod's ConfigMap"], err
+    [warning] = [line for line in err.splitlines() if "look for code or settings" in line]
+    assert f"{SITE_HOOK} (in /usr)" in warning and f"{GO_CA_DIR} (in /etc/pki)" in warning
+    assert "--mount PATH to have them anyway" in warning
