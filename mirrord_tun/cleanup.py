@@ -3,7 +3,7 @@
 Each half is skipped with a note rather than failing when it cannot run (no
 kubeconfig, no kubernetes client installed, not root), so the command is always
 safe to try. Sessions that are still running are never touched: agent objects
-are picked by this user's labels, nft tables only when their owning agent is dead,
+are picked by this user's labels and left while their agent runs, nft tables only when their owning agent is dead,
 demo sandboxes only when the process that made them is gone.
 """
 from __future__ import annotations

@@ -27,6 +27,7 @@ from mirrord_tun.config import ENV_PREFIX, config_option
 from mirrord_tun.interrupts import Interrupts
 from mirrord_tun.kube.commands import complete_context, complete_namespace
 from mirrord_tun.netns.ipv6 import FORWARDING_MODES
+from mirrord_tun.progress import SafeFormatter, terminal_safe
 from mirrord_tun.options import (SERVE_FS_KINDS, ConnectionArgs, KubeArgs, MirrorArgs, MountArgs, StealArgs,
                                  connection_options, kube_options, mount_options, options, traffic_options)
 
@@ -38,7 +39,9 @@ log = logging.getLogger(PROG)  # "mirrord-ns.agent" and the other loggers of our
 def _logging(verbose: int, name: str, quiet: bool = False) -> None:
     """-v: our progress; -vv: our debug lines and asyncssh's; other libraries stay at warnings."""
     floor = logging.ERROR if quiet else logging.WARNING
-    logging.basicConfig(level=floor, format=f"{name}: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeFormatter(f"{name}: %(message)s"))
+    logging.basicConfig(level=floor, handlers=[handler])
     ours = floor if quiet else logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     log.setLevel(ours)
     # asyncssh narrates every connection step at INFO: only worth seeing with our own debug lines.
@@ -56,7 +59,7 @@ def _one_line(message: str) -> str:
 
 
 def _fail(message: str) -> int:
-    click.echo(f"{PROG}: {_one_line(message)}", err=True)
+    click.echo(f"{PROG}: {terminal_safe(_one_line(message))}", err=True)
     return 2
 
 

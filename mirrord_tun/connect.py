@@ -11,6 +11,7 @@ import socket
 import asyncssh
 
 from mirrord_tun import protocol, sshfast, sshopts, timing
+from mirrord_tun.progress import terminal_safe
 from mirrord_tun.channel import FrameSession
 
 CONNECT_TIMEOUT = 10
@@ -28,7 +29,7 @@ def printable(text: object, limit: int = 200) -> str:
     """Text the agent chose, for the terminal: no escape sequences, no second line, bounded."""
     if not isinstance(text, str) or not text:
         return "unknown error"
-    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return terminal_safe(text[:limit]).replace("\n", "?")
 
 
 def parse_hostport(value: str, default_port: int = 2222) -> tuple[str, int]:

@@ -43,7 +43,6 @@ import asyncssh
 
 from mirrord_tun.connect import SetupError, printable
 from mirrord_tun.feature import Feature
-from mirrord_tun.netns.exec import invoking_user
 from mirrord_tun.netns.namespace import mount
 from mirrord_tun.sftprelay import SftpRelay
 
@@ -51,17 +50,16 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC = 1, 2, 4, 8, 4096, 1
 PR_SET_PDEATHSIG = 1
 # Kubernetes volume kinds that hold what a program reads as configuration (not data volumes).
 CONFIG_VOLUMES = ("config_map", "secret", "projected", "downward_api")
-# Where the target's volumes never go by default: the pod spec's author is not trusted (SECURITY.md),
-# and a directory of theirs in these trees could give this machine's programs code or settings
-# (a .pth in a site-packages that is empty here runs in every Python, even from a noexec mount).
-SYSTEM_TREES = ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/boot", "/root", "/home",
-                "/run/user", "/proc", "/sys", "/dev", "/snap", "/nix")
-# In /etc a volume gets a directory of its own that this machine lacks (/etc/myapp), unless programs
-# look for that name when it is there (Go's /etc/pki/tls/certs, pip's /etc/xdg/pip, git, sudo...).
+# Where the target's volumes go by default: each to a directory of its own, new on this machine,
+# under one of these. The pod spec's author is not trusted (SECURITY.md), and anywhere else (/usr,
+# a home, a venv, the current directory) a directory of theirs could give this machine's programs
+# code or settings: a .pth file in a site-packages runs in every Python, noexec mount or not.
+VOLUME_ROOTS = ("/etc", "/opt", "/srv", "/mnt", "/media", "/var/lib", "/run/secrets", "/var/run/secrets")
+# Names in /etc that programs read when they exist (Go's CAs in /etc/pki, pip's /etc/xdg/pip, ...).
 ETC_NAMES_READ = ("pki", "xdg", "ssl", "ca-certificates", "crypto-policies", "python", "perl", "pip", "npm",
                   "node", "yarn", "git", "mercurial", "subversion", "containers", "docker", "ssh", "gnupg", "sudo",
                   "profile", "bash", "zsh", "ld.so", "environment", "systemd", "security", "pam", "java", "jvm",
-                  "maven", "gradle", "ruby", "gem", "krb5", "openssl", "curl", "wget", "vim", "emacs", "X11",
+                  "maven", "gradle", "ruby", "gem", "krb5", "openssl", "curl", "wget", "vim", "emacs", "x11",
                   "fonts", "dconf", "gtk", "polkit", "dbus", "apt", "dpkg", "alternatives", "udev", "modprobe",
                   "cron", "sysctl", "default", "init", "kube", "helm", "cni", "nix")
 # Attributes and directory entries cached up to 1 s, as the kernel does for FUSE by default:
@@ -111,13 +109,11 @@ class Mounts:
         missing, not a directory, or the agent serves no files."""
         if not shutil.which("sshfs"):
             raise SetupError("--mount needs sshfs (apt-get install sshfs)")
-        user = invoking_user()
-        home = user.home if user else os.path.expanduser("~")
-        inside = {v: tree for v in self.volumes if v not in self.paths and (tree := _system_tree(v, home))}
-        if inside:
-            _warn("not mounting the target's volumes where this machine's programs look for code or settings: "
-                  f"{' '.join(f'{v} (in {t})' for v, t in inside.items())} (--mount PATH to have them anyway)")
-        self.volumes = [v for v in self.volumes if v not in inside]
+        refused = {v: why for v in self.volumes if v not in self.paths and (why := _refusal(v))}
+        if refused:
+            _warn(f"not mounting the target's volumes at {', '.join(f'{v} ({why})' for v, why in refused.items())} "
+                  "(--mount PATH to have them anyway)")
+        self.volumes = [v for v in self.volumes if v not in refused]
         covering = [v for v in self.volumes if v not in self.paths and not _vacant(v)]
         if covering:
             _warn(f"not mounting the target's volumes over this machine's files: {' '.join(covering)} "
@@ -250,24 +246,25 @@ def _warn(text: str) -> None:
     log.warning("%s", text)  # through logging: -q leaves it out
 
 
-def _system_tree(path: str, home: str) -> str | None:
-    """The tree of SYSTEM_TREES (or /etc/NAME of ETC_NAMES_READ, or `home`) that `path` is in here,
-    as written or through this machine's symlinks (/lib is /usr/lib on a merged /usr); else None."""
+def _refusal(path: str) -> str | None:
+    """Why a volume may not go to `path` by default, or None: see VOLUME_ROOTS. Checked as
+    written and through this machine's symlinks (/var/run is /run here)."""
+    if ".." in path.split("/"):  # the API takes it; what we mount is the normalized path, so say no
+        return "a path with .."
     written = os.path.normpath(path)
     ancestor = written
     while not os.path.lexists(ancestor):
         ancestor = os.path.dirname(ancestor)
     resolved = os.path.normpath(os.path.join(os.path.realpath(ancestor), os.path.relpath(written, ancestor)))
     for p in (written, resolved):
-        for tree in (*SYSTEM_TREES, os.path.normpath(home)):
-            if tree != "/" and (p == tree or p.startswith(tree + "/")):
-                return tree
-        parts = p.split("/")
-        if len(parts) > 2 and parts[1] == "etc":
-            if os.path.lexists(os.path.join("/etc", parts[2])) and len(parts) > 3:
-                return f"/etc/{parts[2]}"  # a directory this machine has: theirs would go among its files
-            if parts[2].lower().startswith(tuple(n.lower() for n in ETC_NAMES_READ)):
-                return f"/etc/{parts[2]}"
+        root = next((r for r in VOLUME_ROOTS if p.startswith(r + "/")), None)
+        if root is None:
+            return f"not in a directory of its own under {', '.join(VOLUME_ROOTS[:-1])}"
+        own = os.path.join(root, p[len(root) + 1:].split("/")[0])
+        if root == "/etc" and os.path.basename(own).lower().startswith(ETC_NAMES_READ):
+            return f"{own} is read by programs here"
+        if own != p and os.path.lexists(own):
+            return f"inside this machine's {own}"
     return None
 
 

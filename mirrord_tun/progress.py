@@ -15,6 +15,19 @@ PROG = "mirrord-ns"
 _CLEAR = "\r\x1b[K"  # to the line's start, erase to its end
 
 
+def terminal_safe(text: str) -> str:
+    """Text that the cluster, a container or the agent chose (events, log lines, reasons), for the
+    terminal: every character that is not printable (escape sequences, carriage returns) as "?"."""
+    return "".join(c if c.isprintable() or c == "\n" else "?" for c in text)
+
+
+class SafeFormatter(logging.Formatter):
+    """Our log lines carry such text: an event's message could retitle or clear the terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return terminal_safe(super().format(record))
+
+
 class Progress:
     """`step(text)` shows text as the line; `clear()` removes it. Silent without a stream."""
 
@@ -32,7 +45,7 @@ class Progress:
     def step(self, text: str) -> None:
         if self.stream is None or text == self._shown:
             return
-        line = f"{PROG}: {text}"
+        line = f"{PROG}: {terminal_safe(text).replace(chr(10), ' ')}"
         # A line that wraps cannot be erased by _CLEAR (it only reaches the last row).
         self.stream.write(_CLEAR + line[:max(self._columns() - 1, 20)])
         self.stream.flush()

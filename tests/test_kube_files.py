@@ -13,6 +13,7 @@ import contextlib
 import glob
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +137,7 @@ def test_run_target_mounts_the_containers_volumes_from_its_pod_spec(k: KubeClust
                      "ca.crt", "namespace", "token", TOKEN,
                      "LOCAL-CERTS", str(len([n for n in os.listdir(CERTS) if not n.startswith(".")])),  # all ours
                      f"NO {DATA}", f"NO {SUBPATH}", "LOCAL-ETC"], err
-    assert f"not mounting the target's volumes where this machine's programs look for code or settings: {CERTS} " \
-           "(in /etc/ssl)" in err
+    assert f"not mounting the target's volumes at {CERTS} (/etc/ssl is read by programs here)" in err
     assert "Traceback" not in err
     # Nothing of it stays: not in the host's mount table, not in any namespace, not on the disk.
     assert host_mounts() == before
@@ -166,13 +166,17 @@ def _site_dir() -> str:
 
 
 SITE_HOOK = f"{_site_dir()}/usercustomize"  # missing here, under a directory that exists: mountable before
+VENV_HOOK = f"{sys.prefix}/lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages/sitecustomize"
 GO_CA_DIR = "/etc/pki/tls/certs"  # every .crt in it is a CA Go's TLS trusts, where it exists
+DOTDOT = "/opt/nothing-here/../mrd-dotdot"  # fine as normalized; a path so could cover what exists
 
 
 def hostile_files(root: Path) -> None:
     container_files(root)
     kubelet_volume(root, SITE_HOOK, {"__init__.py": "print('PWNED by the pod spec')\n"})
     kubelet_volume(root, GO_CA_DIR, {"attacker.crt": "-----BEGIN CERTIFICATE-----\n"})
+    kubelet_volume(root, VENV_HOOK, {"__init__.py": "print('PWNED by the pod spec, in the venv')\n"})
+    kubelet_volume(root, os.path.normpath(DOTDOT), {"x": "y\n"})
 
 
 @pytest.mark.parametrize("kube_cluster", [hostile_files], indirect=True, ids=["hostile-volumes"])
@@ -180,17 +184,23 @@ def test_a_pod_spec_cannot_plant_code_or_settings_for_this_machines_programs(kub
     """The pod spec's author mounts ConfigMaps where this machine's Python imports a package at
     every start and where Go reads CAs: the command must see neither, and the pod's ordinary
     volume still comes."""
-    for path in (SITE_HOOK, "/etc/pki"):
+    for path in (SITE_HOOK, VENV_HOOK, "/etc/pki", os.path.normpath(DOTDOT)):
         assert not os.path.lexists(path), f"{path} exists on this machine: the test would not show the pod's"
     pod = volume_pod(kube_cluster.container_id)
     pod["spec"]["containers"][0]["volumeMounts"] += [{"name": "hook", "mountPath": SITE_HOOK},
-                                                     {"name": "ca", "mountPath": GO_CA_DIR}]
+                                                     {"name": "ca", "mountPath": GO_CA_DIR},
+                                                     {"name": "hook", "mountPath": VENV_HOOK},
+                                                     {"name": "hook", "mountPath": DOTDOT}]
     pod["spec"]["volumes"] += [{"name": "hook", "configMap": {"name": "hook"}},
                                {"name": "ca", "secret": {"secretName": "ca"}}]
     kube_cluster.emu.run(lambda: kube_cluster.emu.put("v1/pods", pod))
-    lines, err = show(kube_cluster, script=f"/usr/bin/python3 -c 'print(1)'; {absent(SITE_HOOK, GO_CA_DIR)}; "
+    lines, err = show(kube_cluster, script=f"/usr/bin/python3 -c 'print(1)'; {sys.executable} -c 'print(2)'; "
+                                           f"{absent(SITE_HOOK, GO_CA_DIR, VENV_HOOK, os.path.normpath(DOTDOT))}; "
                                            f"cat {CONFIG}/greeting")
-    assert lines == ["1", f"NO {SITE_HOOK}", f"NO {GO_CA_DIR}", "hello from the pod's ConfigMap"], err
-    [warning] = [line for line in err.splitlines() if "look for code or settings" in line]
-    assert f"{SITE_HOOK} (in /usr)" in warning and f"{GO_CA_DIR} (in /etc/pki)" in warning
-    assert "--mount PATH to have them anyway" in warning
+    assert lines == ["1", "2", f"NO {SITE_HOOK}", f"NO {GO_CA_DIR}", f"NO {VENV_HOOK}",
+                     f"NO {os.path.normpath(DOTDOT)}", "hello from the pod's ConfigMap"], err
+    [warning] = [line for line in err.splitlines() if "not mounting the target's volumes at" in line]
+    elsewhere = "(not in a directory of its own under /etc, /opt, /srv, /mnt, /media, /var/lib, /run/secrets)"
+    assert f"{SITE_HOOK} {elsewhere}" in warning and f"{VENV_HOOK} {elsewhere}" in warning
+    assert f"{GO_CA_DIR} (/etc/pki is read by programs here)" in warning and f"{DOTDOT} (a path with ..)" in warning
+    assert warning.endswith("(--mount PATH to have them anyway)")

@@ -10,7 +10,8 @@ import time
 import asyncssh
 from kubernetes import client
 
-from kube_env import BAD_IMAGE, JOBS, PODS, Api, FakeKubelet, api, eventually  # noqa: F401 - `api` is a fixture
+from kube_env import (BAD_IMAGE, JOBS, PODS, Api, FakeKubelet, api, eventually,  # noqa: F401 - `api` is a fixture
+                      job_pod_metadata)
 from mirrord_tun.kube import manifest
 from mirrord_tun.kube.cluster import describe
 
@@ -41,21 +42,36 @@ def test_forbidden_job_creation(api: Api) -> None:
     assert "cannot create the agent job" in r.stderr and "forbidden: jobs.batch is forbidden" in r.stderr
 
 
-def test_cleanup_removes_only_this_users_agents(api: Api) -> None:
+def test_cleanup_removes_only_this_users_agents_and_never_a_running_one(api: Api) -> None:
+    """The user label is this machine's user name, which another laptop's user may share: a Job
+    whose agent runs is a live session (a teammate's, maybe) and stays."""
     def leftovers() -> None:
-        for user, session in (("root", "aaaa0001"), ("someone-else", "bbbb0002")):
+        for user, session, phase in (("root", "aaaa0001", "Pending"), ("someone-else", "bbbb0002", "Pending"),
+                                     ("root", "cccc0003", "Running")):
             job = manifest.agent_job(session=session, user=user, namespace="default", image="agent:1",
                                      client_key="ssh-ed25519 AAAA", target=None, privileged=False)
+            job["metadata"]["uid"] = f"uid-{session}"
             api.emu.put("batch/v1/jobs", job)
+            # The running one's pod is its Job's, as the Job controller makes it; the others' are bare.
+            meta = job_pod_metadata(job) if phase == "Running" else job["metadata"]
             api.emu.put("v1/pods", {"apiVersion": "v1", "kind": "Pod", "spec": job["spec"]["template"]["spec"],
-                                    "metadata": dict(job["metadata"], name=job["metadata"]["name"] + "-x")})
+                                    "status": {"phase": phase},
+                                    "metadata": dict(meta, name=job["metadata"]["name"] + "-x", namespace="default")})
+        # A pod of ours that no Job controls (its Job gone with --cascade=orphan), still running.
+        api.emu.put("v1/pods", {"apiVersion": "v1", "kind": "Pod", "spec": job["spec"]["template"]["spec"],
+                                "status": {"phase": "Running"},
+                                "metadata": dict(job["metadata"], name="mirrord-ns-agent-orphan", uid="uid-o")})
     api.emu.run(leftovers)
     r = api.cli("cleanup")
     assert r.returncode == 0, r.stderr
     assert "removed job/default/mirrord-ns-agent-aaaa0001" in r.stdout
     assert "removed pod/default/mirrord-ns-agent-aaaa0001-x" in r.stdout
     left = ours(api)
-    assert {name for _, name in left} == {"mirrord-ns-agent-bbbb0002", "mirrord-ns-agent-bbbb0002-x"}
+    assert {name for _, name in left} == {"mirrord-ns-agent-bbbb0002", "mirrord-ns-agent-bbbb0002-x",
+                                          "mirrord-ns-agent-cccc0003", "mirrord-ns-agent-cccc0003-x",
+                                          "mirrord-ns-agent-orphan"}, r.stdout
+    [kept] = [line for line in r.stderr.splitlines() if "its agent is running" in line]
+    assert "job/default/mirrord-ns-agent-cccc0003" in kept and "pod/default/mirrord-ns-agent-orphan" in kept
     assert api.emu.run(lambda: ("default", "web") in api.emu.live(PODS))
 
 

@@ -183,3 +183,18 @@ def test_a_namespace_that_refuses_hostpid(api: Api) -> None:
     assert 'refuses the agent\'s pod: violates PodSecurity "baseline:latest": host namespaces (hostPID=true)' \
         in error, error
     assert "the agent needs a namespace with Pod Security 'privileged'" in error
+
+
+def test_a_hostile_event_cannot_drive_the_terminal(api: Api) -> None:
+    """Whoever can create Events, or write an admission webhook's refusal, chooses this text: it
+    reaches the status line and the error, never as escape sequences (retitle, clear, a link)."""
+    k = kubelet(api)
+    k.refuse_pods = 'violates PodSecurity "baseline:latest": \x1b]0;owned\x07\x1b[2J\x1b]8;;http://evil/\x07click\r\x1b[1A'
+    try:
+        code, out = on_a_terminal(api, "--target", "pod/web", "--", "true")
+    finally:
+        stop_agents(k)
+    assert code == 2, out
+    ours = out.replace(CLEAR, "")  # the status line's own control sequence
+    assert "\x1b" not in ours and "\x07" not in ours and "\r" not in ours.replace("\r\n", ""), repr(out)
+    assert '"baseline:latest": ?]0;owned??[2J?]8;;http://evil/?click' in ours, repr(out)
