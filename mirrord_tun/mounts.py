@@ -124,7 +124,7 @@ class Mounts:
             _warn(f"not mounting the target's volumes at {' '.join(rootless)}: no such directory on this "
                   "machine (mirrord-ns never shadows /; create it to have the volume there)")
         explicit = bool(self.paths)
-        self.paths = _distinct(self.paths + [v for v in self.volumes if v not in covering and v not in rootless])
+        self.paths = _distinct(_outermost(self.paths, [v for v in self.volumes if v not in covering and v not in rootless]))
         if not self.paths:
             return
         try:
@@ -284,6 +284,16 @@ def _placeable(path: str) -> bool:
     while not os.path.lexists(ancestor):
         ancestor = os.path.dirname(ancestor)
     return ancestor == os.path.normpath(path) or (os.path.realpath(ancestor) != "/" and os.path.isdir(ancestor))
+
+
+def _outermost(paths: list[str], volumes: list[str]) -> list[str]:
+    """`paths` and `volumes` without those inside one of the volumes, or a volume inside a path: the
+    agent serves a directory with what the container mounts below it (a Secret at /etc/app/tls in
+    a ConfigMap at /etc/app is common), so the outer mount shows both."""
+    def inside(p: str, outer: str) -> bool:
+        return os.path.normpath(p).startswith(os.path.normpath(outer).rstrip("/") + "/")
+    kept = [v for v in volumes if not any(inside(v, o) for o in paths + volumes)]
+    return [p for p in paths if not any(inside(p, v) for v in kept)] + kept
 
 
 def _distinct(paths: list[str]) -> list[str]:

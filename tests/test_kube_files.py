@@ -51,6 +51,7 @@ def container_files(root: Path) -> None:
     (root / "etc" / "resolv.conf").write_text(f"nameserver {ADDRS['dns']}\n")
     kubelet_volume(root, CONFIG, {"greeting": "hello from the pod's ConfigMap\n", "mode": "fast\n"})
     kubelet_volume(root, SECRET, {"password": "pod-secret-password\n"})
+    kubelet_volume(root, CONFIG + "/tls", {"tls.key": "the pod's key\n"})  # a Secret inside the ConfigMap's
     kubelet_volume(root, PODINFO, {"labels": 'app="files"\n'})
     kubelet_volume(root, SA, {"ca.crt": "-----BEGIN CERTIFICATE-----\n", "namespace": "default", "token": TOKEN})
     kubelet_volume(root, CERTS, {"container-ca.crt": "the container's CA\n"})
@@ -63,6 +64,7 @@ def volume_pod(container_id: str) -> dict[str, Any]:
     app = {"name": "app", "image": "files:1", "volumeMounts": [
         {"name": "config", "mountPath": CONFIG},
         {"name": "secret", "mountPath": SECRET, "readOnly": True},
+        {"name": "secret", "mountPath": CONFIG + "/tls", "readOnly": True},  # nested: the outer one shows it
         {"name": "podinfo", "mountPath": PODINFO},
         {"name": "kube-api-access-x7k2p", "mountPath": SA, "readOnly": True},
         {"name": "ca-bundle", "mountPath": CERTS},
@@ -130,10 +132,10 @@ def absent(*paths: str) -> str:
 def test_run_target_mounts_the_containers_volumes_from_its_pod_spec(k: KubeCluster) -> None:
     before = host_mounts()
     lines, err = show(k, script=(
-        f"cat {CONFIG}/greeting {SECRET}/password {PODINFO}/labels; ls {SA}; cat {SA}/token; echo; "
+        f"cat {CONFIG}/greeting {CONFIG}/tls/tls.key {SECRET}/password {PODINFO}/labels; ls {SA}; cat {SA}/token; echo; "
         f"ls {CERTS} | grep -qx container-ca.crt || echo LOCAL-CERTS; ls {CERTS} | grep -c .; "
         f"{absent(DATA, SUBPATH)}; test -e /etc/os-release && echo LOCAL-ETC"))
-    assert lines == ["hello from the pod's ConfigMap", "pod-secret-password", 'app="files"',
+    assert lines == ["hello from the pod's ConfigMap", "the pod's key", "pod-secret-password", 'app="files"',
                      "ca.crt", "namespace", "token", TOKEN,
                      "LOCAL-CERTS", str(len([n for n in os.listdir(CERTS) if not n.startswith(".")])),  # all ours
                      f"NO {DATA}", f"NO {SUBPATH}", "LOCAL-ETC"], err
