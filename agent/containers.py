@@ -65,7 +65,8 @@ def find_pid(container_id: str, proc: str = "/proc") -> int:
     first. Not merely the lowest PID: after the node's PIDs wrap around, a process the container
     forked later (perhaps into namespaces of its own making) can have a lower one."""
     ident = parse_container_id(container_id)
-    members = [pid for pid in sorted(int(e) for e in os.listdir(proc) if e.isdigit()) if _in_container(proc, pid, ident)]
+    pids = sorted(int(e) for e in os.listdir(proc) if e.isdigit())
+    members = [pid for pid in pids if _in_container(proc, pid, ident)]
     if not members:
         raise ValueError(f"no process of container {ident[:12]} under {proc}: is the agent running "
                          f"on the target's node with hostPID?")
@@ -97,8 +98,9 @@ class Process:
             raise ValueError(f"no process {pid}") from None
         except OSError as e:  # ENOSYS: Linux before 5.3
             raise ValueError(f"cannot hold process {pid} (pidfd_open: {e.strerror})") from None
-        if container_id and not _in_container("/proc", pid, parse_container_id(container_id)):
-            raise ValueError(f"process {pid} left container {parse_container_id(container_id)[:12]} as the agent started")
+        ident = parse_container_id(container_id) if container_id else None
+        if ident and not _in_container("/proc", pid, ident):
+            raise ValueError(f"process {pid} left container {ident[:12]} as the agent started")
         return held
 
     def path(self, name: str) -> str:

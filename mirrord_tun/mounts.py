@@ -124,7 +124,8 @@ class Mounts:
             _warn(f"not mounting the target's volumes at {' '.join(rootless)}: no such directory on this "
                   "machine (mirrord-ns never shadows /; create it to have the volume there)")
         explicit = bool(self.paths)
-        self.paths = _distinct(_outermost(self.paths, [v for v in self.volumes if v not in covering and v not in rootless]))
+        placed = [v for v in self.volumes if v not in covering and v not in rootless]
+        self.paths = _distinct(_outermost(self.paths, placed))
         if not self.paths:
             return
         try:

@@ -56,9 +56,8 @@ def test_the_containers_init_not_its_lowest_pid(tmp_path) -> None:  # type: igno
     proc(310, 300, "310 1")  # the init; 300 is the shim
     proc(402, 300, "402 9")  # a `kubectl exec`: its parent is the shim too
     assert find_pid(CID, proc=str(tmp_path)) == 310
-    for pid in (205, 310, 402):  # a container in the node's PID namespace: no NSpid 1
-        (tmp_path / str(pid) / "status").write_text(
-            (tmp_path / str(pid) / "status").read_text().replace(" 7\n", "\n").replace(" 1\n", "\n").replace(" 9\n", "\n"))
+    for pid, ppid in ((205, 310), (310, 300), (402, 300)):  # in the node's PID namespace: no NSpid 1
+        (tmp_path / str(pid) / "status").write_text(f"Name:\tx\nPPid:\t{ppid}\nNSpid:\t{pid}\n")
     assert find_pid(CID, proc=str(tmp_path)) == 310
 
 

@@ -132,7 +132,8 @@ def absent(*paths: str) -> str:
 def test_run_target_mounts_the_containers_volumes_from_its_pod_spec(k: KubeCluster) -> None:
     before = host_mounts()
     lines, err = show(k, script=(
-        f"cat {CONFIG}/greeting {CONFIG}/tls/tls.key {SECRET}/password {PODINFO}/labels; ls {SA}; cat {SA}/token; echo; "
+        f"cat {CONFIG}/greeting {CONFIG}/tls/tls.key {SECRET}/password {PODINFO}/labels; "
+        f"ls {SA}; cat {SA}/token; echo; "
         f"ls {CERTS} | grep -qx container-ca.crt || echo LOCAL-CERTS; ls {CERTS} | grep -c .; "
         f"{absent(DATA, SUBPATH)}; test -e /etc/os-release && echo LOCAL-ETC"))
     assert lines == ["hello from the pod's ConfigMap", "the pod's key", "pod-secret-password", 'app="files"',

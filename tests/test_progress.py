@@ -189,7 +189,8 @@ def test_a_hostile_event_cannot_drive_the_terminal(api: Api) -> None:
     """Whoever can create Events, or write an admission webhook's refusal, chooses this text: it
     reaches the status line and the error, never as escape sequences (retitle, clear, a link)."""
     k = kubelet(api)
-    k.refuse_pods = 'violates PodSecurity "baseline:latest": \x1b]0;owned\x07\x1b[2J\x1b]8;;http://evil/\x07click\r\x1b[1A'
+    k.refuse_pods = ('violates PodSecurity "baseline:latest": '
+                     '\x1b]0;owned\x07\x1b[2J\x1b]8;;http://evil/\x07click\r\x1b[1A')
     try:
         code, out = on_a_terminal(api, "--target", "pod/web", "--", "true")
     finally:
