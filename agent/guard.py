@@ -28,8 +28,14 @@ def run_guarded(netns_path: str, worker: Callable[[], int]) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+    def forward(sig: int, _frame: object) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass  # reaped already: the sweep below is under way, and finishes
+
     for sig in _FORWARDED:
-        signal.signal(sig, lambda s, _f: os.kill(pid, s))
+        signal.signal(sig, forward)
     while True:
         try:
             _, status = os.waitpid(pid, 0)
