@@ -285,7 +285,10 @@ def test_sigterm_before_the_command_starts_cleans_up_and_exits_130(fresh_cluster
 def test_a_signal_during_the_cleanup_after_the_command_does_not_cut_it_short(cluster: Cluster) -> None:
     """The command exits leaving a child that ignores SIGTERM: run stops it (SIGTERM, then SIGKILL
     a second later). A SIGTERM to run meanwhile must not leave that child running."""
-    p = start_run(cluster.sb, "sh", "-c", '(trap "" TERM; exec sleep 300) & echo $!')
+    # The command exits only once its child ignores SIGTERM (told through a FIFO): before, under
+    # load, run's SIGTERM could reach the child before its trap was set, and killed it at once.
+    p = start_run(cluster.sb, "sh", "-c", 'f=$(mktemp -u); mkfifo "$f"; '
+                  '(trap "" TERM; echo set > "$f"; exec sleep 300) & echo $!; read -r _ < "$f"; rm -f "$f"')
     left = int(read_line(p))
     try:
         time.sleep(0.3)  # run is sending SIGTERM to what the command left, and waiting
