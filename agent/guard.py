@@ -28,6 +28,7 @@ def run_guarded(netns_path: str, worker: Callable[[], int]) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+
     def forward(sig: int, _frame: object) -> None:
         try:
             os.kill(pid, sig)

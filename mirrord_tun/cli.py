@@ -27,9 +27,9 @@ from mirrord_tun.config import ENV_PREFIX, config_option
 from mirrord_tun.interrupts import Interrupts
 from mirrord_tun.kube.commands import complete_context, complete_namespace
 from mirrord_tun.netns.ipv6 import FORWARDING_MODES
-from mirrord_tun.progress import SafeFormatter, terminal_safe
 from mirrord_tun.options import (SERVE_FS_KINDS, ConnectionArgs, KubeArgs, MirrorArgs, MountArgs, StealArgs,
                                  connection_options, kube_options, mount_options, options, traffic_options)
+from mirrord_tun.progress import SafeFormatter, terminal_safe
 
 T = TypeVar("T")
 PROG = "mirrord-ns"

@@ -11,8 +11,8 @@ import socket
 import asyncssh
 
 from mirrord_tun import protocol, sshfast, sshopts, timing
-from mirrord_tun.progress import terminal_safe
 from mirrord_tun.channel import FrameSession
+from mirrord_tun.progress import terminal_safe
 
 CONNECT_TIMEOUT = 10
 

@@ -49,7 +49,8 @@ def delete_agents(cluster: Cluster, user: str, all_namespaces: bool) -> list[str
             if kind == "pod" and any(o.controller and o.kind == "Job" for o in obj.metadata.owner_references or []):
                 continue  # goes with its Job (and so needs no `pods delete`, which reaches every pod)
             name, ns = obj.metadata.name, obj.metadata.namespace
-            if (obj.metadata.uid in live) if kind == "job" else _running(obj):
+            running = obj.metadata.uid in live if kind == "job" else _running(obj)
+            if running:
                 kept.append(f"{kind}/{ns}/{name}")
                 continue
             try:

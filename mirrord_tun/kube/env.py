@@ -61,10 +61,6 @@ DENIED = frozenset({
     "NODE_OPTIONS", "NODE_PATH", "PERL5OPT", "PERL5LIB", "PERLLIB", "PERL5DB", "RUBYOPT", "RUBYLIB",
     "JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "_JAVA_OPTIONS", "CLASSPATH",
 })
-_REF = re.compile(r"\$(\$|\(([A-Za-z_][A-Za-z0-9_.-]*)\))")
-_KEYED_FIELD = re.compile(r"metadata\.(labels|annotations)\['([^']+)'\]$")
-
-
 # The interpreter's switches that name no file or module: what a pod commonly sets for Python.
 PYTHON_TUNING = frozenset({
     "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING", "PYTHONHASHSEED", "PYTHONUTF8",
@@ -72,6 +68,8 @@ PYTHON_TUNING = frozenset({
     "PYTHONINTMAXSTRDIGITS", "PYTHONCOERCECLOCALE", "PYTHONASYNCIODEBUG", "PYTHONTRACEMALLOC",
     "PYTHONMALLOC", "PYTHONNODEBUGRANGES", "PYTHONWARNDEFAULTENCODING",
 })
+_REF = re.compile(r"\$(\$|\(([A-Za-z_][A-Za-z0-9_.-]*)\))")
+_KEYED_FIELD = re.compile(r"metadata\.(labels|annotations)\['([^']+)'\]$")
 
 
 def denied(name: str) -> bool:
